@@ -1,0 +1,1 @@
+//! aigw data plane (built in its own issue).

@@ -1,0 +1,381 @@
+//! Process configuration: one YAML file, then `AIGW__SECTION__KEY` environment
+//! overrides, deserialized into one struct with unknown keys rejected, then
+//! `validate()`d before anything starts.
+
+use crate::error::Error;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_yaml::{Mapping, Value};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Prefix of environment overrides: `AIGW__CONTROL_PLANE__DATA_DIR=/var/lib/aigw`.
+pub const ENV_PREFIX: &str = "AIGW__";
+/// Environment variable that may carry `secrets.master_key`.
+pub const MASTER_KEY_ENV: &str = "AIGW_MASTER_KEY";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Run one data plane inside the control-plane process.
+    pub standalone: bool,
+    pub admin: AdminConfig,
+    pub secrets: SecretsConfig,
+    pub control_plane: ControlPlaneConfig,
+    pub data_plane: DataPlaneConfig,
+    pub nodes: NodesConfig,
+    pub nats: NatsConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Bearer keys accepted by the admin API.
+    pub keys: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecretsConfig {
+    /// 32 bytes, base64. Falls back to `AIGW_MASTER_KEY`.
+    pub master_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlPlaneConfig {
+    pub data_dir: PathBuf,
+    pub grpc_listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// Write a compacted state snapshot every this many events.
+    pub snapshot_every: u64,
+    /// Largest admin request body accepted.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ControlPlaneConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+            grpc_listen: ([127, 0, 0, 1], 50051).into(),
+            admin_listen: ([127, 0, 0, 1], 3001).into(),
+            snapshot_every: 10_000,
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataPlaneConfig {
+    pub listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub control_plane_url: String,
+    /// Defaults to the host name.
+    pub node_id: Option<String>,
+    pub snapshot_cache: PathBuf,
+    pub max_body_bytes: usize,
+}
+
+impl Default for DataPlaneConfig {
+    fn default() -> Self {
+        Self {
+            listen: ([0, 0, 0, 0], 3000).into(),
+            metrics_listen: ([0, 0, 0, 0], 9090).into(),
+            control_plane_url: "http://127.0.0.1:50051".into(),
+            node_id: None,
+            snapshot_cache: PathBuf::from("./data/snapshot-cache.json"),
+            max_body_bytes: 32 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodesConfig {
+    /// Shared token data planes present on the config stream.
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    pub url: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    pub otlp_endpoint: Option<String>,
+    pub sample_ratio: f64,
+    /// `json` (default) or `text`.
+    pub log_format: LogFormat,
+    /// `tracing` filter directive, e.g. `info,aigw_control_plane=debug`.
+    pub log_level: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            sample_ratio: 1.0,
+            log_format: LogFormat::Json,
+            log_level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+impl Config {
+    /// Reads `path` (if given), applies environment overrides from `env`, and
+    /// deserializes. Call [`Config::validate`] before using the result.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, Error> {
+        let mut root = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| Error::ConfigRead {
+                    path: p.display().to_string(),
+                    source: e,
+                })?;
+                if text.trim().is_empty() {
+                    Value::Mapping(Mapping::new())
+                } else {
+                    serde_yaml::from_str(&text).map_err(|e| Error::ConfigSyntax {
+                        path: p.display().to_string(),
+                        message: e.to_string(),
+                    })?
+                }
+            }
+            None => Value::Mapping(Mapping::new()),
+        };
+        if root.is_null() {
+            root = Value::Mapping(Mapping::new());
+        }
+        let mut overrides = Vec::new();
+        for (name, raw) in env {
+            if name == MASTER_KEY_ENV {
+                overrides.push((vec!["secrets".into(), "master_key".into()], raw));
+                continue;
+            }
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+            if path.iter().any(String::is_empty) {
+                return Err(Error::ConfigInvalid {
+                    key: name,
+                    message: "malformed environment override".into(),
+                });
+            }
+            overrides.push((path, raw));
+        }
+        // Env values are YAML scalars (so `true`, `8080`, `[a, b]` work), except
+        // where the target is a string: those paths are retried as plain text.
+        let mut as_text: Vec<bool> = vec![false; overrides.len()];
+        loop {
+            let mut doc = root.clone();
+            for ((path, raw), text) in overrides.iter().zip(&as_text) {
+                let value = if *text {
+                    Value::String(raw.clone())
+                } else {
+                    serde_yaml::from_str(raw).unwrap_or_else(|_| Value::String(raw.clone()))
+                };
+                set_path(&mut doc, path, value).map_err(|message| Error::ConfigInvalid {
+                    key: path.join("."),
+                    message,
+                })?;
+            }
+            match serde_path_to_error::deserialize::<_, Config>(doc) {
+                Ok(cfg) => return Ok(cfg),
+                Err(err) => {
+                    let key = err.path().to_string();
+                    let retry = overrides.iter().zip(as_text.iter_mut()).find(|((p, raw), text)| {
+                        !**text
+                            && p.join(".") == key
+                            && !matches!(serde_yaml::from_str::<Value>(raw), Ok(Value::String(_)))
+                    });
+                    if let Some((_, text)) = retry {
+                        *text = true;
+                        continue;
+                    }
+                    return Err(Error::ConfigInvalid {
+                        key: if key == "." { "config".into() } else { key },
+                        message: err.into_inner().to_string(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Checks cross-field rules serde cannot express.
+    pub fn validate(&self) -> Result<(), Error> {
+        let invalid = |key: &str, message: &str| Error::ConfigInvalid {
+            key: key.into(),
+            message: message.into(),
+        };
+        if self.admin.keys.is_empty() {
+            return Err(invalid("admin.keys", "list at least one admin key"));
+        }
+        if self.admin.keys.iter().any(|k| k.trim().is_empty()) {
+            return Err(invalid("admin.keys", "admin keys must not be empty"));
+        }
+        if let Some(k) = &self.secrets.master_key {
+            decode_master_key(k).map_err(|m| invalid("secrets.master_key", &m))?;
+        }
+        if !(0.0..=1.0).contains(&self.telemetry.sample_ratio) {
+            return Err(invalid("telemetry.sample_ratio", "must be between 0 and 1"));
+        }
+        if self.control_plane.snapshot_every == 0 {
+            return Err(invalid("control_plane.snapshot_every", "must be at least 1"));
+        }
+        if self.control_plane.max_body_bytes == 0 {
+            return Err(invalid("control_plane.max_body_bytes", "must be at least 1"));
+        }
+        if self.data_plane.max_body_bytes == 0 {
+            return Err(invalid("data_plane.max_body_bytes", "must be at least 1"));
+        }
+        if let Some(t) = &self.nodes.token {
+            if t.trim().is_empty() {
+                return Err(invalid("nodes.token", "must not be empty"));
+            }
+        }
+        if !self.standalone && self.nodes.token.is_none() {
+            return Err(invalid(
+                "nodes.token",
+                "required unless standalone: data planes present it on the config stream",
+            ));
+        }
+        let url = &self.data_plane.control_plane_url;
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(invalid("data_plane.control_plane_url", "must be an http(s) URL"));
+        }
+        Ok(())
+    }
+}
+
+/// Decodes a base64 master key that must be exactly 32 bytes.
+pub fn decode_master_key(text: &str) -> Result<[u8; 32], String> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map_err(|e| format!("not valid base64: {e}"))?;
+    bytes
+        .try_into()
+        .map_err(|b: Vec<u8>| format!("must decode to 32 bytes, got {}", b.len()))
+}
+
+fn set_path(doc: &mut Value, path: &[String], value: Value) -> Result<(), String> {
+    let (last, parents) = path.split_last().ok_or("empty key")?;
+    let mut cur = doc;
+    for seg in parents {
+        let map = cur.as_mapping_mut().ok_or_else(|| format!("`{seg}` is not a section"))?;
+        cur = map
+            .entry(Value::String(seg.clone()))
+            .or_insert_with(|| Value::Mapping(Mapping::new()));
+        if cur.is_null() {
+            *cur = Value::Mapping(Mapping::new());
+        }
+    }
+    let map = cur.as_mapping_mut().ok_or("parent is not a section")?;
+    map.insert(Value::String(last.clone()), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(yaml: &str, env: &[(&str, &str)]) -> Result<Config, Error> {
+        let dir = std::env::temp_dir().join(format!("aigw-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join(format!("{:x}.yaml", sha2_hash(yaml)));
+        std::fs::write(&file, yaml).unwrap();
+        Config::load(
+            Some(&file),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    fn sha2_hash(s: &str) -> u64 {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(s.as_bytes());
+        u64::from_be_bytes(d[..8].try_into().unwrap())
+    }
+
+    #[test]
+    fn defaults_fill_missing_sections() {
+        let cfg = load("admin:\n  keys: [k]\nstandalone: true\n", &[]).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.control_plane.admin_listen.port(), 3001);
+        assert_eq!(cfg.control_plane.grpc_listen.port(), 50051);
+        assert_eq!(cfg.data_plane.listen.port(), 3000);
+        assert_eq!(cfg.data_plane.max_body_bytes, 32 * 1024 * 1024);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = load("admin:\n  kyes: [k]\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("admin") && err.contains("kyes"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = load("control_plane:\n  admin_listen: nope\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("control_plane.admin_listen"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let cfg = load(
+            "admin:\n  keys: [k]\nnodes:\n  token: fromfile\n",
+            &[
+                ("AIGW__CONTROL_PLANE__ADMIN_LISTEN", "127.0.0.1:4001"),
+                ("AIGW__STANDALONE", "true"),
+                ("AIGW__NODES__TOKEN", "12345"),
+                ("AIGW__ADMIN__KEYS", "[a, b]"),
+                ("UNRELATED", "x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(cfg.control_plane.admin_listen.port(), 4001);
+        assert!(cfg.standalone);
+        // A numeric-looking value for a string key stays text.
+        assert_eq!(cfg.nodes.token.as_deref(), Some("12345"));
+        assert_eq!(cfg.admin.keys, vec!["a", "b"]);
+    }
+
+    #[test]
+    fn env_unknown_key_is_rejected() {
+        let err = load("admin:\n  keys: [k]\n", &[("AIGW__ADMIN__NOPE", "1")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn validate_rejects_bad_master_key_and_missing_admin_keys() {
+        let cfg = load("standalone: true\n", &[]).unwrap();
+        assert!(cfg.validate().unwrap_err().to_string().contains("admin.keys"));
+        let cfg = load(
+            "standalone: true\nadmin: {keys: [k]}\nsecrets: {master_key: c2hvcnQ=}\n",
+            &[],
+        )
+        .unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("secrets.master_key") && err.contains("32 bytes"), "{err}");
+    }
+
+    #[test]
+    fn token_required_without_standalone() {
+        let cfg = load("admin: {keys: [k]}\n", &[]).unwrap();
+        assert!(cfg.validate().unwrap_err().to_string().contains("nodes.token"));
+    }
+}

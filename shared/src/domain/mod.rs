@@ -1,0 +1,62 @@
+//! Admin resources as users write them (REST JSON and gRPC), and the rules a
+//! value must meet on its own. Rules that depend on other resources
+//! (uniqueness, references) live in the control plane's command handler.
+
+mod api_key;
+mod duration;
+mod model;
+mod provider_key;
+
+pub use api_key::{ApiKey, Budget, BudgetPeriod};
+pub use duration::HumanDuration;
+pub use model::{CacheConfig, Cost, Model, RateLimit, Routing, RoutingStrategy, Target};
+pub use provider_key::{resolve_api_base, Credential, ProviderKey, DEFAULT_API_VERSION, MASKED};
+
+use crate::error::Error;
+
+pub(crate) fn non_empty(field: &str, value: &str) -> Result<(), Error> {
+    if value.trim().is_empty() {
+        return Err(Error::validation(field, "must not be empty"));
+    }
+    Ok(())
+}
+
+/// Kinds of admin resources, named as in the REST paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ResourceKind {
+    ProviderKey,
+    Model,
+    ApiKey,
+}
+
+impl ResourceKind {
+    pub const ALL: [ResourceKind; 3] = [Self::ProviderKey, Self::Model, Self::ApiKey];
+
+    /// Collection name in REST paths and event filters.
+    pub fn collection(self) -> &'static str {
+        match self {
+            Self::ProviderKey => "provider_keys",
+            Self::Model => "models",
+            Self::ApiKey => "apikeys",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "provider_keys" | "provider_key" => Some(Self::ProviderKey),
+            "models" | "model" => Some(Self::Model),
+            "apikeys" | "api_keys" | "apikey" | "api_key" => Some(Self::ApiKey),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for ResourceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::ProviderKey => "provider key",
+            Self::Model => "model",
+            Self::ApiKey => "api key",
+        })
+    }
+}

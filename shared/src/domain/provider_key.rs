@@ -1,0 +1,280 @@
+use super::non_empty;
+use crate::error::Error;
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_API_VERSION: &str = "2024-10-21";
+/// What every read shows in place of a secret.
+pub const MASKED: &str = "***";
+
+/// Upstream credential and endpoint (`/admin/v1/provider_keys`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderKey {
+    pub display_name: String,
+    #[serde(default)]
+    pub provider: String,
+    #[serde(default = "default_adapter")]
+    pub adapter: String,
+    /// API key, or JSON text for Entra ID credentials (see [`Credential`]).
+    pub secret: String,
+    pub api_base: String,
+    #[serde(default = "default_api_version")]
+    pub api_version: String,
+}
+
+fn default_adapter() -> String {
+    "azure-openai".into()
+}
+
+fn default_api_version() -> String {
+    DEFAULT_API_VERSION.into()
+}
+
+impl ProviderKey {
+    /// Checks the value on its own, including the secret's shape.
+    pub fn validate(&self) -> Result<(), Error> {
+        non_empty("display_name", &self.display_name)?;
+        if self.adapter != "azure-openai" {
+            return Err(Error::validation(
+                "adapter",
+                format!("unsupported adapter `{}`; supported: azure-openai", self.adapter),
+            ));
+        }
+        non_empty("secret", &self.secret)?;
+        Credential::parse(&self.secret)?;
+        resolve_api_base(&self.api_base)?;
+        non_empty("api_version", &self.api_version)?;
+        if !self
+            .api_version
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        {
+            return Err(Error::validation(
+                "api_version",
+                "may hold only letters, digits, `-` and `.`",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The value as reads show it.
+    pub fn masked(&self) -> Self {
+        Self {
+            secret: MASKED.into(),
+            ..self.clone()
+        }
+    }
+}
+
+/// How the gateway authenticates to the upstream, parsed from `secret`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Credential {
+    ApiKey {
+        key: String,
+    },
+    ClientSecret {
+        tenant_id: String,
+        client_id: String,
+        client_secret: String,
+        authority_host: Option<String>,
+    },
+    ManagedIdentity {
+        client_id: Option<String>,
+    },
+    WorkloadIdentity,
+}
+
+impl Credential {
+    /// A secret that starts with `{` is Entra ID JSON; anything else is an API key.
+    pub fn parse(secret: &str) -> Result<Self, Error> {
+        let trimmed = secret.trim();
+        if !trimmed.starts_with('{') {
+            return Ok(Self::ApiKey {
+                key: secret.to_string(),
+            });
+        }
+        let obj: serde_json::Map<String, serde_json::Value> = serde_json::from_str(trimmed)
+            .map_err(|e| Error::validation("secret", format!("not a valid JSON object: {e}")))?;
+        let str_field = |name: &str, required: bool| -> Result<Option<String>, Error> {
+            match obj.get(name) {
+                None | Some(serde_json::Value::Null) if !required => Ok(None),
+                None | Some(serde_json::Value::Null) => Err(Error::validation(
+                    format!("secret.{name}"),
+                    "is required for Entra ID client credentials",
+                )),
+                Some(serde_json::Value::String(s)) if !s.trim().is_empty() => Ok(Some(s.clone())),
+                Some(_) => Err(Error::validation(
+                    format!("secret.{name}"),
+                    "must be a non-empty string",
+                )),
+            }
+        };
+        let only = |allowed: &[&str]| -> Result<(), Error> {
+            match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+                Some(k) => Err(Error::validation(format!("secret.{k}"), "unknown field")),
+                None => Ok(()),
+            }
+        };
+        if let Some(mi) = obj.get("managed_identity") {
+            only(&["managed_identity"])?;
+            let inner = mi.as_object().ok_or_else(|| {
+                Error::validation("secret.managed_identity", "must be an object")
+            })?;
+            if let Some(k) = inner.keys().find(|k| k.as_str() != "client_id") {
+                return Err(Error::validation(
+                    format!("secret.managed_identity.{k}"),
+                    "unknown field",
+                ));
+            }
+            let client_id = match inner.get("client_id") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(serde_json::Value::String(s)) if !s.trim().is_empty() => Some(s.clone()),
+                Some(_) => {
+                    return Err(Error::validation(
+                        "secret.managed_identity.client_id",
+                        "must be a non-empty string",
+                    ))
+                }
+            };
+            return Ok(Self::ManagedIdentity { client_id });
+        }
+        if let Some(wi) = obj.get("workload_identity") {
+            only(&["workload_identity"])?;
+            match wi.as_object() {
+                Some(m) if m.is_empty() => return Ok(Self::WorkloadIdentity),
+                _ => {
+                    return Err(Error::validation(
+                        "secret.workload_identity",
+                        "must be an empty object; AKS supplies the identity",
+                    ))
+                }
+            }
+        }
+        only(&["tenant_id", "client_id", "client_secret", "authority_host"])?;
+        let tenant_id = str_field("tenant_id", true)?.unwrap_or_default();
+        let client_id = str_field("client_id", true)?.unwrap_or_default();
+        let client_secret = str_field("client_secret", true)?.unwrap_or_default();
+        let authority_host = str_field("authority_host", false)?;
+        if let Some(host) = &authority_host {
+            check_origin(host, "secret.authority_host", &["https"])?;
+        }
+        Ok(Self::ClientSecret {
+            tenant_id,
+            client_id,
+            client_secret,
+            authority_host,
+        })
+    }
+}
+
+/// Turns `api_base` into the origin (plus optional path prefix) requests go
+/// to: a bare resource name becomes `https://<name>.openai.azure.com`.
+pub fn resolve_api_base(api_base: &str) -> Result<String, Error> {
+    let field = "api_base";
+    let text = api_base.trim();
+    non_empty(field, text)?;
+    if !text.contains("://") {
+        let is_name = text.len() <= 64
+            && text.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !text.starts_with('-')
+            && !text.ends_with('-');
+        if !is_name {
+            return Err(Error::validation(
+                field,
+                "must be an http(s) origin or a bare Azure resource name (letters, digits, `-`)",
+            ));
+        }
+        return Ok(format!("https://{}.openai.azure.com", text.to_ascii_lowercase()));
+    }
+    let url = check_origin(text, field, &["http", "https"])?;
+    Ok(url.as_str().trim_end_matches('/').to_string())
+}
+
+fn check_origin(text: &str, field: &str, schemes: &[&str]) -> Result<url::Url, Error> {
+    let url = url::Url::parse(text)
+        .map_err(|e| Error::validation(field, format!("not a valid URL: {e}")))?;
+    if !schemes.contains(&url.scheme()) {
+        return Err(Error::validation(
+            field,
+            format!("scheme `{}` is not allowed; use {}", url.scheme(), schemes.join(" or ")),
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(Error::validation(field, "has no host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(Error::validation(field, "must not contain user info"));
+    }
+    if url.query().is_some() {
+        return Err(Error::validation(field, "must not contain a query string"));
+    }
+    if url.fragment().is_some() {
+        return Err(Error::validation(field, "must not contain a fragment"));
+    }
+    if field.ends_with("authority_host") && url.path() != "/" {
+        return Err(Error::validation(field, "must be a bare origin without a path"));
+    }
+    Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_base_forms() {
+        assert_eq!(
+            resolve_api_base("acme-west").unwrap(),
+            "https://acme-west.openai.azure.com"
+        );
+        assert_eq!(
+            resolve_api_base("https://acme-west.openai.azure.com/").unwrap(),
+            "https://acme-west.openai.azure.com"
+        );
+        assert_eq!(
+            resolve_api_base("http://127.0.0.1:8080").unwrap(),
+            "http://127.0.0.1:8080"
+        );
+        for bad in [
+            "https://x.openai.azure.com/?a=1",
+            "https://x.openai.azure.com/#frag",
+            "https://user:pw@x.openai.azure.com",
+            "ftp://x.openai.azure.com",
+            "not a host",
+            "",
+        ] {
+            let err = resolve_api_base(bad).unwrap_err().to_string();
+            assert!(err.starts_with("api_base"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn credential_forms() {
+        assert!(matches!(Credential::parse("sk-123").unwrap(), Credential::ApiKey { .. }));
+        let c = Credential::parse(r#"{"tenant_id":"t","client_id":"c","client_secret":"s"}"#)
+            .unwrap();
+        assert!(matches!(c, Credential::ClientSecret { authority_host: None, .. }));
+        let err = Credential::parse(r#"{"tenant_id":"t","client_id":"c"}"#).unwrap_err();
+        assert_eq!(err.to_string(), "secret.client_secret: is required for Entra ID client credentials");
+        let err = Credential::parse(
+            r#"{"tenant_id":"t","client_id":"c","client_secret":"s","authority_host":"http://login.example"}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().starts_with("secret.authority_host"));
+        let err = Credential::parse(
+            r#"{"tenant_id":"t","client_id":"c","client_secret":"s","authority_host":"https://login.example/tenant"}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("bare origin"));
+        assert_eq!(
+            Credential::parse(r#"{"managed_identity":{"client_id":"abc"}}"#).unwrap(),
+            Credential::ManagedIdentity { client_id: Some("abc".into()) }
+        );
+        assert_eq!(
+            Credential::parse(r#"{"workload_identity":{}}"#).unwrap(),
+            Credential::WorkloadIdentity
+        );
+        assert!(Credential::parse("{not json").is_err());
+    }
+}

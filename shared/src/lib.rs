@@ -1,0 +1,9 @@
+//! Code both planes share: generated protobuf types, configuration, and the
+//! admin resources with their validation rules.
+
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod proto;
+
+pub use error::Error;
