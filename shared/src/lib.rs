@@ -5,5 +5,6 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod proto;
+pub mod telemetry;
 
 pub use error::Error;

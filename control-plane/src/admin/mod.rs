@@ -1,0 +1,287 @@
+//! The admin API: one transport-agnostic [`Admin`] used by the REST shim
+//! (`rest`) and the gRPC service (`grpc`), admin-key checks (`auth`), and the
+//! single place errors become HTTP answers or gRPC statuses (`edge`).
+
+pub mod auth;
+mod convert;
+pub mod edge;
+pub mod grpc;
+pub mod rest;
+
+use crate::engine::Engine;
+use crate::error::Error;
+use crate::events::{format_rfc3339, Command, ResourceValue, State, StoredEvent, StoredProviderKey};
+use crate::nodes::NodeRegistry;
+use aigw_shared::domain::{ApiKey, Model, ProviderKey, ResourceKind, MASKED};
+use serde::Serialize;
+use std::sync::Arc;
+use tracing::instrument;
+
+/// A resource value as written by a user, before validation.
+#[derive(Debug, Clone)]
+pub enum Input {
+    ProviderKey(ProviderKey),
+    Model(Model),
+    ApiKey(ApiKey),
+}
+
+impl Input {
+    pub fn kind(&self) -> ResourceKind {
+        match self {
+            Self::ProviderKey(_) => ResourceKind::ProviderKey,
+            Self::Model(_) => ResourceKind::Model,
+            Self::ApiKey(_) => ResourceKind::ApiKey,
+        }
+    }
+}
+
+/// A resource value as every read shows it (secrets masked).
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum View {
+    ProviderKey(ProviderKey),
+    Model(Model),
+    ApiKey(ApiKey),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordView {
+    pub id: String,
+    pub value: View,
+    pub revision: u64,
+}
+
+/// One event as the audit API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventView {
+    pub seq: u64,
+    pub at: String,
+    pub actor: String,
+    #[serde(rename = "type")]
+    pub type_name: String,
+    pub version: u32,
+    pub resource: String,
+    pub resource_id: String,
+    pub payload: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    pub resource: Option<ResourceKind>,
+    pub resource_id: Option<String>,
+    pub from_seq: Option<u64>,
+    pub to_seq: Option<u64>,
+    pub limit: Option<usize>,
+}
+
+pub const DEFAULT_EVENT_LIMIT: usize = 100;
+pub const MAX_EVENT_LIMIT: usize = 10_000;
+
+#[derive(Clone)]
+pub struct Admin {
+    engine: Arc<Engine>,
+    nodes: Arc<NodeRegistry>,
+}
+
+impl Admin {
+    pub fn new(engine: Arc<Engine>, nodes: Arc<NodeRegistry>) -> Self {
+        Self { engine, nodes }
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    pub fn nodes(&self) -> &Arc<NodeRegistry> {
+        &self.nodes
+    }
+
+    #[instrument(skip_all, fields(resource = %input.kind().collection(), id))]
+    pub async fn create(&self, actor: &str, input: Input) -> Result<RecordView, Error> {
+        let id = uuid::Uuid::now_v7().to_string();
+        tracing::Span::current().record("id", id.as_str());
+        let value = self.prepare(&id, input)?;
+        let kind = value.kind();
+        self.engine.execute(Command::Create { id: id.clone(), value }, actor).await?;
+        self.get(kind, &id)
+    }
+
+    /// Full replace; with `upsert` a missing id is created. Returns whether it was created.
+    #[instrument(skip_all, fields(resource = %input.kind().collection(), id = %id))]
+    pub async fn update(
+        &self,
+        actor: &str,
+        id: &str,
+        input: Input,
+        expected_revision: Option<u64>,
+        upsert: bool,
+    ) -> Result<(RecordView, bool), Error> {
+        check_id(id)?;
+        let kind = input.kind();
+        let value = self.prepare(id, input)?;
+        let events = self
+            .engine
+            .execute(
+                Command::Update {
+                    id: id.to_string(),
+                    value,
+                    expected_revision,
+                    upsert,
+                },
+                actor,
+            )
+            .await?;
+        let created = events.iter().any(|e| e.event.type_name().ends_with("Created"));
+        Ok((self.get(kind, id)?, created))
+    }
+
+    #[instrument(skip_all, fields(resource = %kind.collection(), id = %id))]
+    pub async fn delete(
+        &self,
+        actor: &str,
+        kind: ResourceKind,
+        id: &str,
+        expected_revision: Option<u64>,
+    ) -> Result<(), Error> {
+        self.engine
+            .execute(
+                Command::Delete {
+                    kind,
+                    id: id.to_string(),
+                    expected_revision,
+                },
+                actor,
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub fn get(&self, kind: ResourceKind, id: &str) -> Result<RecordView, Error> {
+        view(&self.engine.read(), kind, id).ok_or_else(|| Error::NotFound {
+            kind,
+            id: id.to_string(),
+        })
+    }
+
+    pub fn list(&self, kind: ResourceKind) -> Vec<RecordView> {
+        let state = self.engine.read();
+        let ids: Vec<&String> = match kind {
+            ResourceKind::ProviderKey => state.provider_keys.keys().collect(),
+            ResourceKind::Model => state.models.keys().collect(),
+            ResourceKind::ApiKey => state.api_keys.keys().collect(),
+        };
+        ids.into_iter().filter_map(|id| view(&state, kind, id)).collect()
+    }
+
+    /// Events from the log, secrets masked.
+    pub fn events(&self, filter: &EventFilter) -> Result<Vec<EventView>, Error> {
+        let limit = filter.limit.unwrap_or(DEFAULT_EVENT_LIMIT).clamp(1, MAX_EVENT_LIMIT);
+        let mut out = Vec::new();
+        for e in self.engine.store().read_from(filter.from_seq.unwrap_or(1).max(1)) {
+            let e = e?;
+            if filter.to_seq.is_some_and(|to| e.seq > to) || out.len() >= limit {
+                break;
+            }
+            let (kind, id) = e.event.resource();
+            if filter.resource.is_some_and(|k| k != kind)
+                || filter.resource_id.as_deref().is_some_and(|r| r != id)
+            {
+                continue;
+            }
+            out.push(event_view(&e));
+        }
+        Ok(out)
+    }
+
+    /// Validates a value on its own and seals its secret for `id`.
+    fn prepare(&self, id: &str, input: Input) -> Result<ResourceValue, Error> {
+        Ok(match input {
+            Input::ProviderKey(pk) => {
+                pk.validate().map_err(Error::from_validation)?;
+                // A read-modify-write sends back the mask: keep the stored secret.
+                let kept = (pk.secret == MASKED)
+                    .then(|| self.engine.read().provider_keys.get(id).map(|r| r.value.secret.clone()))
+                    .flatten();
+                let sealed = match kept {
+                    Some(s) => s,
+                    None => self.engine.cipher().seal(id, &pk.secret)?,
+                };
+                ResourceValue::ProviderKey(StoredProviderKey::new(pk, sealed))
+            }
+            Input::Model(m) => {
+                m.validate().map_err(Error::from_validation)?;
+                ResourceValue::Model(m)
+            }
+            Input::ApiKey(mut k) => {
+                k.validate().map_err(Error::from_validation)?;
+                ResourceValue::ApiKey(k)
+            }
+        })
+    }
+}
+
+fn view(state: &State, kind: ResourceKind, id: &str) -> Option<RecordView> {
+    let (value, revision) = match kind {
+        ResourceKind::ProviderKey => state
+            .provider_keys
+            .get(id)
+            .map(|r| (View::ProviderKey(r.value.masked()), r.revision))?,
+        ResourceKind::Model => state.models.get(id).map(|r| (View::Model(r.value.clone()), r.revision))?,
+        ResourceKind::ApiKey => state.api_keys.get(id).map(|r| (View::ApiKey(r.value.clone()), r.revision))?,
+    };
+    Some(RecordView {
+        id: id.to_string(),
+        value,
+        revision,
+    })
+}
+
+fn event_view(e: &StoredEvent) -> EventView {
+    let (kind, id) = e.event.resource();
+    EventView {
+        seq: e.seq,
+        at: format_rfc3339(e.at),
+        actor: e.actor.clone(),
+        type_name: e.event.type_name().to_string(),
+        version: crate::events::schema_version(e.event.type_name()),
+        resource: kind.collection().to_string(),
+        resource_id: id.to_string(),
+        payload: e.masked_payload(),
+    }
+}
+
+/// Ids chosen by callers (REST `PUT` upsert) must be path-safe.
+fn check_id(id: &str) -> Result<(), Error> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(
+            "id: 1 to 128 characters of letters, digits, `-`, `_` or `.`".into(),
+        ))
+    }
+}
+
+/// Checks a usage query's parameters (shared by REST and gRPC).
+pub fn check_usage_query(group_by: Option<&str>, from: Option<&str>, to: Option<&str>) -> Result<(), Error> {
+    for g in group_by.unwrap_or_default().split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if !matches!(g, "api_key" | "model" | "deployment" | "day") {
+            return Err(Error::Invalid(format!(
+                "group_by: unknown dimension `{g}`; use api_key, model, deployment, day"
+            )));
+        }
+    }
+    for (name, v) in [("from", from), ("to", to)] {
+        if let Some(v) = v.filter(|v| !v.is_empty()) {
+            let date = time::macros::format_description!("[year]-[month]-[day]");
+            let ok = time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339).is_ok()
+                || time::Date::parse(v, date).is_ok();
+            if !ok {
+                return Err(Error::Invalid(format!("{name}: expected an RFC 3339 time or a YYYY-MM-DD date")));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,240 @@
+//! REST shim compatible with the AISIX admin API (`/admin/v1/...`).
+
+use super::auth::AdminKeys;
+use super::{Admin, EventFilter, Input, RecordView};
+use crate::error::Error;
+use aigw_shared::domain::ResourceKind;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Extension, Json, Router};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::json;
+
+#[derive(Clone)]
+struct Ctx {
+    admin: Admin,
+    keys: AdminKeys,
+    max_body: usize,
+}
+
+/// Who made the request, for the event's `actor`.
+#[derive(Clone)]
+struct Actor(String);
+
+const OPENAPI: &str = include_str!("openapi.json");
+
+/// Routes: health and the OpenAPI document are open; everything under
+/// `/admin/v1` requires an admin key.
+pub fn router(admin: Admin, keys: AdminKeys, max_body: usize) -> Router {
+    let ctx = Ctx { admin, keys, max_body };
+    let api = Router::new()
+        .route("/admin/v1/events", get(list_events))
+        .route("/admin/v1/nodes", get(list_nodes))
+        .route("/admin/v1/usage", get(query_usage))
+        .route("/admin/v1/{collection}", get(list).post(create))
+        .route("/admin/v1/{collection}/{id}", get(read).put(replace).delete(remove))
+        .route_layer(middleware::from_fn_with_state(ctx.clone(), authenticate));
+    Router::new()
+        .route("/livez", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(|| async { Json(json!({"status": "ready"})) }))
+        .route(
+            "/admin/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
+        )
+        .merge(api)
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
+        .method_not_allowed_fallback(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed") })
+        .with_state(ctx)
+}
+
+fn error(status: StatusCode, msg: &str) -> Response {
+    (status, Json(json!({ "error_msg": msg }))).into_response()
+}
+
+async fn authenticate(State(ctx): State<Ctx>, mut req: Request, next: Next) -> Response {
+    let h = req.headers();
+    let presented = AdminKeys::from_headers(
+        h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()),
+        h.get("x-api-key").and_then(|v| v.to_str().ok()),
+    );
+    match presented.and_then(|k| ctx.keys.check(k)) {
+        Some(actor) => {
+            req.extensions_mut().insert(Actor(actor));
+            next.run(req).await
+        }
+        None => Error::Unauthenticated.into_response(),
+    }
+}
+
+fn kind_of(collection: &str) -> Result<ResourceKind, Error> {
+    match collection {
+        "provider_keys" | "models" | "apikeys" | "api_keys" => ResourceKind::parse(collection)
+            .ok_or_else(|| Error::UnknownCollection(collection.to_string())),
+        _ => Err(Error::UnknownCollection(collection.to_string())),
+    }
+}
+
+/// Reads at most `max` bytes of body, then parses JSON naming the bad field.
+async fn parse_body<T: DeserializeOwned>(body: Body, max: usize) -> Result<T, Error> {
+    let bytes: Bytes = match Limited::new(body, max).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            return Err(Error::PayloadTooLarge { limit: max })
+        }
+        Err(e) => return Err(Error::Invalid(format!("cannot read request body: {e}"))),
+    };
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(Error::Invalid("request body is empty; expected a JSON object".into()));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(&bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let what = if inner.is_syntax() || inner.is_eof() {
+            "malformed JSON"
+        } else {
+            "invalid value"
+        };
+        if path == "." || path == "?" {
+            Error::Invalid(format!("{what}: {inner}"))
+        } else {
+            Error::Invalid(format!("{path}: {what}: {inner}"))
+        }
+    })
+}
+
+async fn parse_input(kind: ResourceKind, body: Body, max: usize) -> Result<Input, Error> {
+    Ok(match kind {
+        ResourceKind::ProviderKey => Input::ProviderKey(parse_body(body, max).await?),
+        ResourceKind::Model => Input::Model(parse_body(body, max).await?),
+        ResourceKind::ApiKey => Input::ApiKey(parse_body(body, max).await?),
+    })
+}
+
+/// `If-Match: 3` or `If-Match: "3"`.
+fn if_match(headers: &HeaderMap) -> Result<Option<u64>, Error> {
+    let Some(v) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let text = v.to_str().unwrap_or_default().trim().trim_start_matches("W/").trim_matches('"');
+    text.parse()
+        .map(Some)
+        .map_err(|_| Error::Invalid("If-Match: expected a revision number".into()))
+}
+
+fn record_response(status: StatusCode, rec: RecordView) -> Response {
+    let etag = HeaderValue::from_str(&format!("\"{}\"", rec.revision)).ok();
+    let mut resp = (status, Json(rec)).into_response();
+    if let Some(etag) = etag {
+        resp.headers_mut().insert(header::ETAG, etag);
+    }
+    resp
+}
+
+async fn list(State(ctx): State<Ctx>, Path(collection): Path<String>) -> Result<Response, Error> {
+    let list = ctx.admin.list(kind_of(&collection)?);
+    Ok(Json(json!({ "total": list.len(), "list": list })).into_response())
+}
+
+async fn create(
+    State(ctx): State<Ctx>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Path(collection): Path<String>,
+    body: Body,
+) -> Result<Response, Error> {
+    let input = parse_input(kind_of(&collection)?, body, ctx.max_body).await?;
+    let rec = ctx.admin.create(&actor, input).await?;
+    Ok(record_response(StatusCode::CREATED, rec))
+}
+
+async fn read(
+    State(ctx): State<Ctx>,
+    Path((collection, id)): Path<(String, String)>,
+) -> Result<Response, Error> {
+    Ok(record_response(StatusCode::OK, ctx.admin.get(kind_of(&collection)?, &id)?))
+}
+
+async fn replace(
+    State(ctx): State<Ctx>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Path((collection, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Error> {
+    let kind = kind_of(&collection)?;
+    let expected = if_match(&headers)?;
+    let input = parse_input(kind, body, ctx.max_body).await?;
+    let (rec, created) = ctx.admin.update(&actor, &id, input, expected, true).await?;
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok(record_response(status, rec))
+}
+
+async fn remove(
+    State(ctx): State<Ctx>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Path((collection, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    let kind = kind_of(&collection)?;
+    ctx.admin.delete(&actor, kind, &id, if_match(&headers)?).await?;
+    Ok(Json(json!({ "deleted": true, "id": id })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    resource: Option<String>,
+    resource_id: Option<String>,
+    from_seq: Option<u64>,
+    to_seq: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn list_events(
+    State(ctx): State<Ctx>,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Error> {
+    let Query(q) = query.map_err(|e| Error::Invalid(e.body_text()))?;
+    let resource = match q.resource.as_deref() {
+        None | Some("") => None,
+        Some(r) => Some(kind_of(r).map_err(|_| {
+            Error::Invalid(format!("resource: unknown `{r}`; use provider_keys, models, apikeys"))
+        })?),
+    };
+    let events = ctx.admin.events(&EventFilter {
+        resource,
+        resource_id: q.resource_id.filter(|s| !s.is_empty()),
+        from_seq: q.from_seq,
+        to_seq: q.to_seq,
+        limit: q.limit,
+    })?;
+    Ok(Json(json!({ "total": events.len(), "list": events })).into_response())
+}
+
+async fn list_nodes(State(ctx): State<Ctx>) -> Response {
+    let nodes = ctx.admin.nodes().list();
+    Json(json!({ "total": nodes.len(), "list": nodes })).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageQuery {
+    group_by: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+}
+
+async fn query_usage(
+    query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Error> {
+    let Query(q) = query.map_err(|e| Error::Invalid(e.body_text()))?;
+    super::check_usage_query(q.group_by.as_deref(), q.from.as_deref(), q.to.as_deref())?;
+    // Aggregation arrives with the usage pipeline; until then there is no usage to report.
+    Ok(Json(json!({ "rows": [] })).into_response())
+}

@@ -1,0 +1,124 @@
+//! Wires the control plane together: event store → engine → admin API served
+//! over REST (`control_plane.admin_listen`) and gRPC with reflection
+//! (`control_plane.grpc_listen`).
+
+use crate::admin::{self, auth::AdminKeys, Admin};
+use crate::engine::Engine;
+use crate::error::Error;
+use crate::nodes::NodeRegistry;
+use crate::secrets::{Cipher, KeySource};
+use crate::store::SledStore;
+use aigw_shared::config::Config;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// A running control plane.
+pub struct ControlPlane {
+    pub admin_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    pub engine: Arc<Engine>,
+    tasks: tokio::task::JoinSet<Result<(), Error>>,
+    stop: watch::Sender<bool>,
+}
+
+impl ControlPlane {
+    /// Opens the data dir, replays the log, binds both listeners and starts serving.
+    pub async fn start(config: Config) -> Result<Self, Error> {
+        let cp = &config.control_plane;
+        let (cipher, source) = Cipher::load(config.secrets.master_key.as_deref(), &cp.data_dir, config.standalone)?;
+        match source {
+            KeySource::GeneratedFile(path) => warn!(
+                %path,
+                "no secrets.master_key configured: generated one (keep this file, or set AIGW_MASTER_KEY)"
+            ),
+            KeySource::ExistingFile(path) => info!(%path, "using the master key file in the data dir"),
+            KeySource::Config => {}
+        }
+        let store = Arc::new(SledStore::open(&cp.data_dir)?);
+        let engine = Engine::open(store, cipher, cp.snapshot_every).await?;
+        let nodes = Arc::new(NodeRegistry::default());
+        let admin = Admin::new(engine.clone(), nodes);
+        let keys = AdminKeys::new(&config.admin.keys);
+
+        let bind = |addr: SocketAddr, what: &'static str| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::Io(std::io::Error::new(e.kind(), format!("{what} on {addr}: {e}"))))
+        };
+        let rest_listener = bind(cp.admin_listen, "control_plane.admin_listen").await?;
+        let grpc_listener = bind(cp.grpc_listen, "control_plane.grpc_listen").await?;
+        let admin_addr = rest_listener.local_addr()?;
+        let grpc_addr = grpc_listener.local_addr()?;
+
+        let (stop, stopped) = watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+
+        let router = admin::rest::router(admin.clone(), keys.clone(), cp.max_body_bytes);
+        let mut rest_stop = stopped.clone();
+        tasks.spawn(async move {
+            axum::serve(rest_listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = rest_stop.wait_for(|s| *s).await;
+                })
+                .await
+                .map_err(Error::Io)
+        });
+
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(aigw_shared::proto::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| Error::Storage(format!("reflection: {e}")))?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(aigw_shared::proto::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(|e| Error::Storage(format!("reflection: {e}")))?;
+        let grpc = tonic::transport::Server::builder()
+            .add_service(admin::grpc::service(admin, keys, cp.max_body_bytes))
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+        let mut grpc_stop = stopped.clone();
+        tasks.spawn(async move {
+            grpc.serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                async move {
+                    let _ = grpc_stop.wait_for(|s| *s).await;
+                },
+            )
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(format!("gRPC server: {e}"))))
+        });
+
+        info!(%admin_addr, %grpc_addr, version = engine.read().version, "control plane ready");
+        Ok(Self {
+            admin_addr,
+            grpc_addr,
+            engine,
+            tasks,
+            stop,
+        })
+    }
+
+    /// Serves until `shutdown` resolves or a server fails, then drains.
+    pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        let result = tokio::select! {
+            _ = shutdown => Ok(()),
+            Some(done) = self.tasks.join_next() => match done {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(Error::Io(std::io::Error::other(format!("server task: {e}")))),
+            },
+        };
+        info!("shutting down: draining admin connections");
+        self.stop.send_replace(true);
+        while let Some(done) = self.tasks.join_next().await {
+            if let Ok(Err(e)) = done {
+                warn!(error = %e, "server stopped with an error");
+            }
+        }
+        result
+    }
+}

@@ -1,0 +1,192 @@
+//! The write path: one command at a time is handled against the current
+//! state, appended durably, then folded into the state that readers see.
+
+use crate::error::Error;
+use crate::events::{handle, Command, State, StoredEvent};
+use crate::secrets::Cipher;
+use crate::store::EventStore;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+use time::OffsetDateTime;
+use tokio::sync::{watch, Mutex};
+use tracing::{info, instrument, warn};
+
+const SNAPSHOT_FORMAT: u32 = 1;
+const KEY_CHECK: &str = "key_check";
+const KEY_CHECK_OWNER: &str = "aigw:key-check";
+
+pub struct Engine {
+    store: Arc<dyn EventStore>,
+    state: RwLock<State>,
+    /// Serialises handle → append → apply, so sequence numbers are gapless and
+    /// every command is checked against the state its event follows.
+    writer: Mutex<()>,
+    cipher: Cipher,
+    snapshot_every: u64,
+    version: watch::Sender<u64>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SnapshotDoc {
+    format: u32,
+    state: State,
+}
+
+impl Engine {
+    /// Opens the log: checks the master key, then rebuilds state from the
+    /// newest snapshot plus the events after it.
+    pub async fn open(
+        store: Arc<dyn EventStore>,
+        cipher: Cipher,
+        snapshot_every: u64,
+    ) -> Result<Arc<Self>, Error> {
+        let (state, cipher) = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || -> Result<_, Error> {
+                check_master_key(&*store, &cipher)?;
+                Ok((replay(&*store)?, cipher))
+            })
+            .await
+            .map_err(|e| Error::Storage(format!("replay task failed: {e}")))??
+        };
+        let (version, _) = watch::channel(state.version);
+        Ok(Arc::new(Self {
+            store,
+            state: RwLock::new(state),
+            writer: Mutex::new(()),
+            cipher,
+            snapshot_every,
+            version,
+        }))
+    }
+
+    /// Handles, stores durably and applies one command; returns its events.
+    #[instrument(skip_all, fields(actor = %actor, seq))]
+    pub async fn execute(&self, command: Command, actor: &str) -> Result<Vec<StoredEvent>, Error> {
+        let _guard = self.writer.lock().await;
+        let (events, base) = {
+            let state = self.read();
+            (handle(&state, &command)?, state.version)
+        };
+        let at = OffsetDateTime::now_utc();
+        let stored: Vec<StoredEvent> = events
+            .into_iter()
+            .enumerate()
+            .map(|(i, event)| StoredEvent {
+                seq: base + 1 + i as u64,
+                at,
+                actor: actor.to_string(),
+                event,
+            })
+            .collect();
+        let store = self.store.clone();
+        let batch = stored.clone();
+        tokio::task::spawn_blocking(move || store.append(&batch))
+            .await
+            .map_err(|e| Error::Storage(format!("append task failed: {e}")))??;
+        let new_version = {
+            let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+            for e in &stored {
+                state.apply(e);
+            }
+            state.version
+        };
+        tracing::Span::current().record("seq", new_version);
+        if new_version / self.snapshot_every > base / self.snapshot_every {
+            if let Err(e) = self.snapshot() {
+                // The log is intact; only start-up gets slower.
+                warn!(error = %e, "writing a state snapshot failed");
+            }
+        }
+        self.version.send_replace(new_version);
+        Ok(stored)
+    }
+
+    /// Writes a compacted snapshot of the current state.
+    pub fn snapshot(&self) -> Result<u64, Error> {
+        let (seq, bytes) = {
+            let state = self.read();
+            let doc = SnapshotDoc {
+                format: SNAPSHOT_FORMAT,
+                state: state.clone(),
+            };
+            (
+                state.version,
+                serde_json::to_vec(&doc).map_err(|e| Error::Storage(e.to_string()))?,
+            )
+        };
+        self.store.save_snapshot(seq, &bytes)?;
+        Ok(seq)
+    }
+
+    /// Read access to the current state. Hold it briefly: writers wait.
+    pub fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn cipher(&self) -> &Cipher {
+        &self.cipher
+    }
+
+    /// Watches the config version (sequence of the last applied event).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    pub fn store(&self) -> &dyn EventStore {
+        &*self.store
+    }
+}
+
+/// Rebuilds state from the newest readable snapshot and the log after it,
+/// checking that sequence numbers have no gap.
+pub fn replay(store: &dyn EventStore) -> Result<State, Error> {
+    let started = std::time::Instant::now();
+    let mut state = State::default();
+    if let Some((seq, bytes)) = store.latest_snapshot()? {
+        match serde_json::from_slice::<SnapshotDoc>(&bytes) {
+            Ok(doc) if doc.format == SNAPSHOT_FORMAT && doc.state.version == seq => {
+                state = doc.state;
+                state.reindex();
+            }
+            Ok(_) => warn!(seq, "ignoring a snapshot of another format; replaying the whole log"),
+            Err(e) => warn!(seq, error = %e, "ignoring an unreadable snapshot; replaying the whole log"),
+        }
+    }
+    let from_snapshot = state.version;
+    for event in store.read_from(state.version + 1) {
+        let event = event?;
+        if event.seq != state.version + 1 {
+            return Err(Error::Storage(format!(
+                "event log has a gap: expected seq {}, found {}",
+                state.version + 1,
+                event.seq
+            )));
+        }
+        state.apply(&event);
+    }
+    info!(
+        version = state.version,
+        from_snapshot,
+        replayed = state.version - from_snapshot,
+        ms = started.elapsed().as_millis() as u64,
+        "state rebuilt from the event log"
+    );
+    Ok(state)
+}
+
+/// Refuses to start with a master key other than the one the data was written with.
+fn check_master_key(store: &dyn EventStore, cipher: &Cipher) -> Result<(), Error> {
+    match store.meta_get(KEY_CHECK)? {
+        Some(bytes) => {
+            let sealed = serde_json::from_slice(&bytes).map_err(|e| Error::Storage(e.to_string()))?;
+            cipher.open(KEY_CHECK_OWNER, &sealed).map_err(|_| {
+                Error::Crypto("the master key does not match the one this data directory was written with".into())
+            })?;
+            Ok(())
+        }
+        None => {
+            let sealed = cipher.seal(KEY_CHECK_OWNER, "aigw")?;
+            store.meta_put(KEY_CHECK, &serde_json::to_vec(&sealed).map_err(|e| Error::Storage(e.to_string()))?)
+        }
+    }
+}

@@ -1,0 +1,181 @@
+use super::{DomainEvent, State, StoredProviderKey};
+use crate::error::Error;
+use aigw_shared::domain::{ApiKey, Model, ResourceKind};
+
+/// A value ready to store: validated on its own, secrets already sealed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResourceValue {
+    ProviderKey(StoredProviderKey),
+    Model(Model),
+    ApiKey(ApiKey),
+}
+
+impl ResourceValue {
+    pub fn kind(&self) -> ResourceKind {
+        match self {
+            Self::ProviderKey(_) => ResourceKind::ProviderKey,
+            Self::Model(_) => ResourceKind::Model,
+            Self::ApiKey(_) => ResourceKind::ApiKey,
+        }
+    }
+}
+
+/// An admin mutation. Ids are chosen by the caller of `handle` so that
+/// `handle` stays pure.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    Create {
+        id: String,
+        value: ResourceValue,
+    },
+    /// Full replace. With `upsert`, a missing id is created (REST `PUT`).
+    Update {
+        id: String,
+        value: ResourceValue,
+        expected_revision: Option<u64>,
+        upsert: bool,
+    },
+    Delete {
+        kind: ResourceKind,
+        id: String,
+        expected_revision: Option<u64>,
+    },
+}
+
+/// Decides, against the current state, which events a command produces.
+/// Pure: no I/O, no clock, no randomness.
+pub fn handle(state: &State, command: &Command) -> Result<Vec<DomainEvent>, Error> {
+    match command {
+        Command::Create { id, value } => {
+            if state.revision(value.kind(), id).is_some() {
+                return Err(Error::Duplicate(format!("{} id `{id}` already exists", value.kind())));
+            }
+            check_value(state, id, value)?;
+            Ok(vec![created(id, value)])
+        }
+        Command::Update {
+            id,
+            value,
+            expected_revision,
+            upsert,
+        } => {
+            let kind = value.kind();
+            match (state.revision(kind, id), expected_revision) {
+                (None, Some(_)) | (None, None) if !upsert => {
+                    return Err(Error::NotFound { kind, id: id.clone() })
+                }
+                (None, Some(expected)) => {
+                    return Err(Error::StaleRevision {
+                        expected: *expected,
+                        current: 0,
+                    })
+                }
+                (Some(current), Some(expected)) if current != *expected => {
+                    return Err(Error::StaleRevision {
+                        expected: *expected,
+                        current,
+                    })
+                }
+                _ => {}
+            }
+            check_value(state, id, value)?;
+            Ok(vec![if state.revision(kind, id).is_some() {
+                updated(id, value)
+            } else {
+                created(id, value)
+            }])
+        }
+        Command::Delete {
+            kind,
+            id,
+            expected_revision,
+        } => {
+            let current = state.revision(*kind, id).ok_or_else(|| Error::NotFound {
+                kind: *kind,
+                id: id.clone(),
+            })?;
+            if let Some(expected) = expected_revision {
+                if *expected != current {
+                    return Err(Error::StaleRevision {
+                        expected: *expected,
+                        current,
+                    });
+                }
+            }
+            if *kind == ResourceKind::ProviderKey {
+                if let Some((mid, m)) = state
+                    .models
+                    .iter()
+                    .find(|(_, m)| m.value.provider_key_ids().any(|p| p == id))
+                {
+                    return Err(Error::Reference(format!(
+                        "provider key `{id}` is still used by model `{}` (id {mid})",
+                        m.value.display_name
+                    )));
+                }
+            }
+            let id = id.clone();
+            Ok(vec![match kind {
+                ResourceKind::ProviderKey => DomainEvent::ProviderKeyDeleted { id },
+                ResourceKind::Model => DomainEvent::ModelDeleted { id },
+                ResourceKind::ApiKey => DomainEvent::ApiKeyDeleted { id },
+            }])
+        }
+    }
+}
+
+/// Rules that depend on other resources: unique names and hashes, references.
+fn check_value(state: &State, id: &str, value: &ResourceValue) -> Result<(), Error> {
+    let kind = value.kind();
+    let unique_name = |name: &str| -> Result<(), Error> {
+        match state.id_by_name(kind, name) {
+            Some(other) if other != id => Err(Error::Duplicate(format!(
+                "display_name: a {kind} named `{name}` already exists (id {other})"
+            ))),
+            _ => Ok(()),
+        }
+    };
+    match value {
+        ResourceValue::ProviderKey(pk) => unique_name(&pk.display_name),
+        ResourceValue::Model(m) => {
+            unique_name(&m.display_name)?;
+            for pk in m.provider_key_ids() {
+                if !state.provider_keys.contains_key(pk) {
+                    return Err(Error::Reference(format!(
+                        "provider_key_id: provider key `{pk}` does not exist"
+                    )));
+                }
+            }
+            Ok(())
+        }
+        ResourceValue::ApiKey(k) => {
+            if let Some(name) = &k.display_name {
+                unique_name(name)?;
+            }
+            match state.id_by_key_hash(&k.key_hash) {
+                Some(other) if other != id => Err(Error::Duplicate(format!(
+                    "key_hash: another api key already has this hash (id {other})"
+                ))),
+                _ => Ok(()),
+            }
+        }
+    }
+}
+
+fn created(id: &str, value: &ResourceValue) -> DomainEvent {
+    let id = id.to_string();
+    match value.clone() {
+        ResourceValue::ProviderKey(value) => DomainEvent::ProviderKeyCreated { id, value },
+        ResourceValue::Model(value) => DomainEvent::ModelCreated { id, value },
+        ResourceValue::ApiKey(value) => DomainEvent::ApiKeyCreated { id, value },
+    }
+}
+
+fn updated(id: &str, value: &ResourceValue) -> DomainEvent {
+    let id = id.to_string();
+    match value.clone() {
+        ResourceValue::ProviderKey(value) => DomainEvent::ProviderKeyUpdated { id, value },
+        ResourceValue::Model(value) => DomainEvent::ModelUpdated { id, value },
+        ResourceValue::ApiKey(value) => DomainEvent::ApiKeyUpdated { id, value },
+    }
+}

@@ -1,0 +1,171 @@
+use super::{DomainEvent, StoredEvent};
+use crate::secrets::Sealed;
+use aigw_shared::domain::{ApiKey, Model, ProviderKey, ResourceKind, MASKED};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+
+/// A provider key as stored: everything but the secret in clear.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredProviderKey {
+    pub display_name: String,
+    pub provider: String,
+    pub adapter: String,
+    pub secret: Sealed,
+    pub api_base: String,
+    pub api_version: String,
+}
+
+impl StoredProviderKey {
+    pub fn new(value: ProviderKey, secret: Sealed) -> Self {
+        Self {
+            display_name: value.display_name,
+            provider: value.provider,
+            adapter: value.adapter,
+            secret,
+            api_base: value.api_base,
+            api_version: value.api_version,
+        }
+    }
+
+    /// The value as every read shows it.
+    pub fn masked(&self) -> ProviderKey {
+        ProviderKey {
+            display_name: self.display_name.clone(),
+            provider: self.provider.clone(),
+            adapter: self.adapter.clone(),
+            secret: MASKED.into(),
+            api_base: self.api_base.clone(),
+            api_version: self.api_version.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record<T> {
+    pub value: T,
+    pub revision: u64,
+}
+
+/// The projection of the event log: every live resource with its revision.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    /// Sequence number of the last applied event (the config version).
+    pub version: u64,
+    pub provider_keys: BTreeMap<String, Record<StoredProviderKey>>,
+    pub models: BTreeMap<String, Record<Model>>,
+    pub api_keys: BTreeMap<String, Record<ApiKey>>,
+    #[serde(skip)]
+    pub(super) index: Index,
+}
+
+/// Unique-value lookups, derived from the maps and rebuilt after loading.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(super) struct Index {
+    pub names: HashMap<(ResourceKind, String), String>,
+    pub key_hashes: HashMap<String, String>,
+}
+
+impl State {
+    /// Folds one event into the state. Total: events were checked by `handle`
+    /// before they were stored, so applying never fails.
+    pub fn apply(&mut self, stored: &StoredEvent) {
+        self.version = stored.seq;
+        match &stored.event {
+            DomainEvent::ProviderKeyCreated { id, value } | DomainEvent::ProviderKeyUpdated { id, value } => {
+                self.unindex(ResourceKind::ProviderKey, id);
+                self.index
+                    .names
+                    .insert((ResourceKind::ProviderKey, value.display_name.clone()), id.clone());
+                upsert(&mut self.provider_keys, id, value.clone());
+            }
+            DomainEvent::ModelCreated { id, value } | DomainEvent::ModelUpdated { id, value } => {
+                self.unindex(ResourceKind::Model, id);
+                self.index
+                    .names
+                    .insert((ResourceKind::Model, value.display_name.clone()), id.clone());
+                upsert(&mut self.models, id, value.clone());
+            }
+            DomainEvent::ApiKeyCreated { id, value } | DomainEvent::ApiKeyUpdated { id, value } => {
+                self.unindex(ResourceKind::ApiKey, id);
+                if let Some(name) = &value.display_name {
+                    self.index.names.insert((ResourceKind::ApiKey, name.clone()), id.clone());
+                }
+                self.index.key_hashes.insert(value.key_hash.clone(), id.clone());
+                upsert(&mut self.api_keys, id, value.clone());
+            }
+            DomainEvent::ProviderKeyDeleted { id } => {
+                self.unindex(ResourceKind::ProviderKey, id);
+                self.provider_keys.remove(id);
+            }
+            DomainEvent::ModelDeleted { id } => {
+                self.unindex(ResourceKind::Model, id);
+                self.models.remove(id);
+            }
+            DomainEvent::ApiKeyDeleted { id } => {
+                self.unindex(ResourceKind::ApiKey, id);
+                self.api_keys.remove(id);
+            }
+        }
+    }
+
+    fn unindex(&mut self, kind: ResourceKind, id: &str) {
+        let name = match kind {
+            ResourceKind::ProviderKey => self.provider_keys.get(id).map(|r| r.value.display_name.clone()),
+            ResourceKind::Model => self.models.get(id).map(|r| r.value.display_name.clone()),
+            ResourceKind::ApiKey => self.api_keys.get(id).and_then(|r| {
+                self.index.key_hashes.remove(&r.value.key_hash);
+                r.value.display_name.clone()
+            }),
+        };
+        if let Some(name) = name {
+            self.index.names.remove(&(kind, name));
+        }
+    }
+
+    /// Rebuilds the derived index, after deserializing a snapshot.
+    pub fn reindex(&mut self) {
+        let mut index = Index::default();
+        for (id, r) in &self.provider_keys {
+            index.names.insert((ResourceKind::ProviderKey, r.value.display_name.clone()), id.clone());
+        }
+        for (id, r) in &self.models {
+            index.names.insert((ResourceKind::Model, r.value.display_name.clone()), id.clone());
+        }
+        for (id, r) in &self.api_keys {
+            if let Some(n) = &r.value.display_name {
+                index.names.insert((ResourceKind::ApiKey, n.clone()), id.clone());
+            }
+            index.key_hashes.insert(r.value.key_hash.clone(), id.clone());
+        }
+        self.index = index;
+    }
+
+    /// Id of the resource of `kind` named `name`, if any.
+    pub fn id_by_name(&self, kind: ResourceKind, name: &str) -> Option<&str> {
+        self.index.names.get(&(kind, name.to_string())).map(String::as_str)
+    }
+
+    pub fn id_by_key_hash(&self, hash: &str) -> Option<&str> {
+        self.index.key_hashes.get(hash).map(String::as_str)
+    }
+
+    pub fn revision(&self, kind: ResourceKind, id: &str) -> Option<u64> {
+        match kind {
+            ResourceKind::ProviderKey => self.provider_keys.get(id).map(|r| r.revision),
+            ResourceKind::Model => self.models.get(id).map(|r| r.revision),
+            ResourceKind::ApiKey => self.api_keys.get(id).map(|r| r.revision),
+        }
+    }
+}
+
+fn upsert<T>(map: &mut BTreeMap<String, Record<T>>, id: &str, value: T) {
+    match map.get_mut(id) {
+        Some(r) => {
+            r.value = value;
+            r.revision += 1;
+        }
+        None => {
+            map.insert(id.to_string(), Record { value, revision: 1 });
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! aigw control plane.
+//!
+//! Where things live:
+//! - `admin/`   — the admin API: REST shim, gRPC service, admin-key auth, error edge
+//! - `events/`  — commands, events, the pure `handle` and `apply`, upcasting
+//! - `store/`   — the append-only event log (sled) behind the `EventStore` trait
+//! - `engine`   — the write path: handle → durable append → apply → notify
+//! - `secrets`  — AES-256-GCM sealing of provider secrets
+//! - `nodes`    — data-plane nodes seen on the config stream
+//! - `app`      — wiring and serving
+
+pub mod admin;
+pub mod app;
+pub mod engine;
+pub mod error;
+pub mod events;
+pub mod nodes;
+pub mod secrets;
+pub mod store;
+
+pub use app::ControlPlane;
+pub use error::Error;

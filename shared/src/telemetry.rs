@@ -1,0 +1,18 @@
+//! Logging set-up shared by both binaries.
+
+use crate::config::{LogFormat, TelemetryConfig};
+use tracing_subscriber::{fmt, EnvFilter};
+
+/// Installs the global subscriber: JSON lines (or text) on stdout, filtered by
+/// `RUST_LOG` if set, else `telemetry.log_level`.
+pub fn init_logging(cfg: &TelemetryConfig) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cfg.log_level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = fmt().with_env_filter(filter).with_target(true);
+    // A second init (tests, embedded use) keeps the first subscriber.
+    let _ = match cfg.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
