@@ -27,7 +27,7 @@ struct Ctx {
 #[derive(Clone)]
 struct Actor(String);
 
-const OPENAPI: &str = include_str!("openapi.json");
+pub const OPENAPI: &str = include_str!("openapi.json");
 
 /// Routes: health and the OpenAPI document are open; everything under
 /// `/admin/v1` requires an admin key.
