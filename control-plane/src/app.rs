@@ -6,7 +6,7 @@ use crate::admin::{self, auth::AdminKeys, Admin};
 use crate::engine::Engine;
 use crate::error::Error;
 use crate::nodes::NodeRegistry;
-use crate::secrets::{Cipher, KeySource};
+use crate::secrets::KeySource;
 use crate::store::SledStore;
 use aigw_shared::config::Config;
 use std::future::Future;
@@ -29,7 +29,7 @@ impl ControlPlane {
     /// Opens the data dir, replays the log, binds both listeners and starts serving.
     pub async fn start(config: Config) -> Result<Self, Error> {
         let cp = &config.control_plane;
-        let (cipher, source) = Cipher::load(config.secrets.master_key.as_deref(), &cp.data_dir, config.standalone)?;
+        let (cipher, source) = crate::secrets::load_master_key(config.secrets.master_key.as_deref(), &cp.data_dir, config.standalone)?;
         match source {
             KeySource::GeneratedFile(path) => warn!(
                 %path,

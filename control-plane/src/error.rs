@@ -29,7 +29,7 @@ pub enum Error {
     #[error("secrets: {0}")]
     Crypto(String),
     #[error(transparent)]
-    Config(#[from] aigw_shared::Error),
+    Config(aigw_shared::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -40,12 +40,13 @@ impl From<sled::Error> for Error {
     }
 }
 
-impl Error {
-    /// Validation failures from the shared crate are the caller's fault (400);
-    /// configuration failures are ours.
-    pub fn from_validation(e: aigw_shared::Error) -> Self {
+/// Validation failures from the shared crate are the caller's fault (400);
+/// configuration failures are ours.
+impl From<aigw_shared::Error> for Error {
+    fn from(e: aigw_shared::Error) -> Self {
         match e {
             aigw_shared::Error::Validation { .. } => Self::Invalid(e.to_string()),
+            aigw_shared::Error::Crypto(m) => Self::Crypto(m),
             other => Self::Config(other),
         }
     }

@@ -12,6 +12,9 @@ pub enum Error {
     ConfigSyntax { path: String, message: String },
     #[error("config: {key}: {message}")]
     ConfigInvalid { key: String, message: String },
+    /// Sealing failed, or the key or data are wrong; never says which.
+    #[error("{0}")]
+    Crypto(String),
     /// A resource value that breaks a rule; `field` names the offending field.
     #[error("{field}: {message}")]
     Validation { field: String, message: String },

@@ -2,6 +2,7 @@
 //! admin resources with their validation rules.
 
 pub mod config;
+pub mod crypto;
 pub mod domain;
 pub mod error;
 pub mod proto;

@@ -197,7 +197,7 @@ impl Admin {
     fn prepare(&self, id: &str, input: Input) -> Result<ResourceValue, Error> {
         Ok(match input {
             Input::ProviderKey(pk) => {
-                pk.validate().map_err(Error::from_validation)?;
+                pk.validate()?;
                 // A read-modify-write sends back the mask: keep the stored secret.
                 let kept = (pk.secret == MASKED)
                     .then(|| self.engine.read().provider_keys.get(id).map(|r| r.value.secret.clone()))
@@ -209,11 +209,11 @@ impl Admin {
                 ResourceValue::ProviderKey(StoredProviderKey::new(pk, sealed))
             }
             Input::Model(m) => {
-                m.validate().map_err(Error::from_validation)?;
+                m.validate()?;
                 ResourceValue::Model(m)
             }
             Input::ApiKey(mut k) => {
-                k.validate().map_err(Error::from_validation)?;
+                k.validate()?;
                 ResourceValue::ApiKey(k)
             }
         })
