@@ -3,6 +3,7 @@
 //! (`control_plane.grpc_listen`).
 
 use crate::admin::{self, auth::AdminKeys, Admin};
+use crate::config_stream::{ConfigStreamService, SnapshotCache};
 use crate::engine::Engine;
 use crate::error::Error;
 use crate::nodes::NodeRegistry;
@@ -22,7 +23,10 @@ pub struct ControlPlane {
     pub grpc_addr: SocketAddr,
     pub engine: Arc<Engine>,
     tasks: tokio::task::JoinSet<Result<(), Error>>,
+    background: tokio_util::task::TaskTracker,
     stop: watch::Sender<bool>,
+    /// The in-process node in standalone mode.
+    pub data_plane: Option<aigw_data_plane::DataPlane>,
 }
 
 impl ControlPlane {
@@ -76,8 +80,23 @@ impl ControlPlane {
             .register_encoded_file_descriptor_set(aigw_shared::proto::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .map_err(|e| Error::Storage(format!("reflection: {e}")))?;
+        let background = tokio_util::task::TaskTracker::new();
+        let node_token = match &config.nodes.token {
+            Some(t) => t.clone(),
+            None => crate::secrets::load_or_generate_token(&cp.data_dir)?,
+        };
+        let cache = SnapshotCache::spawn(engine.clone(), &background)?;
+        let config_service = ConfigStreamService::new(
+            cache,
+            admin.nodes().clone(),
+            &node_token,
+            background.clone(),
+            stopped.clone(),
+        );
         let grpc = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
             .add_service(admin::grpc::service(admin, keys, cp.max_body_bytes))
+            .add_service(config_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
         let mut grpc_stop = stopped.clone();
@@ -92,13 +111,35 @@ impl ControlPlane {
             .map_err(|e| Error::Io(std::io::Error::other(format!("gRPC server: {e}"))))
         });
 
-        info!(%admin_addr, %grpc_addr, version = engine.read().version, "control plane ready");
+        let version = engine.read().version;
+        info!(%admin_addr, %grpc_addr, version, "control plane ready");
+
+        // Standalone: one data plane in this process, fed through the same stream.
+        let data_plane = if config.standalone {
+            let mut settings = aigw_data_plane::Settings::from_config(&aigw_shared::config::Config {
+                nodes: aigw_shared::config::NodesConfig {
+                    token: Some(node_token),
+                },
+                ..config.clone()
+            })
+            .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
+            settings.control_plane_url = format!("http://{grpc_addr}");
+            Some(
+                aigw_data_plane::DataPlane::start(settings)
+                    .await
+                    .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?,
+            )
+        } else {
+            None
+        };
         Ok(Self {
             admin_addr,
             grpc_addr,
             engine,
             tasks,
+            background,
             stop,
+            data_plane,
         })
     }
 
@@ -112,13 +153,18 @@ impl ControlPlane {
                 Err(e) => Err(Error::Io(std::io::Error::other(format!("server task: {e}")))),
             },
         };
+        if let Some(dp) = self.data_plane.take() {
+            dp.stop().await;
+        }
         info!("shutting down: draining admin connections");
         self.stop.send_replace(true);
+        self.background.close();
         while let Some(done) = self.tasks.join_next().await {
             if let Ok(Err(e)) = done {
                 warn!(error = %e, "server stopped with an error");
             }
         }
+        self.background.wait().await;
         result
     }
 }

@@ -6,10 +6,12 @@
 //! - `store/`   — the append-only event log (sled) behind the `EventStore` trait
 //! - `engine`   — the write path: handle → durable append → apply → notify
 //! - `secrets`  — AES-256-GCM sealing of provider secrets
+//! - `config_stream` — snapshots for data planes and the Watch stream that pushes them
 //! - `nodes`    — data-plane nodes seen on the config stream
 //! - `app`      — wiring and serving
 
 pub mod admin;
+pub mod config_stream;
 pub mod app;
 pub mod engine;
 pub mod error;

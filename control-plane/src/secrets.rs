@@ -48,6 +48,24 @@ pub fn load_master_key(
 }
 
 
+/// The node token of a standalone control plane that was given none: kept in
+/// the data dir so the in-process node can read its snapshot cache after a restart.
+pub fn load_or_generate_token(data_dir: &Path) -> Result<String, Error> {
+    let path = data_dir.join("node.token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        if !t.trim().is_empty() {
+            return Ok(t.trim().to_string());
+        }
+    }
+    let mut bytes = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    let token = hex::encode(bytes);
+    std::fs::create_dir_all(data_dir)?;
+    let _ = std::fs::remove_file(&path);
+    write_private(&path, token.as_bytes())?;
+    Ok(token)
+}
+
 #[cfg(unix)]
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;

@@ -6,6 +6,7 @@ pub mod crypto;
 pub mod domain;
 pub mod error;
 pub mod proto;
+pub mod snapshot;
 pub mod telemetry;
 
 pub use error::Error;

@@ -67,7 +67,8 @@ impl ProviderKey {
 }
 
 /// How the gateway authenticates to the upstream, parsed from `secret`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Its `Debug` shows no secret.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Credential {
     ApiKey {
@@ -83,6 +84,17 @@ pub enum Credential {
         client_id: Option<String>,
     },
     WorkloadIdentity,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::ApiKey { .. } => "ApiKey(***)",
+            Self::ClientSecret { .. } => "ClientSecret(***)",
+            Self::ManagedIdentity { .. } => "ManagedIdentity",
+            Self::WorkloadIdentity => "WorkloadIdentity",
+        })
+    }
 }
 
 impl Credential {

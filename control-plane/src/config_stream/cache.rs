@@ -1,0 +1,88 @@
+use crate::engine::Engine;
+use crate::error::Error;
+use crate::events::State;
+use aigw_shared::domain::Credential;
+use aigw_shared::proto::config::v1 as pb;
+use aigw_shared::snapshot::{ConfigSnapshot, SnapshotProviderKey, SNAPSHOT_FORMAT};
+use std::sync::Arc;
+use tokio::sync::watch;
+use tracing::{error, instrument};
+
+/// The newest encoded snapshot, rebuilt whenever the config version moves.
+/// Many quick changes coalesce: a node always gets the newest, never a backlog.
+#[derive(Clone)]
+pub struct SnapshotCache {
+    rx: watch::Receiver<Arc<pb::Snapshot>>,
+}
+
+impl SnapshotCache {
+    /// Builds the current snapshot and keeps it fresh on a background task
+    /// that ends when the engine is dropped.
+    pub fn spawn(engine: Arc<Engine>, tasks: &tokio_util::task::TaskTracker) -> Result<Self, Error> {
+        let first = encode(&engine)?;
+        let (tx, rx) = watch::channel(Arc::new(first));
+        let mut versions = engine.subscribe();
+        let weak = Arc::downgrade(&engine);
+        drop(engine);
+        tasks.spawn(async move {
+            while versions.changed().await.is_ok() {
+                let Some(engine) = weak.upgrade() else { break };
+                match encode(&engine) {
+                    Ok(s) => {
+                        tx.send_replace(Arc::new(s));
+                    }
+                    // Nodes stay on the previous snapshot; the next change retries.
+                    Err(e) => error!(error = %e, "building a config snapshot failed"),
+                }
+            }
+        });
+        Ok(Self { rx })
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<pb::Snapshot>> {
+        self.rx.clone()
+    }
+
+    pub fn current(&self) -> Arc<pb::Snapshot> {
+        self.rx.borrow().clone()
+    }
+}
+
+#[instrument(skip_all, fields(version))]
+fn encode(engine: &Engine) -> Result<pb::Snapshot, Error> {
+    let snapshot = {
+        let state = engine.read();
+        build_snapshot(&state, engine.cipher())?
+    };
+    tracing::Span::current().record("version", snapshot.version);
+    let body = serde_json::to_vec(&snapshot).map_err(|e| Error::Storage(e.to_string()))?;
+    Ok(pb::Snapshot {
+        version: snapshot.version,
+        body: body.into(),
+    })
+}
+
+/// Resolves the state into what a data plane needs, with secrets decrypted.
+pub fn build_snapshot(state: &State, cipher: &aigw_shared::crypto::Cipher) -> Result<ConfigSnapshot, Error> {
+    let mut provider_keys = std::collections::BTreeMap::new();
+    for (id, r) in &state.provider_keys {
+        let secret = cipher.open(id, &r.value.secret)?;
+        provider_keys.insert(
+            id.clone(),
+            SnapshotProviderKey {
+                display_name: r.value.display_name.clone(),
+                adapter: r.value.adapter.clone(),
+                api_base: r.value.api_base.clone(),
+                api_version: r.value.api_version.clone(),
+                credential: Credential::parse(&secret)?,
+            },
+        );
+    }
+    Ok(ConfigSnapshot {
+        format: SNAPSHOT_FORMAT,
+        version: state.version,
+        provider_keys,
+        models: state.models.iter().map(|(k, r)| (k.clone(), r.value.clone())).collect(),
+        api_keys: state.api_keys.iter().map(|(k, r)| (k.clone(), r.value.clone())).collect(),
+    })
+}

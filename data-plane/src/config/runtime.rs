@@ -1,0 +1,230 @@
+use aigw_shared::domain::{resolve_api_base, Credential};
+use aigw_shared::snapshot::{ConfigSnapshot, SNAPSHOT_FORMAT};
+use http::{HeaderValue, Uri};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Default deadline for a whole call when the model sets none.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default longest silence inside a stream.
+const DEFAULT_STREAM_IDLE: Duration = Duration::from_secs(120);
+
+/// A compiled snapshot: hash tables for the hot path, URLs and headers prebuilt.
+#[derive(Debug)]
+pub struct Runtime {
+    pub version: u64,
+    callers: HashMap<[u8; 32], Arc<Caller>>,
+    routes: HashMap<String, Arc<Route>>,
+    aliases: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct Caller {
+    pub id: String,
+    allow_all: bool,
+    allowed: Vec<String>,
+    pub disabled: bool,
+    /// Unix seconds.
+    pub expires_at: Option<i64>,
+}
+
+impl Caller {
+    pub fn allows(&self, alias: &str) -> bool {
+        self.allow_all || self.allowed.iter().any(|a| a == alias)
+    }
+}
+
+#[derive(Debug)]
+pub struct Route {
+    pub alias: Arc<str>,
+    /// Sorted by priority, lowest first.
+    pub targets: Vec<Arc<Upstream>>,
+    pub timeout: Duration,
+    pub stream_idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+}
+
+impl Operation {
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => "chat/completions",
+            Self::Completions => "completions",
+            Self::Embeddings => "embeddings",
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => "chat",
+            Self::Completions => "text_completion",
+            Self::Embeddings => "embeddings",
+        }
+    }
+}
+
+pub enum UpstreamAuth {
+    ApiKey(HeaderValue),
+    /// Entra ID credentials; token acquisition is not in this build yet.
+    Entra(&'static str),
+}
+
+impl std::fmt::Debug for UpstreamAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ApiKey(_) => f.write_str("ApiKey(***)"),
+            Self::Entra(kind) => write!(f, "Entra({kind})"),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Upstream {
+    pub provider_key_id: String,
+    /// The provider key's display name, for messages (never the secret).
+    pub provider_name: String,
+    pub deployment: String,
+    /// `x-aigw-served-by`: `<provider key>/<deployment>`.
+    pub served_by: HeaderValue,
+    pub auth: UpstreamAuth,
+    pub host: String,
+    uris: [Uri; 3],
+}
+
+impl Upstream {
+    pub fn uri(&self, op: Operation) -> &Uri {
+        match op {
+            Operation::ChatCompletions => &self.uris[0],
+            Operation::Completions => &self.uris[1],
+            Operation::Embeddings => &self.uris[2],
+        }
+    }
+}
+
+impl Runtime {
+    /// Validates the whole snapshot and compiles it; any error rejects it all.
+    pub fn compile(snapshot: ConfigSnapshot) -> Result<Self, String> {
+        if snapshot.format != SNAPSHOT_FORMAT {
+            return Err(format!(
+                "snapshot format {} is not supported (expected {SNAPSHOT_FORMAT})",
+                snapshot.format
+            ));
+        }
+        let mut upstreams: HashMap<(String, String), Arc<Upstream>> = HashMap::new();
+        let mut routes = HashMap::new();
+        for (model_id, m) in &snapshot.models {
+            let mut targets = m.resolved_targets();
+            targets.sort_by_key(|t| t.priority);
+            let mut compiled = Vec::with_capacity(targets.len());
+            for t in targets {
+                let key = (t.provider_key_id.clone(), t.model_name.clone());
+                if let Some(u) = upstreams.get(&key) {
+                    compiled.push(u.clone());
+                    continue;
+                }
+                let pk = snapshot.provider_keys.get(&t.provider_key_id).ok_or_else(|| {
+                    format!("model {model_id}: provider key {} is missing", t.provider_key_id)
+                })?;
+                let base = resolve_api_base(&pk.api_base)
+                    .map_err(|e| format!("provider key {}: {e}", t.provider_key_id))?;
+                let uri = |op: Operation| -> Result<Uri, String> {
+                    format!(
+                        "{base}/openai/deployments/{}/{}?api-version={}",
+                        t.model_name,
+                        op.path(),
+                        pk.api_version
+                    )
+                    .parse()
+                    .map_err(|e| format!("model {model_id}: bad upstream URL: {e}"))
+                };
+                let uris = [
+                    uri(Operation::ChatCompletions)?,
+                    uri(Operation::Completions)?,
+                    uri(Operation::Embeddings)?,
+                ];
+                let auth = match &pk.credential {
+                    Credential::ApiKey { key } => {
+                        let mut v = HeaderValue::from_str(key).map_err(|_| {
+                            format!("provider key {}: the API key is not a valid header value", pk.display_name)
+                        })?;
+                        v.set_sensitive(true);
+                        UpstreamAuth::ApiKey(v)
+                    }
+                    Credential::ClientSecret { .. } => UpstreamAuth::Entra("client secret"),
+                    Credential::ManagedIdentity { .. } => UpstreamAuth::Entra("managed identity"),
+                    Credential::WorkloadIdentity => UpstreamAuth::Entra("workload identity"),
+                };
+                let served_by = HeaderValue::from_str(&format!("{}/{}", pk.display_name, t.model_name))
+                    .unwrap_or_else(|_| HeaderValue::from_static("upstream"));
+                let up = Arc::new(Upstream {
+                    provider_key_id: t.provider_key_id.clone(),
+                    provider_name: pk.display_name.clone(),
+                    deployment: t.model_name.clone(),
+                    served_by,
+                    auth,
+                    host: uris[0].host().unwrap_or_default().to_string(),
+                    uris,
+                });
+                upstreams.insert(key, up.clone());
+                compiled.push(up);
+            }
+            let routing = m.routing.clone().unwrap_or_default();
+            routes.insert(
+                m.display_name.clone(),
+                Arc::new(Route {
+                    alias: Arc::from(m.display_name.as_str()),
+                    targets: compiled,
+                    timeout: routing.timeout.map_or(DEFAULT_TIMEOUT, |d| d.0),
+                    stream_idle_timeout: routing.stream_idle_timeout.map_or(DEFAULT_STREAM_IDLE, |d| d.0),
+                }),
+            );
+        }
+        let mut callers = HashMap::with_capacity(snapshot.api_keys.len());
+        for (id, k) in snapshot.api_keys {
+            let hash: [u8; 32] = hex::decode(&k.key_hash)
+                .ok()
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| format!("api key {id}: key_hash is not 64 hex characters"))?;
+            callers.insert(
+                hash,
+                Arc::new(Caller {
+                    id,
+                    allow_all: k.allowed_models.iter().any(|m| m == "*"),
+                    allowed: k.allowed_models,
+                    disabled: k.disabled,
+                    expires_at: k.expires_at.map(|t| t.unix_timestamp()),
+                }),
+            );
+        }
+        let mut aliases: Vec<String> = routes.keys().cloned().collect();
+        aliases.sort();
+        Ok(Self {
+            version: snapshot.version,
+            callers,
+            routes,
+            aliases,
+        })
+    }
+
+    /// The caller whose key hashes to an api key's `key_hash`.
+    pub fn caller(&self, presented_key: &str) -> Option<&Arc<Caller>> {
+        let digest: [u8; 32] = Sha256::digest(presented_key.as_bytes()).into();
+        self.callers.get(&digest)
+    }
+
+    pub fn route(&self, alias: &str) -> Option<&Arc<Route>> {
+        self.routes.get(alias)
+    }
+
+    /// Every alias, sorted.
+    pub fn aliases(&self) -> &[String] {
+        &self.aliases
+    }
+}

@@ -1,0 +1,132 @@
+use super::{ConfigHandle, Runtime, SnapshotCacheFile};
+use aigw_shared::proto::config::v1 as pb;
+use aigw_shared::snapshot::ConfigSnapshot;
+use pb::config_service_client::ConfigServiceClient;
+use pb::watch_request::Kind;
+use rand::Rng;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tracing::{info, instrument, warn};
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+pub struct WatchSettings {
+    pub control_plane_url: String,
+    pub node_id: String,
+    pub token: String,
+    /// Address this node serves on, shown in the node list.
+    pub address: String,
+}
+
+/// Applies a snapshot: decode, validate and compile it whole, then swap.
+/// On error the node keeps its previous snapshot.
+pub fn apply(handle: &ConfigHandle, body: &[u8]) -> Result<u64, String> {
+    let snapshot: ConfigSnapshot =
+        serde_json::from_slice(body).map_err(|e| format!("undecodable snapshot: {e}"))?;
+    let runtime = Runtime::compile(snapshot)?;
+    let version = runtime.version;
+    handle.store(runtime);
+    Ok(version)
+}
+
+/// Boots from the cache file if there is no snapshot yet.
+pub fn boot_from_cache(handle: &ConfigHandle, cache: &SnapshotCacheFile) {
+    match cache.load() {
+        Ok(Some(body)) => match apply(handle, &body) {
+            Ok(v) => info!(version = v, path = %cache.path().display(), "booted from the snapshot cache"),
+            Err(e) => warn!(error = %e, "the snapshot cache holds an unusable snapshot"),
+        },
+        Ok(None) => {}
+        Err(e) => warn!(error = %e, "cannot read the snapshot cache"),
+    }
+}
+
+/// Keeps the node's configuration in step with the control plane until
+/// `stop` flips: the stream becomes swaps of `handle`, with reconnects and
+/// jittered exponential backoff when it breaks. While away, the node keeps
+/// serving its last snapshot.
+#[instrument(skip_all, fields(node_id = %settings.node_id))]
+pub async fn watch_control_plane(
+    settings: WatchSettings,
+    handle: Arc<ConfigHandle>,
+    cache: Arc<SnapshotCacheFile>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let session = session(&settings, &handle, &cache, &mut backoff);
+        tokio::select! {
+            r = session => {
+                if let Err(e) = r {
+                    warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "config stream unavailable; serving the last snapshot");
+                }
+            }
+            _ = crate::server::stopped(&mut stop) => return,
+        }
+        let jittered = backoff.mul_f64(rand::thread_rng().gen_range(0.5..1.0));
+        tokio::select! {
+            _ = tokio::time::sleep(jittered) => {}
+            _ = crate::server::stopped(&mut stop) => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn session(
+    settings: &WatchSettings,
+    handle: &ConfigHandle,
+    cache: &Arc<SnapshotCacheFile>,
+    backoff: &mut Duration,
+) -> Result<(), String> {
+    let endpoint = tonic::transport::Endpoint::from_shared(settings.control_plane_url.clone())
+        .map_err(|e| format!("data_plane.control_plane_url: {e}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5));
+    let channel = endpoint.connect().await.map_err(|e| format!("connect: {e}"))?;
+    let mut client = ConfigServiceClient::new(channel);
+    let (tx, rx) = mpsc::channel(16);
+    let hello = pb::WatchRequest {
+        kind: Some(Kind::Hello(pb::Hello {
+            node_id: settings.node_id.clone(),
+            token: settings.token.clone(),
+            version: handle.version(),
+            address: settings.address.clone(),
+        })),
+    };
+    tx.send(hello).await.map_err(|_| "request stream closed".to_string())?;
+    let mut stream = client
+        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|s| format!("watch: {}", s.message()))?
+        .into_inner();
+    info!("connected to the config stream");
+    while let Some(snap) = stream.message().await.map_err(|s| format!("stream: {}", s.message()))? {
+        *backoff = BACKOFF_MIN;
+        let reply = match apply(handle, &snap.body) {
+            Ok(version) => {
+                info!(version, "applied config snapshot");
+                let (cache, body) = (cache.clone(), snap.body);
+                match tokio::task::spawn_blocking(move || cache.store(version, &body)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => warn!(error = %e, "cannot write the snapshot cache"),
+                    Err(e) => warn!(error = %e, "snapshot cache task failed"),
+                }
+                Kind::Ack(pb::Ack { version })
+            }
+            Err(reason) => {
+                warn!(version = snap.version, %reason, "rejected config snapshot");
+                Kind::Nack(pb::Nack {
+                    version: snap.version,
+                    reason,
+                })
+            }
+        };
+        if tx.send(pb::WatchRequest { kind: Some(reply) }).await.is_err() {
+            break;
+        }
+    }
+    Err("the control plane closed the stream".into())
+}

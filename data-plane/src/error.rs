@@ -1,0 +1,59 @@
+use thiserror::Error;
+
+/// Everything that can go wrong in the data plane. Proxy errors become an
+/// OpenAI error envelope in one place: `proxy::edge`.
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("{0}")]
+    InvalidApiKey(&'static str),
+    #[error("this API key may not use model `{0}`")]
+    PermissionDenied(String),
+    #[error("the model `{0}` does not exist")]
+    ModelNotFound(String),
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<&'static str>,
+        code: Option<&'static str>,
+    },
+    #[error("Content-Type must be application/json")]
+    UnsupportedMediaType,
+    #[error("request body exceeds {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("no such route: {0}")]
+    RouteNotFound(String),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("the gateway has no configuration yet; try again shortly")]
+    NotReady,
+    /// Azure blocked the prompt; `details` carries Azure's filter result.
+    #[error("{message}")]
+    ContentFilter {
+        message: String,
+        details: serde_json::Value,
+    },
+    #[error("{message}")]
+    UpstreamRateLimited {
+        message: String,
+        retry_after: Option<http::HeaderValue>,
+    },
+    /// Azure refused the gateway's own credential.
+    #[error("{0}")]
+    UpstreamAuth(String),
+    /// Wrong host, deployment or API version.
+    #[error("{0}")]
+    UpstreamRoute(String),
+    #[error("{0}")]
+    Upstream(String),
+    #[error("{0}")]
+    Timeout(String),
+    // Start-up and background failures.
+    #[error("config: {0}")]
+    Config(String),
+    #[error("snapshot cache: {0}")]
+    Cache(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Shared(#[from] aigw_shared::Error),
+}

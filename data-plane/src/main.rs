@@ -1,0 +1,48 @@
+use aigw_shared::config::Config;
+use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// aigw data plane: the OpenAI-compatible proxy to Azure OpenAI.
+#[derive(Parser)]
+#[command(name = "aigw-data-plane", version)]
+struct Args {
+    /// YAML config file; every key can be overridden with AIGW__SECTION__KEY.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let loaded = Config::load(args.config.as_deref(), std::env::vars())
+        .map_err(|e| e.to_string())
+        .and_then(|c| c.validate().map(|()| c).map_err(|e| e.to_string()))
+        .and_then(|c| aigw_data_plane::Settings::from_config(&c).map(|s| (c, s)).map_err(|e| e.to_string()));
+    let (config, settings) = match loaded {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("aigw-data-plane: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    aigw_shared::telemetry::init_logging(&config.telemetry);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("aigw-data-plane: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let dp = aigw_data_plane::DataPlane::start(settings).await?;
+        dp.run_until(aigw_shared::telemetry::shutdown_signal()).await;
+        Ok::<_, aigw_data_plane::Error>(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("aigw-data-plane: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

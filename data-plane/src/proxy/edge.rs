@@ -1,0 +1,74 @@
+//! The one place data-plane errors become HTTP answers: the OpenAI error
+//! envelope `{"error":{"message","type","param","code"}}`.
+
+use super::ProxyBody;
+use crate::error::Error;
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use serde_json::{json, Value};
+
+impl Error {
+    /// Status, OpenAI `type` and `code`.
+    fn classify(&self) -> (StatusCode, &'static str, Option<&'static str>) {
+        use Error::*;
+        match self {
+            InvalidApiKey(_) => (StatusCode::UNAUTHORIZED, "invalid_request_error", Some("invalid_api_key")),
+            PermissionDenied(_) => (StatusCode::FORBIDDEN, "permission_error", Some("permission_denied")),
+            ModelNotFound(_) => (StatusCode::NOT_FOUND, "invalid_request_error", Some("model_not_found")),
+            InvalidRequest { code, .. } => (StatusCode::BAD_REQUEST, "invalid_request_error", *code),
+            UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request_error", Some("unsupported_media_type")),
+            PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", Some("request_too_large")),
+            RouteNotFound(_) => (StatusCode::NOT_FOUND, "invalid_request_error", Some("unknown_url")),
+            MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", Some("method_not_allowed")),
+            NotReady => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", Some("not_ready")),
+            ContentFilter { .. } => (StatusCode::BAD_REQUEST, "invalid_request_error", Some("content_filter")),
+            UpstreamRateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", Some("rate_limit_exceeded")),
+            UpstreamAuth(_) => (StatusCode::BAD_GATEWAY, "upstream_error", Some("upstream_auth_error")),
+            UpstreamRoute(_) => (StatusCode::BAD_GATEWAY, "upstream_error", Some("upstream_route_error")),
+            Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream_error", Some("upstream_error")),
+            Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout", Some("timeout")),
+            Config(_) | Cache(_) | Io(_) | Shared(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", Some("internal_error")),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.classify().0
+    }
+
+    /// The error as the caller sees it.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let (status, kind, code) = self.classify();
+        let param: Value = match &self {
+            Error::InvalidRequest { param, .. } => param.map_or(Value::Null, Value::from),
+            Error::ContentFilter { .. } => Value::from("prompt"),
+            Error::ModelNotFound(_) | Error::PermissionDenied(_) => Value::from("model"),
+            _ => Value::Null,
+        };
+        let mut error = json!({
+            "message": self.to_string(),
+            "type": kind,
+            "param": param,
+            "code": code,
+        });
+        let retry_after = match &self {
+            Error::ContentFilter { details, .. } => {
+                error["content_filter_result"] = details.clone();
+                None
+            }
+            Error::UpstreamRateLimited { retry_after, .. } => retry_after.clone(),
+            _ => None,
+        };
+        if status.is_server_error() && !matches!(self, Error::NotReady) {
+            tracing::warn!(status = status.as_u16(), error = %self, "request failed");
+        }
+        let body = serde_json::to_vec(&json!({ "error": error })).unwrap_or_default();
+        let mut resp = Response::new(super::full(Bytes::from(body)));
+        *resp.status_mut() = status;
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(v) = retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        resp
+    }
+}

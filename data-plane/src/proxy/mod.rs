@@ -1,0 +1,151 @@
+//! The OpenAI-compatible proxy.
+//!
+//! Request pipeline, in the order every call goes through it
+//! (`Proxy::serve` → `Proxy::dispatch`):
+//!
+//! 1. **request id** — reuse the caller's `x-request-id` or mint one; it is on
+//!    every response, errors included.
+//! 2. **route** — method and path select the operation (`/v1/chat/completions`,
+//!    `/v1/completions`, `/v1/embeddings`, `GET /v1/models`).
+//! 3. **config** — one lock-free load of the current snapshot; none yet → 503.
+//! 4. **authenticate** (`auth`) — sha256 of the presented key → api key;
+//!    unknown, disabled or expired → 401.
+//! 5. **read** (`request`) — content type, body limit (413), JSON, required
+//!    fields; for streams ask Azure for `stream_options.include_usage`.
+//! 6. **authorise** — the alias must exist (404) and be on the key's allowlist (403).
+//! 7. **pick a target** — the model's first deployment by priority.
+//! 8. **call Azure** (`upstream`) — URL, credential, deadline; Azure errors mapped.
+//! 9. **adapt** — `model` → alias, filter fields stripped; streams pass through
+//!    `sse::SseAdapter` chunk by chunk.
+//!
+//! Errors from any step become the OpenAI envelope in `edge`.
+
+mod auth;
+mod edge;
+mod request;
+mod sse;
+mod upstream;
+
+pub use upstream::UpstreamClient;
+
+use crate::config::{ConfigHandle, Operation};
+use crate::error::Error;
+use crate::metrics::Metrics;
+use bytes::Bytes;
+use http::{header, HeaderName, HeaderValue, Method, Request, Response};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use serde_json::json;
+use std::sync::Arc;
+use tracing::instrument;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+pub fn full(bytes: Bytes) -> ProxyBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+pub struct Proxy {
+    config: Arc<ConfigHandle>,
+    upstream: UpstreamClient,
+    max_body: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl Proxy {
+    pub fn new(config: Arc<ConfigHandle>, upstream: UpstreamClient, max_body: usize, metrics: Arc<Metrics>) -> Self {
+        Self {
+            config,
+            upstream,
+            max_body,
+            metrics,
+        }
+    }
+
+    #[instrument(skip_all, fields(request_id, method = %req.method(), path = %req.uri().path(), status))]
+    pub async fn serve<B>(&self, req: Request<B>) -> Response<ProxyBody>
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
+        let request_id = request_id(req.headers());
+        if let Ok(id) = request_id.to_str() {
+            tracing::Span::current().record("request_id", id);
+        }
+        let mut resp = match self.dispatch(req, &request_id).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        };
+        tracing::Span::current().record("status", resp.status().as_u16());
+        self.metrics.record_status(resp.status().as_u16());
+        resp.headers_mut().insert(REQUEST_ID.clone(), request_id);
+        resp
+    }
+
+    async fn dispatch<B>(&self, req: Request<B>, request_id: &HeaderValue) -> Result<Response<ProxyBody>, Error>
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
+        let op = match (req.method(), req.uri().path()) {
+            (&Method::POST, "/v1/chat/completions") => Operation::ChatCompletions,
+            (&Method::POST, "/v1/completions") => Operation::Completions,
+            (&Method::POST, "/v1/embeddings") => Operation::Embeddings,
+            (&Method::GET, "/v1/models") => return self.list_models(req.headers()),
+            (_, "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings" | "/v1/models") => {
+                return Err(Error::MethodNotAllowed)
+            }
+            (_, path) => return Err(Error::RouteNotFound(path.to_string())),
+        };
+        let runtime = self.config.load().ok_or(Error::NotReady)?;
+        let caller = auth::authenticate(&runtime, req.headers())?.clone();
+        let (parts, body) = req.into_parts();
+        let call = request::read(op, &parts.headers, body, self.max_body).await?;
+        let route = runtime
+            .route(&call.alias)
+            .ok_or_else(|| Error::ModelNotFound(call.alias.clone()))?
+            .clone();
+        if !caller.allows(&call.alias) {
+            return Err(Error::PermissionDenied(call.alias));
+        }
+        let target = route
+            .targets
+            .first()
+            .cloned()
+            .ok_or_else(|| Error::UpstreamRoute(format!("model `{}` has no deployment", route.alias)))?;
+        drop(runtime);
+        self.upstream
+            .call(op, &route, &target, &parts.headers, call, request_id)
+            .await
+    }
+
+    /// `GET /v1/models`: the aliases this caller may use.
+    fn list_models(&self, headers: &http::HeaderMap) -> Result<Response<ProxyBody>, Error> {
+        let runtime = self.config.load().ok_or(Error::NotReady)?;
+        let caller = auth::authenticate(&runtime, headers)?;
+        let data: Vec<_> = runtime
+            .aliases()
+            .iter()
+            .filter(|a| caller.allows(a))
+            .map(|a| json!({"id": a, "object": "model", "created": 0, "owned_by": "aigw"}))
+            .collect();
+        let body = serde_json::to_vec(&json!({"object": "list", "data": data})).unwrap_or_default();
+        let mut r = Response::new(full(Bytes::from(body)));
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        Ok(r)
+    }
+}
+
+/// The caller's `x-request-id` if it is reasonable, else a fresh one.
+fn request_id(headers: &http::HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(&REQUEST_ID) {
+        if !v.is_empty() && v.len() <= 128 {
+            return v.clone();
+        }
+    }
+    let id = uuid::Uuid::from_u128(rand::random::<u128>() & !(0xF << 76) | (0x4 << 76));
+    HeaderValue::from_str(&id.to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}

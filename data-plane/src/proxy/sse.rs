@@ -1,0 +1,309 @@
+//! Server-sent events from Azure, adapted chunk by chunk as they arrive
+//! (never buffered whole): the prompt-filter chunk and annotation-only chunks
+//! are dropped, filter fields stripped, `model` set to the alias, the usage
+//! chunk forwarded only if the caller asked, and the stream always ends with
+//! `data: [DONE]`.
+
+use super::upstream::strip_azure_fields;
+use super::BoxError;
+use bytes::{Buf, Bytes, BytesMut};
+use http_body::{Body, Frame};
+use serde_json::Value;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::Sleep;
+
+const DONE: &[u8] = b"data: [DONE]\n\n";
+
+pub struct SseAdapter<B> {
+    upstream: B,
+    /// Bytes received but not yet a complete event.
+    pending: BytesMut,
+    /// Adapted events ready for the caller.
+    out: BytesMut,
+    alias: Arc<str>,
+    forward_usage: bool,
+    idle: Duration,
+    idle_timer: Pin<Box<Sleep>>,
+    upstream_done: bool,
+    sent_done: bool,
+    /// The usage Azure reported, for accounting.
+    pub usage: Option<Value>,
+}
+
+impl<B> SseAdapter<B> {
+    pub fn new(upstream: B, alias: Arc<str>, forward_usage: bool, idle: Duration) -> Self {
+        Self {
+            upstream,
+            pending: BytesMut::new(),
+            out: BytesMut::new(),
+            alias,
+            forward_usage,
+            idle,
+            idle_timer: Box::pin(tokio::time::sleep(idle)),
+            upstream_done: false,
+            sent_done: false,
+            usage: None,
+        }
+    }
+
+    /// Moves every complete event from `pending` to `out`.
+    fn drain_events(&mut self, at_end: bool) {
+        while !self.sent_done {
+            let Some((end, sep)) = event_end(&self.pending) else {
+                if at_end && !self.pending.is_empty() {
+                    let rest = self.pending.split();
+                    self.event(&rest);
+                }
+                return;
+            };
+            let ev = self.pending.split_to(end);
+            self.pending.advance(sep);
+            self.event(&ev);
+        }
+        self.pending.clear();
+    }
+
+    fn event(&mut self, raw: &[u8]) {
+        let text = String::from_utf8_lossy(raw);
+        let mut data = String::new();
+        for line in text.lines() {
+            let line = line.trim_end_matches('\r');
+            // Lenient: some upstreams send a bare `[DONE]` line.
+            let payload = if let Some(rest) = line.strip_prefix("data:") {
+                rest.strip_prefix(' ').unwrap_or(rest)
+            } else if line.trim() == "[DONE]" {
+                "[DONE]"
+            } else {
+                continue; // `event:`, `id:`, comments
+            };
+            if !data.is_empty() {
+                data.push('\n');
+            }
+            data.push_str(payload);
+        }
+        let data = data.trim();
+        if data.is_empty() {
+            return;
+        }
+        if data == "[DONE]" {
+            self.finish();
+            return;
+        }
+        let Ok(Value::Object(mut chunk)) = serde_json::from_str::<Value>(data) else {
+            tracing::debug!("dropping an unparseable stream event");
+            return;
+        };
+        let choices_empty = chunk
+            .get("choices")
+            .and_then(Value::as_array)
+            .is_none_or(Vec::is_empty);
+        let usage = chunk.get("usage").filter(|u| !u.is_null()).cloned();
+        if choices_empty {
+            match usage {
+                // The usage chunk Azure sends because the gateway asked.
+                Some(u) => {
+                    self.usage = Some(u);
+                    if !self.forward_usage {
+                        return;
+                    }
+                }
+                // The prompt-filter chunk.
+                None => return,
+            }
+        } else if chunk.get("id").and_then(Value::as_str).is_some_and(str::is_empty) {
+            // Annotation-only chunk (asynchronous content filter).
+            return;
+        }
+        strip_azure_fields(&mut chunk);
+        if !self.forward_usage {
+            chunk.remove("usage");
+        }
+        chunk.insert("model".into(), Value::from(&*self.alias));
+        self.out.extend_from_slice(b"data: ");
+        if serde_json::to_writer(BufWriter(&mut self.out), &chunk).is_err() {
+            return;
+        }
+        self.out.extend_from_slice(b"\n\n");
+    }
+
+    fn finish(&mut self) {
+        if !self.sent_done {
+            self.out.extend_from_slice(DONE);
+            self.sent_done = true;
+        }
+    }
+
+    /// Tells the caller the stream broke, then ends it properly.
+    fn fail(&mut self, message: &str) {
+        let ev = serde_json::json!({"error": {"message": message, "type": "upstream_error", "param": null, "code": "upstream_error"}});
+        self.out.extend_from_slice(b"data: ");
+        self.out.extend_from_slice(ev.to_string().as_bytes());
+        self.out.extend_from_slice(b"\n\n");
+        self.finish();
+    }
+}
+
+struct BufWriter<'a>(&'a mut BytesMut);
+
+impl std::io::Write for BufWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// End of the first complete event and the length of its separator.
+fn event_end(buf: &[u8]) -> Option<(usize, usize)> {
+    let mut i = 0;
+    while i + 1 < buf.len() {
+        if buf[i] == b'\n' {
+            if buf[i + 1] == b'\n' {
+                return Some((i, 2));
+            }
+            if buf[i + 1] == b'\r' && buf.get(i + 2) == Some(&b'\n') {
+                return Some((i, 3));
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+impl<B> Body for SseAdapter<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            if !this.out.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(this.out.split().freeze()))));
+            }
+            if this.sent_done {
+                return Poll::Ready(None);
+            }
+            if this.upstream_done {
+                this.drain_events(true);
+                this.finish();
+                continue;
+            }
+            match Pin::new(&mut this.upstream).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        this.pending.extend_from_slice(&data);
+                        this.drain_events(false);
+                    }
+                    let next = tokio::time::Instant::now() + this.idle;
+                    this.idle_timer.as_mut().reset(next);
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.drain_events(true);
+                    this.fail(&format!("the upstream stream broke: {e}"));
+                }
+                Poll::Ready(None) => this.upstream_done = true,
+                Poll::Pending => {
+                    if this.idle_timer.as_mut().poll(cx).is_ready() {
+                        let msg = format!("the upstream stream was silent for {:?}", this.idle);
+                        this.fail(&msg);
+                        continue;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.sent_done && self.out.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, StreamBody};
+
+    fn adapt(chunks: Vec<&'static str>, forward_usage: bool) -> String {
+        let frames = futures::stream::iter(
+            chunks
+                .into_iter()
+                .map(|c| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(c.as_bytes())))),
+        );
+        let body = SseAdapter::new(StreamBody::new(frames), Arc::from("alias"), forward_usage, Duration::from_secs(5));
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let bytes = rt.block_on(body.collect()).unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    const RECORDED: &str = concat!(
+        "data: {\"choices\":[],\"created\":0,\"id\":\"\",\"model\":\"\",\"object\":\"\",\"prompt_filter_results\":[{\"prompt_index\":0,\"content_filter_results\":{}}]}\n\n",
+        "data: {\"choices\":[{\"content_filter_results\":{},\"delta\":{\"content\":\"\",\"role\":\"assistant\"},\"finish_reason\":null,\"index\":0}],\"created\":1,\"id\":\"c1\",\"model\":\"gpt-5-mini\",\"object\":\"chat.completion.chunk\",\"usage\":null}\n\n",
+        "data: {\"choices\":[{\"content_filter_results\":{\"hate\":{\"filtered\":false}},\"delta\":{\"content\":\"424\"},\"finish_reason\":null,\"index\":0}],\"created\":1,\"id\":\"c1\",\"model\":\"gpt-5-mini\",\"object\":\"chat.completion.chunk\",\"usage\":null}\n\n",
+        "data: {\"choices\":[{\"content_filter_results\":{},\"delta\":{},\"finish_reason\":\"stop\",\"index\":0}],\"created\":1,\"id\":\"c1\",\"model\":\"gpt-5-mini\",\"object\":\"chat.completion.chunk\",\"usage\":null}\n\n",
+        "data: {\"choices\":[{\"content_filter_offsets\":{\"check_offset\":1},\"content_filter_results\":{},\"finish_reason\":null,\"index\":0}],\"created\":0,\"id\":\"\",\"model\":\"\",\"object\":\"\"}\n\n",
+        "data: {\"choices\":[],\"created\":1,\"id\":\"c1\",\"model\":\"gpt-5-mini\",\"object\":\"chat.completion.chunk\",\"usage\":{\"completion_tokens\":12,\"prompt_tokens\":15,\"total_tokens\":27}}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    fn events(s: &str) -> Vec<String> {
+        s.split("\n\n").filter(|e| !e.is_empty()).map(str::to_string).collect()
+    }
+
+    #[test]
+    fn recorded_stream_without_usage() {
+        let out = adapt(vec![RECORDED], false);
+        let ev = events(&out);
+        assert_eq!(ev.len(), 4, "{out}");
+        assert!(!out.contains("content_filter"), "{out}");
+        assert!(!out.contains("prompt_filter_results"), "{out}");
+        assert!(!out.contains("usage"), "{out}");
+        assert!(!out.contains("gpt-5-mini"), "{out}");
+        assert!(ev[0].contains("\"role\":\"assistant\"") && ev[0].contains("\"model\":\"alias\""));
+        assert!(ev[1].contains("424"));
+        assert!(ev[2].contains("\"finish_reason\":\"stop\""));
+        assert_eq!(ev[3], "data: [DONE]");
+    }
+
+    #[test]
+    fn recorded_stream_with_usage_split_anywhere() {
+        // Split the bytes at every position: framing must not matter.
+        for cut in [1, 7, 100, 333, RECORDED.len() - 3] {
+            let (a, b) = RECORDED.split_at(cut);
+            let a: &'static str = Box::leak(a.to_string().into_boxed_str());
+            let b: &'static str = Box::leak(b.to_string().into_boxed_str());
+            let out = adapt(vec![a, b], true);
+            let ev = events(&out);
+            assert_eq!(ev.len(), 5, "cut {cut}: {out}");
+            assert!(ev[3].contains("\"total_tokens\":27") && ev[3].contains("\"model\":\"alias\""));
+            assert_eq!(ev[4], "data: [DONE]");
+        }
+    }
+
+    #[test]
+    fn lenient_endings() {
+        let chunk = "data: {\"choices\":[{\"delta\":{\"content\":\"x\"},\"index\":0}],\"id\":\"a\",\"model\":\"m\"}\n\n";
+        // No [DONE] at all.
+        let out = adapt(vec![chunk], false);
+        assert!(out.ends_with("data: [DONE]\n\n"), "{out}");
+        assert_eq!(events(&out).len(), 2);
+        // Bare [DONE] without `data:`, CRLF separators, trailing event without separator.
+        let crlf = "data: {\"choices\":[{\"delta\":{\"content\":\"y\"},\"index\":0}],\"id\":\"a\",\"model\":\"m\"}\r\n\r\n[DONE]";
+        let out = adapt(vec![crlf], false);
+        assert_eq!(events(&out).len(), 2, "{out}");
+        assert!(out.contains("\"content\":\"y\""));
+        // Nothing after [DONE] is forwarded.
+        let out = adapt(vec!["data: [DONE]\n\n", chunk], false);
+        assert_eq!(out, "data: [DONE]\n\n");
+    }
+}

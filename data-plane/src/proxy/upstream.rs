@@ -1,0 +1,291 @@
+//! The call to Azure OpenAI: URL and credential from the compiled target,
+//! the model's deadline, and the answer adapted for an OpenAI client.
+
+use super::request::Call;
+use super::{full, sse::SseAdapter, ProxyBody};
+use crate::config::{Operation, Route, Upstream, UpstreamAuth};
+use crate::error::Error;
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Largest upstream JSON answer we read.
+const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
+/// Largest upstream error body we read for its message.
+const MAX_ERROR_BODY: usize = 256 * 1024;
+
+static API_KEY: HeaderName = HeaderName::from_static("api-key");
+static CLIENT_REQUEST_ID: HeaderName = HeaderName::from_static("x-ms-client-request-id");
+static SERVED_BY: HeaderName = HeaderName::from_static("x-aigw-served-by");
+static TRACE_HEADERS: [HeaderName; 2] = [
+    HeaderName::from_static("traceparent"),
+    HeaderName::from_static("tracestate"),
+];
+
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// One pooled client for every upstream: HTTP/1.1 keep-alive, and HTTP/2
+/// where the upstream offers it over TLS (ALPN).
+#[derive(Clone)]
+pub struct UpstreamClient {
+    client: HttpsClient,
+}
+
+impl UpstreamClient {
+    pub fn new() -> Result<Self, Error> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let builder = hyper_rustls::HttpsConnectorBuilder::new();
+        let builder = match builder.with_native_roots() {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "no system CA roots; using the bundled web PKI roots");
+                hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots()
+            }
+        };
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(10)));
+        let https = builder
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .build(https);
+        Ok(Self { client })
+    }
+
+    /// Sends `call` to `target` and adapts the answer; errors are mapped to
+    /// what the caller should see.
+    pub async fn call(
+        &self,
+        op: Operation,
+        route: &Arc<Route>,
+        target: &Arc<Upstream>,
+        inbound: &HeaderMap,
+        call: Call,
+        request_id: &HeaderValue,
+    ) -> Result<Response<ProxyBody>, Error> {
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(target.uri(op).clone())
+            .body(Full::new(call.body))
+            .map_err(|e| Error::Upstream(format!("building the upstream request: {e}")))?;
+        let h = req.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            header::ACCEPT,
+            HeaderValue::from_static(if call.stream { "text/event-stream" } else { "application/json" }),
+        );
+        h.insert(header::USER_AGENT, HeaderValue::from_static(concat!("aigw/", env!("CARGO_PKG_VERSION"))));
+        h.insert(CLIENT_REQUEST_ID.clone(), request_id.clone());
+        for name in &TRACE_HEADERS {
+            if let Some(v) = inbound.get(name) {
+                h.insert(name.clone(), v.clone());
+            }
+        }
+        match &target.auth {
+            UpstreamAuth::ApiKey(key) => {
+                h.insert(API_KEY.clone(), key.clone());
+            }
+            UpstreamAuth::Entra(kind) => {
+                return Err(Error::UpstreamAuth(format!(
+                    "provider key `{}` uses Entra ID ({kind}), which this build cannot authenticate with yet",
+                    target.provider_name
+                )))
+            }
+        }
+
+        let deadline = Instant::now() + route.timeout;
+        let resp = match tokio::time::timeout_at(deadline, self.client.request(req)).await {
+            Err(_) => {
+                return Err(Error::Timeout(format!(
+                    "Azure deployment `{}` did not answer within {:?}",
+                    target.deployment, route.timeout
+                )))
+            }
+            Ok(Err(e)) if e.is_connect() => {
+                return Err(Error::UpstreamRoute(format!(
+                    "cannot connect to {} for provider key `{}`: {}",
+                    target.host,
+                    target.provider_name,
+                    error_chain(&e)
+                )))
+            }
+            Ok(Err(e)) => {
+                return Err(Error::Upstream(format!(
+                    "the request to Azure deployment `{}` failed: {}",
+                    target.deployment,
+                    error_chain(&e)
+                )))
+            }
+            Ok(Ok(r)) => r,
+        };
+        let status = resp.status();
+        let is_sse = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("text/event-stream"));
+
+        if !status.is_success() {
+            let headers = resp.headers().clone();
+            let body = read_limited(resp.into_body(), MAX_ERROR_BODY, deadline).await.unwrap_or_default();
+            return Err(map_error(status, &headers, &body, target));
+        }
+
+        let mut out = if call.stream && is_sse {
+            let adapter = SseAdapter::new(resp.into_body(), route.alias.clone(), call.caller_wants_usage, route.stream_idle_timeout);
+            let mut r = Response::new(adapter.boxed());
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
+            r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            r
+        } else {
+            let body = match read_limited(resp.into_body(), MAX_UPSTREAM_BODY, deadline).await {
+                Ok(b) => b,
+                Err(ReadError::Timeout) => {
+                    return Err(Error::Timeout(format!(
+                        "Azure deployment `{}` did not finish its answer within {:?}",
+                        target.deployment, route.timeout
+                    )))
+                }
+                Err(ReadError::Other(e)) => {
+                    return Err(Error::Upstream(format!(
+                        "reading the answer of Azure deployment `{}` failed: {e}",
+                        target.deployment
+                    )))
+                }
+            };
+            let adapted = adapt_json(&body, &route.alias).map_err(|e| {
+                Error::Upstream(format!("Azure deployment `{}` returned an unusable body: {e}", target.deployment))
+            })?;
+            let mut r = Response::new(full(adapted));
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r
+        };
+        out.headers_mut().insert(SERVED_BY.clone(), target.served_by.clone());
+        Ok(out)
+    }
+}
+
+enum ReadError {
+    Timeout,
+    Other(String),
+}
+
+async fn read_limited<B>(body: B, max: usize, deadline: Instant) -> Result<Bytes, ReadError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    match tokio::time::timeout_at(deadline, Limited::new(body, max).collect()).await {
+        Err(_) => Err(ReadError::Timeout),
+        Ok(Err(e)) => Err(ReadError::Other(e.to_string())),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+/// Rewrites `model` to the alias and strips Azure's filter annotations.
+pub fn adapt_json(body: &[u8], alias: &str) -> Result<Bytes, String> {
+    let mut v: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON ({e})"))?;
+    let obj = v.as_object_mut().ok_or("not a JSON object")?;
+    strip_azure_fields(obj);
+    obj.insert("model".into(), Value::from(alias));
+    serde_json::to_vec(&v).map(Bytes::from).map_err(|e| e.to_string())
+}
+
+/// Removes Azure's content-filter annotations from a response or chunk.
+pub fn strip_azure_fields(obj: &mut serde_json::Map<String, Value>) {
+    obj.remove("prompt_filter_results");
+    obj.remove("prompt_annotations");
+    if let Some(Value::Array(choices)) = obj.get_mut("choices") {
+        for c in choices.iter_mut().filter_map(Value::as_object_mut) {
+            c.remove("content_filter_results");
+            c.remove("content_filter_offsets");
+        }
+    }
+}
+
+/// Maps an Azure error answer to what the caller sees.
+fn map_error(status: StatusCode, headers: &HeaderMap, body: &[u8], target: &Upstream) -> Error {
+    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    let err = parsed.as_ref().and_then(|v| v.get("error"));
+    let message = err
+        .and_then(|e| e.get("message"))
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            let text = String::from_utf8_lossy(&body[..body.len().min(200)]).trim().to_string();
+            if text.is_empty() { "(empty body)".into() } else { text }
+        });
+    let code = err.and_then(|e| e.get("code")).and_then(Value::as_str).unwrap_or_default();
+    match status.as_u16() {
+        400 if code == "content_filter" => Error::ContentFilter {
+            message,
+            details: err
+                .and_then(|e| e.pointer("/innererror/content_filter_result"))
+                .cloned()
+                .unwrap_or(Value::Null),
+        },
+        401 | 403 => Error::UpstreamAuth(format!(
+            "Azure rejected the gateway's credential for provider key `{}` (HTTP {}): {message}",
+            target.provider_name,
+            status.as_u16()
+        )),
+        404 => Error::UpstreamRoute(format!(
+            "Azure found no deployment `{}` at {} (HTTP 404{}): {message}",
+            target.deployment,
+            target.host,
+            if code.is_empty() { String::new() } else { format!(" {code}") }
+        )),
+        408 | 504 => Error::Timeout(format!(
+            "Azure deployment `{}` timed out (HTTP {}): {message}",
+            target.deployment,
+            status.as_u16()
+        )),
+        429 => Error::UpstreamRateLimited {
+            message,
+            retry_after: retry_after(headers),
+        },
+        s if s >= 500 => Error::Upstream(format!(
+            "Azure deployment `{}` failed (HTTP {s}): {message}",
+            target.deployment
+        )),
+        _ => Error::InvalidRequest {
+            message,
+            param: None,
+            code: None,
+        },
+    }
+}
+
+/// `retry-after` as Azure sent it, or whole seconds from `retry-after-ms`.
+pub fn retry_after(headers: &HeaderMap) -> Option<HeaderValue> {
+    if let Some(v) = headers.get(header::RETRY_AFTER) {
+        return Some(v.clone());
+    }
+    let ms: u64 = headers.get("retry-after-ms")?.to_str().ok()?.trim().parse().ok()?;
+    Some(HeaderValue::from(ms.div_ceil(1000).max(1)))
+}

@@ -1,0 +1,38 @@
+//! The configuration snapshot the control plane pushes to data planes: every
+//! resource a data plane needs, secrets decrypted, as one immutable document.
+
+use crate::domain::{ApiKey, Credential, Model};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Current snapshot document format; a data plane rejects others.
+pub const SNAPSHOT_FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ConfigSnapshot {
+    pub format: u32,
+    /// Sequence number of the last event applied (the config version).
+    pub version: u64,
+    pub provider_keys: BTreeMap<String, SnapshotProviderKey>,
+    pub models: BTreeMap<String, Model>,
+    pub api_keys: BTreeMap<String, ApiKey>,
+}
+
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotProviderKey {
+    pub display_name: String,
+    pub adapter: String,
+    pub api_base: String,
+    pub api_version: String,
+    pub credential: Credential,
+}
+
+impl std::fmt::Debug for SnapshotProviderKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotProviderKey")
+            .field("display_name", &self.display_name)
+            .field("api_base", &self.api_base)
+            .field("credential", &"***")
+            .finish()
+    }
+}
