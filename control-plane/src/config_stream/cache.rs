@@ -58,7 +58,7 @@ fn encode(engine: &Engine) -> Result<pb::Snapshot, Error> {
     let body = serde_json::to_vec(&snapshot).map_err(|e| Error::Storage(e.to_string()))?;
     Ok(pb::Snapshot {
         version: snapshot.version,
-        body: body.into(),
+        body,
     })
 }
 
