@@ -102,7 +102,7 @@ impl DataPlane {
         config::watch::boot_from_cache(&config, &cache);
 
         let metrics = Arc::new(metrics::Metrics::default());
-        let upstream = proxy::UpstreamClient::new()?;
+        let upstream = proxy::UpstreamClient::new(&[])?;
         let proxy = Arc::new(proxy::Proxy::new(config.clone(), upstream, settings.max_body_bytes, metrics.clone()));
 
         let (stop, stopped) = watch::channel(false);

@@ -24,6 +24,8 @@ pub struct SnapshotProviderKey {
     pub adapter: String,
     pub api_base: String,
     pub api_version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
     pub credential: Credential,
 }
 

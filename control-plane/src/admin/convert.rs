@@ -31,6 +31,7 @@ pub fn provider_key_in(v: Option<pb::ProviderKey>) -> Result<ProviderKey, Error>
         secret: v.secret,
         api_base: v.api_base,
         api_version: opt(v.api_version).unwrap_or_else(|| DEFAULT_API_VERSION.into()),
+        ca_pem: opt(v.ca_pem),
     })
 }
 
@@ -42,6 +43,7 @@ pub fn provider_key_out(v: ProviderKey) -> pb::ProviderKey {
         secret: v.secret,
         api_base: v.api_base,
         api_version: v.api_version,
+        ca_pem: v.ca_pem.unwrap_or_default(),
     }
 }
 

@@ -74,6 +74,7 @@ pub fn build_snapshot(state: &State, cipher: &aigw_shared::crypto::Cipher) -> Re
                 adapter: r.value.adapter.clone(),
                 api_base: r.value.api_base.clone(),
                 api_version: r.value.api_version.clone(),
+                ca_pem: r.value.ca_pem.clone(),
                 credential: Credential::parse(&secret)?,
             },
         );

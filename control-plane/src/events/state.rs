@@ -13,6 +13,8 @@ pub struct StoredProviderKey {
     pub secret: Sealed,
     pub api_base: String,
     pub api_version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
 }
 
 impl StoredProviderKey {
@@ -24,6 +26,7 @@ impl StoredProviderKey {
             secret,
             api_base: value.api_base,
             api_version: value.api_version,
+            ca_pem: value.ca_pem,
         }
     }
 
@@ -36,6 +39,7 @@ impl StoredProviderKey {
             secret: MASKED.into(),
             api_base: self.api_base.clone(),
             api_version: self.api_version.clone(),
+            ca_pem: self.ca_pem.clone(),
         }
     }
 }

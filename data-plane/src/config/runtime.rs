@@ -95,6 +95,8 @@ pub struct Upstream {
     pub served_by: HeaderValue,
     pub auth: UpstreamAuth,
     pub host: String,
+    /// A client trusting the provider key's extra CA, if it has one.
+    pub client: Option<crate::proxy::UpstreamClient>,
     uris: [Uri; 3],
 }
 
@@ -118,6 +120,7 @@ impl Runtime {
             ));
         }
         let mut upstreams: HashMap<(String, String), Arc<Upstream>> = HashMap::new();
+        let mut clients: HashMap<String, crate::proxy::UpstreamClient> = HashMap::new();
         let mut routes = HashMap::new();
         for (model_id, m) in &snapshot.models {
             let mut targets = m.resolved_targets();
@@ -161,6 +164,20 @@ impl Runtime {
                     Credential::ManagedIdentity { .. } => UpstreamAuth::Entra("managed identity"),
                     Credential::WorkloadIdentity => UpstreamAuth::Entra("workload identity"),
                 };
+                let client = match &pk.ca_pem {
+                    None => None,
+                    Some(pem) => Some(match clients.get(pem) {
+                        Some(c) => c.clone(),
+                        None => {
+                            let ders = aigw_shared::domain::parse_ca_pem(pem)
+                                .map_err(|e| format!("provider key {}: ca_pem {e}", pk.display_name))?;
+                            let c = crate::proxy::UpstreamClient::new(&ders)
+                                .map_err(|e| format!("provider key {}: {e}", pk.display_name))?;
+                            clients.insert(pem.clone(), c.clone());
+                            c
+                        }
+                    }),
+                };
                 let served_by = HeaderValue::from_str(&format!("{}/{}", pk.display_name, t.model_name))
                     .unwrap_or_else(|_| HeaderValue::from_static("upstream"));
                 let up = Arc::new(Upstream {
@@ -170,6 +187,7 @@ impl Runtime {
                     served_by,
                     auth,
                     host: uris[0].host().unwrap_or_default().to_string(),
+                    client,
                     uris,
                 });
                 upstreams.insert(key, up.clone());

@@ -37,17 +37,33 @@ pub struct UpstreamClient {
     client: HttpsClient,
 }
 
+impl std::fmt::Debug for UpstreamClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UpstreamClient")
+    }
+}
+
 impl UpstreamClient {
-    pub fn new() -> Result<Self, Error> {
+    /// A client trusting the system roots (or, without any, the bundled web
+    /// PKI roots) plus `extra_roots` (DER).
+    pub fn new(extra_roots: &[Vec<u8>]) -> Result<Self, Error> {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let builder = hyper_rustls::HttpsConnectorBuilder::new();
-        let builder = match builder.with_native_roots() {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(error = %e, "no system CA roots; using the bundled web PKI roots");
-                hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots()
-            }
-        };
+        let mut roots = rustls::RootCertStore::empty();
+        let native = rustls_native_certs::load_native_certs();
+        let (added, _) = roots.add_parsable_certificates(native.certs);
+        if added == 0 {
+            tracing::warn!("no system CA roots found; using the bundled web PKI roots");
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        }
+        for der in extra_roots {
+            roots
+                .add(rustls::pki_types::CertificateDer::from(der.clone()))
+                .map_err(|e| Error::Config(format!("ca_pem: {e}")))?;
+        }
+        let tls = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls);
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -106,7 +122,8 @@ impl UpstreamClient {
         }
 
         let deadline = Instant::now() + route.timeout;
-        let resp = match tokio::time::timeout_at(deadline, self.client.request(req)).await {
+        let client = target.client.as_ref().unwrap_or(self);
+        let resp = match tokio::time::timeout_at(deadline, client.client.request(req)).await {
             Err(_) => {
                 return Err(Error::Timeout(format!(
                     "Azure deployment `{}` did not answer within {:?}",

@@ -20,6 +20,9 @@ pub struct ProviderKey {
     pub api_base: String,
     #[serde(default = "default_api_version")]
     pub api_version: String,
+    /// Extra trust anchors (PEM) for the upstream's TLS, besides the system roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
 }
 
 fn default_adapter() -> String {
@@ -53,6 +56,9 @@ impl ProviderKey {
                 "api_version",
                 "may hold only letters, digits, `-` and `.`",
             ));
+        }
+        if let Some(pem) = &self.ca_pem {
+            parse_ca_pem(pem).map_err(|m| Error::validation("ca_pem", m))?;
         }
         Ok(())
     }
@@ -178,6 +184,22 @@ impl Credential {
             authority_host,
         })
     }
+}
+
+/// DER certificates from PEM text; at least one, nothing else allowed.
+pub fn parse_ca_pem(pem: &str) -> Result<Vec<Vec<u8>>, String> {
+    let mut certs = Vec::new();
+    for item in rustls_pemfile::read_all(&mut pem.as_bytes()) {
+        match item {
+            Ok(rustls_pemfile::Item::X509Certificate(der)) => certs.push(der.to_vec()),
+            Ok(_) => return Err("holds something other than certificates".into()),
+            Err(e) => return Err(format!("is not valid PEM: {e}")),
+        }
+    }
+    if certs.is_empty() {
+        return Err("holds no PEM certificate".into());
+    }
+    Ok(certs)
 }
 
 /// Turns `api_base` into the origin (plus optional path prefix) requests go
