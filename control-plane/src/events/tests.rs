@@ -112,6 +112,7 @@ fn pk(name: &str) -> StoredProviderKey {
         secret: sealed(name),
         api_base: "https://example.openai.azure.com".into(),
         api_version: "2024-10-21".into(),
+        ca_pem: None,
     }
 }
 
@@ -755,11 +756,13 @@ fn every_variant() -> Vec<DomainEvent> {
     };
     let mut updated_key = full_key.clone();
     updated_key.expires_at = Some(datetime!(2027-03-04 05:06:07.5 +02:00));
+    let mut pk_with_ca = pk("east-2");
+    pk_with_ca.ca_pem = Some("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into());
     vec![
         pk_created("pk1", "east"),
         DomainEvent::ProviderKeyUpdated {
             id: "pk1".into(),
-            value: pk("east-2"),
+            value: pk_with_ca,
         },
         DomainEvent::ProviderKeyDeleted { id: "pk1".into() },
         model_created("m1", full_model.clone()),
@@ -827,6 +830,24 @@ fn decode_rejects_garbage_and_unknown_types() {
         StoredEvent::decode(&serde_json::to_vec(&env).unwrap()),
         Err(Error::Storage(_))
     ));
+}
+
+#[test]
+fn decodes_a_provider_key_event_written_before_ca_pem() {
+    let env = serde_json::json!({
+        "seq": 3, "at": "2025-01-01T00:00:00Z", "actor": "admin:old",
+        "type": "ProviderKeyCreated", "version": 1,
+        "payload": {"id": "pk1", "value": {
+            "display_name": "east", "provider": "azure", "adapter": "azure-openai",
+            "secret": {"nonce": "NONCE-east", "ciphertext": "CIPHERTEXT-east"},
+            "api_base": "https://example.openai.azure.com", "api_version": "2024-10-21",
+        }},
+    });
+    let decoded = StoredEvent::decode(&serde_json::to_vec(&env).unwrap()).unwrap();
+    assert_eq!(decoded.event, pk_created("pk1", "east"));
+    // And it is written back the same way (no `ca_pem: null`).
+    let again: Value = serde_json::from_slice(&decoded.encode().unwrap()).unwrap();
+    assert_eq!(again, env);
 }
 
 fn v1_api_key_envelope(type_name: &str, expires_at: Value) -> Vec<u8> {
