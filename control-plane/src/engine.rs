@@ -5,6 +5,7 @@ use crate::error::Error;
 use crate::events::{handle, Command, State, StoredEvent};
 use crate::secrets::Cipher;
 use crate::store::EventStore;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use time::OffsetDateTime;
 use tokio::sync::{watch, Mutex};
@@ -23,6 +24,9 @@ pub struct Engine {
     cipher: Cipher,
     snapshot_every: u64,
     version: watch::Sender<u64>,
+    /// Set when an append failed: memory and disk may disagree, so no more
+    /// writes until a restart replays the log.
+    failed: AtomicBool,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -54,8 +58,9 @@ impl Engine {
             state: RwLock::new(state),
             writer: Mutex::new(()),
             cipher,
-            snapshot_every,
+            snapshot_every: snapshot_every.max(1),
             version,
+            failed: AtomicBool::new(false),
         }))
     }
 
@@ -63,6 +68,11 @@ impl Engine {
     #[instrument(skip_all, fields(actor = %actor, seq))]
     pub async fn execute(&self, command: Command, actor: &str) -> Result<Vec<StoredEvent>, Error> {
         let _guard = self.writer.lock().await;
+        if self.failed.load(Ordering::Acquire) {
+            return Err(Error::Storage(
+                "an earlier write failed to reach the disk; restart the control plane to recover from the log".into(),
+            ));
+        }
         let (events, base) = {
             let state = self.read();
             (handle(&state, &command)?, state.version)
@@ -80,9 +90,16 @@ impl Engine {
             .collect();
         let store = self.store.clone();
         let batch = stored.clone();
-        tokio::task::spawn_blocking(move || store.append(&batch))
+        let appended = tokio::task::spawn_blocking(move || store.append(&batch))
             .await
-            .map_err(|e| Error::Storage(format!("append task failed: {e}")))??;
+            .map_err(|e| Error::Storage(format!("append task failed: {e}")))
+            .and_then(|r| r);
+        if let Err(e) = appended {
+            // The batch may or may not be on disk; refuse to guess.
+            self.failed.store(true, Ordering::Release);
+            tracing::error!(error = %e, "appending to the event log failed; refusing further writes");
+            return Err(e);
+        }
         let new_version = {
             let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
             for e in &stored {
@@ -92,7 +109,11 @@ impl Engine {
         };
         tracing::Span::current().record("seq", new_version);
         if new_version / self.snapshot_every > base / self.snapshot_every {
-            if let Err(e) = self.snapshot() {
+            // Serialised and written on a blocking thread, not an async worker.
+            let state = self.read().clone();
+            let store = self.store.clone();
+            let saved = tokio::task::spawn_blocking(move || save_snapshot(&*store, state)).await;
+            if let Err(e) = saved.map_err(|e| Error::Storage(e.to_string())).and_then(|r| r) {
                 // The log is intact; only start-up gets slower.
                 warn!(error = %e, "writing a state snapshot failed");
             }
@@ -103,19 +124,8 @@ impl Engine {
 
     /// Writes a compacted snapshot of the current state.
     pub fn snapshot(&self) -> Result<u64, Error> {
-        let (seq, bytes) = {
-            let state = self.read();
-            let doc = SnapshotDoc {
-                format: SNAPSHOT_FORMAT,
-                state: state.clone(),
-            };
-            (
-                state.version,
-                serde_json::to_vec(&doc).map_err(|e| Error::Storage(e.to_string()))?,
-            )
-        };
-        self.store.save_snapshot(seq, &bytes)?;
-        Ok(seq)
+        let state = self.read().clone();
+        save_snapshot(&*self.store, state)
     }
 
     /// Read access to the current state. Hold it briefly: writers wait.
@@ -135,6 +145,17 @@ impl Engine {
     pub fn store(&self) -> &dyn EventStore {
         &*self.store
     }
+}
+
+fn save_snapshot(store: &dyn EventStore, state: State) -> Result<u64, Error> {
+    let seq = state.version;
+    let doc = SnapshotDoc {
+        format: SNAPSHOT_FORMAT,
+        state,
+    };
+    let bytes = serde_json::to_vec(&doc).map_err(|e| Error::Storage(e.to_string()))?;
+    store.save_snapshot(seq, &bytes)?;
+    Ok(seq)
 }
 
 /// Rebuilds state from the newest readable snapshot and the log after it,

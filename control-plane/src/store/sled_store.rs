@@ -3,7 +3,7 @@ use crate::error::Error;
 use crate::events::StoredEvent;
 use std::path::Path;
 
-/// Snapshots kept besides the newest, in case the newest is unreadable.
+/// Snapshots kept in all; older ones only cost space, replay reads the newest.
 const SNAPSHOTS_KEPT: usize = 2;
 
 /// The event log in sled: tree `events` keyed by big-endian `seq`, tree
