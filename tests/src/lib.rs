@@ -1,1 +1,21 @@
-//! Helpers for end-to-end tests.
+//! Helpers for end-to-end tests that start the real aigw binaries.
+//!
+//! - [`process`]: locate a binary in `target/<profile>/`, free ports, child
+//!   processes with output captured to files (killed on drop), bounded polling.
+//! - [`control_plane`]: start `aigw-control-plane` on free ports with its own
+//!   temp data dir; kill -9 and restart it on the same data dir.
+//! - [`rest`]: a REST admin client; [`grpc`]: gRPC admin and reflection clients.
+//! - [`fixtures`]: admin resource bodies shaped like the seed's curl calls.
+//! - [`mock_azure`]: a mock Azure OpenAI upstream.
+//!
+//! Every test starts its own processes, so tests can run in parallel.
+
+pub mod control_plane;
+pub mod fixtures;
+pub mod grpc;
+pub mod mock_azure;
+pub mod process;
+pub mod rest;
+
+pub use control_plane::{ControlPlane, Options};
+pub use rest::{sha256_hex, AdminClient, Resp};

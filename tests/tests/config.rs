@@ -1,0 +1,266 @@
+//! Configuration: a bad file or override makes the binary exit non-zero with
+//! one clear line naming the key; good overrides take effect.
+
+use aigw_tests::control_plane::{run_until_exit, Exited};
+use aigw_tests::{AdminClient, ControlPlane, Options};
+use anyhow::{ensure, Context, Result};
+use serde_json::{json, Value};
+
+/// A change to a generated config.
+type Edit = Box<dyn FnOnce(&mut Value)>;
+
+/// A valid config (free ports, data in a temp dir) changed by `edit`.
+fn config_with(dir: &tempfile::TempDir, edit: impl FnOnce(&mut Value)) -> Result<String> {
+    let mut cfg = Options::default().render(dir.path());
+    edit(&mut cfg);
+    Ok(serde_yaml::to_string(&cfg)?)
+}
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The run failed with exactly one line on stderr that contains every `needle`.
+fn assert_rejected(out: &Exited, needles: &[&str]) -> Result<()> {
+    ensure!(
+        !out.status.success(),
+        "expected a non-zero exit, got {}\nstdout: {}\nstderr: {}",
+        out.status,
+        out.stdout,
+        out.stderr
+    );
+    ensure!(
+        out.status.code().is_some(),
+        "killed by a signal, not an orderly exit: {}",
+        out.status
+    );
+    let lines: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    ensure!(
+        lines.len() == 1,
+        "expected one line on stderr, got {}:\n{}",
+        lines.len(),
+        out.stderr
+    );
+    for n in needles {
+        ensure!(
+            lines[0].contains(n),
+            "stderr line does not name {n:?}: {}",
+            lines[0]
+        );
+    }
+    Ok(())
+}
+
+async fn run(yaml: &str, envs: &[(&str, &str)]) -> Result<Exited> {
+    run_until_exit(yaml, &[], &env(envs)).await
+}
+
+#[tokio::test]
+async fn unknown_keys_are_named() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cases: Vec<(Edit, &[&str])> = vec![
+        (
+            Box::new(|c| c["admin"]["kyes"] = json!(["k"])),
+            &["admin.kyes"],
+        ),
+        (Box::new(|c| c["colour"] = json!("blue")), &["colour"]),
+        (
+            Box::new(|c| c["control_plane"]["data_dri"] = json!("/tmp")),
+            &["control_plane.data_dri"],
+        ),
+        (
+            Box::new(|c| c["telemetry"]["otlp"] = json!("http://x")),
+            &["telemetry.otlp"],
+        ),
+    ];
+    for (edit, needles) in cases {
+        let yaml = config_with(&dir, edit)?;
+        assert_rejected(&run(&yaml, &[]).await?, needles).with_context(|| yaml.clone())?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn wrong_types_are_named() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cases: Vec<(Edit, &str)> = vec![
+        (
+            Box::new(|c| c["control_plane"]["admin_listen"] = json!("nope")),
+            "control_plane.admin_listen",
+        ),
+        (
+            Box::new(|c| c["control_plane"]["snapshot_every"] = json!("many")),
+            "control_plane.snapshot_every",
+        ),
+        (
+            Box::new(|c| c["standalone"] = json!("yes please")),
+            "standalone",
+        ),
+        (
+            Box::new(|c| c["admin"]["keys"] = json!("just-one-key")),
+            "admin.keys",
+        ),
+        (Box::new(|c| c["admin"] = json!(["k"])), "admin"),
+        (
+            Box::new(|c| c["telemetry"]["sample_ratio"] = json!(2.5)),
+            "telemetry.sample_ratio",
+        ),
+        (
+            Box::new(|c| c["telemetry"]["log_format"] = json!("xml")),
+            "telemetry.log_format",
+        ),
+    ];
+    for (edit, key) in cases {
+        let yaml = config_with(&dir, edit)?;
+        assert_rejected(&run(&yaml, &[]).await?, &[key]).with_context(|| yaml.clone())?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn missing_admin_keys_are_named() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cases: Vec<Edit> = vec![
+        Box::new(|c| {
+            c.as_object_mut().map(|o| o.remove("admin"));
+        }),
+        Box::new(|c| c["admin"]["keys"] = json!([])),
+        Box::new(|c| c["admin"]["keys"] = json!(["   "])),
+    ];
+    for edit in cases {
+        let yaml = config_with(&dir, edit)?;
+        assert_rejected(&run(&yaml, &[]).await?, &["admin.keys"]).with_context(|| yaml.clone())?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_master_keys_are_named() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    for bad in [
+        "c2hvcnQ=",
+        "not base64 at all!",
+        "",
+        "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE=",
+    ] {
+        let yaml = config_with(&dir, |c| c["secrets"]["master_key"] = json!(bad))?;
+        assert_rejected(&run(&yaml, &[]).await?, &["secrets.master_key"])
+            .with_context(|| format!("master_key {bad:?}"))?;
+    }
+    // The same through AIGW_MASTER_KEY.
+    let yaml = config_with(&dir, |c| {
+        c.as_object_mut().map(|o| o.remove("secrets"));
+    })?;
+    assert_rejected(
+        &run(&yaml, &[("AIGW_MASTER_KEY", "c2hvcnQ=")]).await?,
+        &["secrets.master_key"],
+    )?;
+    // Outside standalone a master key is required at all.
+    assert_rejected(&run(&yaml, &[]).await?, &["secrets.master_key"])?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_environment_overrides_are_named() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let yaml = config_with(&dir, |_| {})?;
+    assert_rejected(
+        &run(
+            &yaml,
+            &[("AIGW__CONTROL_PLANE__GRPC_LISTEN", "not-an-address")],
+        )
+        .await?,
+        &["control_plane.grpc_listen"],
+    )?;
+    assert_rejected(&run(&yaml, &[("AIGW__ADMIN__NOPE", "1")]).await?, &["nope"])?;
+    assert_rejected(
+        &run(&yaml, &[("AIGW__SECRETS__MASTER_KEY", "dG9vIHNob3J0")]).await?,
+        &["secrets.master_key"],
+    )?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn node_token_is_required_outside_standalone() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let yaml = config_with(&dir, |c| {
+        c.as_object_mut().map(|o| o.remove("nodes"));
+    })?;
+    assert_rejected(&run(&yaml, &[]).await?, &["nodes.token"])?;
+    let yaml = config_with(&dir, |c| c["nodes"]["token"] = json!(" "))?;
+    assert_rejected(&run(&yaml, &[]).await?, &["nodes.token"])?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn unreadable_or_malformed_files_are_reported() -> Result<()> {
+    let out = run_until_exit_missing_file().await?;
+    assert_rejected(&out, &["does-not-exist.yaml"])?;
+    let out = run("admin:\n  keys: [k\n  nope: {\n", &[]).await?;
+    assert_rejected(&out, &["YAML"])?;
+    Ok(())
+}
+
+async fn run_until_exit_missing_file() -> Result<Exited> {
+    let dir = tempfile::tempdir()?;
+    let missing = dir.path().join("does-not-exist.yaml");
+    let mut cmd = std::process::Command::new(aigw_tests::process::binary(
+        aigw_tests::control_plane::BINARY,
+    ));
+    cmd.arg("--config").arg(&missing);
+    let mut p = aigw_tests::process::Process::spawn(cmd, dir.path(), "missing", &[])?;
+    let status = p.wait_exit(1000).await?;
+    Ok(Exited {
+        status,
+        stdout: p.stdout(),
+        stderr: p.stderr(),
+    })
+}
+
+#[tokio::test]
+async fn environment_overrides_take_effect() -> Result<()> {
+    let env_key = aigw_tests::control_plane::random_token("env-admin");
+    let opts = Options::default().with_env("AIGW__ADMIN__KEYS", format!("[{env_key}]"));
+    // The key written to the config file, which the override replaces.
+    let file_key = opts.admin_keys[0].clone();
+    let cp = ControlPlane::start_with(opts).await?;
+    let url = cp.admin_url();
+    AdminClient::new(&url, Some(&env_key))
+        .get("/admin/v1/provider_keys")
+        .await?
+        .expect(200)?;
+    AdminClient::new(&url, Some(&file_key))
+        .get("/admin/v1/provider_keys")
+        .await?
+        .expect_error(401)?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn standalone_flag_on_the_command_line() -> Result<()> {
+    // No node token, no master key, `standalone: false` in the file: only
+    // `--standalone` makes this a valid configuration.
+    let mut opts = Options::standalone().with_config(json!({"standalone": false}));
+    opts.args = vec!["--standalone".into()];
+    let cp = ControlPlane::start_with(opts).await?;
+    assert!(cp.data_dir().join("master.key").is_file());
+    cp.rest()
+        .get("/admin/v1/provider_keys")
+        .await?
+        .expect(200)?;
+
+    // Without the flag the same file is rejected.
+    let dir = tempfile::tempdir()?;
+    let mut cfg = Options::standalone().render(dir.path());
+    cfg["standalone"] = json!(false);
+    let out = run(&serde_yaml::to_string(&cfg)?, &[]).await?;
+    assert_rejected(&out, &["nodes.token"])?;
+    Ok(())
+}
