@@ -165,7 +165,10 @@ fn replay_100k(c: &mut Criterion) {
         append_events(&store, SNAPSHOT_AT + 1, REPLAY_EVENTS);
     }
     let snap = SledStore::open(snap_dir.path()).unwrap();
-    assert_eq!(snap.latest_snapshot().unwrap().map(|(seq, _)| seq), Some(SNAPSHOT_AT));
+    assert_eq!(
+        snap.latest_snapshot().unwrap().map(|(seq, _)| seq),
+        Some(SNAPSHOT_AT)
+    );
     // Both give the same state.
     assert_eq!(replay(&full).unwrap(), replay(&snap).unwrap());
 

@@ -33,13 +33,19 @@ impl ControlPlane {
     /// Opens the data dir, replays the log, binds both listeners and starts serving.
     pub async fn start(config: Config) -> Result<Self, Error> {
         let cp = &config.control_plane;
-        let (cipher, source) = crate::secrets::load_master_key(config.secrets.master_key.as_deref(), &cp.data_dir, config.standalone)?;
+        let (cipher, source) = crate::secrets::load_master_key(
+            config.secrets.master_key.as_deref(),
+            &cp.data_dir,
+            config.standalone,
+        )?;
         match source {
             KeySource::GeneratedFile(path) => warn!(
                 %path,
                 "no secrets.master_key configured: generated one (keep this file, or set AIGW_MASTER_KEY)"
             ),
-            KeySource::ExistingFile(path) => info!(%path, "using the master key file in the data dir"),
+            KeySource::ExistingFile(path) => {
+                info!(%path, "using the master key file in the data dir")
+            }
             KeySource::Config => {}
         }
         let store = Arc::new(SledStore::open(&cp.data_dir)?);
@@ -49,9 +55,12 @@ impl ControlPlane {
         let keys = AdminKeys::new(&config.admin.keys);
 
         let bind = |addr: SocketAddr, what: &'static str| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|e| Error::Io(std::io::Error::new(e.kind(), format!("{what} on {addr}: {e}"))))
+            TcpListener::bind(addr).await.map_err(|e| {
+                Error::Io(std::io::Error::new(
+                    e.kind(),
+                    format!("{what} on {addr}: {e}"),
+                ))
+            })
         };
         let rest_listener = bind(cp.admin_listen, "control_plane.admin_listen").await?;
         let grpc_listener = bind(cp.grpc_listen, "control_plane.grpc_listen").await?;
@@ -116,13 +125,14 @@ impl ControlPlane {
 
         // Standalone: one data plane in this process, fed through the same stream.
         let data_plane = if config.standalone {
-            let mut settings = aigw_data_plane::Settings::from_config(&aigw_shared::config::Config {
-                nodes: aigw_shared::config::NodesConfig {
-                    token: Some(node_token),
-                },
-                ..config.clone()
-            })
-            .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
+            let mut settings =
+                aigw_data_plane::Settings::from_config(&aigw_shared::config::Config {
+                    nodes: aigw_shared::config::NodesConfig {
+                        token: Some(node_token),
+                    },
+                    ..config.clone()
+                })
+                .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
             settings.control_plane_url = format!("http://{grpc_addr}");
             Some(
                 aigw_data_plane::DataPlane::start(settings)

@@ -113,7 +113,10 @@ impl Engine {
             let state = self.read().clone();
             let store = self.store.clone();
             let saved = tokio::task::spawn_blocking(move || save_snapshot(&*store, state)).await;
-            if let Err(e) = saved.map_err(|e| Error::Storage(e.to_string())).and_then(|r| r) {
+            if let Err(e) = saved
+                .map_err(|e| Error::Storage(e.to_string()))
+                .and_then(|r| r)
+            {
                 // The log is intact; only start-up gets slower.
                 warn!(error = %e, "writing a state snapshot failed");
             }
@@ -169,8 +172,13 @@ pub fn replay(store: &dyn EventStore) -> Result<State, Error> {
                 state = doc.state;
                 state.reindex();
             }
-            Ok(_) => warn!(seq, "ignoring a snapshot of another format; replaying the whole log"),
-            Err(e) => warn!(seq, error = %e, "ignoring an unreadable snapshot; replaying the whole log"),
+            Ok(_) => warn!(
+                seq,
+                "ignoring a snapshot of another format; replaying the whole log"
+            ),
+            Err(e) => {
+                warn!(seq, error = %e, "ignoring an unreadable snapshot; replaying the whole log")
+            }
         }
     }
     let from_snapshot = state.version;
@@ -199,15 +207,22 @@ pub fn replay(store: &dyn EventStore) -> Result<State, Error> {
 fn check_master_key(store: &dyn EventStore, cipher: &Cipher) -> Result<(), Error> {
     match store.meta_get(KEY_CHECK)? {
         Some(bytes) => {
-            let sealed = serde_json::from_slice(&bytes).map_err(|e| Error::Storage(e.to_string()))?;
+            let sealed =
+                serde_json::from_slice(&bytes).map_err(|e| Error::Storage(e.to_string()))?;
             cipher.open(KEY_CHECK_OWNER, &sealed).map_err(|_| {
-                Error::Crypto("the master key does not match the one this data directory was written with".into())
+                Error::Crypto(
+                    "the master key does not match the one this data directory was written with"
+                        .into(),
+                )
             })?;
             Ok(())
         }
         None => {
             let sealed = cipher.seal(KEY_CHECK_OWNER, "aigw")?;
-            store.meta_put(KEY_CHECK, &serde_json::to_vec(&sealed).map_err(|e| Error::Storage(e.to_string()))?)
+            store.meta_put(
+                KEY_CHECK,
+                &serde_json::to_vec(&sealed).map_err(|e| Error::Storage(e.to_string()))?,
+            )
         }
     }
 }

@@ -11,8 +11,8 @@
 //! - `app`      — wiring and serving
 
 pub mod admin;
-pub mod config_stream;
 pub mod app;
+pub mod config_stream;
 pub mod engine;
 pub mod error;
 pub mod events;

@@ -28,14 +28,16 @@ impl NodeRegistry {
 
     pub fn update(&self, node_id: &str, f: impl FnOnce(&mut NodeStatus)) {
         let mut nodes = self.lock();
-        let entry = nodes.entry(node_id.to_string()).or_insert_with(|| NodeStatus {
-            node_id: node_id.to_string(),
-            address: String::new(),
-            applied_version: 0,
-            last_seen: String::new(),
-            connected: false,
-            last_error: None,
-        });
+        let entry = nodes
+            .entry(node_id.to_string())
+            .or_insert_with(|| NodeStatus {
+                node_id: node_id.to_string(),
+                address: String::new(),
+                applied_version: 0,
+                last_seen: String::new(),
+                connected: false,
+                last_error: None,
+            });
         f(entry);
         entry.last_seen = crate::events::format_rfc3339(time::OffsetDateTime::now_utc());
     }

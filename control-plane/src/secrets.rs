@@ -32,21 +32,25 @@ pub fn load_master_key(
         let text = std::fs::read_to_string(&path)?;
         let key = aigw_shared::config::decode_master_key(&text)
             .map_err(|m| Error::Crypto(format!("{}: {m}", path.display())))?;
-        return Ok((Cipher::new(&key), KeySource::ExistingFile(path.display().to_string())));
+        return Ok((
+            Cipher::new(&key),
+            KeySource::ExistingFile(path.display().to_string()),
+        ));
     }
     if !generate {
         return Err(Error::Crypto(
-            "secrets.master_key (or AIGW_MASTER_KEY) is required outside standalone mode"
-                .into(),
+            "secrets.master_key (or AIGW_MASTER_KEY) is required outside standalone mode".into(),
         ));
     }
     let mut key = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut key);
     std::fs::create_dir_all(data_dir)?;
     write_private(&path, B64.encode(key).as_bytes())?;
-    Ok((Cipher::new(&key), KeySource::GeneratedFile(path.display().to_string())))
+    Ok((
+        Cipher::new(&key),
+        KeySource::GeneratedFile(path.display().to_string()),
+    ))
 }
-
 
 /// The node token of a standalone control plane that was given none: kept in
 /// the data dir so the in-process node can read its snapshot cache after a restart.
@@ -110,7 +114,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join("master.key")).unwrap().permissions().mode();
+            let mode = std::fs::metadata(dir.path().join("master.key"))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
         let (c2, src) = load_master_key(None, dir.path(), true).unwrap();

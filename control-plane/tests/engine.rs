@@ -2,7 +2,9 @@
 //! reopen, compacted snapshots, the master-key check and gap detection.
 
 use aigw_control_plane::engine::{replay, Engine};
-use aigw_control_plane::events::{Command, DomainEvent, ResourceValue, State, StoredEvent, StoredProviderKey};
+use aigw_control_plane::events::{
+    Command, DomainEvent, ResourceValue, State, StoredEvent, StoredProviderKey,
+};
 use aigw_control_plane::secrets::Cipher;
 use aigw_control_plane::store::{EventStore, SledStore};
 use aigw_control_plane::Error;
@@ -47,7 +49,10 @@ impl EventStore for Recording {
     fn append(&self, events: &[StoredEvent]) -> Result<(), Error> {
         self.inner.append(events)
     }
-    fn read_from(&self, from: u64) -> Box<dyn Iterator<Item = Result<StoredEvent, Error>> + Send + '_> {
+    fn read_from(
+        &self,
+        from: u64,
+    ) -> Box<dyn Iterator<Item = Result<StoredEvent, Error>> + Send + '_> {
         self.read_from.lock().unwrap().push(from);
         let counter = self.events_read.clone();
         Box::new(self.inner.read_from(from).inspect(move |_| {
@@ -190,7 +195,10 @@ async fn replay_after_reopen_gives_identical_state() {
         let engine = open(dir.path(), 10_000).await;
         write_history(&engine).await;
         // A refused command leaves no trace.
-        let err = engine.execute(create_key(1), "admin:test").await.unwrap_err();
+        let err = engine
+            .execute(create_key(1), "admin:test")
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::Duplicate(_)), "{err:?}");
         let state = engine.read().clone();
         assert_eq!(state.version, 14);
@@ -211,7 +219,10 @@ async fn replay_after_reopen_gives_identical_state() {
     assert!(engine.cipher().open("pk2", sealed).is_err());
     // The index works after a reopen (the rename and the delete included).
     assert_eq!(after.id_by_name(ResourceKind::Model, "gpt"), None);
-    assert_eq!(after.id_by_name(ResourceKind::Model, "gpt-renamed"), Some("m1"));
+    assert_eq!(
+        after.id_by_name(ResourceKind::Model, "gpt-renamed"),
+        Some("m1")
+    );
     assert_eq!(after.id_by_key_hash(&format!("{:064x}", 3)), None);
     assert_eq!(after.id_by_key_hash(&format!("{:064x}", 33)), Some("ak-3"));
     assert_eq!(after.revision(ResourceKind::ApiKey, "ak-4"), Some(1));
@@ -227,8 +238,15 @@ async fn the_log_keeps_actor_time_and_order() {
     let engine = open(dir.path(), 10_000).await;
     let t0 = OffsetDateTime::now_utc();
     write_history(&engine).await;
-    let events: Vec<StoredEvent> = engine.store().read_from(1).collect::<Result<_, _>>().unwrap();
-    assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=14).collect::<Vec<_>>());
+    let events: Vec<StoredEvent> = engine
+        .store()
+        .read_from(1)
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=14).collect::<Vec<_>>()
+    );
     assert!(events.iter().all(|e| e.actor == "admin:test" && e.at >= t0));
     assert!(events.windows(2).all(|w| w[0].at <= w[1].at));
     assert!(matches!(events[4].event, DomainEvent::ProviderKeyDeleted { ref id } if id == "pk2"));
@@ -245,8 +263,16 @@ async fn compacted_snapshots_replay_only_the_tail() {
         for n in 1..=250 {
             engine.execute(create_key(n), "admin:test").await.unwrap();
             // A snapshot is written as the version crosses each multiple of 100.
-            let latest = engine.store().latest_snapshot().unwrap().map(|(seq, _)| seq);
-            assert_eq!(latest, (n >= 100).then_some(n / 100 * 100), "after write {n}");
+            let latest = engine
+                .store()
+                .latest_snapshot()
+                .unwrap()
+                .map(|(seq, _)| seq);
+            assert_eq!(
+                latest,
+                (n >= 100).then_some(n / 100 * 100),
+                "after write {n}"
+            );
         }
         let state = engine.read().clone();
         state
@@ -285,9 +311,13 @@ async fn an_unreadable_snapshot_falls_back_to_full_replay() {
         r#"{{"format":1,"state":{}}}"#,
         serde_json::to_string(&State::default()).unwrap()
     );
-    for (i, bad) in [b"\x00garbage{".to_vec(), other_format.into_bytes(), wrong_version.into_bytes()]
-        .into_iter()
-        .enumerate()
+    for (i, bad) in [
+        b"\x00garbage{".to_vec(),
+        other_format.into_bytes(),
+        wrong_version.into_bytes(),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let store = Recording::open(dir.path());
         // Newer than the good snapshot at 100, so it is the one replay picks.
@@ -295,8 +325,16 @@ async fn an_unreadable_snapshot_falls_back_to_full_replay() {
         assert_eq!(store.latest_snapshot().unwrap().unwrap().0, 110 + i as u64);
         let engine = Engine::open(store.clone(), cipher(), 100).await.unwrap();
         assert_eq!(*engine.read(), before, "bad snapshot #{i}");
-        assert_eq!(*store.read_from.lock().unwrap(), vec![1], "bad snapshot #{i}");
-        assert_eq!(store.events_read.load(Ordering::Relaxed), 120, "bad snapshot #{i}");
+        assert_eq!(
+            *store.read_from.lock().unwrap(),
+            vec![1],
+            "bad snapshot #{i}"
+        );
+        assert_eq!(
+            store.events_read.load(Ordering::Relaxed),
+            120,
+            "bad snapshot #{i}"
+        );
     }
 }
 
@@ -347,9 +385,16 @@ async fn append_refuses_a_gap() {
     store.append(&[ev(1), ev(2)]).unwrap();
     assert!(refused(store.append(&[ev(4)])), "skipped seq 3");
     assert!(refused(store.append(&[ev(3), ev(5)])), "gap inside a batch");
-    assert!(refused(store.append(&[ev(3), ev(3)])), "repeat inside a batch");
+    assert!(
+        refused(store.append(&[ev(3), ev(3)])),
+        "repeat inside a batch"
+    );
     assert!(refused(store.append(&[ev(2)])), "rewriting history");
-    assert_eq!(store.last_seq().unwrap(), 2, "refused batches leave no trace");
+    assert_eq!(
+        store.last_seq().unwrap(),
+        2,
+        "refused batches leave no trace"
+    );
     store.append(&[ev(3)]).unwrap();
     assert_eq!(store.last_seq().unwrap(), 3);
     let seqs: Vec<u64> = store.read_from(1).map(|e| e.unwrap().seq).collect();
@@ -374,7 +419,10 @@ async fn replay_detects_a_gap_in_the_log() {
     }
     let store = SledStore::open(dir.path()).unwrap();
     match replay(&store) {
-        Err(Error::Storage(m)) => assert!(m.contains("gap") && m.contains('3') && m.contains('4'), "{m}"),
+        Err(Error::Storage(m)) => assert!(
+            m.contains("gap") && m.contains('3') && m.contains('4'),
+            "{m}"
+        ),
         other => panic!("expected a gap error, got {other:?}"),
     }
     drop(store);
@@ -396,7 +444,10 @@ async fn concurrent_writers_get_gapless_sequence_numbers() {
                 tokio::spawn(async move {
                     let mut seqs = Vec::new();
                     for i in 0..10 {
-                        let stored = engine.execute(create_key(w * 100 + i), &format!("w{w}")).await.unwrap();
+                        let stored = engine
+                            .execute(create_key(w * 100 + i), &format!("w{w}"))
+                            .await
+                            .unwrap();
                         seqs.push(stored[0].seq);
                     }
                     seqs

@@ -46,11 +46,9 @@ pub struct Settings {
 
 impl Settings {
     pub fn from_config(cfg: &Config) -> Result<Self, Error> {
-        let token = cfg
-            .nodes
-            .token
-            .clone()
-            .ok_or_else(|| Error::Config("nodes.token: required to join the control plane".into()))?;
+        let token = cfg.nodes.token.clone().ok_or_else(|| {
+            Error::Config("nodes.token: required to join the control plane".into())
+        })?;
         Ok(Self {
             listen: cfg.data_plane.listen,
             metrics_listen: cfg.data_plane.metrics_listen,
@@ -88,9 +86,12 @@ impl DataPlane {
     /// and starts following the control plane.
     pub async fn start(settings: Settings) -> Result<Self, Error> {
         let bind = |addr: SocketAddr, what: &'static str| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|e| Error::Io(std::io::Error::new(e.kind(), format!("{what} on {addr}: {e}"))))
+            TcpListener::bind(addr).await.map_err(|e| {
+                Error::Io(std::io::Error::new(
+                    e.kind(),
+                    format!("{what} on {addr}: {e}"),
+                ))
+            })
         };
         let proxy_listener = bind(settings.listen, "data_plane.listen").await?;
         let health_listener = bind(settings.metrics_listen, "data_plane.metrics_listen").await?;
@@ -98,12 +99,20 @@ impl DataPlane {
         let metrics_addr = health_listener.local_addr()?;
 
         let config = Arc::new(ConfigHandle::default());
-        let cache = Arc::new(SnapshotCacheFile::new(&settings.snapshot_cache, &settings.token));
+        let cache = Arc::new(SnapshotCacheFile::new(
+            &settings.snapshot_cache,
+            &settings.token,
+        ));
         config::watch::boot_from_cache(&config, &cache);
 
         let metrics = Arc::new(metrics::Metrics::default());
         let upstream = proxy::UpstreamClient::new(&[])?;
-        let proxy = Arc::new(proxy::Proxy::new(config.clone(), upstream, settings.max_body_bytes, metrics.clone()));
+        let proxy = Arc::new(proxy::Proxy::new(
+            config.clone(),
+            upstream,
+            settings.max_body_bytes,
+            metrics.clone(),
+        ));
 
         let (stop, stopped) = watch::channel(false);
         let tasks = TaskTracker::new();
@@ -118,8 +127,18 @@ impl DataPlane {
             cache,
             stopped.clone(),
         ));
-        tasks.spawn(server::serve_proxy(proxy_listener, proxy, stopped.clone(), settings.drain));
-        tasks.spawn(server::serve_health(health_listener, config.clone(), metrics, stopped));
+        tasks.spawn(server::serve_proxy(
+            proxy_listener,
+            proxy,
+            stopped.clone(),
+            settings.drain,
+        ));
+        tasks.spawn(server::serve_health(
+            health_listener,
+            config.clone(),
+            metrics,
+            stopped,
+        ));
         tasks.close();
         info!(%proxy_addr, %metrics_addr, node_id = %settings.node_id, "data plane started");
         Ok(Self {

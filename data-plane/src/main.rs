@@ -17,7 +17,11 @@ fn main() -> ExitCode {
     let loaded = Config::load(args.config.as_deref(), std::env::vars())
         .map_err(|e| e.to_string())
         .and_then(|c| c.validate().map(|()| c).map_err(|e| e.to_string()))
-        .and_then(|c| aigw_data_plane::Settings::from_config(&c).map(|s| (c, s)).map_err(|e| e.to_string()));
+        .and_then(|c| {
+            aigw_data_plane::Settings::from_config(&c)
+                .map(|s| (c, s))
+                .map_err(|e| e.to_string())
+        });
     let (config, settings) = match loaded {
         Ok(v) => v,
         Err(e) => {
@@ -35,7 +39,8 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         let dp = aigw_data_plane::DataPlane::start(settings).await?;
-        dp.run_until(aigw_shared::telemetry::shutdown_signal()).await;
+        dp.run_until(aigw_shared::telemetry::shutdown_signal())
+            .await;
         Ok::<_, aigw_data_plane::Error>(())
     });
     match result {

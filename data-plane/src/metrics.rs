@@ -26,7 +26,10 @@ impl Metrics {
 
     pub fn render(&self, config_version: u64, ready: bool) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "# HELP aigw_requests_total Proxy responses by HTTP status.");
+        let _ = writeln!(
+            s,
+            "# HELP aigw_requests_total Proxy responses by HTTP status."
+        );
         let _ = writeln!(s, "# TYPE aigw_requests_total counter");
         for (code, c) in self.by_status.iter().enumerate() {
             let n = c.load(Relaxed);
@@ -34,10 +37,16 @@ impl Metrics {
                 let _ = writeln!(s, "aigw_requests_total{{status=\"{code}\"}} {n}");
             }
         }
-        let _ = writeln!(s, "# HELP aigw_config_version Version of the applied config snapshot.");
+        let _ = writeln!(
+            s,
+            "# HELP aigw_config_version Version of the applied config snapshot."
+        );
         let _ = writeln!(s, "# TYPE aigw_config_version gauge");
         let _ = writeln!(s, "aigw_config_version {config_version}");
-        let _ = writeln!(s, "# HELP aigw_ready Whether the node has a config snapshot.");
+        let _ = writeln!(
+            s,
+            "# HELP aigw_ready Whether the node has a config snapshot."
+        );
         let _ = writeln!(s, "# TYPE aigw_ready gauge");
         let _ = writeln!(s, "aigw_ready {}", u8::from(ready));
         s

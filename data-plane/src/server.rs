@@ -17,8 +17,13 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-async fn accept_loop<F, Fut>(listener: TcpListener, handler: F, mut stop: watch::Receiver<bool>, drain: Duration, what: &'static str)
-where
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    handler: F,
+    mut stop: watch::Receiver<bool>,
+    drain: Duration,
+    what: &'static str,
+) where
     F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<crate::proxy::ProxyBody>> + Send + 'static,
 {
@@ -63,7 +68,12 @@ pub async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-pub async fn serve_proxy(listener: TcpListener, proxy: Arc<Proxy>, stop: watch::Receiver<bool>, drain: Duration) {
+pub async fn serve_proxy(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    stop: watch::Receiver<bool>,
+    drain: Duration,
+) {
     accept_loop(
         listener,
         move |req| {
@@ -90,7 +100,11 @@ pub async fn serve_health(
             let (config, metrics) = (config.clone(), metrics.clone());
             async move {
                 let (status, ctype, body) = match req.uri().path() {
-                    "/livez" => (StatusCode::OK, "application/json", r#"{"status":"ok"}"#.to_string()),
+                    "/livez" => (
+                        StatusCode::OK,
+                        "application/json",
+                        r#"{"status":"ok"}"#.to_string(),
+                    ),
                     "/readyz" if config.is_ready() => (
                         StatusCode::OK,
                         "application/json",
@@ -106,11 +120,16 @@ pub async fn serve_health(
                         "text/plain; version=0.0.4",
                         metrics.render(config.version(), config.is_ready()),
                     ),
-                    _ => (StatusCode::NOT_FOUND, "application/json", r#"{"error":"not found"}"#.to_string()),
+                    _ => (
+                        StatusCode::NOT_FOUND,
+                        "application/json",
+                        r#"{"error":"not found"}"#.to_string(),
+                    ),
                 };
                 let mut r = Response::new(full(Bytes::from(body)));
                 *r.status_mut() = status;
-                r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+                r.headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
                 r
             }
         },

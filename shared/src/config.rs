@@ -198,11 +198,18 @@ impl Config {
                 Ok(cfg) => return Ok(cfg),
                 Err(err) => {
                     let key = err.path().to_string();
-                    let retry = overrides.iter().zip(as_text.iter_mut()).find(|((p, raw), text)| {
-                        !**text
-                            && p.join(".") == key
-                            && !matches!(serde_yaml::from_str::<Value>(raw), Ok(Value::String(_)))
-                    });
+                    let retry =
+                        overrides
+                            .iter()
+                            .zip(as_text.iter_mut())
+                            .find(|((p, raw), text)| {
+                                !**text
+                                    && p.join(".") == key
+                                    && !matches!(
+                                        serde_yaml::from_str::<Value>(raw),
+                                        Ok(Value::String(_))
+                                    )
+                            });
                     if let Some((_, text)) = retry {
                         *text = true;
                         continue;
@@ -235,10 +242,16 @@ impl Config {
             return Err(invalid("telemetry.sample_ratio", "must be between 0 and 1"));
         }
         if self.control_plane.snapshot_every == 0 {
-            return Err(invalid("control_plane.snapshot_every", "must be at least 1"));
+            return Err(invalid(
+                "control_plane.snapshot_every",
+                "must be at least 1",
+            ));
         }
         if self.control_plane.max_body_bytes == 0 {
-            return Err(invalid("control_plane.max_body_bytes", "must be at least 1"));
+            return Err(invalid(
+                "control_plane.max_body_bytes",
+                "must be at least 1",
+            ));
         }
         if self.data_plane.max_body_bytes == 0 {
             return Err(invalid("data_plane.max_body_bytes", "must be at least 1"));
@@ -256,7 +269,10 @@ impl Config {
         }
         let url = &self.data_plane.control_plane_url;
         if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(invalid("data_plane.control_plane_url", "must be an http(s) URL"));
+            return Err(invalid(
+                "data_plane.control_plane_url",
+                "must be an http(s) URL",
+            ));
         }
         Ok(())
     }
@@ -276,7 +292,9 @@ fn set_path(doc: &mut Value, path: &[String], value: Value) -> Result<(), String
     let (last, parents) = path.split_last().ok_or("empty key")?;
     let mut cur = doc;
     for seg in parents {
-        let map = cur.as_mapping_mut().ok_or_else(|| format!("`{seg}` is not a section"))?;
+        let map = cur
+            .as_mapping_mut()
+            .ok_or_else(|| format!("`{seg}` is not a section"))?;
         cur = map
             .entry(Value::String(seg.clone()))
             .or_insert_with(|| Value::Mapping(Mapping::new()));
@@ -328,7 +346,9 @@ mod tests {
 
     #[test]
     fn wrong_type_is_named() {
-        let err = load("control_plane:\n  admin_listen: nope\n", &[]).unwrap_err().to_string();
+        let err = load("control_plane:\n  admin_listen: nope\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("control_plane.admin_listen"), "{err}");
     }
 
@@ -363,19 +383,30 @@ mod tests {
     #[test]
     fn validate_rejects_bad_master_key_and_missing_admin_keys() {
         let cfg = load("standalone: true\n", &[]).unwrap();
-        assert!(cfg.validate().unwrap_err().to_string().contains("admin.keys"));
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("admin.keys"));
         let cfg = load(
             "standalone: true\nadmin: {keys: [k]}\nsecrets: {master_key: c2hvcnQ=}\n",
             &[],
         )
         .unwrap();
         let err = cfg.validate().unwrap_err().to_string();
-        assert!(err.contains("secrets.master_key") && err.contains("32 bytes"), "{err}");
+        assert!(
+            err.contains("secrets.master_key") && err.contains("32 bytes"),
+            "{err}"
+        );
     }
 
     #[test]
     fn token_required_without_standalone() {
         let cfg = load("admin: {keys: [k]}\n", &[]).unwrap();
-        assert!(cfg.validate().unwrap_err().to_string().contains("nodes.token"));
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("nodes.token"));
     }
 }

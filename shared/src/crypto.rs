@@ -60,7 +60,11 @@ impl Cipher {
     }
 
     pub fn open(&self, owner: &str, sealed: &Sealed) -> Result<String, Error> {
-        let bad = || Error::Crypto(format!("cannot decrypt secret of `{owner}`: wrong master key or corrupted data"));
+        let bad = || {
+            Error::Crypto(format!(
+                "cannot decrypt secret of `{owner}`: wrong master key or corrupted data"
+            ))
+        };
         let nonce = B64.decode(&sealed.nonce).map_err(|_| bad())?;
         let ct = B64.decode(&sealed.ciphertext).map_err(|_| bad())?;
         if nonce.len() != 12 {
@@ -79,4 +83,3 @@ impl Cipher {
         String::from_utf8(pt).map_err(|_| bad())
     }
 }
-

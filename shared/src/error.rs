@@ -12,6 +12,10 @@ pub enum Error {
     ConfigSyntax { path: String, message: String },
     #[error("config: {key}: {message}")]
     ConfigInvalid { key: String, message: String },
+    #[error("request body exceeds {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("cannot read the request body: {0}")]
+    BodyRead(String),
     /// Sealing failed, or the key or data are wrong; never says which.
     #[error("{0}")]
     Crypto(String),

@@ -1,6 +1,7 @@
 //! Code both planes share: generated protobuf types, configuration, and the
 //! admin resources with their validation rules.
 
+pub mod body;
 pub mod config;
 pub mod crypto;
 pub mod domain;

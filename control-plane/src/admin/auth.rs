@@ -12,7 +12,10 @@ pub struct AdminKeys {
 impl AdminKeys {
     pub fn new(keys: &[String]) -> Self {
         Self {
-            digests: keys.iter().map(|k| Sha256::digest(k.as_bytes()).into()).collect(),
+            digests: keys
+                .iter()
+                .map(|k| Sha256::digest(k.as_bytes()).into())
+                .collect(),
         }
     }
 
@@ -54,8 +57,14 @@ mod tests {
         assert!(keys.check("").is_none());
         assert_ne!(keys.check("alpha"), keys.check("beta"));
         assert_eq!(AdminKeys::from_headers(Some("Bearer k1"), None), Some("k1"));
-        assert_eq!(AdminKeys::from_headers(Some("bearer k1"), Some("k2")), Some("k1"));
-        assert_eq!(AdminKeys::from_headers(Some("Basic x"), Some("k2")), Some("k2"));
+        assert_eq!(
+            AdminKeys::from_headers(Some("bearer k1"), Some("k2")),
+            Some("k1")
+        );
+        assert_eq!(
+            AdminKeys::from_headers(Some("Basic x"), Some("k2")),
+            Some("k2")
+        );
         assert_eq!(AdminKeys::from_headers(None, None), None);
     }
 }

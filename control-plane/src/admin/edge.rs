@@ -10,7 +10,9 @@ impl Error {
         match self {
             Error::Invalid(_) => StatusCode::BAD_REQUEST,
             Error::NotFound { .. } | Error::UnknownCollection(_) => StatusCode::NOT_FOUND,
-            Error::Duplicate(_) | Error::Reference(_) | Error::StaleRevision { .. } => StatusCode::CONFLICT,
+            Error::Duplicate(_) | Error::Reference(_) | Error::StaleRevision { .. } => {
+                StatusCode::CONFLICT
+            }
             Error::Unauthenticated => StatusCode::UNAUTHORIZED,
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Storage(_) | Error::Crypto(_) | Error::Config(_) | Error::Io(_) => {
@@ -26,7 +28,11 @@ impl IntoResponse for Error {
         if status.is_server_error() {
             tracing::error!(error = %self, "admin request failed");
         }
-        (status, Json(serde_json::json!({ "error_msg": self.to_string() }))).into_response()
+        (
+            status,
+            Json(serde_json::json!({ "error_msg": self.to_string() })),
+        )
+            .into_response()
     }
 }
 

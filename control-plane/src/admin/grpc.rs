@@ -100,10 +100,20 @@ impl GrpcAdmin {
         input: Result<Input, Error>,
         expected: Option<u64>,
     ) -> Result<RecordView, Status> {
-        Ok(self.admin.update(actor, id, input?, expected, false).await?.0)
+        Ok(self
+            .admin
+            .update(actor, id, input?, expected, false)
+            .await?
+            .0)
     }
 
-    async fn delete(&self, actor: &str, kind: ResourceKind, id: &str, expected: Option<u64>) -> Result<(), Status> {
+    async fn delete(
+        &self,
+        actor: &str,
+        kind: ResourceKind,
+        id: &str,
+        expected: Option<u64>,
+    ) -> Result<(), Status> {
         Ok(self.admin.delete(actor, kind, id, expected).await?)
     }
 
@@ -114,37 +124,64 @@ impl GrpcAdmin {
 
 #[tonic::async_trait]
 impl AdminService for GrpcAdmin {
-    async fn create_provider_key(&self, req: Request<pb::CreateProviderKeyRequest>) -> R<pb::ProviderKeyRecord> {
+    async fn create_provider_key(
+        &self,
+        req: Request<pb::CreateProviderKeyRequest>,
+    ) -> R<pb::ProviderKeyRecord> {
         let a = actor(&req)?;
         let input = provider_key_in(req.into_inner().value).map(Input::ProviderKey);
         Ok(Response::new(pk_record(self.create(&a, input).await?)))
     }
 
-    async fn get_provider_key(&self, req: Request<pb::GetProviderKeyRequest>) -> R<pb::ProviderKeyRecord> {
-        let rec = self.admin.get(ResourceKind::ProviderKey, &req.into_inner().id)?;
+    async fn get_provider_key(
+        &self,
+        req: Request<pb::GetProviderKeyRequest>,
+    ) -> R<pb::ProviderKeyRecord> {
+        let rec = self
+            .admin
+            .get(ResourceKind::ProviderKey, &req.into_inner().id)?;
         Ok(Response::new(pk_record(rec)))
     }
 
-    async fn list_provider_keys(&self, _: Request<pb::ListProviderKeysRequest>) -> R<pb::ListProviderKeysResponse> {
-        let list: Vec<_> = self.list(ResourceKind::ProviderKey).into_iter().map(pk_record).collect();
+    async fn list_provider_keys(
+        &self,
+        _: Request<pb::ListProviderKeysRequest>,
+    ) -> R<pb::ListProviderKeysResponse> {
+        let list: Vec<_> = self
+            .list(ResourceKind::ProviderKey)
+            .into_iter()
+            .map(pk_record)
+            .collect();
         Ok(Response::new(pb::ListProviderKeysResponse {
             total: list.len() as u64,
             list,
         }))
     }
 
-    async fn update_provider_key(&self, req: Request<pb::UpdateProviderKeyRequest>) -> R<pb::ProviderKeyRecord> {
+    async fn update_provider_key(
+        &self,
+        req: Request<pb::UpdateProviderKeyRequest>,
+    ) -> R<pb::ProviderKeyRecord> {
         let a = actor(&req)?;
         let r = req.into_inner();
         let input = provider_key_in(r.value).map(Input::ProviderKey);
-        Ok(Response::new(pk_record(self.update(&a, &r.id, input, r.expected_revision).await?)))
+        Ok(Response::new(pk_record(
+            self.update(&a, &r.id, input, r.expected_revision).await?,
+        )))
     }
 
-    async fn delete_provider_key(&self, req: Request<pb::DeleteProviderKeyRequest>) -> R<pb::DeleteProviderKeyResponse> {
+    async fn delete_provider_key(
+        &self,
+        req: Request<pb::DeleteProviderKeyRequest>,
+    ) -> R<pb::DeleteProviderKeyResponse> {
         let a = actor(&req)?;
         let r = req.into_inner();
-        self.delete(&a, ResourceKind::ProviderKey, &r.id, r.expected_revision).await?;
-        Ok(Response::new(pb::DeleteProviderKeyResponse { deleted: true, id: r.id }))
+        self.delete(&a, ResourceKind::ProviderKey, &r.id, r.expected_revision)
+            .await?;
+        Ok(Response::new(pb::DeleteProviderKeyResponse {
+            deleted: true,
+            id: r.id,
+        }))
     }
 
     async fn create_model(&self, req: Request<pb::CreateModelRequest>) -> R<pb::ModelRecord> {
@@ -159,7 +196,11 @@ impl AdminService for GrpcAdmin {
     }
 
     async fn list_models(&self, _: Request<pb::ListModelsRequest>) -> R<pb::ListModelsResponse> {
-        let list: Vec<_> = self.list(ResourceKind::Model).into_iter().map(model_record).collect();
+        let list: Vec<_> = self
+            .list(ResourceKind::Model)
+            .into_iter()
+            .map(model_record)
+            .collect();
         Ok(Response::new(pb::ListModelsResponse {
             total: list.len() as u64,
             list,
@@ -170,14 +211,23 @@ impl AdminService for GrpcAdmin {
         let a = actor(&req)?;
         let r = req.into_inner();
         let input = model_in(r.value).map(Input::Model);
-        Ok(Response::new(model_record(self.update(&a, &r.id, input, r.expected_revision).await?)))
+        Ok(Response::new(model_record(
+            self.update(&a, &r.id, input, r.expected_revision).await?,
+        )))
     }
 
-    async fn delete_model(&self, req: Request<pb::DeleteModelRequest>) -> R<pb::DeleteModelResponse> {
+    async fn delete_model(
+        &self,
+        req: Request<pb::DeleteModelRequest>,
+    ) -> R<pb::DeleteModelResponse> {
         let a = actor(&req)?;
         let r = req.into_inner();
-        self.delete(&a, ResourceKind::Model, &r.id, r.expected_revision).await?;
-        Ok(Response::new(pb::DeleteModelResponse { deleted: true, id: r.id }))
+        self.delete(&a, ResourceKind::Model, &r.id, r.expected_revision)
+            .await?;
+        Ok(Response::new(pb::DeleteModelResponse {
+            deleted: true,
+            id: r.id,
+        }))
     }
 
     async fn create_api_key(&self, req: Request<pb::CreateApiKeyRequest>) -> R<pb::ApiKeyRecord> {
@@ -191,8 +241,15 @@ impl AdminService for GrpcAdmin {
         Ok(Response::new(api_key_record(rec)))
     }
 
-    async fn list_api_keys(&self, _: Request<pb::ListApiKeysRequest>) -> R<pb::ListApiKeysResponse> {
-        let list: Vec<_> = self.list(ResourceKind::ApiKey).into_iter().map(api_key_record).collect();
+    async fn list_api_keys(
+        &self,
+        _: Request<pb::ListApiKeysRequest>,
+    ) -> R<pb::ListApiKeysResponse> {
+        let list: Vec<_> = self
+            .list(ResourceKind::ApiKey)
+            .into_iter()
+            .map(api_key_record)
+            .collect();
         Ok(Response::new(pb::ListApiKeysResponse {
             total: list.len() as u64,
             list,
@@ -203,14 +260,23 @@ impl AdminService for GrpcAdmin {
         let a = actor(&req)?;
         let r = req.into_inner();
         let input = api_key_in(r.value).map(Input::ApiKey);
-        Ok(Response::new(api_key_record(self.update(&a, &r.id, input, r.expected_revision).await?)))
+        Ok(Response::new(api_key_record(
+            self.update(&a, &r.id, input, r.expected_revision).await?,
+        )))
     }
 
-    async fn delete_api_key(&self, req: Request<pb::DeleteApiKeyRequest>) -> R<pb::DeleteApiKeyResponse> {
+    async fn delete_api_key(
+        &self,
+        req: Request<pb::DeleteApiKeyRequest>,
+    ) -> R<pb::DeleteApiKeyResponse> {
         let a = actor(&req)?;
         let r = req.into_inner();
-        self.delete(&a, ResourceKind::ApiKey, &r.id, r.expected_revision).await?;
-        Ok(Response::new(pb::DeleteApiKeyResponse { deleted: true, id: r.id }))
+        self.delete(&a, ResourceKind::ApiKey, &r.id, r.expected_revision)
+            .await?;
+        Ok(Response::new(pb::DeleteApiKeyResponse {
+            deleted: true,
+            id: r.id,
+        }))
     }
 
     async fn list_events(&self, req: Request<pb::ListEventsRequest>) -> R<pb::ListEventsResponse> {
@@ -218,7 +284,9 @@ impl AdminService for GrpcAdmin {
         let resource = match r.resource.as_str() {
             "" => None,
             other => Some(ResourceKind::parse(other).ok_or_else(|| {
-                Status::invalid_argument(format!("resource: unknown `{other}`; use provider_keys, models, apikeys"))
+                Status::invalid_argument(format!(
+                    "resource: unknown `{other}`; use provider_keys, models, apikeys"
+                ))
             })?),
         };
         let events = self.admin.events(&EventFilter {

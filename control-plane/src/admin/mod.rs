@@ -10,7 +10,9 @@ pub mod rest;
 
 use crate::engine::Engine;
 use crate::error::Error;
-use crate::events::{format_rfc3339, Command, ResourceValue, State, StoredEvent, StoredProviderKey};
+use crate::events::{
+    format_rfc3339, Command, ResourceValue, State, StoredEvent, StoredProviderKey,
+};
 use crate::nodes::NodeRegistry;
 use aigw_shared::domain::{ApiKey, Model, ProviderKey, ResourceKind, MASKED};
 use serde::Serialize;
@@ -102,7 +104,15 @@ impl Admin {
         tracing::Span::current().record("id", id.as_str());
         let value = self.prepare(&id, input)?;
         let kind = value.kind();
-        self.engine.execute(Command::Create { id: id.clone(), value }, actor).await?;
+        self.engine
+            .execute(
+                Command::Create {
+                    id: id.clone(),
+                    value,
+                },
+                actor,
+            )
+            .await?;
         self.get(kind, &id)
     }
 
@@ -131,7 +141,9 @@ impl Admin {
                 actor,
             )
             .await?;
-        let created = events.iter().any(|e| e.event.type_name().ends_with("Created"));
+        let created = events
+            .iter()
+            .any(|e| e.event.type_name().ends_with("Created"));
         Ok((self.get(kind, id)?, created))
     }
 
@@ -170,14 +182,23 @@ impl Admin {
             ResourceKind::Model => state.models.keys().collect(),
             ResourceKind::ApiKey => state.api_keys.keys().collect(),
         };
-        ids.into_iter().filter_map(|id| view(&state, kind, id)).collect()
+        ids.into_iter()
+            .filter_map(|id| view(&state, kind, id))
+            .collect()
     }
 
     /// Events from the log, secrets masked.
     pub fn events(&self, filter: &EventFilter) -> Result<Vec<EventView>, Error> {
-        let limit = filter.limit.unwrap_or(DEFAULT_EVENT_LIMIT).clamp(1, MAX_EVENT_LIMIT);
+        let limit = filter
+            .limit
+            .unwrap_or(DEFAULT_EVENT_LIMIT)
+            .clamp(1, MAX_EVENT_LIMIT);
         let mut out = Vec::new();
-        for e in self.engine.store().read_from(filter.from_seq.unwrap_or(1).max(1)) {
+        for e in self
+            .engine
+            .store()
+            .read_from(filter.from_seq.unwrap_or(1).max(1))
+        {
             let e = e?;
             if filter.to_seq.is_some_and(|to| e.seq > to) || out.len() >= limit {
                 break;
@@ -200,7 +221,13 @@ impl Admin {
                 pk.validate()?;
                 // A read-modify-write sends back the mask: keep the stored secret.
                 let kept = (pk.secret == MASKED)
-                    .then(|| self.engine.read().provider_keys.get(id).map(|r| r.value.secret.clone()))
+                    .then(|| {
+                        self.engine
+                            .read()
+                            .provider_keys
+                            .get(id)
+                            .map(|r| r.value.secret.clone())
+                    })
                     .flatten();
                 let sealed = match kept {
                     Some(s) => s,
@@ -226,8 +253,14 @@ fn view(state: &State, kind: ResourceKind, id: &str) -> Option<RecordView> {
             .provider_keys
             .get(id)
             .map(|r| (View::ProviderKey(r.value.masked()), r.revision))?,
-        ResourceKind::Model => state.models.get(id).map(|r| (View::Model(r.value.clone()), r.revision))?,
-        ResourceKind::ApiKey => state.api_keys.get(id).map(|r| (View::ApiKey(r.value.clone()), r.revision))?,
+        ResourceKind::Model => state
+            .models
+            .get(id)
+            .map(|r| (View::Model(r.value.clone()), r.revision))?,
+        ResourceKind::ApiKey => state
+            .api_keys
+            .get(id)
+            .map(|r| (View::ApiKey(r.value.clone()), r.revision))?,
     };
     Some(RecordView {
         id: id.to_string(),
@@ -254,7 +287,9 @@ fn event_view(e: &StoredEvent) -> EventView {
 fn check_id(id: &str) -> Result<(), Error> {
     let ok = !id.is_empty()
         && id.len() <= 128
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
     if ok {
         Ok(())
     } else {
@@ -265,8 +300,17 @@ fn check_id(id: &str) -> Result<(), Error> {
 }
 
 /// Checks a usage query's parameters (shared by REST and gRPC).
-pub fn check_usage_query(group_by: Option<&str>, from: Option<&str>, to: Option<&str>) -> Result<(), Error> {
-    for g in group_by.unwrap_or_default().split(',').map(str::trim).filter(|s| !s.is_empty()) {
+pub fn check_usage_query(
+    group_by: Option<&str>,
+    from: Option<&str>,
+    to: Option<&str>,
+) -> Result<(), Error> {
+    for g in group_by
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
         if !matches!(g, "api_key" | "model" | "deployment" | "day") {
             return Err(Error::Invalid(format!(
                 "group_by: unknown dimension `{g}`; use api_key, model, deployment, day"
@@ -276,10 +320,13 @@ pub fn check_usage_query(group_by: Option<&str>, from: Option<&str>, to: Option<
     for (name, v) in [("from", from), ("to", to)] {
         if let Some(v) = v.filter(|v| !v.is_empty()) {
             let date = time::macros::format_description!("[year]-[month]-[day]");
-            let ok = time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339).is_ok()
+            let ok = time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339)
+                .is_ok()
                 || time::Date::parse(v, date).is_ok();
             if !ok {
-                return Err(Error::Invalid(format!("{name}: expected an RFC 3339 time or a YYYY-MM-DD date")));
+                return Err(Error::Invalid(format!(
+                    "{name}: expected an RFC 3339 time or a YYYY-MM-DD date"
+                )));
             }
         }
     }

@@ -11,7 +11,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::json;
@@ -32,24 +31,36 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 /// Routes: health and the OpenAPI document are open; everything under
 /// `/admin/v1` requires an admin key.
 pub fn router(admin: Admin, keys: AdminKeys, max_body: usize) -> Router {
-    let ctx = Ctx { admin, keys, max_body };
+    let ctx = Ctx {
+        admin,
+        keys,
+        max_body,
+    };
     let api = Router::new()
         .route("/admin/v1/events", get(list_events))
         .route("/admin/v1/nodes", get(list_nodes))
         .route("/admin/v1/usage", get(query_usage))
         .route("/admin/v1/{collection}", get(list).post(create))
-        .route("/admin/v1/{collection}/{id}", get(read).put(replace).delete(remove))
+        .route(
+            "/admin/v1/{collection}/{id}",
+            get(read).put(replace).delete(remove),
+        )
         .route_layer(middleware::from_fn_with_state(ctx.clone(), authenticate));
     Router::new()
         .route("/livez", get(|| async { Json(json!({"status": "ok"})) }))
-        .route("/readyz", get(|| async { Json(json!({"status": "ready"})) }))
+        .route(
+            "/readyz",
+            get(|| async { Json(json!({"status": "ready"})) }),
+        )
         .route(
             "/admin/openapi.json",
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
         )
         .merge(api)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
-        .method_not_allowed_fallback(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed") })
+        .method_not_allowed_fallback(|| async {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        })
         .with_state(ctx)
 }
 
@@ -82,18 +93,20 @@ fn kind_of(collection: &str) -> Result<ResourceKind, Error> {
 
 /// Reads at most `max` bytes of body, then parses JSON naming the bad field.
 async fn parse_body<T: DeserializeOwned>(body: Body, max: usize) -> Result<T, Error> {
-    let bytes: Bytes = match Limited::new(body, max).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            return Err(Error::PayloadTooLarge { limit: max })
+    let bytes: Bytes = match aigw_shared::body::read_limited(body, max).await {
+        Ok(b) => b,
+        Err(aigw_shared::Error::BodyTooLarge { limit }) => {
+            return Err(Error::PayloadTooLarge { limit })
         }
-        Err(e) => return Err(Error::Invalid(format!("cannot read request body: {e}"))),
+        Err(e) => return Err(Error::Invalid(e.to_string())),
     };
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(Error::Invalid("request body is empty; expected a JSON object".into()));
+        return Err(Error::Invalid(
+            "request body is empty; expected a JSON object".into(),
+        ));
     }
-    let de = &mut serde_json::Deserializer::from_slice(&bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let mut de = serde_json::Deserializer::from_slice(&bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let what = if inner.is_syntax() || inner.is_eof() {
@@ -106,7 +119,13 @@ async fn parse_body<T: DeserializeOwned>(body: Body, max: usize) -> Result<T, Er
         } else {
             Error::Invalid(format!("{path}: {what}: {inner}"))
         }
-    })
+    })?;
+    de.end().map_err(|e| {
+        Error::Invalid(format!(
+            "malformed JSON: unexpected data after the JSON document: {e}"
+        ))
+    })?;
+    Ok(value)
 }
 
 async fn parse_input(kind: ResourceKind, body: Body, max: usize) -> Result<Input, Error> {
@@ -122,7 +141,12 @@ fn if_match(headers: &HeaderMap) -> Result<Option<u64>, Error> {
     let Some(v) = headers.get(header::IF_MATCH) else {
         return Ok(None);
     };
-    let text = v.to_str().unwrap_or_default().trim().trim_start_matches("W/").trim_matches('"');
+    let text = v
+        .to_str()
+        .unwrap_or_default()
+        .trim()
+        .trim_start_matches("W/")
+        .trim_matches('"');
     text.parse()
         .map(Some)
         .map_err(|_| Error::Invalid("If-Match: expected a revision number".into()))
@@ -157,7 +181,10 @@ async fn read(
     State(ctx): State<Ctx>,
     Path((collection, id)): Path<(String, String)>,
 ) -> Result<Response, Error> {
-    Ok(record_response(StatusCode::OK, ctx.admin.get(kind_of(&collection)?, &id)?))
+    Ok(record_response(
+        StatusCode::OK,
+        ctx.admin.get(kind_of(&collection)?, &id)?,
+    ))
 }
 
 async fn replace(
@@ -171,7 +198,11 @@ async fn replace(
     let expected = if_match(&headers)?;
     let input = parse_input(kind, body, ctx.max_body).await?;
     let (rec, created) = ctx.admin.update(&actor, &id, input, expected, true).await?;
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok(record_response(status, rec))
 }
 
@@ -182,7 +213,9 @@ async fn remove(
     headers: HeaderMap,
 ) -> Result<Response, Error> {
     let kind = kind_of(&collection)?;
-    ctx.admin.delete(&actor, kind, &id, if_match(&headers)?).await?;
+    ctx.admin
+        .delete(&actor, kind, &id, if_match(&headers)?)
+        .await?;
     Ok(Json(json!({ "deleted": true, "id": id })).into_response())
 }
 
@@ -204,7 +237,9 @@ async fn list_events(
     let resource = match q.resource.as_deref() {
         None | Some("") => None,
         Some(r) => Some(kind_of(r).map_err(|_| {
-            Error::Invalid(format!("resource: unknown `{r}`; use provider_keys, models, apikeys"))
+            Error::Invalid(format!(
+                "resource: unknown `{r}`; use provider_keys, models, apikeys"
+            ))
         })?),
     };
     let events = ctx.admin.events(&EventFilter {

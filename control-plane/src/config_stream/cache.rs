@@ -18,7 +18,10 @@ pub struct SnapshotCache {
 impl SnapshotCache {
     /// Builds the current snapshot and keeps it fresh on a background task
     /// that ends when the engine is dropped.
-    pub fn spawn(engine: Arc<Engine>, tasks: &tokio_util::task::TaskTracker) -> Result<Self, Error> {
+    pub fn spawn(
+        engine: Arc<Engine>,
+        tasks: &tokio_util::task::TaskTracker,
+    ) -> Result<Self, Error> {
         let first = encode(&engine)?;
         let (tx, rx) = watch::channel(Arc::new(first));
         let mut versions = engine.subscribe();
@@ -63,7 +66,10 @@ fn encode(engine: &Engine) -> Result<pb::Snapshot, Error> {
 }
 
 /// Resolves the state into what a data plane needs, with secrets decrypted.
-pub fn build_snapshot(state: &State, cipher: &aigw_shared::crypto::Cipher) -> Result<ConfigSnapshot, Error> {
+pub fn build_snapshot(
+    state: &State,
+    cipher: &aigw_shared::crypto::Cipher,
+) -> Result<ConfigSnapshot, Error> {
     let mut provider_keys = std::collections::BTreeMap::new();
     for (id, r) in &state.provider_keys {
         let secret = cipher.open(id, &r.value.secret)?;
@@ -83,7 +89,15 @@ pub fn build_snapshot(state: &State, cipher: &aigw_shared::crypto::Cipher) -> Re
         format: SNAPSHOT_FORMAT,
         version: state.version,
         provider_keys,
-        models: state.models.iter().map(|(k, r)| (k.clone(), r.value.clone())).collect(),
-        api_keys: state.api_keys.iter().map(|(k, r)| (k.clone(), r.value.clone())).collect(),
+        models: state
+            .models
+            .iter()
+            .map(|(k, r)| (k.clone(), r.value.clone()))
+            .collect(),
+        api_keys: state
+            .api_keys
+            .iter()
+            .map(|(k, r)| (k.clone(), r.value.clone()))
+            .collect(),
     })
 }

@@ -51,14 +51,23 @@ impl ConfigService for ConfigStreamService {
     type WatchStream = SnapshotStream;
 
     #[instrument(skip_all, fields(node_id))]
-    async fn watch(&self, req: Request<Streaming<pb::WatchRequest>>) -> Result<Response<SnapshotStream>, Status> {
+    async fn watch(
+        &self,
+        req: Request<Streaming<pb::WatchRequest>>,
+    ) -> Result<Response<SnapshotStream>, Status> {
         let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let mut inbound = req.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
-            Ok(Ok(Some(pb::WatchRequest { kind: Some(Kind::Hello(h)) }))) => h,
+            Ok(Ok(Some(pb::WatchRequest {
+                kind: Some(Kind::Hello(h)),
+            }))) => h,
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(Status::deadline_exceeded("no hello within 10s")),
-            _ => return Err(Status::invalid_argument("the first message must be a hello")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message must be a hello",
+                ))
+            }
         };
         let presented: [u8; 32] = Sha256::digest(hello.token.as_bytes()).into();
         if !bool::from(presented.ct_eq(&self.token)) {
@@ -70,7 +79,11 @@ impl ConfigService for ConfigStreamService {
         }
         let node_id = hello.node_id.clone();
         tracing::Span::current().record("node_id", node_id.as_str());
-        let address = if hello.address.is_empty() { peer } else { hello.address };
+        let address = if hello.address.is_empty() {
+            peer
+        } else {
+            hello.address
+        };
         self.nodes.update(&node_id, |n| {
             n.address = address;
             n.connected = true;

@@ -48,7 +48,10 @@ pub fn handle(state: &State, command: &Command) -> Result<Vec<DomainEvent>, Erro
     match command {
         Command::Create { id, value } => {
             if state.revision(value.kind(), id).is_some() {
-                return Err(Error::Duplicate(format!("{} id `{id}` already exists", value.kind())));
+                return Err(Error::Duplicate(format!(
+                    "{} id `{id}` already exists",
+                    value.kind()
+                )));
             }
             check_value(state, id, value)?;
             Ok(vec![created(id, value)])
@@ -62,7 +65,10 @@ pub fn handle(state: &State, command: &Command) -> Result<Vec<DomainEvent>, Erro
             let kind = value.kind();
             match (state.revision(kind, id), expected_revision) {
                 (None, Some(_)) | (None, None) if !upsert => {
-                    return Err(Error::NotFound { kind, id: id.clone() })
+                    return Err(Error::NotFound {
+                        kind,
+                        id: id.clone(),
+                    })
                 }
                 (None, Some(expected)) => {
                     return Err(Error::StaleRevision {

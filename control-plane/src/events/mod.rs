@@ -20,15 +20,39 @@ use time::OffsetDateTime;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "payload")]
 pub enum DomainEvent {
-    ProviderKeyCreated { id: String, value: StoredProviderKey },
-    ProviderKeyUpdated { id: String, value: StoredProviderKey },
-    ProviderKeyDeleted { id: String },
-    ModelCreated { id: String, value: Model },
-    ModelUpdated { id: String, value: Model },
-    ModelDeleted { id: String },
-    ApiKeyCreated { id: String, value: ApiKey },
-    ApiKeyUpdated { id: String, value: ApiKey },
-    ApiKeyDeleted { id: String },
+    ProviderKeyCreated {
+        id: String,
+        value: StoredProviderKey,
+    },
+    ProviderKeyUpdated {
+        id: String,
+        value: StoredProviderKey,
+    },
+    ProviderKeyDeleted {
+        id: String,
+    },
+    ModelCreated {
+        id: String,
+        value: Model,
+    },
+    ModelUpdated {
+        id: String,
+        value: Model,
+    },
+    ModelDeleted {
+        id: String,
+    },
+    ApiKeyCreated {
+        id: String,
+        value: ApiKey,
+    },
+    ApiKeyUpdated {
+        id: String,
+        value: ApiKey,
+    },
+    ApiKeyDeleted {
+        id: String,
+    },
 }
 
 impl DomainEvent {
@@ -52,12 +76,12 @@ impl DomainEvent {
             Self::ProviderKeyCreated { id, .. }
             | Self::ProviderKeyUpdated { id, .. }
             | Self::ProviderKeyDeleted { id } => (ResourceKind::ProviderKey, id),
-            Self::ModelCreated { id, .. } | Self::ModelUpdated { id, .. } | Self::ModelDeleted { id } => {
-                (ResourceKind::Model, id)
-            }
-            Self::ApiKeyCreated { id, .. } | Self::ApiKeyUpdated { id, .. } | Self::ApiKeyDeleted { id } => {
-                (ResourceKind::ApiKey, id)
-            }
+            Self::ModelCreated { id, .. }
+            | Self::ModelUpdated { id, .. }
+            | Self::ModelDeleted { id } => (ResourceKind::Model, id),
+            Self::ApiKeyCreated { id, .. }
+            | Self::ApiKeyUpdated { id, .. }
+            | Self::ApiKeyDeleted { id } => (ResourceKind::ApiKey, id),
         }
     }
 }

@@ -75,26 +75,33 @@ impl State {
     pub fn apply(&mut self, stored: &StoredEvent) {
         self.version = stored.seq;
         match &stored.event {
-            DomainEvent::ProviderKeyCreated { id, value } | DomainEvent::ProviderKeyUpdated { id, value } => {
+            DomainEvent::ProviderKeyCreated { id, value }
+            | DomainEvent::ProviderKeyUpdated { id, value } => {
                 self.unindex(ResourceKind::ProviderKey, id);
-                self.index
-                    .names
-                    .insert((ResourceKind::ProviderKey, value.display_name.clone()), id.clone());
+                self.index.names.insert(
+                    (ResourceKind::ProviderKey, value.display_name.clone()),
+                    id.clone(),
+                );
                 upsert(&mut self.provider_keys, id, value.clone());
             }
             DomainEvent::ModelCreated { id, value } | DomainEvent::ModelUpdated { id, value } => {
                 self.unindex(ResourceKind::Model, id);
-                self.index
-                    .names
-                    .insert((ResourceKind::Model, value.display_name.clone()), id.clone());
+                self.index.names.insert(
+                    (ResourceKind::Model, value.display_name.clone()),
+                    id.clone(),
+                );
                 upsert(&mut self.models, id, value.clone());
             }
             DomainEvent::ApiKeyCreated { id, value } | DomainEvent::ApiKeyUpdated { id, value } => {
                 self.unindex(ResourceKind::ApiKey, id);
                 if let Some(name) = &value.display_name {
-                    self.index.names.insert((ResourceKind::ApiKey, name.clone()), id.clone());
+                    self.index
+                        .names
+                        .insert((ResourceKind::ApiKey, name.clone()), id.clone());
                 }
-                self.index.key_hashes.insert(value.key_hash.clone(), id.clone());
+                self.index
+                    .key_hashes
+                    .insert(value.key_hash.clone(), id.clone());
                 upsert(&mut self.api_keys, id, value.clone());
             }
             DomainEvent::ProviderKeyDeleted { id } => {
@@ -114,7 +121,10 @@ impl State {
 
     fn unindex(&mut self, kind: ResourceKind, id: &str) {
         let name = match kind {
-            ResourceKind::ProviderKey => self.provider_keys.get(id).map(|r| r.value.display_name.clone()),
+            ResourceKind::ProviderKey => self
+                .provider_keys
+                .get(id)
+                .map(|r| r.value.display_name.clone()),
             ResourceKind::Model => self.models.get(id).map(|r| r.value.display_name.clone()),
             ResourceKind::ApiKey => self.api_keys.get(id).and_then(|r| {
                 self.index.key_hashes.remove(&r.value.key_hash);
@@ -130,23 +140,36 @@ impl State {
     pub fn reindex(&mut self) {
         let mut index = Index::default();
         for (id, r) in &self.provider_keys {
-            index.names.insert((ResourceKind::ProviderKey, r.value.display_name.clone()), id.clone());
+            index.names.insert(
+                (ResourceKind::ProviderKey, r.value.display_name.clone()),
+                id.clone(),
+            );
         }
         for (id, r) in &self.models {
-            index.names.insert((ResourceKind::Model, r.value.display_name.clone()), id.clone());
+            index.names.insert(
+                (ResourceKind::Model, r.value.display_name.clone()),
+                id.clone(),
+            );
         }
         for (id, r) in &self.api_keys {
             if let Some(n) = &r.value.display_name {
-                index.names.insert((ResourceKind::ApiKey, n.clone()), id.clone());
+                index
+                    .names
+                    .insert((ResourceKind::ApiKey, n.clone()), id.clone());
             }
-            index.key_hashes.insert(r.value.key_hash.clone(), id.clone());
+            index
+                .key_hashes
+                .insert(r.value.key_hash.clone(), id.clone());
         }
         self.index = index;
     }
 
     /// Id of the resource of `kind` named `name`, if any.
     pub fn id_by_name(&self, kind: ResourceKind, name: &str) -> Option<&str> {
-        self.index.names.get(&(kind, name.to_string())).map(String::as_str)
+        self.index
+            .names
+            .get(&(kind, name.to_string()))
+            .map(String::as_str)
     }
 
     pub fn id_by_key_hash(&self, hash: &str) -> Option<&str> {

@@ -5,7 +5,8 @@
 use super::*;
 use crate::secrets::Sealed;
 use aigw_shared::domain::{
-    Budget, BudgetPeriod, CacheConfig, Cost, HumanDuration, RateLimit, Routing, RoutingStrategy, Target,
+    Budget, BudgetPeriod, CacheConfig, Cost, HumanDuration, RateLimit, Routing, RoutingStrategy,
+    Target,
 };
 use std::time::Duration;
 use time::macros::datetime;
@@ -40,7 +41,10 @@ fn apply_checked(state: &mut State, event: DomainEvent) {
 fn assert_index_consistent(state: &State) {
     let mut rebuilt = state.clone();
     rebuilt.reindex();
-    assert_eq!(rebuilt.index, state.index, "incremental index drifted from reindex()");
+    assert_eq!(
+        rebuilt.index, state.index,
+        "incremental index drifted from reindex()"
+    );
 }
 
 struct Given {
@@ -174,15 +178,24 @@ fn pk_created(id: &str, name: &str) -> DomainEvent {
 }
 
 fn model_created(id: &str, value: Model) -> DomainEvent {
-    DomainEvent::ModelCreated { id: id.into(), value }
+    DomainEvent::ModelCreated {
+        id: id.into(),
+        value,
+    }
 }
 
 fn ak_created(id: &str, value: ApiKey) -> DomainEvent {
-    DomainEvent::ApiKeyCreated { id: id.into(), value }
+    DomainEvent::ApiKeyCreated {
+        id: id.into(),
+        value,
+    }
 }
 
 fn create(id: &str, value: ResourceValue) -> Command {
-    Command::Create { id: id.into(), value }
+    Command::Create {
+        id: id.into(),
+        value,
+    }
 }
 
 fn update(id: &str, value: ResourceValue, expected_revision: Option<u64>, upsert: bool) -> Command {
@@ -225,8 +238,14 @@ fn create_model_single_and_targets_form() {
         .when(create("m1", ResourceValue::Model(model("gpt", "pk1"))))
         .then_expect(vec![model_created("m1", model("gpt", "pk1"))]);
     Given { state }
-        .when(create("m2", ResourceValue::Model(model_targets("multi", &["pk1", "pk2"]))))
-        .then_expect(vec![model_created("m2", model_targets("multi", &["pk1", "pk2"]))]);
+        .when(create(
+            "m2",
+            ResourceValue::Model(model_targets("multi", &["pk1", "pk2"])),
+        ))
+        .then_expect(vec![model_created(
+            "m2",
+            model_targets("multi", &["pk1", "pk2"]),
+        )]);
 }
 
 #[test]
@@ -270,7 +289,12 @@ fn duplicate_display_name_per_kind() {
         .then_expect_error(is_duplicate);
     // A PUT-upsert of a new id is checked the same way.
     given(past())
-        .when(update("pk2", ResourceValue::ProviderKey(pk("east")), None, true))
+        .when(update(
+            "pk2",
+            ResourceValue::ProviderKey(pk("east")),
+            None,
+            true,
+        ))
         .then_expect_error(is_duplicate);
 }
 
@@ -283,11 +307,20 @@ fn same_name_across_kinds_is_fine() {
         .when(create("m1", ResourceValue::Model(model("shared", "pk1"))))
         .then_expect(vec![model_created("m1", model("shared", "pk1"))]);
     let state = Given { state }
-        .when(create("ak1", ResourceValue::ApiKey(api_key(1, Some("shared")))))
+        .when(create(
+            "ak1",
+            ResourceValue::ApiKey(api_key(1, Some("shared"))),
+        ))
         .then_expect(vec![ak_created("ak1", api_key(1, Some("shared")))]);
-    assert_eq!(state.id_by_name(ResourceKind::ProviderKey, "shared"), Some("pk1"));
+    assert_eq!(
+        state.id_by_name(ResourceKind::ProviderKey, "shared"),
+        Some("pk1")
+    );
     assert_eq!(state.id_by_name(ResourceKind::Model, "shared"), Some("m1"));
-    assert_eq!(state.id_by_name(ResourceKind::ApiKey, "shared"), Some("ak1"));
+    assert_eq!(
+        state.id_by_name(ResourceKind::ApiKey, "shared"),
+        Some("ak1")
+    );
 }
 
 #[test]
@@ -297,9 +330,17 @@ fn duplicate_key_hash() {
         .then_expect_error(is_duplicate);
     assert!(e.to_string().contains("key_hash"), "{e}");
     // Also when another key is updated to take the hash.
-    given([ak_created("ak1", api_key(7, None)), ak_created("ak2", api_key(8, None))])
-        .when(update("ak2", ResourceValue::ApiKey(api_key(7, None)), None, false))
-        .then_expect_error(is_duplicate);
+    given([
+        ak_created("ak1", api_key(7, None)),
+        ak_created("ak2", api_key(8, None)),
+    ])
+    .when(update(
+        "ak2",
+        ResourceValue::ApiKey(api_key(7, None)),
+        None,
+        false,
+    ))
+    .then_expect_error(is_duplicate);
 }
 
 // ---------------------------------------------------------------- update
@@ -316,20 +357,38 @@ fn update_keeping_own_name_is_ok() {
     let mut renamed_pk = pk("east");
     renamed_pk.api_version = "2025-01-01".into();
     given(past())
-        .when(update("pk1", ResourceValue::ProviderKey(renamed_pk.clone()), None, false))
+        .when(update(
+            "pk1",
+            ResourceValue::ProviderKey(renamed_pk.clone()),
+            None,
+            false,
+        ))
         .then_expect(vec![DomainEvent::ProviderKeyUpdated {
             id: "pk1".into(),
             value: renamed_pk,
         }]);
     let m = model_targets("gpt", &["pk1"]);
     given(past())
-        .when(update("m1", ResourceValue::Model(m.clone()), Some(1), false))
-        .then_expect(vec![DomainEvent::ModelUpdated { id: "m1".into(), value: m }]);
+        .when(update(
+            "m1",
+            ResourceValue::Model(m.clone()),
+            Some(1),
+            false,
+        ))
+        .then_expect(vec![DomainEvent::ModelUpdated {
+            id: "m1".into(),
+            value: m,
+        }]);
     // Same name and same hash as itself.
     let mut k = api_key(1, Some("ci"));
     k.disabled = true;
     let state = given(past())
-        .when(update("ak1", ResourceValue::ApiKey(k.clone()), Some(1), true))
+        .when(update(
+            "ak1",
+            ResourceValue::ApiKey(k.clone()),
+            Some(1),
+            true,
+        ))
         .then_expect(vec![DomainEvent::ApiKeyUpdated {
             id: "ak1".into(),
             value: k,
@@ -340,31 +399,66 @@ fn update_keeping_own_name_is_ok() {
 #[test]
 fn update_to_another_resources_name_is_duplicate() {
     given([pk_created("pk1", "east"), pk_created("pk2", "west")])
-        .when(update("pk2", ResourceValue::ProviderKey(pk("east")), None, false))
+        .when(update(
+            "pk2",
+            ResourceValue::ProviderKey(pk("east")),
+            None,
+            false,
+        ))
         .then_expect_error(is_duplicate);
 }
 
 #[test]
 fn update_missing_without_upsert_is_not_found() {
     let e = given([])
-        .when(update("ak1", ResourceValue::ApiKey(api_key(1, None)), None, false))
-        .then_expect_error(|e| matches!(e, Error::NotFound { kind: ResourceKind::ApiKey, id } if id == "ak1"));
+        .when(update(
+            "ak1",
+            ResourceValue::ApiKey(api_key(1, None)),
+            None,
+            false,
+        ))
+        .then_expect_error(
+            |e| matches!(e, Error::NotFound { kind: ResourceKind::ApiKey, id } if id == "ak1"),
+        );
     assert!(e.to_string().contains("ak1"));
     given([])
-        .when(update("ak1", ResourceValue::ApiKey(api_key(1, None)), Some(1), false))
+        .when(update(
+            "ak1",
+            ResourceValue::ApiKey(api_key(1, None)),
+            Some(1),
+            false,
+        ))
         .then_expect_error(|e| matches!(e, Error::NotFound { .. }));
 }
 
 #[test]
 fn update_missing_with_upsert_creates() {
     let state = given([])
-        .when(update("pk1", ResourceValue::ProviderKey(pk("east")), None, true))
+        .when(update(
+            "pk1",
+            ResourceValue::ProviderKey(pk("east")),
+            None,
+            true,
+        ))
         .then_expect(vec![pk_created("pk1", "east")]);
     assert_eq!(state.revision(ResourceKind::ProviderKey, "pk1"), Some(1));
     // An upsert that expects an existing revision of a missing resource is stale.
     given([])
-        .when(update("pk1", ResourceValue::ProviderKey(pk("east")), Some(3), true))
-        .then_expect_error(|e| matches!(e, Error::StaleRevision { expected: 3, current: 0 }));
+        .when(update(
+            "pk1",
+            ResourceValue::ProviderKey(pk("east")),
+            Some(3),
+            true,
+        ))
+        .then_expect_error(|e| {
+            matches!(
+                e,
+                Error::StaleRevision {
+                    expected: 3,
+                    current: 0
+                }
+            )
+        });
 }
 
 #[test]
@@ -380,11 +474,29 @@ fn stale_expected_revision_on_update() {
     };
     for upsert in [false, true] {
         given(past())
-            .when(update("pk1", ResourceValue::ProviderKey(pk("east3")), Some(1), upsert))
-            .then_expect_error(|e| matches!(e, Error::StaleRevision { expected: 1, current: 2 }));
+            .when(update(
+                "pk1",
+                ResourceValue::ProviderKey(pk("east3")),
+                Some(1),
+                upsert,
+            ))
+            .then_expect_error(|e| {
+                matches!(
+                    e,
+                    Error::StaleRevision {
+                        expected: 1,
+                        current: 2
+                    }
+                )
+            });
     }
     given(past())
-        .when(update("pk1", ResourceValue::ProviderKey(pk("east3")), Some(2), false))
+        .when(update(
+            "pk1",
+            ResourceValue::ProviderKey(pk("east3")),
+            Some(2),
+            false,
+        ))
         .then_expect(vec![DomainEvent::ProviderKeyUpdated {
             id: "pk1".into(),
             value: pk("east3"),
@@ -406,7 +518,15 @@ fn stale_expected_revision_on_delete() {
     };
     given(past())
         .when(delete(ResourceKind::ApiKey, "ak1", Some(1)))
-        .then_expect_error(|e| matches!(e, Error::StaleRevision { expected: 1, current: 2 }));
+        .then_expect_error(|e| {
+            matches!(
+                e,
+                Error::StaleRevision {
+                    expected: 1,
+                    current: 2
+                }
+            )
+        });
     given(past())
         .when(delete(ResourceKind::ApiKey, "ak1", Some(2)))
         .then_expect(vec![DomainEvent::ApiKeyDeleted { id: "ak1".into() }]);
@@ -420,7 +540,15 @@ fn delete_missing_is_not_found() {
     // Ids are per kind: a provider key `x` is no model `x`.
     given([pk_created("x", "east")])
         .when(delete(ResourceKind::Model, "x", None))
-        .then_expect_error(|e| matches!(e, Error::NotFound { kind: ResourceKind::Model, .. }));
+        .then_expect_error(|e| {
+            matches!(
+                e,
+                Error::NotFound {
+                    kind: ResourceKind::Model,
+                    ..
+                }
+            )
+        });
 }
 
 #[test]
@@ -454,13 +582,24 @@ fn model_with_dangling_provider_key_single_form() {
 #[test]
 fn model_with_dangling_provider_key_targets_form() {
     let e = given([pk_created("pk1", "east")])
-        .when(create("m1", ResourceValue::Model(model_targets("multi", &["pk1", "gone"]))))
+        .when(create(
+            "m1",
+            ResourceValue::Model(model_targets("multi", &["pk1", "gone"])),
+        ))
         .then_expect_error(is_reference);
     assert!(e.to_string().contains("gone"), "{e}");
     // Updates are checked too.
-    given([pk_created("pk1", "east"), model_created("m1", model("gpt", "pk1"))])
-        .when(update("m1", ResourceValue::Model(model_targets("gpt", &["gone"])), None, false))
-        .then_expect_error(is_reference);
+    given([
+        pk_created("pk1", "east"),
+        model_created("m1", model("gpt", "pk1")),
+    ])
+    .when(update(
+        "m1",
+        ResourceValue::Model(model_targets("gpt", &["gone"])),
+        None,
+        false,
+    ))
+    .then_expect_error(is_reference);
 }
 
 #[test]
@@ -472,11 +611,17 @@ fn a_provider_key_id_is_not_a_model_or_api_key_id() {
 
 #[test]
 fn deleting_a_provider_key_used_by_a_model_names_the_model() {
-    let e = given([pk_created("pk1", "east"), model_created("m1", model("gpt-4o", "pk1"))])
-        .when(delete(ResourceKind::ProviderKey, "pk1", None))
-        .then_expect_error(is_reference);
+    let e = given([
+        pk_created("pk1", "east"),
+        model_created("m1", model("gpt-4o", "pk1")),
+    ])
+    .when(delete(ResourceKind::ProviderKey, "pk1", None))
+    .then_expect_error(is_reference);
     let text = e.to_string();
-    assert!(text.contains("gpt-4o") && text.contains("m1") && text.contains("pk1"), "{text}");
+    assert!(
+        text.contains("gpt-4o") && text.contains("m1") && text.contains("pk1"),
+        "{text}"
+    );
 
     // Targets form, used by the second target only.
     let e = given([
@@ -521,7 +666,10 @@ fn delete_then_recreate_a_name() {
         .when(create("pk1", ResourceValue::ProviderKey(pk("west"))))
         .then_expect(vec![pk_created("pk1", "west")]);
     assert_eq!(state.revision(ResourceKind::ProviderKey, "pk1"), Some(1));
-    assert_eq!(state.id_by_name(ResourceKind::ProviderKey, "east"), Some("pk2"));
+    assert_eq!(
+        state.id_by_name(ResourceKind::ProviderKey, "east"),
+        Some("pk2")
+    );
     assert_eq!(state.id_by_key_hash(&hash(5)), Some("ak2"));
 }
 
@@ -536,7 +684,13 @@ fn apply_bumps_revision_and_version() {
         event,
     };
     state.apply(&stored(1, pk_created("pk1", "east")));
-    assert_eq!((state.version, state.revision(ResourceKind::ProviderKey, "pk1")), (1, Some(1)));
+    assert_eq!(
+        (
+            state.version,
+            state.revision(ResourceKind::ProviderKey, "pk1")
+        ),
+        (1, Some(1))
+    );
     for (seq, rev) in [(2, 2), (3, 3)] {
         state.apply(&stored(
             seq,
@@ -545,17 +699,38 @@ fn apply_bumps_revision_and_version() {
                 value: pk("east"),
             },
         ));
-        assert_eq!((state.version, state.revision(ResourceKind::ProviderKey, "pk1")), (seq, Some(rev)));
+        assert_eq!(
+            (
+                state.version,
+                state.revision(ResourceKind::ProviderKey, "pk1")
+            ),
+            (seq, Some(rev))
+        );
     }
     // Other resources keep their own revisions.
     state.apply(&stored(4, ak_created("ak1", api_key(1, None))));
     assert_eq!(state.revision(ResourceKind::ApiKey, "ak1"), Some(1));
     assert_eq!(state.revision(ResourceKind::ProviderKey, "pk1"), Some(3));
     // The version is the seq of the last event, whatever it is.
-    state.apply(&stored(5, DomainEvent::ProviderKeyDeleted { id: "pk1".into() }));
-    assert_eq!((state.version, state.revision(ResourceKind::ProviderKey, "pk1")), (5, None));
+    state.apply(&stored(
+        5,
+        DomainEvent::ProviderKeyDeleted { id: "pk1".into() },
+    ));
+    assert_eq!(
+        (
+            state.version,
+            state.revision(ResourceKind::ProviderKey, "pk1")
+        ),
+        (5, None)
+    );
     state.apply(&stored(6, pk_created("pk1", "east")));
-    assert_eq!((state.version, state.revision(ResourceKind::ProviderKey, "pk1")), (6, Some(1)));
+    assert_eq!(
+        (
+            state.version,
+            state.revision(ResourceKind::ProviderKey, "pk1")
+        ),
+        (6, Some(1))
+    );
     assert_index_consistent(&state);
 }
 
@@ -598,23 +773,40 @@ fn index_consistent_after_rename() {
     assert_eq!(state.id_by_key_hash(&hash(3)), Some("ak2"));
 
     // And the handler agrees: old values are free, new ones are taken.
-    let g = || Given { state: state.clone() };
+    let g = || Given {
+        state: state.clone(),
+    };
     g().when(create("pk2", ResourceValue::ProviderKey(pk("old"))))
         .then_expect(vec![pk_created("pk2", "old")]);
     g().when(create("pk2", ResourceValue::ProviderKey(pk("new"))))
         .then_expect_error(is_duplicate);
-    g().when(create("m2", ResourceValue::Model(model("old-model", "pk1"))))
-        .then_expect(vec![model_created("m2", model("old-model", "pk1"))]);
-    g().when(create("m2", ResourceValue::Model(model("new-model", "pk1"))))
-        .then_expect_error(is_duplicate);
-    g().when(create("ak3", ResourceValue::ApiKey(api_key(1, Some("old-key")))))
-        .then_expect(vec![ak_created("ak3", api_key(1, Some("old-key")))]);
-    g().when(create("ak3", ResourceValue::ApiKey(api_key(9, Some("new-key")))))
-        .then_expect_error(is_duplicate);
+    g().when(create(
+        "m2",
+        ResourceValue::Model(model("old-model", "pk1")),
+    ))
+    .then_expect(vec![model_created("m2", model("old-model", "pk1"))]);
+    g().when(create(
+        "m2",
+        ResourceValue::Model(model("new-model", "pk1")),
+    ))
+    .then_expect_error(is_duplicate);
+    g().when(create(
+        "ak3",
+        ResourceValue::ApiKey(api_key(1, Some("old-key"))),
+    ))
+    .then_expect(vec![ak_created("ak3", api_key(1, Some("old-key")))]);
+    g().when(create(
+        "ak3",
+        ResourceValue::ApiKey(api_key(9, Some("new-key"))),
+    ))
+    .then_expect_error(is_duplicate);
     g().when(create("ak3", ResourceValue::ApiKey(api_key(2, None))))
         .then_expect_error(is_duplicate);
-    g().when(create("ak3", ResourceValue::ApiKey(api_key(9, Some("dropped")))))
-        .then_expect(vec![ak_created("ak3", api_key(9, Some("dropped")))]);
+    g().when(create(
+        "ak3",
+        ResourceValue::ApiKey(api_key(9, Some("dropped"))),
+    ))
+    .then_expect(vec![ak_created("ak3", api_key(9, Some("dropped")))]);
 }
 
 #[test]
@@ -685,10 +877,17 @@ fn reindex_after_serde_round_trip_gives_the_same_answers() {
         (ApiKey, "ci-renamed"),
         (ApiKey, "doomed"),
     ] {
-        assert_eq!(loaded.id_by_name(kind, name), original.id_by_name(kind, name), "{kind} {name}");
+        assert_eq!(
+            loaded.id_by_name(kind, name),
+            original.id_by_name(kind, name),
+            "{kind} {name}"
+        );
     }
     for n in 1..=5 {
-        assert_eq!(loaded.id_by_key_hash(&hash(n)), original.id_by_key_hash(&hash(n)));
+        assert_eq!(
+            loaded.id_by_key_hash(&hash(n)),
+            original.id_by_key_hash(&hash(n))
+        );
     }
     // The handler decides the same way on both.
     let commands = [
@@ -696,7 +895,12 @@ fn reindex_after_serde_round_trip_gives_the_same_answers() {
         create("pk9", ResourceValue::ProviderKey(pk("west"))),
         create("ak9", ResourceValue::ApiKey(api_key(4, None))),
         create("ak9", ResourceValue::ApiKey(api_key(1, Some("ci")))),
-        update("m2", ResourceValue::Model(model("gpt", "pk1")), Some(1), false),
+        update(
+            "m2",
+            ResourceValue::Model(model("gpt", "pk1")),
+            Some(1),
+            false,
+        ),
         delete(ResourceKind::ProviderKey, "pk2", None),
         delete(ResourceKind::ApiKey, "ak3", None),
     ];
@@ -757,7 +961,8 @@ fn every_variant() -> Vec<DomainEvent> {
     let mut updated_key = full_key.clone();
     updated_key.expires_at = Some(datetime!(2027-03-04 05:06:07.5 +02:00));
     let mut pk_with_ca = pk("east-2");
-    pk_with_ca.ca_pem = Some("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into());
+    pk_with_ca.ca_pem =
+        Some("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into());
     vec![
         pk_created("pk1", "east"),
         DomainEvent::ProviderKeyUpdated {
@@ -816,12 +1021,18 @@ fn encode_decode_round_trips_every_variant() {
         assert_eq!(back, stored);
         assert_eq!(back.encode().unwrap(), bytes, "re-encoding is stable");
     }
-    assert!(seen.iter().all(|s| *s), "every_variant() misses a variant: {seen:?}");
+    assert!(
+        seen.iter().all(|s| *s),
+        "every_variant() misses a variant: {seen:?}"
+    );
 }
 
 #[test]
 fn decode_rejects_garbage_and_unknown_types() {
-    assert!(matches!(StoredEvent::decode(b"not json"), Err(Error::Storage(_))));
+    assert!(matches!(
+        StoredEvent::decode(b"not json"),
+        Err(Error::Storage(_))
+    ));
     let env = serde_json::json!({
         "seq": 1, "at": "2025-01-01T00:00:00Z", "actor": "x",
         "type": "Nonsense", "version": 1, "payload": {"id": "a"},
@@ -874,11 +1085,13 @@ fn v1_api_key_envelope(type_name: &str, expires_at: Value) -> Vec<u8> {
 #[test]
 fn upcasts_v1_api_key_epoch_seconds_to_rfc3339() {
     for type_name in ["ApiKeyCreated", "ApiKeyUpdated"] {
-        let decoded = StoredEvent::decode(&v1_api_key_envelope(type_name, 1_767_225_600.into())).unwrap();
+        let decoded =
+            StoredEvent::decode(&v1_api_key_envelope(type_name, 1_767_225_600.into())).unwrap();
         assert_eq!(decoded.seq, 17);
         assert_eq!(decoded.at, datetime!(2025-02-03 04:05:06 UTC));
         assert_eq!(decoded.actor, "admin:legacy");
-        let (DomainEvent::ApiKeyCreated { id, value } | DomainEvent::ApiKeyUpdated { id, value }) = &decoded.event
+        let (DomainEvent::ApiKeyCreated { id, value } | DomainEvent::ApiKeyUpdated { id, value }) =
+            &decoded.event
         else {
             panic!("decoded as {decoded:?}");
         };
@@ -890,7 +1103,10 @@ fn upcasts_v1_api_key_epoch_seconds_to_rfc3339() {
         // Written back, it is a v2 event with RFC 3339 text.
         let env: Value = serde_json::from_slice(&decoded.encode().unwrap()).unwrap();
         assert_eq!(env["version"], 2);
-        assert_eq!(env["payload"]["value"]["expires_at"], "2026-01-01T00:00:00Z");
+        assert_eq!(
+            env["payload"]["value"]["expires_at"],
+            "2026-01-01T00:00:00Z"
+        );
     }
     // No expiry in v1 stays none.
     let decoded = StoredEvent::decode(&v1_api_key_envelope("ApiKeyCreated", Value::Null)).unwrap();
@@ -907,10 +1123,16 @@ fn upcast_helper_directly() {
     assert_eq!(up["value"]["expires_at"], "1970-01-01T00:00:00Z");
     // Current version: untouched.
     let payload = serde_json::json!({"id": "a", "value": {"expires_at": "2026-01-01T00:00:00Z"}});
-    assert_eq!(upcast("ApiKeyCreated", 2, payload.clone()).unwrap(), payload);
+    assert_eq!(
+        upcast("ApiKeyCreated", 2, payload.clone()).unwrap(),
+        payload
+    );
     // Out-of-range seconds are an error, not a panic.
     let payload = serde_json::json!({"id": "a", "value": {"expires_at": i64::MAX}});
-    assert!(matches!(upcast("ApiKeyCreated", 1, payload), Err(Error::Storage(_))));
+    assert!(matches!(
+        upcast("ApiKeyCreated", 1, payload),
+        Err(Error::Storage(_))
+    ));
 }
 
 #[test]
@@ -924,7 +1146,10 @@ fn a_version_newer_than_this_build_is_an_error() {
     let mut env: Value = serde_json::from_slice(&stored.encode().unwrap()).unwrap();
     env["version"] = 3.into();
     let err = StoredEvent::decode(&serde_json::to_vec(&env).unwrap()).unwrap_err();
-    assert!(matches!(&err, Error::Storage(m) if m.contains("newer")), "{err:?}");
+    assert!(
+        matches!(&err, Error::Storage(m) if m.contains("newer")),
+        "{err:?}"
+    );
 
     // Likewise for an event type still at v1.
     let stored = StoredEvent {

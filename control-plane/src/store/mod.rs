@@ -13,7 +13,10 @@ pub trait EventStore: Send + Sync + 'static {
     /// only once they are durable on disk.
     fn append(&self, events: &[StoredEvent]) -> Result<(), Error>;
     /// Events with `seq >= from`, in order.
-    fn read_from(&self, from: u64) -> Box<dyn Iterator<Item = Result<StoredEvent, Error>> + Send + '_>;
+    fn read_from(
+        &self,
+        from: u64,
+    ) -> Box<dyn Iterator<Item = Result<StoredEvent, Error>> + Send + '_>;
     /// Sequence number of the last event, 0 for an empty log.
     fn last_seq(&self) -> Result<u64, Error>;
     /// Keeps a serialized state as of `seq`; older snapshots may be dropped.

@@ -54,7 +54,10 @@ impl EventStore for SledStore {
         Ok(())
     }
 
-    fn read_from(&self, from: u64) -> Box<dyn Iterator<Item = Result<StoredEvent, Error>> + Send + '_> {
+    fn read_from(
+        &self,
+        from: u64,
+    ) -> Box<dyn Iterator<Item = Result<StoredEvent, Error>> + Send + '_> {
         Box::new(self.events.range(from.to_be_bytes()..).map(|item| {
             let (_, v) = item?;
             StoredEvent::decode(&v)

@@ -63,10 +63,12 @@ impl SnapshotCacheFile {
         };
         let doc: CacheDoc = serde_json::from_slice(&bytes)
             .map_err(|e| Error::Cache(format!("{}: {e}", self.path.display())))?;
-        let text = self
-            .cipher
-            .open(OWNER, &doc.sealed)
-            .map_err(|_| Error::Cache(format!("{}: sealed with another node token", self.path.display())))?;
+        let text = self.cipher.open(OWNER, &doc.sealed).map_err(|_| {
+            Error::Cache(format!(
+                "{}: sealed with another node token",
+                self.path.display()
+            ))
+        })?;
         Ok(Some(text.into_bytes()))
     }
 }

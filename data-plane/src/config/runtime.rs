@@ -132,9 +132,15 @@ impl Runtime {
                     compiled.push(u.clone());
                     continue;
                 }
-                let pk = snapshot.provider_keys.get(&t.provider_key_id).ok_or_else(|| {
-                    format!("model {model_id}: provider key {} is missing", t.provider_key_id)
-                })?;
+                let pk = snapshot
+                    .provider_keys
+                    .get(&t.provider_key_id)
+                    .ok_or_else(|| {
+                        format!(
+                            "model {model_id}: provider key {} is missing",
+                            t.provider_key_id
+                        )
+                    })?;
                 let base = resolve_api_base(&pk.api_base)
                     .map_err(|e| format!("provider key {}: {e}", t.provider_key_id))?;
                 let uri = |op: Operation| -> Result<Uri, String> {
@@ -155,7 +161,10 @@ impl Runtime {
                 let auth = match &pk.credential {
                     Credential::ApiKey { key } => {
                         let mut v = HeaderValue::from_str(key).map_err(|_| {
-                            format!("provider key {}: the API key is not a valid header value", pk.display_name)
+                            format!(
+                                "provider key {}: the API key is not a valid header value",
+                                pk.display_name
+                            )
                         })?;
                         v.set_sensitive(true);
                         UpstreamAuth::ApiKey(v)
@@ -169,8 +178,9 @@ impl Runtime {
                     Some(pem) => Some(match clients.get(pem) {
                         Some(c) => c.clone(),
                         None => {
-                            let ders = aigw_shared::domain::parse_ca_pem(pem)
-                                .map_err(|e| format!("provider key {}: ca_pem {e}", pk.display_name))?;
+                            let ders = aigw_shared::domain::parse_ca_pem(pem).map_err(|e| {
+                                format!("provider key {}: ca_pem {e}", pk.display_name)
+                            })?;
                             let c = crate::proxy::UpstreamClient::new(&ders)
                                 .map_err(|e| format!("provider key {}: {e}", pk.display_name))?;
                             clients.insert(pem.clone(), c.clone());
@@ -178,8 +188,9 @@ impl Runtime {
                         }
                     }),
                 };
-                let served_by = HeaderValue::from_str(&format!("{}/{}", pk.display_name, t.model_name))
-                    .unwrap_or_else(|_| HeaderValue::from_static("upstream"));
+                let served_by =
+                    HeaderValue::from_str(&format!("{}/{}", pk.display_name, t.model_name))
+                        .unwrap_or_else(|_| HeaderValue::from_static("upstream"));
                 let up = Arc::new(Upstream {
                     provider_key_id: t.provider_key_id.clone(),
                     provider_name: pk.display_name.clone(),
@@ -200,7 +211,9 @@ impl Runtime {
                     alias: Arc::from(m.display_name.as_str()),
                     targets: compiled,
                     timeout: routing.timeout.map_or(DEFAULT_TIMEOUT, |d| d.0),
-                    stream_idle_timeout: routing.stream_idle_timeout.map_or(DEFAULT_STREAM_IDLE, |d| d.0),
+                    stream_idle_timeout: routing
+                        .stream_idle_timeout
+                        .map_or(DEFAULT_STREAM_IDLE, |d| d.0),
                 }),
             );
         }

@@ -35,7 +35,9 @@ pub fn apply(handle: &ConfigHandle, body: &[u8]) -> Result<u64, String> {
 pub fn boot_from_cache(handle: &ConfigHandle, cache: &SnapshotCacheFile) {
     match cache.load() {
         Ok(Some(body)) => match apply(handle, &body) {
-            Ok(v) => info!(version = v, path = %cache.path().display(), "booted from the snapshot cache"),
+            Ok(v) => {
+                info!(version = v, path = %cache.path().display(), "booted from the snapshot cache")
+            }
             Err(e) => warn!(error = %e, "the snapshot cache holds an unusable snapshot"),
         },
         Ok(None) => {}
@@ -85,7 +87,10 @@ async fn session(
         .connect_timeout(Duration::from_secs(2))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5));
-    let channel = endpoint.connect().await.map_err(|e| format!("connect: {e}"))?;
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
     let mut client = ConfigServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(16);
     let hello = pb::WatchRequest {
@@ -96,14 +101,20 @@ async fn session(
             address: settings.address.clone(),
         })),
     };
-    tx.send(hello).await.map_err(|_| "request stream closed".to_string())?;
+    tx.send(hello)
+        .await
+        .map_err(|_| "request stream closed".to_string())?;
     let mut stream = client
         .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .map_err(|s| format!("watch: {}", s.message()))?
         .into_inner();
     info!("connected to the config stream");
-    while let Some(snap) = stream.message().await.map_err(|s| format!("stream: {}", s.message()))? {
+    while let Some(snap) = stream
+        .message()
+        .await
+        .map_err(|s| format!("stream: {}", s.message()))?
+    {
         *backoff = BACKOFF_MIN;
         let reply = match apply(handle, &snap.body) {
             Ok(version) => {
@@ -124,7 +135,11 @@ async fn session(
                 })
             }
         };
-        if tx.send(pb::WatchRequest { kind: Some(reply) }).await.is_err() {
+        if tx
+            .send(pb::WatchRequest { kind: Some(reply) })
+            .await
+            .is_err()
+        {
             break;
         }
     }

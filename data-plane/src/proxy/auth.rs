@@ -8,7 +8,10 @@ use std::sync::Arc;
 
 /// The key from `Authorization: Bearer …`, `api-key` or `x-api-key`.
 pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
-    if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+    if let Some(v) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
         if let Some((scheme, rest)) = v.split_once(' ') {
             if scheme.eq_ignore_ascii_case("bearer") && !rest.trim().is_empty() {
                 return Some(rest.trim());
@@ -26,7 +29,9 @@ pub fn authenticate<'a>(rt: &'a Runtime, headers: &HeaderMap) -> Result<&'a Arc<
     let key = presented_key(headers).ok_or(Error::InvalidApiKey(
         "missing API key: send `Authorization: Bearer <key>` or an `api-key` header",
     ))?;
-    let caller = rt.caller(key).ok_or(Error::InvalidApiKey("invalid API key"))?;
+    let caller = rt
+        .caller(key)
+        .ok_or(Error::InvalidApiKey("invalid API key"))?;
     if caller.disabled {
         return Err(Error::InvalidApiKey("this API key is disabled"));
     }

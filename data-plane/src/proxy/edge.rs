@@ -12,22 +12,80 @@ impl Error {
     fn classify(&self) -> (StatusCode, &'static str, Option<&'static str>) {
         use Error::*;
         match self {
-            InvalidApiKey(_) => (StatusCode::UNAUTHORIZED, "invalid_request_error", Some("invalid_api_key")),
-            PermissionDenied(_) => (StatusCode::FORBIDDEN, "permission_error", Some("permission_denied")),
-            ModelNotFound(_) => (StatusCode::NOT_FOUND, "invalid_request_error", Some("model_not_found")),
-            InvalidRequest { code, .. } => (StatusCode::BAD_REQUEST, "invalid_request_error", *code),
-            UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request_error", Some("unsupported_media_type")),
-            PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", Some("request_too_large")),
-            RouteNotFound(_) => (StatusCode::NOT_FOUND, "invalid_request_error", Some("unknown_url")),
-            MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", Some("method_not_allowed")),
-            NotReady => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", Some("not_ready")),
-            ContentFilter { .. } => (StatusCode::BAD_REQUEST, "invalid_request_error", Some("content_filter")),
-            UpstreamRateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", Some("rate_limit_exceeded")),
-            UpstreamAuth(_) => (StatusCode::BAD_GATEWAY, "upstream_error", Some("upstream_auth_error")),
-            UpstreamRoute(_) => (StatusCode::BAD_GATEWAY, "upstream_error", Some("upstream_route_error")),
-            Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream_error", Some("upstream_error")),
+            InvalidApiKey(_) => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                Some("invalid_api_key"),
+            ),
+            PermissionDenied(_) => (
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                Some("permission_denied"),
+            ),
+            ModelNotFound(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("model_not_found"),
+            ),
+            InvalidRequest { code, .. } => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error", *code)
+            }
+            UnsupportedMediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request_error",
+                Some("unsupported_media_type"),
+            ),
+            PayloadTooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                Some("request_too_large"),
+            ),
+            RouteNotFound(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("unknown_url"),
+            ),
+            MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                Some("method_not_allowed"),
+            ),
+            NotReady => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                Some("not_ready"),
+            ),
+            ContentFilter { .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("content_filter"),
+            ),
+            UpstreamRateLimited { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                Some("rate_limit_exceeded"),
+            ),
+            UpstreamAuth(_) => (
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                Some("upstream_auth_error"),
+            ),
+            UpstreamRoute(_) => (
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                Some("upstream_route_error"),
+            ),
+            Upstream(_) => (
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                Some("upstream_error"),
+            ),
             Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout", Some("timeout")),
-            Config(_) | Cache(_) | Io(_) | Shared(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", Some("internal_error")),
+            Config(_) | Cache(_) | Io(_) | Shared(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                Some("internal_error"),
+            ),
         }
     }
 
@@ -64,8 +122,10 @@ impl Error {
         let body = serde_json::to_vec(&json!({ "error": error })).unwrap_or_default();
         let mut resp = Response::new(super::full(Bytes::from(body)));
         *resp.status_mut() = status;
-        resp.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         if let Some(v) = retry_after {
             resp.headers_mut().insert(header::RETRY_AFTER, v);
         }

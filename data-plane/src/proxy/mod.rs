@@ -55,7 +55,12 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(config: Arc<ConfigHandle>, upstream: UpstreamClient, max_body: usize, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        config: Arc<ConfigHandle>,
+        upstream: UpstreamClient,
+        max_body: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             config,
             upstream,
@@ -68,7 +73,7 @@ impl Proxy {
     pub async fn serve<B>(&self, req: Request<B>) -> Response<ProxyBody>
     where
         B: http_body::Body<Data = Bytes>,
-        B::Error: Into<BoxError>,
+        B::Error: std::fmt::Display,
     {
         let request_id = request_id(req.headers());
         if let Ok(id) = request_id.to_str() {
@@ -84,10 +89,14 @@ impl Proxy {
         resp
     }
 
-    async fn dispatch<B>(&self, req: Request<B>, request_id: &HeaderValue) -> Result<Response<ProxyBody>, Error>
+    async fn dispatch<B>(
+        &self,
+        req: Request<B>,
+        request_id: &HeaderValue,
+    ) -> Result<Response<ProxyBody>, Error>
     where
         B: http_body::Body<Data = Bytes>,
-        B::Error: Into<BoxError>,
+        B::Error: std::fmt::Display,
     {
         let op = match (req.method(), req.uri().path()) {
             (&Method::POST, "/v1/chat/completions") => Operation::ChatCompletions,
@@ -110,11 +119,9 @@ impl Proxy {
         if !caller.allows(&call.alias) {
             return Err(Error::PermissionDenied(call.alias));
         }
-        let target = route
-            .targets
-            .first()
-            .cloned()
-            .ok_or_else(|| Error::UpstreamRoute(format!("model `{}` has no deployment", route.alias)))?;
+        let target = route.targets.first().cloned().ok_or_else(|| {
+            Error::UpstreamRoute(format!("model `{}` has no deployment", route.alias))
+        })?;
         drop(runtime);
         self.upstream
             .call(op, &route, &target, &parts.headers, call, request_id)
@@ -133,8 +140,10 @@ impl Proxy {
             .collect();
         let body = serde_json::to_vec(&json!({"object": "list", "data": data})).unwrap_or_default();
         let mut r = Response::new(full(Bytes::from(body)));
-        r.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         Ok(r)
     }
 }

@@ -4,7 +4,6 @@ use crate::config::Operation;
 use crate::error::Error;
 use bytes::Bytes;
 use http::{header, HeaderMap};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{Map, Value};
 
 /// A checked request, ready to send upstream.
@@ -18,7 +17,11 @@ pub struct Call {
     pub body: Bytes,
 }
 
-fn invalid(message: impl Into<String>, param: Option<&'static str>, code: Option<&'static str>) -> Error {
+fn invalid(
+    message: impl Into<String>,
+    param: Option<&'static str>,
+    code: Option<&'static str>,
+) -> Error {
     Error::InvalidRequest {
         message: message.into(),
         param,
@@ -30,7 +33,7 @@ fn invalid(message: impl Into<String>, param: Option<&'static str>, code: Option
 pub async fn read<B>(op: Operation, headers: &HeaderMap, body: B, max: usize) -> Result<Call, Error>
 where
     B: http_body::Body<Data = Bytes>,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B::Error: std::fmt::Display,
 {
     if let Some(ct) = headers.get(header::CONTENT_TYPE) {
         let ct = ct.to_str().unwrap_or_default();
@@ -46,16 +49,22 @@ where
     if declared.is_some_and(|n| n > max as u64) {
         return Err(Error::PayloadTooLarge { limit: max });
     }
-    let bytes = match Limited::new(body, max).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            return Err(Error::PayloadTooLarge { limit: max })
+    let bytes = match aigw_shared::body::read_limited(body, max).await {
+        Ok(b) => b,
+        Err(aigw_shared::Error::BodyTooLarge { limit }) => {
+            return Err(Error::PayloadTooLarge { limit })
         }
-        Err(e) => return Err(invalid(format!("could not read the request body: {e}"), None, None)),
+        Err(e) => return Err(invalid(e.to_string(), None, None)),
     };
     let mut obj: Map<String, Value> = match serde_json::from_slice::<Value>(&bytes) {
         Ok(Value::Object(o)) => o,
-        Ok(_) => return Err(invalid("the request body must be a JSON object", None, Some("invalid_json"))),
+        Ok(_) => {
+            return Err(invalid(
+                "the request body must be a JSON object",
+                None,
+                Some("invalid_json"),
+            ))
+        }
         Err(e) => {
             return Err(invalid(
                 format!("we could not parse the JSON body of your request: {e}"),
@@ -66,7 +75,13 @@ where
     };
     let alias = match obj.get("model") {
         Some(Value::String(m)) if !m.is_empty() => m.clone(),
-        Some(_) => return Err(invalid("`model` must be a non-empty string", Some("model"), Some("invalid_type"))),
+        Some(_) => {
+            return Err(invalid(
+                "`model` must be a non-empty string",
+                Some("model"),
+                Some("invalid_type"),
+            ))
+        }
         None => {
             return Err(invalid(
                 "you must provide a model parameter",
@@ -89,18 +104,32 @@ where
             ))
         }
         Some(Value::Array(a)) if a.is_empty() && op == Operation::ChatCompletions => {
-            return Err(invalid("`messages` must not be empty", Some("messages"), Some("invalid_value")))
+            return Err(invalid(
+                "`messages` must not be empty",
+                Some("messages"),
+                Some("invalid_value"),
+            ))
         }
         Some(Value::Array(_)) => {}
         Some(_) if op == Operation::ChatCompletions => {
-            return Err(invalid("`messages` must be an array", Some("messages"), Some("invalid_type")))
+            return Err(invalid(
+                "`messages` must be an array",
+                Some("messages"),
+                Some("invalid_type"),
+            ))
         }
         Some(_) => {}
     }
     let stream = match obj.get("stream") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b && op != Operation::Embeddings,
-        Some(_) => return Err(invalid("`stream` must be a boolean", Some("stream"), Some("invalid_type"))),
+        Some(_) => {
+            return Err(invalid(
+                "`stream` must be a boolean",
+                Some("stream"),
+                Some("invalid_type"),
+            ))
+        }
     };
     let max_tokens = obj
         .get("max_completion_tokens")
@@ -114,9 +143,16 @@ where
             .entry("stream_options")
             .or_insert_with(|| Value::Object(Map::new()));
         if !opts.is_object() {
-            return Err(invalid("`stream_options` must be an object", Some("stream_options"), Some("invalid_type")));
+            return Err(invalid(
+                "`stream_options` must be an object",
+                Some("stream_options"),
+                Some("invalid_type"),
+            ));
         }
-        caller_wants_usage = opts.get("include_usage").and_then(Value::as_bool).unwrap_or(false);
+        caller_wants_usage = opts
+            .get("include_usage")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         opts["include_usage"] = Value::Bool(true);
         Bytes::from(serde_json::to_vec(&obj).map_err(|e| invalid(e.to_string(), None, None))?)
     } else {

@@ -114,7 +114,11 @@ impl<B> SseAdapter<B> {
                 // The prompt-filter chunk.
                 None => return,
             }
-        } else if chunk.get("id").and_then(Value::as_str).is_some_and(str::is_empty) {
+        } else if chunk
+            .get("id")
+            .and_then(Value::as_str)
+            .is_some_and(str::is_empty)
+        {
             // Annotation-only chunk (asynchronous content filter).
             return;
         }
@@ -184,7 +188,10 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         loop {
             if !this.out.is_empty() {
@@ -235,14 +242,22 @@ mod tests {
     use http_body_util::{BodyExt, StreamBody};
 
     fn adapt(chunks: Vec<&'static str>, forward_usage: bool) -> String {
-        let frames = futures::stream::iter(
-            chunks
-                .into_iter()
-                .map(|c| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(c.as_bytes())))),
-        );
-        let body = SseAdapter::new(StreamBody::new(frames), Arc::from("alias"), forward_usage, Duration::from_secs(5));
-        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
-        let bytes = rt.block_on(body.collect()).unwrap().to_bytes();
+        let frames = futures::stream::iter(chunks.into_iter().map(|c| {
+            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(c.as_bytes())))
+        }));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let bytes = rt.block_on(async {
+            let body = SseAdapter::new(
+                StreamBody::new(frames),
+                Arc::from("alias"),
+                forward_usage,
+                Duration::from_secs(5),
+            );
+            body.collect().await.unwrap().to_bytes()
+        });
         String::from_utf8(bytes.to_vec()).unwrap()
     }
 
@@ -257,7 +272,10 @@ mod tests {
     );
 
     fn events(s: &str) -> Vec<String> {
-        s.split("\n\n").filter(|e| !e.is_empty()).map(str::to_string).collect()
+        s.split("\n\n")
+            .filter(|e| !e.is_empty())
+            .map(str::to_string)
+            .collect()
     }
 
     #[test]

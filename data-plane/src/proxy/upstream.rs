@@ -97,12 +97,22 @@ impl UpstreamClient {
             .body(Full::new(call.body))
             .map_err(|e| Error::Upstream(format!("building the upstream request: {e}")))?;
         let h = req.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         h.insert(
             header::ACCEPT,
-            HeaderValue::from_static(if call.stream { "text/event-stream" } else { "application/json" }),
+            HeaderValue::from_static(if call.stream {
+                "text/event-stream"
+            } else {
+                "application/json"
+            }),
         );
-        h.insert(header::USER_AGENT, HeaderValue::from_static(concat!("aigw/", env!("CARGO_PKG_VERSION"))));
+        h.insert(
+            header::USER_AGENT,
+            HeaderValue::from_static(concat!("aigw/", env!("CARGO_PKG_VERSION"))),
+        );
         h.insert(CLIENT_REQUEST_ID.clone(), request_id.clone());
         for name in &TRACE_HEADERS {
             if let Some(v) = inbound.get(name) {
@@ -156,16 +166,26 @@ impl UpstreamClient {
 
         if !status.is_success() {
             let headers = resp.headers().clone();
-            let body = read_limited(resp.into_body(), MAX_ERROR_BODY, deadline).await.unwrap_or_default();
+            let body = read_limited(resp.into_body(), MAX_ERROR_BODY, deadline)
+                .await
+                .unwrap_or_default();
             return Err(map_error(status, &headers, &body, target));
         }
 
         let mut out = if call.stream && is_sse {
-            let adapter = SseAdapter::new(resp.into_body(), route.alias.clone(), call.caller_wants_usage, route.stream_idle_timeout);
+            let adapter = SseAdapter::new(
+                resp.into_body(),
+                route.alias.clone(),
+                call.caller_wants_usage,
+                route.stream_idle_timeout,
+            );
             let mut r = Response::new(adapter.boxed());
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream; charset=utf-8"),
+            );
             r.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
-            r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             r
         } else {
             let body = match read_limited(resp.into_body(), MAX_UPSTREAM_BODY, deadline).await {
@@ -184,14 +204,20 @@ impl UpstreamClient {
                 }
             };
             let adapted = adapt_json(&body, &route.alias).map_err(|e| {
-                Error::Upstream(format!("Azure deployment `{}` returned an unusable body: {e}", target.deployment))
+                Error::Upstream(format!(
+                    "Azure deployment `{}` returned an unusable body: {e}",
+                    target.deployment
+                ))
             })?;
             let mut r = Response::new(full(adapted));
-            r.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
             r
         };
-        out.headers_mut().insert(SERVED_BY.clone(), target.served_by.clone());
+        out.headers_mut()
+            .insert(SERVED_BY.clone(), target.served_by.clone());
         Ok(out)
     }
 }
@@ -230,7 +256,9 @@ pub fn adapt_json(body: &[u8], alias: &str) -> Result<Bytes, String> {
     let obj = v.as_object_mut().ok_or("not a JSON object")?;
     strip_azure_fields(obj);
     obj.insert("model".into(), Value::from(alias));
-    serde_json::to_vec(&v).map(Bytes::from).map_err(|e| e.to_string())
+    serde_json::to_vec(&v)
+        .map(Bytes::from)
+        .map_err(|e| e.to_string())
 }
 
 /// Removes Azure's content-filter annotations from a response or chunk.
@@ -254,10 +282,19 @@ fn map_error(status: StatusCode, headers: &HeaderMap, body: &[u8], target: &Upst
         .and_then(Value::as_str)
         .map(str::to_string)
         .unwrap_or_else(|| {
-            let text = String::from_utf8_lossy(&body[..body.len().min(200)]).trim().to_string();
-            if text.is_empty() { "(empty body)".into() } else { text }
+            let text = String::from_utf8_lossy(&body[..body.len().min(200)])
+                .trim()
+                .to_string();
+            if text.is_empty() {
+                "(empty body)".into()
+            } else {
+                text
+            }
         });
-    let code = err.and_then(|e| e.get("code")).and_then(Value::as_str).unwrap_or_default();
+    let code = err
+        .and_then(|e| e.get("code"))
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     match status.as_u16() {
         400 if code == "content_filter" => Error::ContentFilter {
             message,
@@ -275,7 +312,11 @@ fn map_error(status: StatusCode, headers: &HeaderMap, body: &[u8], target: &Upst
             "Azure found no deployment `{}` at {} (HTTP 404{}): {message}",
             target.deployment,
             target.host,
-            if code.is_empty() { String::new() } else { format!(" {code}") }
+            if code.is_empty() {
+                String::new()
+            } else {
+                format!(" {code}")
+            }
         )),
         408 | 504 => Error::Timeout(format!(
             "Azure deployment `{}` timed out (HTTP {}): {message}",
@@ -303,6 +344,12 @@ pub fn retry_after(headers: &HeaderMap) -> Option<HeaderValue> {
     if let Some(v) = headers.get(header::RETRY_AFTER) {
         return Some(v.clone());
     }
-    let ms: u64 = headers.get("retry-after-ms")?.to_str().ok()?.trim().parse().ok()?;
+    let ms: u64 = headers
+        .get("retry-after-ms")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     Some(HeaderValue::from(ms.div_ceil(1000).max(1)))
 }

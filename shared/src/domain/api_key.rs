@@ -66,7 +66,10 @@ impl ApiKey {
         }
         if let Some(b) = &self.budget {
             if !b.max_usd.is_finite() || b.max_usd < 0.0 {
-                return Err(Error::validation("budget.max_usd", "must be a non-negative number"));
+                return Err(Error::validation(
+                    "budget.max_usd",
+                    "must be a non-negative number",
+                ));
             }
         }
         Ok(())

@@ -10,7 +10,9 @@ mod provider_key;
 pub use api_key::{ApiKey, Budget, BudgetPeriod};
 pub use duration::HumanDuration;
 pub use model::{CacheConfig, Cost, Model, RateLimit, Routing, RoutingStrategy, Target};
-pub use provider_key::{parse_ca_pem, resolve_api_base, Credential, ProviderKey, DEFAULT_API_VERSION, MASKED};
+pub use provider_key::{
+    parse_ca_pem, resolve_api_base, Credential, ProviderKey, DEFAULT_API_VERSION, MASKED,
+};
 
 use crate::error::Error;
 

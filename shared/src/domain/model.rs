@@ -134,7 +134,10 @@ impl Model {
             non_empty(&format!("targets[{i}].model_name"), &t.model_name)?;
         }
         if let Some(cost) = &self.cost {
-            for (name, v) in [("cost.input_per_1k", cost.input_per_1k), ("cost.output_per_1k", cost.output_per_1k)] {
+            for (name, v) in [
+                ("cost.input_per_1k", cost.input_per_1k),
+                ("cost.output_per_1k", cost.output_per_1k),
+            ] {
                 if !v.is_finite() || v < 0.0 {
                     return Err(Error::validation(name, "must be a non-negative number"));
                 }

@@ -40,7 +40,10 @@ impl ProviderKey {
         if self.adapter != "azure-openai" {
             return Err(Error::validation(
                 "adapter",
-                format!("unsupported adapter `{}`; supported: azure-openai", self.adapter),
+                format!(
+                    "unsupported adapter `{}`; supported: azure-openai",
+                    self.adapter
+                ),
             ));
         }
         non_empty("secret", &self.secret)?;
@@ -136,9 +139,9 @@ impl Credential {
         };
         if let Some(mi) = obj.get("managed_identity") {
             only(&["managed_identity"])?;
-            let inner = mi.as_object().ok_or_else(|| {
-                Error::validation("secret.managed_identity", "must be an object")
-            })?;
+            let inner = mi
+                .as_object()
+                .ok_or_else(|| Error::validation("secret.managed_identity", "must be an object"))?;
             if let Some(k) = inner.keys().find(|k| k.as_str() != "client_id") {
                 return Err(Error::validation(
                     format!("secret.managed_identity.{k}"),
@@ -219,7 +222,10 @@ pub fn resolve_api_base(api_base: &str) -> Result<String, Error> {
                 "must be an http(s) origin or a bare Azure resource name (letters, digits, `-`)",
             ));
         }
-        return Ok(format!("https://{}.openai.azure.com", text.to_ascii_lowercase()));
+        return Ok(format!(
+            "https://{}.openai.azure.com",
+            text.to_ascii_lowercase()
+        ));
     }
     let url = check_origin(text, field, &["http", "https"])?;
     Ok(url.as_str().trim_end_matches('/').to_string())
@@ -231,7 +237,11 @@ fn check_origin(text: &str, field: &str, schemes: &[&str]) -> Result<url::Url, E
     if !schemes.contains(&url.scheme()) {
         return Err(Error::validation(
             field,
-            format!("scheme `{}` is not allowed; use {}", url.scheme(), schemes.join(" or ")),
+            format!(
+                "scheme `{}` is not allowed; use {}",
+                url.scheme(),
+                schemes.join(" or ")
+            ),
         ));
     }
     if url.host_str().is_none_or(str::is_empty) {
@@ -247,7 +257,10 @@ fn check_origin(text: &str, field: &str, schemes: &[&str]) -> Result<url::Url, E
         return Err(Error::validation(field, "must not contain a fragment"));
     }
     if field.ends_with("authority_host") && url.path() != "/" {
-        return Err(Error::validation(field, "must be a bare origin without a path"));
+        return Err(Error::validation(
+            field,
+            "must be a bare origin without a path",
+        ));
     }
     Ok(url)
 }
@@ -285,12 +298,24 @@ mod tests {
 
     #[test]
     fn credential_forms() {
-        assert!(matches!(Credential::parse("sk-123").unwrap(), Credential::ApiKey { .. }));
-        let c = Credential::parse(r#"{"tenant_id":"t","client_id":"c","client_secret":"s"}"#)
-            .unwrap();
-        assert!(matches!(c, Credential::ClientSecret { authority_host: None, .. }));
+        assert!(matches!(
+            Credential::parse("sk-123").unwrap(),
+            Credential::ApiKey { .. }
+        ));
+        let c =
+            Credential::parse(r#"{"tenant_id":"t","client_id":"c","client_secret":"s"}"#).unwrap();
+        assert!(matches!(
+            c,
+            Credential::ClientSecret {
+                authority_host: None,
+                ..
+            }
+        ));
         let err = Credential::parse(r#"{"tenant_id":"t","client_id":"c"}"#).unwrap_err();
-        assert_eq!(err.to_string(), "secret.client_secret: is required for Entra ID client credentials");
+        assert_eq!(
+            err.to_string(),
+            "secret.client_secret: is required for Entra ID client credentials"
+        );
         let err = Credential::parse(
             r#"{"tenant_id":"t","client_id":"c","client_secret":"s","authority_host":"http://login.example"}"#,
         )
@@ -303,7 +328,9 @@ mod tests {
         assert!(err.to_string().contains("bare origin"));
         assert_eq!(
             Credential::parse(r#"{"managed_identity":{"client_id":"abc"}}"#).unwrap(),
-            Credential::ManagedIdentity { client_id: Some("abc".into()) }
+            Credential::ManagedIdentity {
+                client_id: Some("abc".into())
+            }
         );
         assert_eq!(
             Credential::parse(r#"{"workload_identity":{}}"#).unwrap(),
