@@ -8,9 +8,11 @@
 //!   caller auth (`auth`), body checks (`request`), the Azure call (`upstream`),
 //!   stream adaptation (`sse`), error envelope (`edge`)
 //! - `server`  — accept loops and graceful drain
+//! - `credentials` — Entra ID tokens for the upstream, cached across snapshots
 //! - `metrics` — `/metrics` counters
 
 pub mod config;
+pub mod credentials;
 pub mod error;
 pub mod metrics;
 pub mod proxy;
@@ -98,14 +100,16 @@ impl DataPlane {
         let proxy_addr = proxy_listener.local_addr()?;
         let metrics_addr = health_listener.local_addr()?;
 
-        let config = Arc::new(ConfigHandle::default());
+        let metrics = Arc::new(metrics::Metrics::default());
+        let config = Arc::new(ConfigHandle::new(Arc::new(
+            credentials::CredentialRegistry::new(metrics.clone()),
+        )));
         let cache = Arc::new(SnapshotCacheFile::new(
             &settings.snapshot_cache,
             &settings.token,
         ));
         config::watch::boot_from_cache(&config, &cache);
 
-        let metrics = Arc::new(metrics::Metrics::default());
         let upstream = proxy::UpstreamClient::new(&[])?;
         let proxy = Arc::new(proxy::Proxy::new(
             config.clone(),

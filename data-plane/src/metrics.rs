@@ -7,17 +7,38 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 /// to one atomic add on the hot path.
 pub struct Metrics {
     by_status: Vec<AtomicU64>,
+    entra_token_refreshes: AtomicU64,
+    entra_token_failures: AtomicU64,
+    entra_forced_refreshes: AtomicU64,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Self {
             by_status: (0..600).map(|_| AtomicU64::new(0)).collect(),
+            entra_token_refreshes: AtomicU64::new(0),
+            entra_token_failures: AtomicU64::new(0),
+            entra_forced_refreshes: AtomicU64::new(0),
         }
     }
 }
 
 impl Metrics {
+    /// An Entra ID token was fetched (first fetch or refresh).
+    pub fn entra_token_refreshed(&self) {
+        self.entra_token_refreshes.fetch_add(1, Relaxed);
+    }
+
+    /// An Entra ID token request failed.
+    pub fn entra_token_failed(&self) {
+        self.entra_token_failures.fetch_add(1, Relaxed);
+    }
+
+    /// Azure refused a token it had accepted; a new one is fetched.
+    pub fn entra_forced_refresh(&self) {
+        self.entra_forced_refreshes.fetch_add(1, Relaxed);
+    }
+
     pub fn record_status(&self, status: u16) {
         if let Some(c) = self.by_status.get(status as usize) {
             c.fetch_add(1, Relaxed);
@@ -49,6 +70,27 @@ impl Metrics {
         );
         let _ = writeln!(s, "# TYPE aigw_ready gauge");
         let _ = writeln!(s, "aigw_ready {}", u8::from(ready));
+        for (name, help, v) in [
+            (
+                "aigw_entra_token_refreshes_total",
+                "Entra ID tokens fetched for the Azure upstream (first fetches and refreshes).",
+                &self.entra_token_refreshes,
+            ),
+            (
+                "aigw_entra_token_failures_total",
+                "Entra ID token requests that failed.",
+                &self.entra_token_failures,
+            ),
+            (
+                "aigw_entra_forced_refreshes_total",
+                "Entra ID tokens dropped because Azure refused them after accepting them.",
+                &self.entra_forced_refreshes,
+            ),
+        ] {
+            let _ = writeln!(s, "# HELP {name} {help}");
+            let _ = writeln!(s, "# TYPE {name} counter");
+            let _ = writeln!(s, "{name} {}", v.load(Relaxed));
+        }
         s
     }
 }

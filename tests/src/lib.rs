@@ -7,6 +7,8 @@
 //! - [`rest`]: a REST admin client; [`grpc`]: gRPC admin and reflection clients.
 //! - [`fixtures`]: admin resource bodies shaped like the seed's curl calls.
 //! - [`mock_azure`]: a mock Azure OpenAI upstream.
+//! - [`mock_entra`]: mock Entra ID token endpoint (TLS, test CA), App Service
+//!   managed identity endpoint, for Entra ID authentication upstream.
 //!
 //! Every test starts its own processes, so tests can run in parallel.
 
@@ -14,6 +16,7 @@ pub mod control_plane;
 pub mod fixtures;
 pub mod grpc;
 pub mod mock_azure;
+pub mod mock_entra;
 pub mod process;
 pub mod rest;
 

@@ -58,7 +58,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -169,6 +169,10 @@ impl RecordedRequest {
 struct Tables {
     api_key: String,
     bearer_tokens: HashSet<String>,
+    /// Bearer tokens that stop being accepted at the given instant.
+    bearer_expiry: HashMap<String, Instant>,
+    /// Requests that carried a bearer token the mock did not (or no longer) accept.
+    bearer_refusals: usize,
     /// deployment -> model name
     deployments: HashMap<String, String>,
     behaviours: HashMap<String, Behaviour>,
@@ -240,6 +244,25 @@ impl Body for MockBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Registers bearer tokens with a [`MockAzure`] (see [`MockAzure::bearers`]).
+#[derive(Clone)]
+pub struct BearerTokens(Arc<Shared>);
+
+impl BearerTokens {
+    /// Accept `token` until `expires`.
+    pub fn accept_until(&self, token: &str, expires: Instant) {
+        let mut t = self.0.tables();
+        t.bearer_tokens.insert(token.to_string());
+        t.bearer_expiry.insert(token.to_string(), expires);
+    }
+
+    pub fn revoke(&self, token: &str) {
+        let mut t = self.0.tables();
+        t.bearer_tokens.remove(token);
+        t.bearer_expiry.remove(token);
     }
 }
 
@@ -328,6 +351,28 @@ impl MockAzure {
     /// Also accept `Authorization: Bearer <token>`.
     pub fn accept_bearer(&self, token: &str) {
         self.shared.tables().bearer_tokens.insert(token.to_string());
+    }
+
+    /// Accept `Authorization: Bearer <token>` until `expires` (like an Entra ID
+    /// token's lifetime); afterwards such requests get 401.
+    pub fn accept_bearer_until(&self, token: &str, expires: Instant) {
+        self.bearers().accept_until(token, expires);
+    }
+
+    /// Stop accepting `token` (as if revoked): requests carrying it get 401.
+    pub fn revoke_bearer(&self, token: &str) {
+        self.bearers().revoke(token);
+    }
+
+    /// Requests whose bearer token was unknown, expired or revoked.
+    pub fn bearer_refusals(&self) -> usize {
+        self.shared.tables().bearer_refusals
+    }
+
+    /// A handle through which a token issuer (the mock Entra ID) registers
+    /// the tokens it hands out.
+    pub fn bearers(&self) -> BearerTokens {
+        BearerTokens(self.shared.clone())
     }
 
     /// Adds (or renames the model of) a deployment, e.g. `("chat", "gpt-4o-mini-2024-07-18")`.
@@ -788,13 +833,17 @@ async fn route(shared: &Shared, method: &Method, recorded: RecordedRequest) -> R
             .as_ref()
             .and_then(|d| t.behaviours.get(d).cloned())
             .unwrap_or_default();
-        (
-            count,
-            t.api_key.clone(),
-            t.bearer_tokens.clone(),
-            model,
-            behaviour,
-        )
+        let now = Instant::now();
+        let bearers: HashSet<String> = t
+            .bearer_tokens
+            .iter()
+            .filter(|b| t.bearer_expiry.get(*b).is_none_or(|exp| now < *exp))
+            .cloned()
+            .collect();
+        if bearer_of(&recorded).is_some_and(|b| !bearers.contains(&b)) {
+            t.bearer_refusals += 1;
+        }
+        (count, t.api_key.clone(), bearers, model, behaviour)
     };
 
     let mut reply = answer(
@@ -821,15 +870,17 @@ fn authorized(recorded: &RecordedRequest, key: &str, bearers: &HashSet<String>) 
     if recorded.header("api-key") == Some(key) {
         return true;
     }
-    recorded
-        .header("authorization")
-        .and_then(|v| {
-            let (scheme, token) = v.trim().split_once(' ')?;
-            scheme
-                .eq_ignore_ascii_case("bearer")
-                .then(|| token.trim().to_string())
-        })
-        .is_some_and(|token| bearers.contains(&token))
+    bearer_of(recorded).is_some_and(|token| bearers.contains(&token))
+}
+
+/// The token of an `Authorization: Bearer` header.
+fn bearer_of(recorded: &RecordedRequest) -> Option<String> {
+    recorded.header("authorization").and_then(|v| {
+        let (scheme, token) = v.trim().split_once(' ')?;
+        scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim().to_string())
+    })
 }
 
 fn rate_limit_headers(reply: &mut Reply, count: usize, body: Option<&Value>, op: Op) {

@@ -14,31 +14,46 @@ pub use cache::SnapshotCacheFile;
 pub use runtime::{Caller, Operation, Route, Runtime, Upstream, UpstreamAuth};
 pub use watch::{watch_control_plane, WatchSettings};
 
+use crate::credentials::CredentialRegistry;
 use arc_swap::ArcSwapOption;
 use std::sync::Arc;
 
 /// The live configuration: readers `load` it lock-free; the watch task swaps it.
+/// It also keeps the Entra ID token caches, which outlive any one snapshot.
 pub struct ConfigHandle {
     current: ArcSwapOption<Runtime>,
     version: tokio::sync::watch::Sender<u64>,
+    credentials: Arc<CredentialRegistry>,
 }
 
 impl Default for ConfigHandle {
     fn default() -> Self {
-        Self {
-            current: ArcSwapOption::empty(),
-            version: tokio::sync::watch::channel(0).0,
-        }
+        Self::new(Arc::new(CredentialRegistry::new(Arc::default())))
     }
 }
 
 impl ConfigHandle {
+    pub fn new(credentials: Arc<CredentialRegistry>) -> Self {
+        Self {
+            current: ArcSwapOption::empty(),
+            version: tokio::sync::watch::channel(0).0,
+            credentials,
+        }
+    }
+
+    /// The token caches that compiled snapshots draw on.
+    pub fn credentials(&self) -> &Arc<CredentialRegistry> {
+        &self.credentials
+    }
+
     pub fn load(&self) -> Option<Arc<Runtime>> {
         self.current.load_full()
     }
 
     pub fn store(&self, runtime: Runtime) {
         let v = runtime.version;
+        self.credentials
+            .retain_only(runtime.token_providers().clone());
         self.current.store(Some(Arc::new(runtime)));
         self.version.send_replace(v);
     }

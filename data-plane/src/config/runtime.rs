@@ -1,3 +1,4 @@
+use crate::credentials::{CredentialRegistry, TokenProvider};
 use aigw_shared::domain::{resolve_api_base, Credential};
 use aigw_shared::snapshot::{ConfigSnapshot, SNAPSHOT_FORMAT};
 use http::{HeaderValue, Uri};
@@ -18,6 +19,8 @@ pub struct Runtime {
     callers: HashMap<[u8; 32], Arc<Caller>>,
     routes: HashMap<String, Arc<Route>>,
     aliases: Vec<String>,
+    /// Entra ID token caches of the provider keys this snapshot routes to.
+    token_providers: HashMap<String, Arc<TokenProvider>>,
 }
 
 #[derive(Debug)]
@@ -72,15 +75,15 @@ impl Operation {
 
 pub enum UpstreamAuth {
     ApiKey(HeaderValue),
-    /// Entra ID credentials; token acquisition is not in this build yet.
-    Entra(&'static str),
+    /// Entra ID: `Authorization: Bearer` from the key's token cache.
+    Entra(Arc<TokenProvider>),
 }
 
 impl std::fmt::Debug for UpstreamAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::ApiKey(_) => f.write_str("ApiKey(***)"),
-            Self::Entra(kind) => write!(f, "Entra({kind})"),
+            Self::Entra(p) => write!(f, "Entra({})", p.kind()),
         }
     }
 }
@@ -112,7 +115,12 @@ impl Upstream {
 
 impl Runtime {
     /// Validates the whole snapshot and compiles it; any error rejects it all.
-    pub fn compile(snapshot: ConfigSnapshot) -> Result<Self, String> {
+    /// Entra ID keys get their token cache from `credentials` (the same one
+    /// as in the previous snapshot while the credential is unchanged).
+    pub fn compile(
+        snapshot: ConfigSnapshot,
+        credentials: &CredentialRegistry,
+    ) -> Result<Self, String> {
         if snapshot.format != SNAPSHOT_FORMAT {
             return Err(format!(
                 "snapshot format {} is not supported (expected {SNAPSHOT_FORMAT})",
@@ -122,6 +130,7 @@ impl Runtime {
         let mut upstreams: HashMap<(String, String), Arc<Upstream>> = HashMap::new();
         let mut clients: HashMap<String, crate::proxy::UpstreamClient> = HashMap::new();
         let mut routes = HashMap::new();
+        let mut token_providers: HashMap<String, Arc<TokenProvider>> = HashMap::new();
         for (model_id, m) in &snapshot.models {
             let mut targets = m.resolved_targets();
             targets.sort_by_key(|t| t.priority);
@@ -169,9 +178,19 @@ impl Runtime {
                         v.set_sensitive(true);
                         UpstreamAuth::ApiKey(v)
                     }
-                    Credential::ClientSecret { .. } => UpstreamAuth::Entra("client secret"),
-                    Credential::ManagedIdentity { .. } => UpstreamAuth::Entra("managed identity"),
-                    Credential::WorkloadIdentity => UpstreamAuth::Entra("workload identity"),
+                    Credential::ClientSecret { .. }
+                    | Credential::ManagedIdentity { .. }
+                    | Credential::WorkloadIdentity => {
+                        let provider = match token_providers.get(&t.provider_key_id) {
+                            Some(p) => p.clone(),
+                            None => {
+                                let p = credentials.resolve(&t.provider_key_id, pk)?;
+                                token_providers.insert(t.provider_key_id.clone(), p.clone());
+                                p
+                            }
+                        };
+                        UpstreamAuth::Entra(provider)
+                    }
                 };
                 let client = match &pk.ca_pem {
                     None => None,
@@ -241,7 +260,13 @@ impl Runtime {
             callers,
             routes,
             aliases,
+            token_providers,
         })
+    }
+
+    /// The Entra ID token caches this snapshot uses, by provider key id.
+    pub fn token_providers(&self) -> &HashMap<String, Arc<TokenProvider>> {
+        &self.token_providers
     }
 
     /// The caller whose key hashes to an api key's `key_hash`.

@@ -4,6 +4,7 @@
 use super::request::Call;
 use super::{full, sse::SseAdapter, ProxyBody};
 use crate::config::{Operation, Route, Upstream, UpstreamAuth};
+use crate::credentials::{Bearer, TokenProvider};
 use crate::error::Error;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
@@ -119,21 +120,26 @@ impl UpstreamClient {
                 h.insert(name.clone(), v.clone());
             }
         }
-        match &target.auth {
+        let entra = match &target.auth {
             UpstreamAuth::ApiKey(key) => {
                 h.insert(API_KEY.clone(), key.clone());
+                None
             }
-            UpstreamAuth::Entra(kind) => {
-                return Err(Error::UpstreamAuth(format!(
-                    "provider key `{}` uses Entra ID ({kind}), which this build cannot authenticate with yet",
-                    target.provider_name
-                )))
+            UpstreamAuth::Entra(tokens) => {
+                let bearer = tokens
+                    .bearer()
+                    .await
+                    .map_err(|e| e.to_upstream_error(&target.provider_name, tokens.kind()))?;
+                req.headers_mut()
+                    .insert(header::AUTHORIZATION, bearer.header().clone());
+                Some((tokens, bearer))
             }
-        }
+        };
 
         let deadline = Instant::now() + route.timeout;
         let client = target.client.as_ref().unwrap_or(self);
-        let resp = match tokio::time::timeout_at(deadline, client.client.request(req)).await {
+        let sent = send_authenticated(&client.client, req, entra);
+        let resp = match tokio::time::timeout_at(deadline, sent).await {
             Err(_) => {
                 return Err(Error::Timeout(format!(
                     "Azure deployment `{}` did not answer within {:?}",
@@ -220,6 +226,48 @@ impl UpstreamClient {
             .insert(SERVED_BY.clone(), target.served_by.clone());
         Ok(out)
     }
+}
+
+/// Sends `req`. With an Entra ID token: marks it accepted when Azure takes it,
+/// and when Azure answers 401 to a token it accepted before (revoked, or
+/// expired in flight), drops it, gets a new one and retries once.
+async fn send_authenticated(
+    client: &HttpsClient,
+    req: Request<Full<Bytes>>,
+    entra: Option<(&Arc<TokenProvider>, Bearer)>,
+) -> Result<Response<hyper::body::Incoming>, hyper_util::client::legacy::Error> {
+    let Some((tokens, bearer)) = entra else {
+        return client.request(req).await;
+    };
+    let mut again = Request::new(req.body().clone());
+    *again.method_mut() = req.method().clone();
+    *again.uri_mut() = req.uri().clone();
+    *again.headers_mut() = req.headers().clone();
+    let resp = client.request(req).await?;
+    let refused = matches!(
+        resp.status(),
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+    );
+    if !refused {
+        bearer.mark_accepted();
+        return Ok(resp);
+    }
+    if resp.status() != StatusCode::UNAUTHORIZED || !bearer.was_accepted() {
+        return Ok(resp);
+    }
+    tokens.reject(&bearer);
+    let Ok(fresh) = tokens.bearer().await else {
+        return Ok(resp);
+    };
+    drop(resp);
+    again
+        .headers_mut()
+        .insert(header::AUTHORIZATION, fresh.header().clone());
+    let resp = client.request(again).await?;
+    if resp.status() != StatusCode::UNAUTHORIZED && resp.status() != StatusCode::FORBIDDEN {
+        fresh.mark_accepted();
+    }
+    Ok(resp)
 }
 
 enum ReadError {
