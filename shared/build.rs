@@ -4,7 +4,11 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../proto");
-    let files = ["aigw/admin/v1/admin.proto", "aigw/config/v1/config.proto"];
+    let files = [
+        "aigw/admin/v1/admin.proto",
+        "aigw/config/v1/config.proto",
+        "aigw/usage/v1/usage.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());
     }

@@ -51,7 +51,8 @@ impl ControlPlane {
         let store = Arc::new(SledStore::open(&cp.data_dir)?);
         let engine = Engine::open(store, cipher, cp.snapshot_every).await?;
         let nodes = Arc::new(NodeRegistry::default());
-        let admin = Admin::new(engine.clone(), nodes);
+        let usage = crate::usage::Aggregator::open(&cp.data_dir, engine.clone())?;
+        let admin = Admin::new(engine.clone(), nodes, usage.clone());
         let keys = AdminKeys::new(&config.admin.keys);
 
         let bind = |addr: SocketAddr, what: &'static str| async move {
@@ -94,7 +95,37 @@ impl ControlPlane {
             Some(t) => t.clone(),
             None => crate::secrets::load_or_generate_token(&cp.data_dir)?,
         };
-        let cache = SnapshotCache::spawn(engine.clone(), &background)?;
+        let cache = SnapshotCache::spawn(engine.clone(), usage.exceeded(), &background)?;
+        // Budgets move with spend (on ingest), with config (a raised budget) and with the clock.
+        {
+            let (usage, mut versions, mut stop) =
+                (usage.clone(), engine.subscribe(), stopped.clone());
+            background.spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        r = versions.changed() => if r.is_err() { break },
+                        _ = stop.wait_for(|s| *s) => break,
+                    }
+                    usage.refresh_budgets();
+                }
+            });
+        }
+        let in_process_bus = match &config.nats.url {
+            Some(url) => {
+                background.spawn(crate::usage::run_nats_consumer(
+                    url.clone(),
+                    usage.clone(),
+                    stopped.clone(),
+                ));
+                None
+            }
+            None => Some(crate::usage::InProcessBus::start(
+                usage.clone(),
+                &background,
+            )),
+        };
         let config_service = ConfigStreamService::new(
             cache,
             admin.nodes().clone(),
@@ -134,6 +165,8 @@ impl ControlPlane {
                 })
                 .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
             settings.control_plane_url = format!("http://{grpc_addr}");
+            settings.usage_bus =
+                in_process_bus.map(|b| b as Arc<dyn aigw_data_plane::usage::UsageBus>);
             Some(
                 aigw_data_plane::DataPlane::start(settings)
                     .await

@@ -8,6 +8,7 @@
 //! - `secrets`  — AES-256-GCM sealing of provider secrets
 //! - `config_stream` — snapshots for data planes and the Watch stream that pushes them
 //! - `nodes`    — data-plane nodes seen on the config stream
+//! - `usage`    — usage events in, aggregates, cost and budgets out
 //! - `app`      — wiring and serving
 
 pub mod admin;
@@ -19,6 +20,7 @@ pub mod events;
 pub mod nodes;
 pub mod secrets;
 pub mod store;
+pub mod usage;
 
 pub use app::ControlPlane;
 pub use error::Error;

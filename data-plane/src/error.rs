@@ -32,6 +32,8 @@ pub enum Error {
         message: String,
         details: serde_json::Value,
     },
+    #[error("this API key has used up its budget for the current period")]
+    BudgetExceeded,
     #[error("{message}")]
     UpstreamRateLimited {
         message: String,

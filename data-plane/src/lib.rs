@@ -17,6 +17,7 @@ pub mod error;
 pub mod metrics;
 pub mod proxy;
 pub mod server;
+pub mod usage;
 
 pub use error::Error;
 
@@ -30,10 +31,10 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
-use tracing::info;
+use tracing::{info, warn};
 
 /// What a data-plane node needs to run.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Settings {
     pub listen: SocketAddr,
     pub metrics_listen: SocketAddr,
@@ -44,6 +45,11 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// How long in-flight calls may take to finish at shutdown.
     pub drain: Duration,
+    /// NATS server for usage events (JetStream).
+    pub nats_url: Option<String>,
+    pub usage_spool: PathBuf,
+    /// An in-process usage bus (standalone), used instead of NATS.
+    pub usage_bus: Option<Arc<dyn usage::UsageBus>>,
 }
 
 impl Settings {
@@ -60,6 +66,13 @@ impl Settings {
             snapshot_cache: cfg.data_plane.snapshot_cache.clone(),
             max_body_bytes: cfg.data_plane.max_body_bytes,
             drain: Duration::from_secs(30),
+            nats_url: cfg.nats.url.clone(),
+            usage_spool: cfg.data_plane.usage_spool.clone().unwrap_or_else(|| {
+                cfg.data_plane
+                    .snapshot_cache
+                    .with_file_name("usage-spool.bin")
+            }),
+            usage_bus: None,
         })
     }
 }
@@ -74,6 +87,21 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "aigw-node".into())
 }
 
+/// Usage events buffered in memory before the publisher takes them.
+const USAGE_BUFFER: usize = 65_536;
+
+/// Stands in for a bus when none is configured: events stay in the spool.
+struct NoBus;
+
+impl usage::UsageBus for NoBus {
+    fn publish<'a>(
+        &'a self,
+        _: &'a [usage::UsageEvent],
+    ) -> futures::future::BoxFuture<'a, Result<(), String>> {
+        Box::pin(async { Err("no usage bus configured (nats.url)".to_string()) })
+    }
+}
+
 /// A running data-plane node.
 pub struct DataPlane {
     pub proxy_addr: SocketAddr,
@@ -81,6 +109,8 @@ pub struct DataPlane {
     config: Arc<ConfigHandle>,
     stop: watch::Sender<bool>,
     tasks: TaskTracker,
+    usage_stop: watch::Sender<bool>,
+    publisher: tokio::task::JoinHandle<()>,
 }
 
 impl DataPlane {
@@ -110,16 +140,43 @@ impl DataPlane {
         ));
         config::watch::boot_from_cache(&config, &cache);
 
+        let (stop, stopped) = watch::channel(false);
+        let tasks = TaskTracker::new();
+
+        let bus: Arc<dyn usage::UsageBus> = match (&settings.usage_bus, &settings.nats_url) {
+            (Some(bus), _) => bus.clone(),
+            (None, Some(url)) => {
+                Arc::new(usage::NatsBus::connect(url).await.map_err(Error::Config)?)
+            }
+            (None, None) => {
+                warn!(
+                    "no nats.url: usage events are spooled to {} until a bus is configured",
+                    settings.usage_spool.display()
+                );
+                Arc::new(NoBus)
+            }
+        };
+        let (usage_tx, usage_rx) = tokio::sync::mpsc::channel(USAGE_BUFFER);
+        let recorder = usage::UsageRecorder::new(usage_tx, &settings.node_id, metrics.clone());
+        // The publisher stops last, after the proxy drained, so in-flight
+        // calls still get their events out.
+        let (usage_stop, usage_stopped) = watch::channel(false);
+        let publisher = tokio::spawn(usage::run_publisher(
+            usage_rx,
+            bus,
+            usage::Spool::new(&settings.usage_spool),
+            metrics.clone(),
+            usage_stopped,
+        ));
+
         let upstream = proxy::UpstreamClient::new(&[])?;
         let proxy = Arc::new(proxy::Proxy::new(
             config.clone(),
             upstream,
             settings.max_body_bytes,
             metrics.clone(),
+            recorder,
         ));
-
-        let (stop, stopped) = watch::channel(false);
-        let tasks = TaskTracker::new();
         tasks.spawn(config::watch_control_plane(
             WatchSettings {
                 control_plane_url: settings.control_plane_url.clone(),
@@ -151,6 +208,8 @@ impl DataPlane {
             config,
             stop,
             tasks,
+            usage_stop,
+            publisher,
         })
     }
 
@@ -168,5 +227,7 @@ impl DataPlane {
         info!("data plane shutting down: draining in-flight calls");
         self.stop.send_replace(true);
         self.tasks.wait().await;
+        self.usage_stop.send_replace(true);
+        let _ = self.publisher.await;
     }
 }

@@ -10,6 +10,10 @@ pub struct Metrics {
     entra_token_refreshes: AtomicU64,
     entra_token_failures: AtomicU64,
     entra_forced_refreshes: AtomicU64,
+    usage_buffer: AtomicU64,
+    usage_published: AtomicU64,
+    usage_spooled: AtomicU64,
+    usage_dropped: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -19,6 +23,10 @@ impl Default for Metrics {
             entra_token_refreshes: AtomicU64::new(0),
             entra_token_failures: AtomicU64::new(0),
             entra_forced_refreshes: AtomicU64::new(0),
+            usage_buffer: AtomicU64::new(0),
+            usage_published: AtomicU64::new(0),
+            usage_spooled: AtomicU64::new(0),
+            usage_dropped: AtomicU64::new(0),
         }
     }
 }
@@ -37,6 +45,30 @@ impl Metrics {
     /// Azure refused a token it had accepted; a new one is fetched.
     pub fn entra_forced_refresh(&self) {
         self.entra_forced_refreshes.fetch_add(1, Relaxed);
+    }
+
+    pub fn usage_buffered(&self) {
+        self.usage_buffer.fetch_add(1, Relaxed);
+    }
+
+    pub fn usage_unbuffered(&self, n: usize) {
+        self.usage_buffer.fetch_sub(n as u64, Relaxed);
+    }
+
+    pub fn usage_published(&self, n: usize) {
+        self.usage_published.fetch_add(n as u64, Relaxed);
+    }
+
+    pub fn usage_spooled(&self, n: usize) {
+        self.usage_spooled.fetch_add(n as u64, Relaxed);
+    }
+
+    pub fn usage_dropped(&self) {
+        self.usage_dropped_n(1);
+    }
+
+    pub fn usage_dropped_n(&self, n: usize) {
+        self.usage_dropped.fetch_add(n as u64, Relaxed);
     }
 
     pub fn record_status(&self, status: u16) {
@@ -89,6 +121,37 @@ impl Metrics {
         ] {
             let _ = writeln!(s, "# HELP {name} {help}");
             let _ = writeln!(s, "# TYPE {name} counter");
+            let _ = writeln!(s, "{name} {}", v.load(Relaxed));
+        }
+        for (name, help, v) in [
+            (
+                "aigw_usage_buffer_depth",
+                "Usage events waiting in the in-memory buffer.",
+                &self.usage_buffer,
+            ),
+            (
+                "aigw_usage_published_total",
+                "Usage events acknowledged by the bus.",
+                &self.usage_published,
+            ),
+            (
+                "aigw_usage_spooled_total",
+                "Usage events written to the disk spool while the bus was away.",
+                &self.usage_spooled,
+            ),
+            (
+                "aigw_usage_dropped_total",
+                "Usage events lost because buffer and spool were both unavailable.",
+                &self.usage_dropped,
+            ),
+        ] {
+            let kind = if name.ends_with("_total") {
+                "counter"
+            } else {
+                "gauge"
+            };
+            let _ = writeln!(s, "# HELP {name} {help}");
+            let _ = writeln!(s, "# TYPE {name} {kind}");
             let _ = writeln!(s, "{name} {}", v.load(Relaxed));
         }
         s

@@ -75,6 +75,9 @@ pub struct DataPlaneConfig {
     /// Defaults to the host name.
     pub node_id: Option<String>,
     pub snapshot_cache: PathBuf,
+    /// Usage events wait here while the bus (NATS) is unreachable; defaults
+    /// to `usage-spool.bin` beside the snapshot cache.
+    pub usage_spool: Option<PathBuf>,
     pub max_body_bytes: usize,
 }
 
@@ -86,6 +89,7 @@ impl Default for DataPlaneConfig {
             control_plane_url: "http://127.0.0.1:50051".into(),
             node_id: None,
             snapshot_cache: PathBuf::from("./data/snapshot-cache.json"),
+            usage_spool: None,
             max_body_bytes: 32 * 1024 * 1024,
         }
     }

@@ -12,5 +12,11 @@ pub mod config {
     }
 }
 
+pub mod usage {
+    pub mod v1 {
+        tonic::include_proto!("aigw.usage.v1");
+    }
+}
+
 /// Encoded `FileDescriptorSet` of every aigw proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("aigw_descriptor");

@@ -3,7 +3,7 @@
 
 use crate::domain::{ApiKey, Credential, Model};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Current snapshot document format; a data plane rejects others.
 pub const SNAPSHOT_FORMAT: u32 = 1;
@@ -16,6 +16,9 @@ pub struct ConfigSnapshot {
     pub provider_keys: BTreeMap<String, SnapshotProviderKey>,
     pub models: BTreeMap<String, Model>,
     pub api_keys: BTreeMap<String, ApiKey>,
+    /// Api keys whose spend reached their budget in the current period.
+    #[serde(default)]
+    pub budget_exceeded: BTreeSet<String>,
 }
 
 #[derive(Clone, PartialEq, Serialize, Deserialize)]

@@ -241,6 +241,38 @@ impl ControlPlane {
         &self.config
     }
 
+    /// The options this control plane was started with.
+    pub fn options(&self) -> &Options {
+        &self.opts
+    }
+
+    /// `nodes.token` as configured, if any (standalone generates its own).
+    pub fn node_token(&self) -> Option<&str> {
+        self.opts.node_token.as_deref()
+    }
+
+    /// `http://<data_plane.listen>`: the proxy of the in-process data plane
+    /// (standalone only).
+    pub fn proxy_url(&self) -> String {
+        format!(
+            "http://{}",
+            self.config["data_plane"]["listen"]
+                .as_str()
+                .unwrap_or_default()
+        )
+    }
+
+    /// `http://<data_plane.metrics_listen>`: health and metrics of the
+    /// in-process data plane (standalone only).
+    pub fn data_plane_metrics_url(&self) -> String {
+        format!(
+            "http://{}",
+            self.config["data_plane"]["metrics_listen"]
+                .as_str()
+                .unwrap_or_default()
+        )
+    }
+
     /// Options used by the next [`ControlPlane::restart`].
     pub fn options_mut(&mut self) -> &mut Options {
         &mut self.opts

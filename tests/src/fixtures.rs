@@ -51,3 +51,62 @@ pub fn api_key(caller_key: &str, allowed_models: &[&str]) -> Value {
         "allowed_models": allowed_models
     })
 }
+
+/// The seed's names (`000`: "Azure OpenAI Upstream").
+pub const SEED_PROVIDER_KEY: &str = "azure-prod";
+pub const SEED_ALIAS: &str = "gpt-4o-azure";
+pub const SEED_DEPLOYMENT: &str = "gpt4o-prod";
+pub const SEED_CALLER_KEY: &str = "sk-azure-caller";
+
+/// A provider key with a resource API key at `api_base` (e.g. a mock's
+/// `http://127.0.0.1:PORT`).
+pub fn provider_key_at(display_name: &str, secret: &str, api_base: &str) -> Value {
+    let mut v = provider_key(display_name, secret);
+    v["api_base"] = json!(api_base);
+    v
+}
+
+/// A model alias on the Azure deployment `deployment`.
+pub fn model_on(display_name: &str, deployment: &str, provider_key_id: &str) -> Value {
+    let mut v = model(display_name, provider_key_id);
+    v["model_name"] = json!(deployment);
+    v
+}
+
+/// Ids of what [`seed_azure`] created.
+#[derive(Debug, Clone)]
+pub struct Seeded {
+    pub provider_key_id: String,
+    pub model_id: String,
+    pub api_key_id: String,
+}
+
+/// The seed's three admin calls, with `api_base` pointing at a mock: provider
+/// key `azure-prod` (secret `secret`), model `gpt-4o-azure` on deployment
+/// `gpt4o-prod`, and a caller key `sk-azure-caller` allowed that alias only.
+pub async fn seed_azure(
+    admin: &crate::rest::AdminClient,
+    api_base: &str,
+    secret: &str,
+) -> anyhow::Result<Seeded> {
+    let provider_key_id = admin
+        .create_id(
+            "provider_keys",
+            &provider_key_at(SEED_PROVIDER_KEY, secret, api_base),
+        )
+        .await?;
+    let model_id = admin
+        .create_id(
+            "models",
+            &model_on(SEED_ALIAS, SEED_DEPLOYMENT, &provider_key_id),
+        )
+        .await?;
+    let api_key_id = admin
+        .create_id("apikeys", &api_key(SEED_CALLER_KEY, &[SEED_ALIAS]))
+        .await?;
+    Ok(Seeded {
+        provider_key_id,
+        model_id,
+        api_key_id,
+    })
+}

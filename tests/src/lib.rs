@@ -6,17 +6,22 @@
 //!   temp data dir; kill -9 and restart it on the same data dir.
 //! - [`rest`]: a REST admin client; [`grpc`]: gRPC admin and reflection clients.
 //! - [`fixtures`]: admin resource bodies shaped like the seed's curl calls.
+//! - [`data_plane`]: start `aigw-data-plane` nodes; an OpenAI-API client for
+//!   the proxy, OpenAI error-envelope and SSE checks.
 //! - [`mock_azure`]: a mock Azure OpenAI upstream.
 //! - [`mock_entra`]: mock Entra ID token endpoint (TLS, test CA), App Service
 //!   managed identity endpoint, for Entra ID authentication upstream.
+//! - [`nats`]: a real `nats-server` with JetStream on a free port.
 //!
 //! Every test starts its own processes, so tests can run in parallel.
 
 pub mod control_plane;
+pub mod data_plane;
 pub mod fixtures;
 pub mod grpc;
 pub mod mock_azure;
 pub mod mock_entra;
+pub mod nats;
 pub mod process;
 pub mod rest;
 

@@ -214,6 +214,16 @@ impl Drop for Process {
     }
 }
 
+/// Resident set size of process `pid` in KiB (`VmRSS` in `/proc/PID/status`),
+/// or `None` when it cannot be read (no such process, not Linux).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     let skip = all.len().saturating_sub(lines);

@@ -338,7 +338,24 @@ impl AdminService for GrpcAdmin {
 
     async fn query_usage(&self, req: Request<pb::QueryUsageRequest>) -> R<pb::QueryUsageResponse> {
         let r = req.into_inner();
-        super::check_usage_query(Some(&r.group_by), Some(&r.from), Some(&r.to))?;
-        Ok(Response::new(pb::QueryUsageResponse { rows: vec![] }))
+        let rows = self
+            .admin
+            .usage(Some(&r.group_by), Some(&r.from), Some(&r.to))?
+            .into_iter()
+            .map(|row| pb::UsageRow {
+                group: row
+                    .group
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect(),
+                requests: row.requests,
+                errors: row.errors,
+                prompt_tokens: row.prompt_tokens,
+                completion_tokens: row.completion_tokens,
+                cost_usd: row.cost_usd,
+                cache_hits: row.cache_hits,
+            })
+            .collect();
+        Ok(Response::new(pb::QueryUsageResponse { rows }))
     }
 }

@@ -83,11 +83,31 @@ pub const MAX_EVENT_LIMIT: usize = 10_000;
 pub struct Admin {
     engine: Arc<Engine>,
     nodes: Arc<NodeRegistry>,
+    usage: Arc<crate::usage::Aggregator>,
 }
 
 impl Admin {
-    pub fn new(engine: Arc<Engine>, nodes: Arc<NodeRegistry>) -> Self {
-        Self { engine, nodes }
+    pub fn new(
+        engine: Arc<Engine>,
+        nodes: Arc<NodeRegistry>,
+        usage: Arc<crate::usage::Aggregator>,
+    ) -> Self {
+        Self {
+            engine,
+            nodes,
+            usage,
+        }
+    }
+
+    /// Usage aggregates for `GET /admin/v1/usage` and `QueryUsage`.
+    pub fn usage(
+        &self,
+        group_by: Option<&str>,
+        from: Option<&str>,
+        to: Option<&str>,
+    ) -> Result<Vec<crate::usage::UsageRow>, Error> {
+        let (dims, from, to) = parse_usage_query(group_by, from, to)?;
+        Ok(self.usage.query(&dims, from.as_deref(), to.as_deref()))
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
@@ -299,36 +319,46 @@ fn check_id(id: &str) -> Result<(), Error> {
     }
 }
 
-/// Checks a usage query's parameters (shared by REST and gRPC).
-pub fn check_usage_query(
+/// Parses a usage query's parameters (shared by REST and gRPC): dimensions,
+/// and the inclusive day range as `YYYY-MM-DD`.
+pub fn parse_usage_query(
     group_by: Option<&str>,
     from: Option<&str>,
     to: Option<&str>,
-) -> Result<(), Error> {
+) -> Result<(Vec<crate::usage::Dimension>, Option<String>, Option<String>), Error> {
+    let mut dims = Vec::new();
     for g in group_by
         .unwrap_or_default()
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
     {
-        if !matches!(g, "api_key" | "model" | "deployment" | "day") {
-            return Err(Error::Invalid(format!(
+        let d = crate::usage::Dimension::parse(g).ok_or_else(|| {
+            Error::Invalid(format!(
                 "group_by: unknown dimension `{g}`; use api_key, model, deployment, day"
-            )));
+            ))
+        })?;
+        if !dims.contains(&d) {
+            dims.push(d);
         }
     }
-    for (name, v) in [("from", from), ("to", to)] {
-        if let Some(v) = v.filter(|v| !v.is_empty()) {
-            let date = time::macros::format_description!("[year]-[month]-[day]");
-            let ok = time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339)
-                .is_ok()
-                || time::Date::parse(v, date).is_ok();
-            if !ok {
-                return Err(Error::Invalid(format!(
+    let day = |name: &str, v: Option<&str>| -> Result<Option<String>, Error> {
+        let Some(v) = v.filter(|v| !v.is_empty()) else {
+            return Ok(None);
+        };
+        let date_fmt = time::macros::format_description!("[year]-[month]-[day]");
+        if let Ok(t) =
+            time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339)
+        {
+            return Ok(Some(crate::usage::day_of(t.unix_timestamp() * 1000)));
+        }
+        time::Date::parse(v, date_fmt)
+            .map(|_| Some(v.to_string()))
+            .map_err(|_| {
+                Error::Invalid(format!(
                     "{name}: expected an RFC 3339 time or a YYYY-MM-DD date"
-                )));
-            }
-        }
-    }
-    Ok(())
+                ))
+            })
+    };
+    Ok((dims, day("from", from)?, day("to", to)?))
 }

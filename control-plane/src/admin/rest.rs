@@ -266,10 +266,12 @@ struct UsageQuery {
 }
 
 async fn query_usage(
+    State(ctx): State<Ctx>,
     query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Error> {
     let Query(q) = query.map_err(|e| Error::Invalid(e.body_text()))?;
-    super::check_usage_query(q.group_by.as_deref(), q.from.as_deref(), q.to.as_deref())?;
-    // Aggregation arrives with the usage pipeline; until then there is no usage to report.
-    Ok(Json(json!({ "rows": [] })).into_response())
+    let rows = ctx
+        .admin
+        .usage(q.group_by.as_deref(), q.from.as_deref(), q.to.as_deref())?;
+    Ok(Json(json!({ "total": rows.len(), "rows": rows })).into_response())
 }

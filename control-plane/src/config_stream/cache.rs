@@ -4,12 +4,14 @@ use crate::events::State;
 use aigw_shared::domain::Credential;
 use aigw_shared::proto::config::v1 as pb;
 use aigw_shared::snapshot::{ConfigSnapshot, SnapshotProviderKey, SNAPSHOT_FORMAT};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use tokio::sync::watch;
 use tracing::{error, instrument};
 
-/// The newest encoded snapshot, rebuilt whenever the config version moves.
-/// Many quick changes coalesce: a node always gets the newest, never a backlog.
+/// The newest encoded snapshot, rebuilt whenever the config version moves or
+/// the set of api keys over budget changes. Many quick changes coalesce: a
+/// node always gets the newest, never a backlog.
 #[derive(Clone)]
 pub struct SnapshotCache {
     rx: watch::Receiver<Arc<pb::Snapshot>>,
@@ -20,17 +22,23 @@ impl SnapshotCache {
     /// that ends when the engine is dropped.
     pub fn spawn(
         engine: Arc<Engine>,
+        mut exceeded: watch::Receiver<Arc<BTreeSet<String>>>,
         tasks: &tokio_util::task::TaskTracker,
     ) -> Result<Self, Error> {
-        let first = encode(&engine)?;
+        let first = encode(&engine, &exceeded.borrow_and_update().clone())?;
         let (tx, rx) = watch::channel(Arc::new(first));
         let mut versions = engine.subscribe();
         let weak = Arc::downgrade(&engine);
         drop(engine);
         tasks.spawn(async move {
-            while versions.changed().await.is_ok() {
+            loop {
+                tokio::select! {
+                    r = versions.changed() => if r.is_err() { break },
+                    r = exceeded.changed() => if r.is_err() { break },
+                }
                 let Some(engine) = weak.upgrade() else { break };
-                match encode(&engine) {
+                let over = exceeded.borrow_and_update().clone();
+                match encode(&engine, &over) {
                     Ok(s) => {
                         tx.send_replace(Arc::new(s));
                     }
@@ -52,10 +60,16 @@ impl SnapshotCache {
 }
 
 #[instrument(skip_all, fields(version))]
-fn encode(engine: &Engine) -> Result<pb::Snapshot, Error> {
+fn encode(engine: &Engine, exceeded: &BTreeSet<String>) -> Result<pb::Snapshot, Error> {
     let snapshot = {
         let state = engine.read();
-        build_snapshot(&state, engine.cipher())?
+        let mut s = build_snapshot(&state, engine.cipher())?;
+        s.budget_exceeded = exceeded
+            .iter()
+            .filter(|k| state.api_keys.contains_key(*k))
+            .cloned()
+            .collect();
+        s
     };
     tracing::Span::current().record("version", snapshot.version);
     let body = serde_json::to_vec(&snapshot).map_err(|e| Error::Storage(e.to_string()))?;
@@ -99,5 +113,6 @@ pub fn build_snapshot(
             .iter()
             .map(|(k, r)| (k.clone(), r.value.clone()))
             .collect(),
+        budget_exceeded: BTreeSet::new(),
     })
 }

@@ -31,6 +31,8 @@ pub struct Caller {
     pub disabled: bool,
     /// Unix seconds.
     pub expires_at: Option<i64>,
+    /// Spend reached the key's budget for the current period.
+    pub budget_exceeded: bool,
 }
 
 impl Caller {
@@ -236,6 +238,7 @@ impl Runtime {
                 }),
             );
         }
+        let exceeded = snapshot.budget_exceeded;
         let mut callers = HashMap::with_capacity(snapshot.api_keys.len());
         for (id, k) in snapshot.api_keys {
             let hash: [u8; 32] = hex::decode(&k.key_hash)
@@ -245,6 +248,7 @@ impl Runtime {
             callers.insert(
                 hash,
                 Arc::new(Caller {
+                    budget_exceeded: exceeded.contains(&id),
                     id,
                     allow_all: k.allowed_models.iter().any(|m| m == "*"),
                     allowed: k.allowed_models,

@@ -60,6 +60,11 @@ impl Error {
                 "invalid_request_error",
                 Some("content_filter"),
             ),
+            BudgetExceeded => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "insufficient_quota",
+                Some("budget_exceeded"),
+            ),
             UpstreamRateLimited { .. } => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",
@@ -91,6 +96,11 @@ impl Error {
 
     pub fn status(&self) -> StatusCode {
         self.classify().0
+    }
+
+    /// The OpenAI `code` the caller sees.
+    pub fn code(&self) -> Option<&'static str> {
+        self.classify().2
     }
 
     /// The error as the caller sees it.

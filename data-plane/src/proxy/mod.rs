@@ -26,6 +26,8 @@ mod request;
 mod sse;
 mod upstream;
 
+use crate::usage::{Accounting, UsageRecorder};
+
 pub use upstream::UpstreamClient;
 
 use crate::config::{ConfigHandle, Operation};
@@ -52,6 +54,7 @@ pub struct Proxy {
     upstream: UpstreamClient,
     max_body: usize,
     metrics: Arc<Metrics>,
+    usage: Arc<UsageRecorder>,
 }
 
 impl Proxy {
@@ -60,12 +63,14 @@ impl Proxy {
         upstream: UpstreamClient,
         max_body: usize,
         metrics: Arc<Metrics>,
+        usage: Arc<UsageRecorder>,
     ) -> Self {
         Self {
             config,
             upstream,
             max_body,
             metrics,
+            usage,
         }
     }
 
@@ -79,10 +84,18 @@ impl Proxy {
         if let Ok(id) = request_id.to_str() {
             tracing::Span::current().record("request_id", id);
         }
-        let mut resp = match self.dispatch(req, &request_id).await {
-            Ok(r) => r,
-            Err(e) => e.into_response(),
+        // Set once the caller is known; a stream takes it along to account at its end.
+        let mut acct: Option<Accounting> = None;
+        let (mut resp, code) = match self.dispatch(req, &request_id, &mut acct).await {
+            Ok(r) => (r, None),
+            Err(e) => {
+                let code = e.code();
+                (e.into_response(), code)
+            }
         };
+        if let Some(a) = acct {
+            a.finish(resp.status().as_u16(), code);
+        }
         tracing::Span::current().record("status", resp.status().as_u16());
         self.metrics.record_status(resp.status().as_u16());
         resp.headers_mut().insert(REQUEST_ID.clone(), request_id);
@@ -93,6 +106,7 @@ impl Proxy {
         &self,
         req: Request<B>,
         request_id: &HeaderValue,
+        slot: &mut Option<Accounting>,
     ) -> Result<Response<ProxyBody>, Error>
     where
         B: http_body::Body<Data = Bytes>,
@@ -110,8 +124,14 @@ impl Proxy {
         };
         let runtime = self.config.load().ok_or(Error::NotReady)?;
         let caller = auth::authenticate(&runtime, req.headers())?.clone();
+        let acct = slot.insert(self.usage.begin(&caller.id, op.name()));
+        if caller.budget_exceeded {
+            return Err(Error::BudgetExceeded);
+        }
         let (parts, body) = req.into_parts();
         let call = request::read(op, &parts.headers, body, self.max_body).await?;
+        acct.set_stream(call.stream);
+        acct.set_prompt_chars(call.prompt_chars);
         let route = runtime
             .route(&call.alias)
             .ok_or_else(|| Error::ModelNotFound(call.alias.clone()))?
@@ -122,9 +142,10 @@ impl Proxy {
         let target = route.targets.first().cloned().ok_or_else(|| {
             Error::UpstreamRoute(format!("model `{}` has no deployment", route.alias))
         })?;
+        acct.set_route(&route.alias, &target.deployment, &target.provider_key_id);
         drop(runtime);
         self.upstream
-            .call(op, &route, &target, &parts.headers, call, request_id)
+            .call(op, &route, &target, &parts.headers, call, request_id, slot)
             .await
     }
 

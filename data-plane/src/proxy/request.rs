@@ -13,6 +13,8 @@ pub struct Call {
     /// The caller asked for the usage chunk (`stream_options.include_usage`).
     pub caller_wants_usage: bool,
     pub max_tokens: Option<u64>,
+    /// Characters of prompt text, for counting tokens ourselves if need be.
+    pub prompt_chars: usize,
     /// The body for Azure: the caller's own bytes unless it had to change.
     pub body: Bytes,
 }
@@ -135,6 +137,7 @@ where
         .get("max_completion_tokens")
         .or_else(|| obj.get("max_tokens"))
         .and_then(Value::as_u64);
+    let prompt_chars = obj.get(required).map_or(0, text_chars);
     let mut caller_wants_usage = false;
     let body = if stream {
         // Azure sends token usage in streams only when asked; we always ask,
@@ -163,8 +166,24 @@ where
         stream,
         caller_wants_usage,
         max_tokens,
+        prompt_chars,
         body,
     })
+}
+
+/// Characters of text in a prompt: strings, message `content` (string or
+/// parts with `text`), arrays of those.
+pub fn text_chars(v: &Value) -> usize {
+    match v {
+        Value::String(s) => s.chars().count(),
+        Value::Array(a) => a.iter().map(text_chars).sum(),
+        Value::Object(o) => ["content", "text"]
+            .iter()
+            .filter_map(|k| o.get(*k))
+            .map(text_chars)
+            .sum(),
+        _ => 0,
+    }
 }
 
 fn required_param(op: Operation) -> &'static str {

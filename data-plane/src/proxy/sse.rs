@@ -4,8 +4,9 @@
 //! chunk forwarded only if the caller asked, and the stream always ends with
 //! `data: [DONE]`.
 
-use super::upstream::strip_azure_fields;
+use super::upstream::{strip_azure_fields, usage_tokens};
 use super::BoxError;
+use crate::usage::Accounting;
 use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, Frame};
 use serde_json::Value;
@@ -30,12 +31,18 @@ pub struct SseAdapter<B> {
     idle_timer: Pin<Box<Sleep>>,
     upstream_done: bool,
     sent_done: bool,
-    /// The usage Azure reported, for accounting.
-    pub usage: Option<Value>,
+    /// Records the call when the stream ends, or when the caller goes away.
+    acct: Option<Accounting>,
 }
 
 impl<B> SseAdapter<B> {
-    pub fn new(upstream: B, alias: Arc<str>, forward_usage: bool, idle: Duration) -> Self {
+    pub fn new(
+        upstream: B,
+        alias: Arc<str>,
+        forward_usage: bool,
+        idle: Duration,
+        acct: Option<Accounting>,
+    ) -> Self {
         Self {
             upstream,
             pending: BytesMut::new(),
@@ -46,7 +53,7 @@ impl<B> SseAdapter<B> {
             idle_timer: Box::pin(tokio::time::sleep(idle)),
             upstream_done: false,
             sent_done: false,
-            usage: None,
+            acct,
         }
     }
 
@@ -106,7 +113,9 @@ impl<B> SseAdapter<B> {
             match usage {
                 // The usage chunk Azure sends because the gateway asked.
                 Some(u) => {
-                    self.usage = Some(u);
+                    if let (Some(a), Some((p, c))) = (self.acct.as_mut(), usage_tokens(&u)) {
+                        a.set_usage(p, c);
+                    }
                     if !self.forward_usage {
                         return;
                     }
@@ -121,6 +130,17 @@ impl<B> SseAdapter<B> {
         {
             // Annotation-only chunk (asynchronous content filter).
             return;
+        }
+        if let Some(a) = self.acct.as_mut() {
+            a.mark_first_byte();
+            if let Some(Value::Array(choices)) = chunk.get("choices") {
+                let chars: usize = choices
+                    .iter()
+                    .filter_map(|c| c.get("delta").or_else(|| c.get("text")))
+                    .map(super::request::text_chars)
+                    .sum();
+                a.add_completion_chars(chars);
+            }
         }
         strip_azure_fields(&mut chunk);
         if !self.forward_usage {
@@ -138,11 +158,18 @@ impl<B> SseAdapter<B> {
         if !self.sent_done {
             self.out.extend_from_slice(DONE);
             self.sent_done = true;
+            if let Some(a) = self.acct.take() {
+                a.finish(200, None);
+            }
         }
     }
 
     /// Tells the caller the stream broke, then ends it properly.
     fn fail(&mut self, message: &str) {
+        if let Some(a) = self.acct.take() {
+            // The caller got a 200 and then a broken stream.
+            a.finish(200, Some("upstream_stream_error"));
+        }
         let ev = serde_json::json!({"error": {"message": message, "type": "upstream_error", "param": null, "code": "upstream_error"}});
         self.out.extend_from_slice(b"data: ");
         self.out.extend_from_slice(ev.to_string().as_bytes());
@@ -255,6 +282,7 @@ mod tests {
                 Arc::from("alias"),
                 forward_usage,
                 Duration::from_secs(5),
+                None,
             );
             body.collect().await.unwrap().to_bytes()
         });

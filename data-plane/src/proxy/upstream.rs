@@ -91,6 +91,7 @@ impl UpstreamClient {
         inbound: &HeaderMap,
         call: Call,
         request_id: &HeaderValue,
+        acct: &mut Option<crate::usage::Accounting>,
     ) -> Result<Response<ProxyBody>, Error> {
         let mut req = Request::builder()
             .method(Method::POST)
@@ -184,6 +185,7 @@ impl UpstreamClient {
                 route.alias.clone(),
                 call.caller_wants_usage,
                 route.stream_idle_timeout,
+                acct.take(),
             );
             let mut r = Response::new(adapter.boxed());
             r.headers_mut().insert(
@@ -209,12 +211,15 @@ impl UpstreamClient {
                     )))
                 }
             };
-            let adapted = adapt_json(&body, &route.alias).map_err(|e| {
+            let (adapted, usage) = adapt_json(&body, &route.alias).map_err(|e| {
                 Error::Upstream(format!(
                     "Azure deployment `{}` returned an unusable body: {e}",
                     target.deployment
                 ))
             })?;
+            if let (Some(a), Some((prompt, completion))) = (acct.as_mut(), usage) {
+                a.set_usage(prompt, completion);
+            }
             let mut r = Response::new(full(adapted));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -298,15 +303,28 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Rewrites `model` to the alias and strips Azure's filter annotations.
-pub fn adapt_json(body: &[u8], alias: &str) -> Result<Bytes, String> {
+/// Rewrites `model` to the alias and strips Azure's filter annotations;
+/// returns the body and the (prompt, completion) tokens Azure reported.
+pub fn adapt_json(body: &[u8], alias: &str) -> Result<(Bytes, Option<(u64, u64)>), String> {
     let mut v: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON ({e})"))?;
     let obj = v.as_object_mut().ok_or("not a JSON object")?;
     strip_azure_fields(obj);
     obj.insert("model".into(), Value::from(alias));
-    serde_json::to_vec(&v)
+    let usage = obj.get("usage").and_then(usage_tokens);
+    let bytes = serde_json::to_vec(&v)
         .map(Bytes::from)
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    Ok((bytes, usage))
+}
+
+/// (prompt, completion) tokens from an OpenAI `usage` object.
+pub fn usage_tokens(usage: &Value) -> Option<(u64, u64)> {
+    let prompt = usage.get("prompt_tokens")?.as_u64()?;
+    let completion = usage
+        .get("completion_tokens")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    Some((prompt, completion))
 }
 
 /// Removes Azure's content-filter annotations from a response or chunk.

@@ -1,0 +1,354 @@
+use crate::engine::Engine;
+use crate::error::Error;
+use aigw_shared::domain::{BudgetPeriod, ResourceKind};
+use aigw_shared::proto::usage::v1::{CacheStatus, UsageEvent};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use time::OffsetDateTime;
+use tokio::sync::watch;
+use tracing::instrument;
+
+const SEEN: &[u8] = b"s/";
+const ROW: &[u8] = b"r/";
+const NANOS_PER_USD: f64 = 1e9;
+
+/// One aggregate row's counters. Cost is kept in nano-USD so sums are exact.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub requests: u64,
+    pub errors: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost_nanos: u64,
+    pub cache_hits: u64,
+}
+
+impl Counters {
+    fn add(&mut self, o: &Counters) {
+        self.requests += o.requests;
+        self.errors += o.errors;
+        self.prompt_tokens += o.prompt_tokens;
+        self.completion_tokens += o.completion_tokens;
+        self.cost_nanos += o.cost_nanos;
+        self.cache_hits += o.cache_hits;
+    }
+}
+
+/// Aggregation key: UTC day, api key, model alias, deployment.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct RowKey {
+    day: String,
+    api_key: String,
+    model: String,
+    deployment: String,
+}
+
+impl RowKey {
+    fn encode(&self) -> Vec<u8> {
+        let mut k = ROW.to_vec();
+        for (i, part) in [&self.day, &self.api_key, &self.model, &self.deployment]
+            .iter()
+            .enumerate()
+        {
+            if i > 0 {
+                k.push(0);
+            }
+            k.extend_from_slice(part.as_bytes());
+        }
+        k
+    }
+
+    fn decode(k: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(k.strip_prefix(ROW)?).ok()?;
+        let mut parts = text.split('\0').map(str::to_string);
+        Some(Self {
+            day: parts.next()?,
+            api_key: parts.next()?,
+            model: parts.next()?,
+            deployment: parts.next()?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Dimension {
+    ApiKey,
+    Model,
+    Deployment,
+    Day,
+}
+
+impl Dimension {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "api_key" => Some(Self::ApiKey),
+            "model" => Some(Self::Model),
+            "deployment" => Some(Self::Deployment),
+            "day" => Some(Self::Day),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ApiKey => "api_key",
+            Self::Model => "model",
+            Self::Deployment => "deployment",
+            Self::Day => "day",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UsageRow {
+    pub group: BTreeMap<&'static str, String>,
+    pub requests: u64,
+    pub errors: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+    pub cost_usd: f64,
+    pub cache_hits: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IngestStats {
+    pub counted: usize,
+    pub duplicates: usize,
+}
+
+#[derive(Default)]
+struct Mem {
+    rows: BTreeMap<RowKey, Counters>,
+    /// Spend per api key per day, for budgets.
+    spend: HashMap<String, BTreeMap<String, u64>>,
+}
+
+pub struct Aggregator {
+    db: sled::Db,
+    tree: sled::Tree,
+    engine: Arc<Engine>,
+    mem: Mutex<Mem>,
+    exceeded: watch::Sender<Arc<BTreeSet<String>>>,
+}
+
+impl Aggregator {
+    /// Opens `usage.sled` in `data_dir` and loads the aggregates.
+    pub fn open(data_dir: &Path, engine: Arc<Engine>) -> Result<Arc<Self>, Error> {
+        let db = sled::Config::new()
+            .path(data_dir.join("usage.sled"))
+            .open()
+            .map_err(|e| Error::Storage(format!("opening usage store: {e}")))?;
+        let tree = db.open_tree("usage")?;
+        let mut mem = Mem::default();
+        for item in tree.scan_prefix(ROW) {
+            let (k, v) = item?;
+            let key = RowKey::decode(&k)
+                .ok_or_else(|| Error::Storage("malformed usage row key".into()))?;
+            let c: Counters =
+                serde_json::from_slice(&v).map_err(|e| Error::Storage(e.to_string()))?;
+            *mem.spend
+                .entry(key.api_key.clone())
+                .or_default()
+                .entry(key.day.clone())
+                .or_default() += c.cost_nanos;
+            mem.rows.insert(key, c);
+        }
+        let agg = Arc::new(Self {
+            db,
+            tree,
+            engine,
+            mem: Mutex::new(mem),
+            exceeded: watch::channel(Arc::new(BTreeSet::new())).0,
+        });
+        agg.refresh_budgets();
+        Ok(agg)
+    }
+
+    fn mem(&self) -> std::sync::MutexGuard<'_, Mem> {
+        self.mem.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts each event once: events whose id was seen before are skipped.
+    /// Returns only once the new aggregates are durable, so the caller may ack.
+    #[instrument(skip_all, fields(events = events.len(), counted, duplicates))]
+    pub fn ingest(&self, events: &[UsageEvent]) -> Result<IngestStats, Error> {
+        let mut stats = IngestStats::default();
+        let mut mem = self.mem();
+        let mut batch = sled::Batch::default();
+        let mut in_batch = HashSet::new();
+        let mut touched: BTreeMap<RowKey, Counters> = BTreeMap::new();
+        {
+            let state = self.engine.read();
+            for e in events {
+                let seen_key = [SEEN, e.id.as_bytes()].concat();
+                if e.id.is_empty()
+                    || !in_batch.insert(e.id.as_str())
+                    || self.tree.contains_key(&seen_key)?
+                {
+                    stats.duplicates += 1;
+                    continue;
+                }
+                let day = day_of(e.time_unix_ms);
+                batch.insert(seen_key, day.as_bytes());
+                let hit = e.cache_status == CacheStatus::Hit as i32;
+                let cost_nanos = if hit {
+                    0
+                } else {
+                    let cost = state
+                        .id_by_name(ResourceKind::Model, &e.model)
+                        .and_then(|id| state.models.get(id))
+                        .and_then(|m| m.value.cost);
+                    cost.map_or(0, |c| {
+                        nanos(e.prompt_tokens, c.input_per_1k)
+                            + nanos(e.completion_tokens, c.output_per_1k)
+                    })
+                };
+                let add = Counters {
+                    requests: 1,
+                    errors: u64::from(e.status >= 400),
+                    prompt_tokens: e.prompt_tokens,
+                    completion_tokens: e.completion_tokens,
+                    cost_nanos,
+                    cache_hits: u64::from(hit),
+                };
+                let key = RowKey {
+                    day,
+                    api_key: e.api_key_id.clone(),
+                    model: e.model.clone(),
+                    deployment: e.deployment.clone(),
+                };
+                touched.entry(key).or_default().add(&add);
+                stats.counted += 1;
+            }
+        }
+        let mut updated = Vec::with_capacity(touched.len());
+        for (key, add) in touched {
+            let mut c = mem.rows.get(&key).copied().unwrap_or_default();
+            c.add(&add);
+            batch.insert(
+                key.encode(),
+                serde_json::to_vec(&c).map_err(|e| Error::Storage(e.to_string()))?,
+            );
+            updated.push((key, c, add.cost_nanos));
+        }
+        // Seen ids and aggregates land in one atomic batch, so a redelivered
+        // event is either fully counted or not at all.
+        self.tree.apply_batch(batch)?;
+        self.db.flush()?;
+        for (key, c, cost) in updated {
+            *mem.spend
+                .entry(key.api_key.clone())
+                .or_default()
+                .entry(key.day.clone())
+                .or_default() += cost;
+            mem.rows.insert(key, c);
+        }
+        drop(mem);
+        if stats.counted > 0 {
+            self.refresh_budgets();
+        }
+        let span = tracing::Span::current();
+        span.record("counted", stats.counted);
+        span.record("duplicates", stats.duplicates);
+        Ok(stats)
+    }
+
+    /// Recomputes which api keys are over budget in their current period and
+    /// publishes the set if it changed.
+    pub fn refresh_budgets(&self) {
+        let today = day_of(OffsetDateTime::now_utc().unix_timestamp() * 1000);
+        let month = &today[..7];
+        let mut over = BTreeSet::new();
+        {
+            let state = self.engine.read();
+            let mem = self.mem();
+            for (id, rec) in &state.api_keys {
+                let Some(budget) = rec.value.budget else {
+                    continue;
+                };
+                let days = mem.spend.get(id);
+                let spent: u64 = match budget.period {
+                    BudgetPeriod::Day => days.and_then(|d| d.get(&today)).copied().unwrap_or(0),
+                    BudgetPeriod::Month => days.map_or(0, |d| {
+                        d.range(format!("{month}-00")..=format!("{month}-99"))
+                            .map(|(_, v)| v)
+                            .sum()
+                    }),
+                    BudgetPeriod::Total => days.map_or(0, |d| d.values().sum()),
+                };
+                if spent as f64 >= budget.max_usd * NANOS_PER_USD {
+                    over.insert(id.clone());
+                }
+            }
+        }
+        self.exceeded.send_if_modified(|cur| {
+            if **cur != over {
+                tracing::info!(keys = ?over, "api keys over budget changed");
+                *cur = Arc::new(over);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Api keys over budget now; changes wake the snapshot cache.
+    pub fn exceeded(&self) -> watch::Receiver<Arc<BTreeSet<String>>> {
+        self.exceeded.subscribe()
+    }
+
+    /// Sums the aggregates over `[from, to]` (inclusive days), grouped by `group_by`.
+    pub fn query(
+        &self,
+        group_by: &[Dimension],
+        from: Option<&str>,
+        to: Option<&str>,
+    ) -> Vec<UsageRow> {
+        let mem = self.mem();
+        let mut groups: BTreeMap<Vec<String>, Counters> = BTreeMap::new();
+        for (k, c) in &mem.rows {
+            if from.is_some_and(|f| k.day.as_str() < f) || to.is_some_and(|t| k.day.as_str() > t) {
+                continue;
+            }
+            let g = group_by
+                .iter()
+                .map(|d| match d {
+                    Dimension::ApiKey => k.api_key.clone(),
+                    Dimension::Model => k.model.clone(),
+                    Dimension::Deployment => k.deployment.clone(),
+                    Dimension::Day => k.day.clone(),
+                })
+                .collect();
+            groups.entry(g).or_default().add(c);
+        }
+        groups
+            .into_iter()
+            .map(|(g, c)| UsageRow {
+                group: group_by.iter().map(|d| d.name()).zip(g).collect(),
+                requests: c.requests,
+                errors: c.errors,
+                prompt_tokens: c.prompt_tokens,
+                completion_tokens: c.completion_tokens,
+                total_tokens: c.prompt_tokens + c.completion_tokens,
+                cost_usd: c.cost_nanos as f64 / NANOS_PER_USD,
+                cache_hits: c.cache_hits,
+            })
+            .collect()
+    }
+}
+
+/// Cost of `tokens` at `per_1k` USD per 1,000 tokens, in nano-USD.
+fn nanos(tokens: u64, per_1k: f64) -> u64 {
+    (tokens as f64 * per_1k * 1e6).round() as u64
+}
+
+/// UTC day (`YYYY-MM-DD`) of a unix time in milliseconds.
+pub fn day_of(unix_ms: i64) -> String {
+    let t = OffsetDateTime::from_unix_timestamp(unix_ms.div_euclid(1000))
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let d = t.date();
+    format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
+}

@@ -1,0 +1,111 @@
+use super::Aggregator;
+use aigw_data_plane::usage::{NatsBus, UsageEvent, STREAM_NAME};
+use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy, AckKind};
+use futures::StreamExt;
+use prost::Message;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{error, info, warn};
+
+const DURABLE: &str = "aigw-control-plane";
+const BATCH: usize = 1000;
+
+/// Consumes usage events with a durable pull consumer and acks each message
+/// only after its batch is durably aggregated; reconnects with backoff.
+pub async fn run_nats_consumer(
+    url: String,
+    aggregator: Arc<Aggregator>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        tokio::select! {
+            r = consume(&url, &aggregator) => {
+                if let Err(e) = r {
+                    warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "usage consumer interrupted");
+                }
+            }
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn consume(url: &str, aggregator: &Arc<Aggregator>) -> Result<(), String> {
+    let client = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(2))
+        .name("aigw-control-plane")
+        .connect(url)
+        .await
+        .map_err(|e| format!("connect {url}: {e}"))?;
+    let js = jetstream::new(client);
+    NatsBus::ensure_stream(&js).await?;
+    let stream = js
+        .get_stream(STREAM_NAME)
+        .await
+        .map_err(|e| e.to_string())?;
+    let consumer: jetstream::consumer::Consumer<pull::Config> = stream
+        .get_or_create_consumer(
+            DURABLE,
+            pull::Config {
+                durable_name: Some(DURABLE.into()),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                max_ack_pending: 20_000,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| format!("consumer: {e}"))?;
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(BATCH)
+        .heartbeat(Duration::from_secs(5))
+        .messages()
+        .await
+        .map_err(|e| format!("messages: {e}"))?
+        .ready_chunks(BATCH);
+    info!("consuming usage events from JetStream");
+    while let Some(chunk) = messages.next().await {
+        let mut msgs = Vec::with_capacity(chunk.len());
+        let mut events = Vec::with_capacity(chunk.len());
+        for m in chunk {
+            let m = m.map_err(|e| format!("message: {e}"))?;
+            match UsageEvent::decode(m.payload.as_ref()) {
+                Ok(e) => {
+                    events.push(e);
+                    msgs.push(m);
+                }
+                Err(e) => {
+                    // Not ours to count; terminate it so it is not redelivered forever.
+                    error!(error = %e, subject = %m.subject, "undecodable usage event terminated");
+                    let _ = m.ack_with(AckKind::Term).await;
+                }
+            }
+        }
+        let agg = aggregator.clone();
+        let ingested = tokio::task::spawn_blocking(move || agg.ingest(&events)).await;
+        match ingested {
+            Ok(Ok(_)) => {
+                for r in futures::future::join_all(msgs.iter().map(|m| m.ack())).await {
+                    if let Err(e) = r {
+                        // Redelivery is harmless: the event id is already counted.
+                        warn!(error = %e, "ack failed");
+                    }
+                }
+            }
+            Ok(Err(e)) => {
+                error!(error = %e, "aggregating usage failed; events will be redelivered");
+                for m in &msgs {
+                    let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                }
+            }
+            Err(e) => return Err(format!("aggregation task: {e}")),
+        }
+    }
+    Err("the message stream ended".into())
+}

@@ -1,0 +1,16 @@
+//! Usage aggregation: events from data planes (NATS JetStream, or the
+//! in-process bus in standalone) are deduplicated by id and folded into
+//! per-day aggregates in sled before they are acknowledged; budgets are
+//! checked against the aggregates and pushed to nodes in the next snapshot.
+//!
+//! - `aggregator` — dedup, aggregates, cost, budgets, queries
+//! - `consumer`   — the durable JetStream consumer
+//! - `bus`        — the in-process bus for standalone
+
+mod aggregator;
+mod bus;
+mod consumer;
+
+pub use aggregator::{day_of, Aggregator, Counters, Dimension, IngestStats, UsageRow};
+pub use bus::InProcessBus;
+pub use consumer::run_nats_consumer;

@@ -1,0 +1,76 @@
+use super::{UsageBus, UsageEvent};
+use async_nats::jetstream::{self, message::PublishMessage, stream};
+use futures::future::{join_all, BoxFuture};
+use prost::Message;
+use std::future::IntoFuture;
+use std::time::Duration;
+
+pub const STREAM_NAME: &str = "AIGW_USAGE";
+pub const SUBJECT: &str = "aigw.usage.v1";
+/// JetStream drops a re-published event with the same `Nats-Msg-Id` inside
+/// this window; the control plane deduplicates beyond it.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// Publishes to JetStream with `Nats-Msg-Id` = event id, awaiting every ack.
+pub struct NatsBus {
+    js: jetstream::Context,
+}
+
+impl NatsBus {
+    /// Connects in the background: a NATS server that is down at start is
+    /// retried, and events spool meanwhile.
+    pub async fn connect(url: &str) -> Result<Self, String> {
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(2))
+            .name("aigw-data-plane")
+            .connect(url)
+            .await
+            .map_err(|e| format!("nats.url {url}: {e}"))?;
+        let mut js = jetstream::new(client);
+        js.set_timeout(Duration::from_secs(3));
+        Ok(Self { js })
+    }
+
+    /// Creates the usage stream if it is missing.
+    pub async fn ensure_stream(js: &jetstream::Context) -> Result<(), String> {
+        js.get_or_create_stream(stream::Config {
+            name: STREAM_NAME.into(),
+            subjects: vec![SUBJECT.into()],
+            storage: stream::StorageType::File,
+            duplicate_window: DUPLICATE_WINDOW,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("creating stream {STREAM_NAME}: {e}"))
+    }
+
+    async fn publish_batch(&self, batch: &[UsageEvent]) -> Result<(), String> {
+        let mut acks = Vec::with_capacity(batch.len());
+        for ev in batch {
+            let msg = PublishMessage::build()
+                .payload(ev.encode_to_vec().into())
+                .message_id(ev.id.as_str());
+            match self.js.send_publish(SUBJECT, msg).await {
+                Ok(ack) => acks.push(ack),
+                Err(e) if e.to_string().contains("no responders") => {
+                    Self::ensure_stream(&self.js).await?;
+                    return Err("the usage stream was missing; created it".into());
+                }
+                Err(e) => return Err(format!("publish: {e}")),
+            }
+        }
+        for r in join_all(acks.into_iter().map(|a| a.into_future())).await {
+            r.map_err(|e| format!("publish ack: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+impl UsageBus for NatsBus {
+    fn publish<'a>(&'a self, batch: &'a [UsageEvent]) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(self.publish_batch(batch))
+    }
+}

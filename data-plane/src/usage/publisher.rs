@@ -1,0 +1,104 @@
+use super::{Spool, UsageBus, UsageEvent};
+use crate::metrics::Metrics;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+const BATCH: usize = 512;
+const RETRY_MIN: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Moves events from the buffer to the bus. While the bus fails, batches go
+/// to the spool (so the buffer never fills during an outage); the spool is
+/// replayed, oldest first, as soon as the bus takes a batch again. On stop the
+/// buffer is drained: published if possible, else spooled for the next start.
+pub async fn run_publisher(
+    mut rx: mpsc::Receiver<UsageEvent>,
+    bus: Arc<dyn UsageBus>,
+    spool: Spool,
+    metrics: Arc<Metrics>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut retry = RETRY_MIN;
+    let mut next_try = Instant::now();
+    let mut batch = Vec::with_capacity(BATCH);
+    loop {
+        batch.clear();
+        let stopping = tokio::select! {
+            n = rx.recv_many(&mut batch, BATCH) => n == 0,
+            _ = crate::server::stopped(&mut stop) => true,
+            // Wake up to retry the spool even when no new events come.
+            _ = tokio::time::sleep_until(next_try), if !spool.is_empty() => false,
+        };
+        if stopping {
+            // Drain what is left, then one last attempt.
+            while let Ok(e) = rx.try_recv() {
+                batch.push(e);
+            }
+            metrics.usage_unbuffered(batch.len());
+            if !batch.is_empty() {
+                let sent = tokio::time::timeout(Duration::from_secs(5), bus.publish(&batch)).await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    spool_batch(&spool, &batch, &metrics);
+                }
+            }
+            info!("usage publisher stopped");
+            return;
+        }
+        metrics.usage_unbuffered(batch.len());
+        if !spool.is_empty() {
+            // Keep order simple while an outage lasts: everything goes through the spool.
+            spool_batch(&spool, &batch, &metrics);
+            if Instant::now() >= next_try {
+                match replay(&spool, &*bus, &metrics).await {
+                    Ok(n) => {
+                        info!(events = n, "usage bus is back: spooled events published");
+                        retry = RETRY_MIN;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, retry_in_ms = retry.as_millis() as u64, "usage bus still unavailable");
+                        next_try = Instant::now() + retry;
+                        retry = (retry * 2).min(RETRY_MAX);
+                    }
+                }
+            }
+            continue;
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        if let Err(e) = bus.publish(&batch).await {
+            warn!(error = %e, events = batch.len(), "usage bus unavailable: spooling events to disk");
+            spool_batch(&spool, &batch, &metrics);
+            next_try = Instant::now() + retry;
+        } else {
+            metrics.usage_published(batch.len());
+        }
+    }
+}
+
+fn spool_batch(spool: &Spool, batch: &[UsageEvent], metrics: &Metrics) {
+    match spool.append(batch) {
+        Ok(()) => metrics.usage_spooled(batch.len()),
+        Err(e) => {
+            metrics.usage_dropped_n(batch.len());
+            tracing::error!(error = %e, events = batch.len(), path = %spool.path().display(), "cannot spool usage events: dropped");
+        }
+    }
+}
+
+async fn replay(spool: &Spool, bus: &dyn UsageBus, metrics: &Metrics) -> Result<usize, String> {
+    let events = spool
+        .read_all()
+        .map_err(|e| format!("reading the spool: {e}"))?;
+    for chunk in events.chunks(BATCH) {
+        bus.publish(chunk).await?;
+        metrics.usage_published(chunk.len());
+    }
+    spool
+        .clear()
+        .map_err(|e| format!("clearing the spool: {e}"))?;
+    Ok(events.len())
+}

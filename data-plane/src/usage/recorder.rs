@@ -1,0 +1,145 @@
+use super::{estimate_tokens, CacheStatus, UsageEvent};
+use crate::metrics::Metrics;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+/// Hands events to the publisher without waiting: a full buffer is counted
+/// and logged, never silent.
+pub struct UsageRecorder {
+    tx: mpsc::Sender<UsageEvent>,
+    node_id: Arc<str>,
+    metrics: Arc<Metrics>,
+}
+
+impl UsageRecorder {
+    pub fn new(tx: mpsc::Sender<UsageEvent>, node_id: &str, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            tx,
+            node_id: Arc::from(node_id),
+            metrics,
+        })
+    }
+
+    /// Starts accounting for one call by `api_key_id`.
+    pub fn begin(self: &Arc<Self>, api_key_id: &str, operation: &'static str) -> Accounting {
+        let now = time::OffsetDateTime::now_utc();
+        Accounting {
+            recorder: self.clone(),
+            started: Instant::now(),
+            first_byte: None,
+            event: UsageEvent {
+                id: uuid::Uuid::now_v7().to_string(),
+                time_unix_ms: (now.unix_timestamp_nanos() / 1_000_000) as i64,
+                node_id: self.node_id.to_string(),
+                api_key_id: api_key_id.to_string(),
+                operation: operation.to_string(),
+                cache_status: CacheStatus::Miss as i32,
+                ..Default::default()
+            },
+            prompt_chars: 0,
+            completion_chars: 0,
+            usage_known: false,
+            finished: false,
+        }
+    }
+
+    fn emit(&self, event: UsageEvent) {
+        match self.tx.try_send(event) {
+            Ok(()) => self.metrics.usage_buffered(),
+            Err(mpsc::error::TrySendError::Full(e) | mpsc::error::TrySendError::Closed(e)) => {
+                self.metrics.usage_dropped();
+                tracing::error!(event_id = %e.id, api_key_id = %e.api_key_id, "usage buffer full: event dropped");
+            }
+        }
+    }
+}
+
+/// One call's usage, filled in as the call goes. Dropped unfinished (the
+/// caller went away), it still records the call, with status 499.
+pub struct Accounting {
+    recorder: Arc<UsageRecorder>,
+    started: Instant,
+    first_byte: Option<Instant>,
+    event: UsageEvent,
+    prompt_chars: usize,
+    completion_chars: usize,
+    usage_known: bool,
+    finished: bool,
+}
+
+impl Accounting {
+    pub fn set_route(&mut self, alias: &str, deployment: &str, provider_key_id: &str) {
+        self.event.model = alias.to_string();
+        self.event.deployment = deployment.to_string();
+        self.event.provider_key_id = provider_key_id.to_string();
+    }
+
+    pub fn set_stream(&mut self, stream: bool) {
+        self.event.stream = stream;
+    }
+
+    /// Characters of prompt text, for estimating when Azure reports no usage.
+    pub fn set_prompt_chars(&mut self, chars: usize) {
+        self.prompt_chars = chars;
+    }
+
+    pub fn add_completion_chars(&mut self, chars: usize) {
+        self.completion_chars += chars;
+    }
+
+    pub fn mark_first_byte(&mut self) {
+        self.first_byte.get_or_insert_with(Instant::now);
+    }
+
+    /// Usage as Azure reported it.
+    pub fn set_usage(&mut self, prompt: u64, completion: u64) {
+        self.event.prompt_tokens = prompt;
+        self.event.completion_tokens = completion;
+        self.usage_known = true;
+    }
+
+    /// Records the call as answered with `status` (and `error_code` if it failed).
+    pub fn finish(mut self, status: u16, error_code: Option<&str>) {
+        self.event.status = u32::from(status);
+        self.event.error_code = error_code.unwrap_or_default().to_string();
+        self.complete();
+    }
+
+    fn complete(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        let succeeded = (200..300).contains(&self.event.status);
+        if !self.usage_known && succeeded {
+            // Azure sent no usage (e.g. a stream without the usage chunk): count ourselves.
+            self.event.prompt_tokens = estimate_tokens(self.prompt_chars);
+            self.event.completion_tokens = estimate_tokens(self.completion_chars);
+            self.event.estimated = true;
+        } else if !self.usage_known && self.completion_chars > 0 {
+            // Cut off mid-stream: what was streamed was still generated.
+            self.event.prompt_tokens = estimate_tokens(self.prompt_chars);
+            self.event.completion_tokens = estimate_tokens(self.completion_chars);
+            self.event.estimated = true;
+        }
+        self.event.total_tokens = self.event.prompt_tokens + self.event.completion_tokens;
+        self.event.latency_ms = self.started.elapsed().as_millis() as u64;
+        self.event.ttft_ms = self
+            .first_byte
+            .map_or(0, |t| t.duration_since(self.started).as_millis() as u64);
+        self.recorder.emit(std::mem::take(&mut self.event));
+    }
+}
+
+impl Drop for Accounting {
+    fn drop(&mut self) {
+        if !self.finished {
+            if self.event.status == 0 {
+                self.event.status = 499;
+                self.event.error_code = "client_closed_request".into();
+            }
+            self.complete();
+        }
+    }
+}

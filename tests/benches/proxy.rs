@@ -1,0 +1,281 @@
+//! What aigw adds on top of Azure: the same load sent straight to the mock
+//! Azure OpenAI and through a standalone aigw (release build), compared.
+//!
+//! Build the release binary first, then run the bench (benches build in the
+//! release profile, so the binary is found next to the bench executable, in
+//! `target/release/`; `AIGW_CONTROL_PLANE_BIN` overrides the location):
+//!
+//! ```sh
+//! cargo build --release -p aigw-control-plane
+//! cargo bench -p aigw-tests --bench proxy
+//! ```
+//!
+//! Measures, with a keep-alive hyper client in this process:
+//! 1. fixed rate, open loop: 1,000 req/s for `BENCH_SECS` (default 10) s each
+//!    way; every request is scheduled on a timer and its latency counted from
+//!    the scheduled time (no coordinated omission); p50/p99 each way and the
+//!    latency aigw adds;
+//! 2. max throughput, closed loop: 32 connections for `BENCH_SECS` s each way;
+//! 3. the aigw process's RSS (`VmRSS`) idle and after the load.
+//!
+//! The load generator and the mock share this process; aigw runs in its own.
+//! On a small machine they all compete for the same cores, so read the
+//! numbers as relative.
+
+use aigw_tests::data_plane::wait_standalone_synced;
+use aigw_tests::fixtures::{seed_azure, SEED_ALIAS, SEED_CALLER_KEY, SEED_DEPLOYMENT};
+use aigw_tests::mock_azure::{MockAzure, DEFAULT_API_KEY};
+use aigw_tests::process::rss_kib;
+use aigw_tests::{ControlPlane, Options};
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http::{Request, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use serde_json::json;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+const RATE: u64 = 1_000;
+const CONNECTIONS: usize = 32;
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// One way to send the benchmark's chat request.
+#[derive(Clone)]
+struct Target {
+    name: &'static str,
+    uri: Uri,
+    auth: (&'static str, String),
+    body: Bytes,
+}
+
+impl Target {
+    /// Sends one request and reads the whole answer; true on a 200.
+    async fn call(&self, client: &HttpClient) -> bool {
+        let req = Request::post(self.uri.clone())
+            .header("content-type", "application/json")
+            .header(self.auth.0, &self.auth.1)
+            .body(Full::new(self.body.clone()))
+            .expect("request");
+        match client.request(req).await {
+            Ok(resp) => {
+                let ok = resp.status() == 200;
+                resp.into_body().collect().await.is_ok() && ok
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+fn client() -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(1024)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build(http)
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[idx.clamp(1, sorted.len()) - 1]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+struct OpenLoop {
+    sent: u64,
+    errors: u64,
+    /// Sorted, successful requests only.
+    latencies: Vec<Duration>,
+    elapsed: Duration,
+}
+
+/// `RATE` req/s for `secs`: request `i` is due at `start + i / RATE`.
+async fn open_loop(target: &Target, secs: u64) -> OpenLoop {
+    let client = client();
+    let total = RATE * secs;
+    let start = Instant::now() + Duration::from_millis(20);
+    let mut handles = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        let due = start + Duration::from_nanos(i * 1_000_000_000 / RATE);
+        tokio::time::sleep_until(due).await;
+        let (target, client) = (target.clone(), client.clone());
+        handles.push(tokio::spawn(async move {
+            target.call(&client).await.then(|| due.elapsed())
+        }));
+    }
+    let mut latencies = Vec::with_capacity(handles.len());
+    let mut errors = 0;
+    for h in handles {
+        match h.await {
+            Ok(Some(l)) => latencies.push(l),
+            _ => errors += 1,
+        }
+    }
+    latencies.sort();
+    OpenLoop {
+        sent: total,
+        errors,
+        latencies,
+        elapsed: start.elapsed(),
+    }
+}
+
+/// `CONNECTIONS` workers sending back to back for `secs`; (ok, errors).
+async fn closed_loop(target: &Target, secs: u64) -> (u64, u64, Duration) {
+    let client = client();
+    let ok = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..CONNECTIONS)
+        .map(|_| {
+            let (target, client) = (target.clone(), client.clone());
+            let (ok, errors, stop) = (ok.clone(), errors.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    if target.call(&client).await {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let counted = (ok.load(Ordering::Relaxed), errors.load(Ordering::Relaxed));
+    let elapsed = started.elapsed();
+    for w in workers {
+        let _ = w.await;
+    }
+    (counted.0, counted.1, elapsed)
+}
+
+fn mib(kib: Option<u64>) -> String {
+    kib.map_or("n/a".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
+}
+
+async fn run() -> Result<()> {
+    let secs: u64 = std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let mock = MockAzure::start().await;
+    mock.add_deployment(SEED_DEPLOYMENT, "gpt-4o-2024-08-06");
+    let cp = ControlPlane::start_with(Options::standalone()).await?;
+    let pid = cp.process().and_then(|p| p.id()).context("no aigw pid")?;
+    seed_azure(&cp.rest(), &mock.base_url(), DEFAULT_API_KEY).await?;
+    wait_standalone_synced(&cp).await?;
+    let rss_idle = rss_kib(pid);
+
+    let body = json!({
+        "model": SEED_ALIAS,
+        "messages": [{"role": "user", "content": "Say hello from Azure OpenAI."}],
+        "max_tokens": 64
+    })
+    .to_string();
+    let direct = Target {
+        name: "direct to mock Azure",
+        uri: mock.chat_url(SEED_DEPLOYMENT).parse()?,
+        auth: ("api-key", DEFAULT_API_KEY.to_string()),
+        body: Bytes::from(body.clone()),
+    };
+    let via = Target {
+        name: "through aigw",
+        uri: format!("{}/v1/chat/completions", cp.proxy_url()).parse()?,
+        auth: ("authorization", format!("Bearer {SEED_CALLER_KEY}")),
+        body: Bytes::from(body),
+    };
+    // Both paths work, then warm up (connections, allocator, caches).
+    for t in [&direct, &via] {
+        anyhow::ensure!(t.call(&client()).await, "{} does not answer 200", t.name);
+        closed_loop(t, 1).await;
+    }
+
+    eprintln!("aigw proxy benchmark: {secs} s per phase and path ...");
+    let mut fixed = Vec::new();
+    for t in [&direct, &via] {
+        fixed.push(open_loop(t, secs).await);
+    }
+    let mut max = Vec::new();
+    for t in [&direct, &via] {
+        max.push(closed_loop(t, secs).await);
+    }
+    let rss_after = rss_kib(pid);
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+
+    println!();
+    println!("=== aigw proxy benchmark (release; {cores} cores shared by load generator + mock Azure + aigw) ===");
+    println!(
+        "request: non-streaming chat completion, ~{} byte body",
+        direct.body.len()
+    );
+    println!();
+    println!("(i) fixed rate {RATE} req/s, open loop, {secs} s each; latency from the scheduled send time");
+    println!(
+        "  {:<22} {:>7} {:>6} {:>9} {:>9} {:>9} {:>10}",
+        "path", "sent", "errors", "p50 ms", "p99 ms", "max ms", "achieved/s"
+    );
+    for (t, r) in [&direct, &via].iter().zip(&fixed) {
+        println!(
+            "  {:<22} {:>7} {:>6} {:>9.3} {:>9.3} {:>9.3} {:>10.0}",
+            t.name,
+            r.sent,
+            r.errors,
+            ms(pct(&r.latencies, 50.0)),
+            ms(pct(&r.latencies, 99.0)),
+            ms(r.latencies.last().copied().unwrap_or_default()),
+            r.latencies.len() as f64 / r.elapsed.as_secs_f64(),
+        );
+    }
+    let added = |p: f64| ms(pct(&fixed[1].latencies, p)) - ms(pct(&fixed[0].latencies, p));
+    println!(
+        "  added by aigw: p50 {:+.3} ms, p99 {:+.3} ms",
+        added(50.0),
+        added(99.0)
+    );
+    println!();
+    println!(
+        "(ii) max throughput, {CONNECTIONS} keep-alive connections, closed loop, {secs} s each"
+    );
+    let rps: Vec<f64> = max
+        .iter()
+        .map(|(ok, _, el)| *ok as f64 / el.as_secs_f64())
+        .collect();
+    for (t, ((ok, errors, _), rps)) in [&direct, &via].iter().zip(max.iter().zip(&rps)) {
+        println!(
+            "  {:<22} {:>9.0} req/s  ({ok} ok, {errors} errors)",
+            t.name, rps
+        );
+    }
+    println!(
+        "  ratio through aigw / direct: {:.2}",
+        rps[1] / rps[0].max(f64::MIN_POSITIVE)
+    );
+    println!();
+    println!("(iii) aigw process RSS (standalone: control plane + data plane)");
+    println!("  idle (configured, before load): {}", mib(rss_idle));
+    println!("  after load:                     {}", mib(rss_after));
+    println!();
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    // `cargo bench` passes `--bench`; there is nothing to filter.
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
