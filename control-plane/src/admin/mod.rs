@@ -106,8 +106,7 @@ impl Admin {
         from: Option<&str>,
         to: Option<&str>,
     ) -> Result<Vec<crate::usage::UsageRow>, Error> {
-        let (dims, from, to) = parse_usage_query(group_by, from, to)?;
-        Ok(self.usage.query(&dims, from.as_deref(), to.as_deref()))
+        Ok(self.usage.query(&parse_usage_query(group_by, from, to)?))
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
@@ -325,7 +324,7 @@ pub fn parse_usage_query(
     group_by: Option<&str>,
     from: Option<&str>,
     to: Option<&str>,
-) -> Result<(Vec<crate::usage::Dimension>, Option<String>, Option<String>), Error> {
+) -> Result<crate::usage::UsageQuery, Error> {
     let mut dims = Vec::new();
     for g in group_by
         .unwrap_or_default()
@@ -360,5 +359,9 @@ pub fn parse_usage_query(
                 ))
             })
     };
-    Ok((dims, day("from", from)?, day("to", to)?))
+    Ok(crate::usage::UsageQuery {
+        group_by: dims,
+        from: day("from", from)?,
+        to: day("to", to)?,
+    })
 }

@@ -101,6 +101,14 @@ impl Dimension {
     }
 }
 
+/// A usage query: dimensions to group by and an inclusive UTC day range.
+#[derive(Debug, Clone, Default)]
+pub struct UsageQuery {
+    pub group_by: Vec<Dimension>,
+    pub from: Option<String>,
+    pub to: Option<String>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct UsageRow {
     pub group: BTreeMap<&'static str, String>,
@@ -301,12 +309,8 @@ impl Aggregator {
     }
 
     /// Sums the aggregates over `[from, to]` (inclusive days), grouped by `group_by`.
-    pub fn query(
-        &self,
-        group_by: &[Dimension],
-        from: Option<&str>,
-        to: Option<&str>,
-    ) -> Vec<UsageRow> {
+    pub fn query(&self, q: &UsageQuery) -> Vec<UsageRow> {
+        let (group_by, from, to) = (&q.group_by, q.from.as_deref(), q.to.as_deref());
         let mem = self.mem();
         let mut groups: BTreeMap<Vec<String>, Counters> = BTreeMap::new();
         for (k, c) in &mem.rows {

@@ -178,10 +178,20 @@ fn token_error(e: &azure_core::Error) -> TokenError {
             .unwrap_or_default()
             .to_string()
     };
-    let mut message = first_line(&texts[0]);
+    let sentence = texts.iter().find_map(|t| aadsts_sentence(t));
+    let entra_said = sentence.is_some();
+    let mut message = match sentence {
+        // "ClientSecretCredential authentication failed. AADSTS7000215: ...",
+        // without Entra's trace lines (or the crate's complaint about them).
+        Some(sentence) => match texts[0].find(" authentication failed.") {
+            Some(at) => format!("{} {sentence}", &texts[0][..at + 23]),
+            None => sentence,
+        },
+        None => first_line(&texts[0]),
+    };
     // Connection errors hide the useful part in the innermost source.
     if let Some(root) = texts.last().map(|t| first_line(t)) {
-        if texts.len() > 1 && !root.is_empty() && !message.contains(&root) {
+        if !entra_said && texts.len() > 1 && !root.is_empty() && !message.contains(&root) {
             message = format!("{message}: {root}");
         }
     }
@@ -189,6 +199,21 @@ fn token_error(e: &azure_core::Error) -> TokenError {
         message = message.chars().take(400).collect::<String>() + "…";
     }
     TokenError { message, code }
+}
+
+/// Entra's `AADSTS<code>: <text>` up to the end of its first line. Entra's
+/// `error_description` goes on with `\r\n`-separated trace lines (which the
+/// crate may quote, escaped, when it fails to parse them).
+fn aadsts_sentence(text: &str) -> Option<String> {
+    let at = text.find("AADSTS")?;
+    aadsts_code(&text[at..])?;
+    let rest = &text[at..];
+    let end = ["\\r", "\\n", "\r", "\n", "\""]
+        .iter()
+        .filter_map(|stop| rest.find(stop))
+        .min()
+        .unwrap_or(rest.len());
+    Some(rest[..end].trim().to_string())
 }
 
 /// `AADSTS` followed by digits, anywhere in `text`.
@@ -213,6 +238,39 @@ mod tests {
         );
         assert_eq!(aadsts_code("no code here"), None);
         assert_eq!(aadsts_code("AADSTS: nothing"), None);
+    }
+
+    #[test]
+    fn entra_errors_become_one_line_with_the_code() {
+        // What azure_identity 1.0 reports for Entra's real error body: its
+        // `error_description` has \r\n trace lines, which the crate fails to
+        // borrow-parse and quotes escaped.
+        let e = azure_core::Error::with_message(
+            azure_core::error::ErrorKind::Credential,
+            "ClientSecretCredential authentication failed. invalid type: string \"AADSTS7000215: Invalid client secret provided. Ensure the secret being sent in the request is the client secret value.\\r\\nTrace ID: 3e92\\r\\nCorrelation ID: d266\", expected a borrowed string at line 1 column 300\nTo troubleshoot, visit https://aka.ms/azsdk/rust/identity/troubleshoot#client-secret",
+        );
+        let t = token_error(&e);
+        assert_eq!(t.code.as_deref(), Some("AADSTS7000215"));
+        assert_eq!(
+            t.message,
+            "ClientSecretCredential authentication failed. AADSTS7000215: Invalid client secret provided. Ensure the secret being sent in the request is the client secret value."
+        );
+        // Parsed properly (no escapes): the first line only.
+        let e = azure_core::Error::with_message(
+            azure_core::error::ErrorKind::Credential,
+            "ClientSecretCredential authentication failed. AADSTS90002: Tenant 't' not found.\r\nTrace ID: 1\nTo troubleshoot, visit https://aka.ms/x",
+        );
+        let t = token_error(&e);
+        assert_eq!(
+            t.message,
+            "ClientSecretCredential authentication failed. AADSTS90002: Tenant 't' not found."
+        );
+        // No Entra code: the first line.
+        let e = azure_core::Error::with_message(
+            azure_core::error::ErrorKind::Io,
+            "connection refused\nmore",
+        );
+        assert_eq!(token_error(&e), TokenError::new("connection refused"));
     }
 
     #[test]

@@ -145,7 +145,17 @@ impl Proxy {
         acct.set_route(&route.alias, &target.deployment, &target.provider_key_id);
         drop(runtime);
         self.upstream
-            .call(op, &route, &target, &parts.headers, call, request_id, slot)
+            .call(
+                upstream::Attempt {
+                    op,
+                    route: &route,
+                    target: &target,
+                },
+                &parts.headers,
+                call,
+                request_id,
+                slot,
+            )
             .await
     }
 

@@ -29,6 +29,14 @@ static TRACE_HEADERS: [HeaderName; 2] = [
     HeaderName::from_static("tracestate"),
 ];
 
+/// Where one upstream attempt goes: the operation, the model's route and the
+/// deployment chosen from it.
+pub struct Attempt<'a> {
+    pub op: Operation,
+    pub route: &'a Arc<Route>,
+    pub target: &'a Arc<Upstream>,
+}
+
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// One pooled client for every upstream: HTTP/1.1 keep-alive, and HTTP/2
@@ -81,18 +89,17 @@ impl UpstreamClient {
         Ok(Self { client })
     }
 
-    /// Sends `call` to `target` and adapts the answer; errors are mapped to
-    /// what the caller should see.
+    /// Sends `call` to the attempt's deployment and adapts the answer; errors
+    /// are mapped to what the caller should see.
     pub async fn call(
         &self,
-        op: Operation,
-        route: &Arc<Route>,
-        target: &Arc<Upstream>,
+        attempt: Attempt<'_>,
         inbound: &HeaderMap,
         call: Call,
         request_id: &HeaderValue,
         acct: &mut Option<crate::usage::Accounting>,
     ) -> Result<Response<ProxyBody>, Error> {
+        let Attempt { op, route, target } = attempt;
         let mut req = Request::builder()
             .method(Method::POST)
             .uri(target.uri(op).clone())
