@@ -372,6 +372,11 @@ async fn a_bad_client_secret_is_a_502_naming_the_key_and_the_aadsts_code() -> Re
     assert!(message.contains(PROVIDER), "{message}");
     assert!(message.contains("AADSTS7000215"), "{message}");
     assert!(!message.contains(wrong), "the secret leaked: {message}");
+    assert!(
+        !message.contains("Trace ID") && !message.contains("invalid type"),
+        "one clean line: {message}"
+    );
+    println!("502 upstream_auth_error: {message}");
     assert_eq!(azure.requests(DEPLOYMENT), 0, "no call without a token");
 
     // The data plane keeps trying in the background, with backoff, and

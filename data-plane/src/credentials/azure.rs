@@ -273,9 +273,31 @@ mod tests {
         assert_eq!(token_error(&e), TokenError::new("connection refused"));
     }
 
-    #[test]
-    fn http_authority_hosts_are_refused_by_the_crate() {
-        let pk = SnapshotProviderKey {
+    #[tokio::test]
+    async fn an_unreachable_token_endpoint_is_a_readable_error() {
+        // A port nothing listens on (bound, then released).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut pk = key(Some(&format!("https://127.0.0.1:{port}")));
+        pk.display_name = "azure-aad-prod".into();
+        let source = AzureTokenSource::new(&pk).unwrap();
+        assert_eq!(source.kind(), "client secret");
+        let err = source.fetch().await.err().unwrap();
+        assert_eq!(err.code, None);
+        assert!(
+            err.message
+                .starts_with("ClientSecretCredential authentication failed"),
+            "{err}"
+        );
+        assert!(!err.message.contains('\n'), "{err}");
+        assert!(!err.message.contains("s3cret"), "{err}");
+    }
+
+    fn key(authority_host: Option<&str>) -> SnapshotProviderKey {
+        SnapshotProviderKey {
             display_name: "pk".into(),
             adapter: "azure-openai".into(),
             api_base: "https://x.openai.azure.com".into(),
@@ -284,11 +306,15 @@ mod tests {
             credential: Credential::ClientSecret {
                 tenant_id: "t".into(),
                 client_id: "c".into(),
-                client_secret: "s".into(),
-                authority_host: Some("http://127.0.0.1:1".into()),
+                client_secret: "s3cret".into(),
+                authority_host: authority_host.map(str::to_string),
             },
-        };
-        let source = AzureTokenSource::new(&pk).unwrap();
+        }
+    }
+
+    #[test]
+    fn http_authority_hosts_are_refused_by_the_crate() {
+        let source = AzureTokenSource::new(&key(Some("http://127.0.0.1:1"))).unwrap();
         let err = source.build().err().map(|e| token_error(&e)).unwrap();
         assert!(err.message.contains("HTTPS"), "{err}");
     }
