@@ -143,3 +143,82 @@ impl Drop for Accounting {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recorder(cap: usize) -> (Arc<UsageRecorder>, mpsc::Receiver<UsageEvent>, Arc<Metrics>) {
+        let (tx, rx) = mpsc::channel(cap);
+        let metrics = Arc::new(Metrics::default());
+        (
+            UsageRecorder::new(tx, "node-a", metrics.clone()),
+            rx,
+            metrics,
+        )
+    }
+
+    #[test]
+    fn reported_usage_wins_and_ids_are_unique() {
+        let (r, mut rx, _) = recorder(8);
+        let mut a = r.begin("key-1", "chat");
+        a.set_route("alias", "dep", "pk");
+        a.set_prompt_chars(400);
+        a.set_usage(7, 5);
+        a.finish(200, None);
+        r.begin("key-1", "chat").finish(200, None);
+        let e = rx.try_recv().unwrap();
+        assert_eq!(
+            (e.prompt_tokens, e.completion_tokens, e.total_tokens),
+            (7, 5, 12)
+        );
+        assert!(!e.estimated);
+        assert_eq!(
+            (e.model.as_str(), e.deployment.as_str(), e.node_id.as_str()),
+            ("alias", "dep", "node-a")
+        );
+        assert_ne!(e.id, rx.try_recv().unwrap().id);
+    }
+
+    #[test]
+    fn missing_usage_is_estimated_and_marked() {
+        let (r, mut rx, _) = recorder(8);
+        let mut a = r.begin("key-1", "chat");
+        a.set_prompt_chars(10);
+        a.add_completion_chars(9);
+        a.finish(200, None);
+        let e = rx.try_recv().unwrap();
+        assert!(e.estimated);
+        assert_eq!((e.prompt_tokens, e.completion_tokens), (3, 3));
+    }
+
+    #[test]
+    fn dropped_unfinished_is_a_499_and_errors_carry_their_code() {
+        let (r, mut rx, _) = recorder(8);
+        let mut a = r.begin("key-1", "chat");
+        a.add_completion_chars(8);
+        drop(a);
+        let e = rx.try_recv().unwrap();
+        assert_eq!(
+            (e.status, e.error_code.as_str()),
+            (499, "client_closed_request")
+        );
+        assert_eq!(e.completion_tokens, 2, "streamed text still counts");
+        r.begin("key-1", "chat").finish(502, Some("upstream_error"));
+        let e = rx.try_recv().unwrap();
+        assert_eq!(
+            (e.status, e.error_code.as_str(), e.total_tokens),
+            (502, "upstream_error", 0)
+        );
+    }
+
+    #[test]
+    fn a_full_buffer_is_counted_not_silent() {
+        let (r, _rx, metrics) = recorder(1);
+        r.begin("k", "chat").finish(200, None);
+        r.begin("k", "chat").finish(200, None);
+        let text = metrics.render(0, true);
+        assert!(text.contains("aigw_usage_dropped_total 1"), "{text}");
+        assert!(text.contains("aigw_usage_buffer_depth 1"), "{text}");
+    }
+}
