@@ -38,7 +38,14 @@ pub enum Error {
     UpstreamRateLimited {
         message: String,
         retry_after: Option<http::HeaderValue>,
+        /// Azure's hint (`retry-after-ms` or `retry-after`), for the cooldown.
+        wait: Option<std::time::Duration>,
     },
+    /// The upstream host could not be reached (DNS, connect, TLS).
+    #[error("{0}")]
+    UpstreamConnect(String),
+    #[error("no deployment of this model can take the request now; retry after {}s", retry_after.as_secs_f64().ceil())]
+    AllTargetsUnavailable { retry_after: std::time::Duration },
     /// Azure refused the gateway's own credential.
     #[error("{0}")]
     UpstreamAuth(String),

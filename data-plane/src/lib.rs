@@ -16,6 +16,7 @@ pub mod credentials;
 pub mod error;
 pub mod metrics;
 pub mod proxy;
+pub mod routing;
 pub mod server;
 pub mod usage;
 

@@ -118,7 +118,8 @@ pub async fn serve_health(
                     "/metrics" => (
                         StatusCode::OK,
                         "text/plain; version=0.0.4",
-                        metrics.render(config.version(), config.is_ready()),
+                        metrics.render(config.version(), config.is_ready())
+                            + &config.health().render_metrics(),
                     ),
                     _ => (
                         StatusCode::NOT_FOUND,

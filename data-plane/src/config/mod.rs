@@ -15,6 +15,7 @@ pub use runtime::{Caller, Operation, Route, Runtime, Upstream, UpstreamAuth};
 pub use watch::{watch_control_plane, WatchSettings};
 
 use crate::credentials::CredentialRegistry;
+use crate::routing::HealthRegistry;
 use arc_swap::ArcSwapOption;
 use std::sync::Arc;
 
@@ -24,6 +25,7 @@ pub struct ConfigHandle {
     current: ArcSwapOption<Runtime>,
     version: tokio::sync::watch::Sender<u64>,
     credentials: Arc<CredentialRegistry>,
+    health: HealthRegistry,
 }
 
 impl Default for ConfigHandle {
@@ -38,12 +40,18 @@ impl ConfigHandle {
             current: ArcSwapOption::empty(),
             version: tokio::sync::watch::channel(0).0,
             credentials,
+            health: HealthRegistry::default(),
         }
     }
 
     /// The token caches that compiled snapshots draw on.
     pub fn credentials(&self) -> &Arc<CredentialRegistry> {
         &self.credentials
+    }
+
+    /// Deployment health, kept across snapshots.
+    pub fn health(&self) -> &HealthRegistry {
+        &self.health
     }
 
     pub fn load(&self) -> Option<Arc<Runtime>> {
@@ -54,6 +62,15 @@ impl ConfigHandle {
         let v = runtime.version;
         self.credentials
             .retain_only(runtime.token_providers().clone());
+        let live: std::collections::HashSet<(&str, &str)> = runtime
+            .routes()
+            .flat_map(|r| {
+                r.targets
+                    .iter()
+                    .map(|t| (t.provider_key_id.as_str(), t.deployment.as_str()))
+            })
+            .collect();
+        self.health.retain(&|pk, dep| live.contains(&(pk, dep)));
         self.current.store(Some(Arc::new(runtime)));
         self.version.send_replace(v);
     }

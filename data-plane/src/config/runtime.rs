@@ -1,9 +1,12 @@
 use crate::credentials::{CredentialRegistry, TokenProvider};
-use aigw_shared::domain::{resolve_api_base, Credential};
+use crate::routing::{HealthRegistry, TargetHealth};
+use aigw_shared::domain::{resolve_api_base, Credential, RoutingStrategy};
 use aigw_shared::snapshot::{ConfigSnapshot, SNAPSHOT_FORMAT};
 use http::{HeaderValue, Uri};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +14,11 @@ use std::time::Duration;
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Default longest silence inside a stream.
 const DEFAULT_STREAM_IDLE: Duration = Duration::from_secs(120);
+/// Default retries to other targets after the first attempt.
+const DEFAULT_RETRIES: u32 = 2;
+const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_millis(50);
+/// Default time a 429'd target rests (without a hint) and a circuit stays open.
+const DEFAULT_COOLDOWN: Duration = Duration::from_secs(5);
 
 /// A compiled snapshot: hash tables for the hot path, URLs and headers prebuilt.
 #[derive(Debug)]
@@ -46,8 +54,18 @@ pub struct Route {
     pub alias: Arc<str>,
     /// Sorted by priority, lowest first.
     pub targets: Vec<Arc<Upstream>>,
+    /// `weights[i]` is `targets[i]`'s weight in this route.
+    pub weights: Vec<u32>,
+    /// Index ranges of `targets` with equal priority, in priority order.
+    pub groups: Vec<Range<usize>>,
+    pub strategy: RoutingStrategy,
+    pub rr: AtomicUsize,
+    /// The model's deadline for the whole call, retries included.
     pub timeout: Duration,
     pub stream_idle_timeout: Duration,
+    pub retries: u32,
+    pub retry_backoff: Duration,
+    pub cooldown: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +120,8 @@ pub struct Upstream {
     pub host: String,
     /// A client trusting the provider key's extra CA, if it has one.
     pub client: Option<crate::proxy::UpstreamClient>,
+    /// Shared with every snapshot that routes to this deployment.
+    pub health: Arc<TargetHealth>,
     uris: [Uri; 3],
 }
 
@@ -123,6 +143,15 @@ impl Runtime {
         snapshot: ConfigSnapshot,
         credentials: &CredentialRegistry,
     ) -> Result<Self, String> {
+        Self::compile_with(snapshot, credentials, &HealthRegistry::default())
+    }
+
+    /// [`Runtime::compile`], with deployment health carried over from `health`.
+    pub fn compile_with(
+        snapshot: ConfigSnapshot,
+        credentials: &CredentialRegistry,
+        health: &HealthRegistry,
+    ) -> Result<Self, String> {
         if snapshot.format != SNAPSHOT_FORMAT {
             return Err(format!(
                 "snapshot format {} is not supported (expected {SNAPSHOT_FORMAT})",
@@ -137,6 +166,14 @@ impl Runtime {
             let mut targets = m.resolved_targets();
             targets.sort_by_key(|t| t.priority);
             let mut compiled = Vec::with_capacity(targets.len());
+            let weights: Vec<u32> = targets.iter().map(|t| t.weight.max(1)).collect();
+            let mut groups: Vec<Range<usize>> = Vec::new();
+            for (i, t) in targets.iter().enumerate() {
+                match groups.last_mut() {
+                    Some(g) if targets[g.start].priority == t.priority => g.end = i + 1,
+                    _ => groups.push(i..i + 1),
+                }
+            }
             for t in targets {
                 let key = (t.provider_key_id.clone(), t.model_name.clone());
                 if let Some(u) = upstreams.get(&key) {
@@ -220,6 +257,7 @@ impl Runtime {
                     auth,
                     host: uris[0].host().unwrap_or_default().to_string(),
                     client,
+                    health: health.get(&t.provider_key_id, &t.model_name),
                     uris,
                 });
                 upstreams.insert(key, up.clone());
@@ -231,10 +269,17 @@ impl Runtime {
                 Arc::new(Route {
                     alias: Arc::from(m.display_name.as_str()),
                     targets: compiled,
+                    weights,
+                    groups,
+                    strategy: routing.strategy,
+                    rr: AtomicUsize::new(0),
                     timeout: routing.timeout.map_or(DEFAULT_TIMEOUT, |d| d.0),
                     stream_idle_timeout: routing
                         .stream_idle_timeout
                         .map_or(DEFAULT_STREAM_IDLE, |d| d.0),
+                    retries: routing.retries.unwrap_or(DEFAULT_RETRIES),
+                    retry_backoff: routing.retry_backoff.map_or(DEFAULT_RETRY_BACKOFF, |d| d.0),
+                    cooldown: routing.cooldown.map_or(DEFAULT_COOLDOWN, |d| d.0),
                 }),
             );
         }
@@ -277,6 +322,10 @@ impl Runtime {
     pub fn caller(&self, presented_key: &str) -> Option<&Arc<Caller>> {
         let digest: [u8; 32] = Sha256::digest(presented_key.as_bytes()).into();
         self.callers.get(&digest)
+    }
+
+    pub fn routes(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.routes.values()
     }
 
     pub fn route(&self, alias: &str) -> Option<&Arc<Route>> {

@@ -25,7 +25,7 @@ pub struct WatchSettings {
 pub fn apply(handle: &ConfigHandle, body: &[u8]) -> Result<u64, String> {
     let snapshot: ConfigSnapshot =
         serde_json::from_slice(body).map_err(|e| format!("undecodable snapshot: {e}"))?;
-    let runtime = Runtime::compile(snapshot, handle.credentials())?;
+    let runtime = Runtime::compile_with(snapshot, handle.credentials(), handle.health())?;
     let version = runtime.version;
     handle.store(runtime);
     Ok(version)

@@ -70,6 +70,16 @@ impl Error {
                 "rate_limit_error",
                 Some("rate_limit_exceeded"),
             ),
+            UpstreamConnect(_) => (
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                Some("upstream_route_error"),
+            ),
+            AllTargetsUnavailable { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                Some("all_targets_unavailable"),
+            ),
             UpstreamAuth(_) => (
                 StatusCode::BAD_GATEWAY,
                 "upstream_error",
@@ -124,6 +134,9 @@ impl Error {
                 None
             }
             Error::UpstreamRateLimited { retry_after, .. } => retry_after.clone(),
+            Error::AllTargetsUnavailable { retry_after } => Some(HeaderValue::from(
+                (retry_after.as_millis() as u64).div_ceil(1000).max(1),
+            )),
             _ => None,
         };
         if status.is_server_error() && !matches!(self, Error::NotReady) {

@@ -13,8 +13,10 @@
 //! 5. **read** (`request`) — content type, body limit (413), JSON, required
 //!    fields; for streams ask Azure for `stream_options.include_usage`.
 //! 6. **authorise** — the alias must exist (404) and be on the key's allowlist (403).
-//! 7. **pick a target** — the model's first deployment by priority.
-//! 8. **call Azure** (`upstream`) — URL, credential, deadline; Azure errors mapped.
+//! 7. **pick a target** (`crate::routing`) — the first priority group with a
+//!    healthy target; weighted, round-robin or least-latency inside it.
+//! 8. **call Azure** (`upstream`) — URL, credential, deadline; Azure errors
+//!    mapped; retryable failures go back to step 7 for another target.
 //! 9. **adapt** — `model` → alias, filter fields stripped; streams pass through
 //!    `sse::SseAdapter` chunk by chunk.
 //!
@@ -30,15 +32,49 @@ use crate::usage::{Accounting, UsageRecorder};
 
 pub use upstream::UpstreamClient;
 
+use crate::config::Route;
 use crate::config::{ConfigHandle, Operation};
 use crate::error::Error;
 use crate::metrics::Metrics;
+use crate::routing::{self, Outcome};
 use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, Method, Request, Response};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use serde_json::json;
 use std::sync::Arc;
-use tracing::instrument;
+use std::time::Duration;
+use tokio::time::Instant;
+use tracing::{instrument, Instrument};
+
+/// Longest wait between two attempts of one call.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// What an attempt's error says about the target's health; `None` when it
+/// says nothing (e.g. our own credential was refused).
+fn classify(e: &Error, latency: Duration) -> Option<Outcome> {
+    match e {
+        Error::UpstreamRateLimited { wait, .. } => Some(Outcome::RateLimited(*wait)),
+        Error::Upstream(_) | Error::UpstreamConnect(_) | Error::Timeout(_) => {
+            Some(Outcome::Failure)
+        }
+        // The target answered properly; the request was the problem.
+        Error::ContentFilter { .. } | Error::InvalidRequest { .. } => {
+            Some(Outcome::Success(latency))
+        }
+        _ => None,
+    }
+}
+
+/// Errors worth another target: connect errors, timeouts, 408/429/5xx.
+fn retryable(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::UpstreamRateLimited { .. }
+            | Error::Upstream(_)
+            | Error::UpstreamConnect(_)
+            | Error::Timeout(_)
+    )
+}
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
@@ -139,24 +175,98 @@ impl Proxy {
         if !caller.allows(&call.alias) {
             return Err(Error::PermissionDenied(call.alias));
         }
-        let target = route.targets.first().cloned().ok_or_else(|| {
-            Error::UpstreamRoute(format!("model `{}` has no deployment", route.alias))
-        })?;
-        acct.set_route(&route.alias, &target.deployment, &target.provider_key_id);
+        acct.set_route(&route.alias, "", "");
         drop(runtime);
-        self.upstream
-            .call(
-                upstream::Attempt {
-                    op,
-                    route: &route,
-                    target: &target,
-                },
-                &parts.headers,
-                call,
-                request_id,
-                slot,
-            )
+        self.forward(op, &route, &parts.headers, call, request_id, slot)
             .await
+    }
+
+    /// Steps 7–8: attempts until one answers, within the model's deadline.
+    /// Each attempt picks a healthy target not tried yet in this call (see
+    /// `routing`); connect errors, timeouts, 429 and 5xx move on to the next
+    /// after a capped, jittered backoff. A response that reached the caller
+    /// (a stream's first byte included) is never retried.
+    async fn forward(
+        &self,
+        op: Operation,
+        route: &Arc<Route>,
+        inbound: &http::HeaderMap,
+        call: request::Call,
+        request_id: &HeaderValue,
+        slot: &mut Option<Accounting>,
+    ) -> Result<Response<ProxyBody>, Error> {
+        let deadline = Instant::now() + route.timeout;
+        let mut tried: Vec<usize> = Vec::with_capacity(route.targets.len());
+        let mut last: Option<Error> = None;
+        for attempt in 0..=route.retries {
+            let choice = match routing::pick(route, &tried, routing::now_ms()) {
+                Ok(c) => c,
+                Err(u) => {
+                    return Err(last.unwrap_or(Error::AllTargetsUnavailable {
+                        retry_after: u.retry_after,
+                    }))
+                }
+            };
+            tried.push(choice.index);
+            let target = &route.targets[choice.index];
+            if let Some(a) = slot.as_mut() {
+                a.set_route(&route.alias, &target.deployment, &target.provider_key_id);
+            }
+            let span = tracing::info_span!(
+                "upstream_attempt",
+                attempt,
+                deployment = %target.deployment,
+                probe = choice.probe,
+                outcome = tracing::field::Empty,
+            );
+            target.health.start();
+            let started = Instant::now();
+            let result = self
+                .upstream
+                .call(
+                    upstream::Attempt {
+                        op,
+                        route,
+                        target,
+                        deadline,
+                    },
+                    inbound,
+                    call.clone(),
+                    request_id,
+                    slot,
+                )
+                .instrument(span.clone())
+                .await;
+            let outcome = match &result {
+                Ok(_) => Some(Outcome::Success(started.elapsed())),
+                Err(e) => classify(e, started.elapsed()),
+            };
+            span.record("outcome", tracing::field::debug(&outcome));
+            match outcome {
+                Some(o) => target.health.record(o, routing::now_ms(), route.cooldown),
+                None => target.health.abandon(),
+            }
+            let err = match result {
+                Ok(r) => return Ok(r),
+                Err(e) => e,
+            };
+            if !retryable(&err) || attempt == route.retries {
+                return Err(err);
+            }
+            let backoff = route
+                .retry_backoff
+                .saturating_mul(1 << attempt.min(6))
+                .min(MAX_BACKOFF)
+                .mul_f64(rand::random::<f64>() * 0.5 + 0.5);
+            if Instant::now() + backoff >= deadline {
+                return Err(err);
+            }
+            tokio::time::sleep(backoff).await;
+            last = Some(err);
+        }
+        Err(last.unwrap_or(Error::AllTargetsUnavailable {
+            retry_after: route.cooldown,
+        }))
     }
 
     /// `GET /v1/models`: the aliases this caller may use.

@@ -6,7 +6,8 @@ use bytes::Bytes;
 use http::{header, HeaderMap};
 use serde_json::{Map, Value};
 
-/// A checked request, ready to send upstream.
+/// A checked request, ready to send upstream (cheap to clone: the body is shared).
+#[derive(Clone)]
 pub struct Call {
     pub alias: String,
     pub stream: bool,

@@ -35,6 +35,8 @@ pub struct Attempt<'a> {
     pub op: Operation,
     pub route: &'a Arc<Route>,
     pub target: &'a Arc<Upstream>,
+    /// The model's deadline for the whole call.
+    pub deadline: Instant,
 }
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -99,7 +101,12 @@ impl UpstreamClient {
         request_id: &HeaderValue,
         acct: &mut Option<crate::usage::Accounting>,
     ) -> Result<Response<ProxyBody>, Error> {
-        let Attempt { op, route, target } = attempt;
+        let Attempt {
+            op,
+            route,
+            target,
+            deadline: attempt_deadline,
+        } = attempt;
         let mut req = Request::builder()
             .method(Method::POST)
             .uri(target.uri(op).clone())
@@ -144,7 +151,7 @@ impl UpstreamClient {
             }
         };
 
-        let deadline = Instant::now() + route.timeout;
+        let deadline = attempt_deadline;
         let client = target.client.as_ref().unwrap_or(self);
         let sent = send_authenticated(&client.client, req, entra);
         let resp = match tokio::time::timeout_at(deadline, sent).await {
@@ -155,7 +162,7 @@ impl UpstreamClient {
                 )))
             }
             Ok(Err(e)) if e.is_connect() => {
-                return Err(Error::UpstreamRoute(format!(
+                return Err(Error::UpstreamConnect(format!(
                     "cannot connect to {} for provider key `{}`: {}",
                     target.host,
                     target.provider_name,
@@ -399,6 +406,7 @@ fn map_error(status: StatusCode, headers: &HeaderMap, body: &[u8], target: &Upst
         429 => Error::UpstreamRateLimited {
             message,
             retry_after: retry_after(headers),
+            wait: retry_wait(headers),
         },
         s if s >= 500 => Error::Upstream(format!(
             "Azure deployment `{}` failed (HTTP {s}): {message}",
@@ -410,6 +418,14 @@ fn map_error(status: StatusCode, headers: &HeaderMap, body: &[u8], target: &Upst
             code: None,
         },
     }
+}
+
+/// How long Azure asks us to wait: `retry-after-ms`, else `retry-after` seconds.
+pub fn retry_wait(headers: &HeaderMap) -> Option<Duration> {
+    let num = |name: &str| -> Option<f64> { headers.get(name)?.to_str().ok()?.trim().parse().ok() };
+    num("retry-after-ms")
+        .map(|ms| Duration::from_millis(ms as u64))
+        .or_else(|| num("retry-after").map(Duration::from_secs_f64))
 }
 
 /// `retry-after` as Azure sent it, or whole seconds from `retry-after-ms`.
