@@ -124,7 +124,8 @@ async fn config_changes_are_enforced_on_every_node_within_a_second() -> Result<(
     }
 
     let mut latencies = Vec::with_capacity(CHANGES);
-    let mut per_node = vec![Vec::with_capacity(CHANGES); NODES];
+    let mut per_node: Vec<Vec<Duration>> =
+        (0..NODES).map(|_| Vec::with_capacity(CHANGES)).collect();
     for i in 0..CHANGES {
         let started;
         let took: Vec<Duration> = if i % 2 == 0 {
