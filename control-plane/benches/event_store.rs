@@ -48,6 +48,7 @@ fn api_key(n: u64) -> ApiKey {
         budget: None,
         expires_at: Some(OffsetDateTime::from_unix_timestamp(1_767_225_600).unwrap()),
         disabled: false,
+        ..Default::default()
     }
 }
 

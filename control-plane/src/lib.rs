@@ -8,6 +8,7 @@
 //! - `secrets`  — AES-256-GCM sealing of provider secrets
 //! - `config_stream` — snapshots for data planes and the Watch stream that pushes them
 //! - `nodes`    — data-plane nodes seen on the config stream
+//! - `metrics`  — `/metrics` on the admin port (Prometheus text)
 //! - `usage`    — usage events in, aggregates, cost and budgets out
 //! - `app`      — wiring and serving
 
@@ -17,6 +18,7 @@ pub mod config_stream;
 pub mod engine;
 pub mod error;
 pub mod events;
+pub mod metrics;
 pub mod nodes;
 pub mod secrets;
 pub mod store;

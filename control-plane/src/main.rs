@@ -27,7 +27,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    aigw_shared::telemetry::init_logging(&config.telemetry);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -35,12 +34,24 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The OTLP exporter is built inside the runtime and flushed before it
+    // stops; a standalone control plane's in-process data plane shares it.
+    let mut telemetry = {
+        let _rt = runtime.enter();
+        let node_id = config
+            .data_plane
+            .node_id
+            .clone()
+            .unwrap_or_else(aigw_data_plane::hostname);
+        aigw_shared::telemetry::init(&config.telemetry, "aigw-control-plane", &node_id)
+    };
     let result = runtime.block_on(async {
         aigw_control_plane::ControlPlane::start(config)
             .await?
             .run_until(shutdown_signal())
             .await
     });
+    telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

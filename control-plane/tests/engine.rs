@@ -85,6 +85,7 @@ fn api_key(n: u64, name: Option<&str>) -> ApiKey {
         budget: None,
         expires_at: Some(OffsetDateTime::from_unix_timestamp(1_767_225_600 + n as i64).unwrap()),
         disabled: false,
+        ..Default::default()
     }
 }
 

@@ -5,7 +5,13 @@ use aigw_control_plane::admin::rest::OPENAPI;
 use serde_json::Value;
 use std::collections::BTreeSet;
 
-const COLLECTIONS: [&str; 4] = ["provider_keys", "models", "apikeys", "api_keys"];
+const COLLECTIONS: [&str; 5] = [
+    "provider_keys",
+    "models",
+    "apikeys",
+    "api_keys",
+    "jwt_providers",
+];
 
 /// Every route and method `rest::router` serves (the fallbacks aside).
 fn expected_routes() -> BTreeSet<(String, String)> {
@@ -131,6 +137,10 @@ fn components_cover_the_resources() {
         "ProviderKeyList",
         "ModelList",
         "ApiKeyList",
+        "JwtProvider",
+        "ClaimMappings",
+        "JwtProviderRecord",
+        "JwtProviderList",
         "Deleted",
         "Event",
         "EventList",
@@ -155,6 +165,8 @@ fn components_cover_the_resources() {
         "Cache",
         "ApiKey",
         "Budget",
+        "JwtProvider",
+        "ClaimMappings",
     ] {
         assert_eq!(
             schemas[name]["additionalProperties"],
@@ -177,7 +189,25 @@ fn components_cover_the_resources() {
         required("Target"),
         BTreeSet::from(["provider_key_id", "model_name"])
     );
-    assert_eq!(required("ApiKey"), BTreeSet::from(["key_hash"]));
+    // An api key holds a key hash or binds a JWT identity.
+    assert_eq!(required("ApiKey"), BTreeSet::new());
+    let alternatives: Vec<&Value> = schemas["ApiKey"]["anyOf"]
+        .as_array()
+        .expect("ApiKey.anyOf")
+        .iter()
+        .map(|a| &a["required"])
+        .collect();
+    assert_eq!(
+        alternatives,
+        [
+            &serde_json::json!(["key_hash"]),
+            &serde_json::json!(["jwt_provider_id"])
+        ]
+    );
+    assert_eq!(
+        required("JwtProvider"),
+        BTreeSet::from(["display_name", "issuer", "audiences"])
+    );
     assert_eq!(required("Budget"), BTreeSet::from(["max_usd"]));
     assert_eq!(required("Error"), BTreeSet::from(["error_msg"]));
     assert_eq!(

@@ -6,6 +6,9 @@ use thiserror::Error;
 pub enum Error {
     #[error("{0}")]
     InvalidApiKey(&'static str),
+    /// A JWT bearer was refused (expired, bad signature, audience, issuer).
+    #[error("{0}")]
+    Jwt(crate::jwt::JwtError),
     #[error("this API key may not use model `{0}`")]
     PermissionDenied(String),
     #[error("the model `{0}` does not exist")]

@@ -9,11 +9,15 @@
 //!   stream adaptation (`sse`), error envelope (`edge`)
 //! - `server`  — accept loops and graceful drain
 //! - `credentials` — Entra ID tokens for the upstream, cached across snapshots
+//! - `jwt` — caller JWTs (Entra ID / OIDC): issuers' keys cached across
+//!   snapshots, token verification, identity → api key
 //! - `metrics` — `/metrics` counters
 
+pub mod cache;
 pub mod config;
 pub mod credentials;
 pub mod error;
+pub mod jwt;
 pub mod metrics;
 pub mod proxy;
 pub mod routing;

@@ -29,7 +29,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    aigw_shared::telemetry::init_logging(&config.telemetry);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -37,12 +36,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The OTLP exporter is built inside the runtime and flushed before it stops.
+    let mut telemetry = {
+        let _rt = runtime.enter();
+        aigw_shared::telemetry::init(&config.telemetry, "aigw-data-plane", &settings.node_id)
+    };
     let result = runtime.block_on(async {
         let dp = aigw_data_plane::DataPlane::start(settings).await?;
         dp.run_until(aigw_shared::telemetry::shutdown_signal())
             .await;
         Ok::<_, aigw_data_plane::Error>(())
     });
+    telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -16,7 +16,10 @@ fn run(yaml: &str, env: &[(&str, &str)]) -> (i32, String) {
     }
     cmd.envs(env.iter().copied());
     let out = cmd.output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -29,7 +32,10 @@ fn missing_node_token_is_named() {
 
 #[test]
 fn unknown_and_mistyped_keys_are_named() {
-    let (code, err) = run("admin: {keys: [k]}\nnodes: {token: t}\ndata_plane: {lisen: 1}\n", &[]);
+    let (code, err) = run(
+        "admin: {keys: [k]}\nnodes: {token: t}\ndata_plane: {lisen: 1}\n",
+        &[],
+    );
     assert_eq!(code, 2);
     assert!(err.contains("data_plane") && err.contains("lisen"), "{err}");
     let (code, err) = run(

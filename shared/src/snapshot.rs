@@ -1,7 +1,7 @@
 //! The configuration snapshot the control plane pushes to data planes: every
 //! resource a data plane needs, secrets decrypted, as one immutable document.
 
-use crate::domain::{ApiKey, Credential, Model};
+use crate::domain::{ApiKey, Credential, JwtProvider, Model};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -19,6 +19,12 @@ pub struct ConfigSnapshot {
     /// Api keys whose spend reached their budget in the current period.
     #[serde(default)]
     pub budget_exceeded: BTreeSet<String>,
+    /// Purge generation per model id: a change empties that model's cache.
+    #[serde(default)]
+    pub cache_purges: BTreeMap<String, u64>,
+    /// Trusted issuers of caller JWTs, by id.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub jwt_providers: BTreeMap<String, JwtProvider>,
 }
 
 #[derive(Clone, PartialEq, Serialize, Deserialize)]

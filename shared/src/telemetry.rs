@@ -1,20 +1,164 @@
-//! Logging set-up shared by both binaries.
+//! Logging and tracing set-up shared by both binaries.
+//!
+//! Logs: JSON lines (or text) on stdout. Traces: when `telemetry.otlp_endpoint`
+//! is set, spans also go to an OTLP gRPC collector (Jaeger, the OpenTelemetry
+//! Collector...) through a batch processor on its own thread, so exporting
+//! never runs on a request's path. Sampling is `ParentBased(TraceIdRatioBased)`:
+//! a caller's sampled `traceparent` is honoured, new traces are sampled at
+//! `telemetry.sample_ratio`.
 
 use crate::config::{LogFormat, TelemetryConfig};
-use tracing_subscriber::{fmt, EnvFilter};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::KeyValue;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use opentelemetry_sdk::Resource;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{fmt, EnvFilter, Layer};
+
+/// Keeps the trace exporter alive; [`Telemetry::shutdown`] (or drop) flushes
+/// the spans still queued. Call it while the tokio runtime still runs: the
+/// gRPC exporter needs it.
+#[must_use = "dropping it stops trace export"]
+#[derive(Default)]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Whether spans are exported.
+    pub fn tracing_enabled(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// Exports every finished span now.
+    pub fn flush(&self) {
+        if let Some(p) = &self.provider {
+            let _ = p.force_flush();
+        }
+    }
+
+    /// Flushes and stops the exporter.
+    pub fn shutdown(&mut self) {
+        if let Some(p) = self.provider.take() {
+            if let Err(e) = p.shutdown() {
+                eprintln!("trace export shutdown: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
 
 /// Installs the global subscriber: JSON lines (or text) on stdout, filtered by
-/// `RUST_LOG` if set, else `telemetry.log_level`.
+/// `RUST_LOG` if set, else `telemetry.log_level`. No trace export.
 pub fn init_logging(cfg: &TelemetryConfig) {
+    let mut t = init(cfg, "aigw", "");
+    // No exporter was built: nothing to flush.
+    t.provider = None;
+}
+
+/// Installs the global subscriber (see [`init_logging`]) and, with an OTLP
+/// endpoint configured, the trace exporter for `service` (`aigw-control-plane`
+/// or `aigw-data-plane`) with `node_id` as a resource attribute.
+///
+/// Must be called inside a tokio runtime context (`Runtime::enter`) when an
+/// endpoint is set. A second call (tests, embedded use) keeps the first
+/// subscriber and exports nothing.
+pub fn init(cfg: &TelemetryConfig, service: &str, node_id: &str) -> Telemetry {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cfg.log_level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter).with_target(true);
-    // A second init (tests, embedded use) keeps the first subscriber.
-    let _ = match cfg.log_format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
+    let fmt_layer = match cfg.log_format {
+        LogFormat::Json => fmt::layer()
+            .with_target(true)
+            .json()
+            .flatten_event(true)
+            .boxed(),
+        LogFormat::Text => fmt::layer().with_target(true).boxed(),
+    }
+    .with_filter(filter);
+    let provider = match cfg.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
+        Some(endpoint) if tokio::runtime::Handle::try_current().is_ok() => {
+            match build_provider(endpoint, cfg.sample_ratio, service, node_id) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    eprintln!("{service}: OTLP trace export disabled: {e}");
+                    None
+                }
+            }
+        }
+        Some(_) => {
+            eprintln!("{service}: OTLP trace export needs a tokio runtime; disabled");
+            None
+        }
+        None => None,
     };
+    let otel_layer = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("aigw"))
+            // Only the gateway's own spans: not those of the HTTP and gRPC
+            // libraries (the exporter's own calls included).
+            .with_filter(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target("aigw_data_plane", tracing::Level::INFO)
+                    .with_target("aigw_control_plane", tracing::Level::INFO),
+            )
+    });
+    let installed = tracing_subscriber::registry()
+        .with(fmt_layer)
+        .with(otel_layer)
+        .try_init()
+        .is_ok();
+    if !installed {
+        if let Some(p) = provider {
+            let _ = p.shutdown();
+        }
+        return Telemetry::default();
+    }
+    if let Some(p) = &provider {
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        opentelemetry::global::set_tracer_provider(p.clone());
+    }
+    Telemetry { provider }
+}
+
+fn build_provider(
+    endpoint: &str,
+    ratio: f64,
+    service: &str,
+    node_id: &str,
+) -> Result<SdkTracerProvider, String> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut resource = Resource::builder().with_service_name(service.to_string());
+    if !node_id.is_empty() {
+        resource = resource.with_attribute(KeyValue::new("aigw.node.id", node_id.to_string()));
+        resource = resource.with_attribute(KeyValue::new(
+            "service.instance.id",
+            node_id.to_string(),
+        ));
+    }
+    resource = resource.with_attribute(KeyValue::new(
+        "service.version",
+        env!("CARGO_PKG_VERSION"),
+    ));
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            ratio.clamp(0.0, 1.0),
+        ))))
+        .with_resource(resource.build())
+        .build())
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -18,6 +18,9 @@
 //! 2. max throughput, closed loop: 32 connections for `BENCH_SECS` s each way;
 //! 3. the aigw process's RSS (`VmRSS`) idle and after the load.
 //!
+//! aigw logs at `info` (its default, with one access-log line per call);
+//! `BENCH_LOG_LEVEL=warn` shows what that logging costs.
+//!
 //! The load generator and the mock share this process; aigw runs in its own.
 //! On a small machine they all compete for the same cores, so read the
 //! numbers as relative.
@@ -186,7 +189,11 @@ async fn run() -> Result<()> {
         .unwrap_or(10);
     let mock = MockAzure::start().await;
     mock.add_deployment(SEED_DEPLOYMENT, "gpt-4o-2024-08-06");
-    let cp = ControlPlane::start_with(Options::standalone()).await?;
+    let log_level = std::env::var("BENCH_LOG_LEVEL").unwrap_or_else(|_| "info".into());
+    let cp = ControlPlane::start_with(
+        Options::standalone().with_config(json!({"telemetry": {"log_level": log_level}})),
+    )
+    .await?;
     let pid = cp.process().and_then(|p| p.id()).context("no aigw pid")?;
     seed_azure(&cp.rest(), &mock.base_url(), DEFAULT_API_KEY).await?;
     wait_standalone_synced(&cp).await?;
@@ -226,12 +233,15 @@ async fn run() -> Result<()> {
         max.push(closed_loop(t, secs).await);
     }
     let rss_after = rss_kib(pid);
+    // Stop aigw now: dropping it prints its log tail to stderr, which should
+    // come before the report, not after it.
+    drop(cp);
     let cores = std::thread::available_parallelism().map_or(0, usize::from);
 
     println!();
     println!("=== aigw proxy benchmark (release; {cores} cores shared by load generator + mock Azure + aigw) ===");
     println!(
-        "request: non-streaming chat completion, ~{} byte body",
+        "request: non-streaming chat completion, ~{} byte body; aigw log level {log_level}",
         direct.body.len()
     );
     println!();

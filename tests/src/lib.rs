@@ -11,7 +11,10 @@
 //! - [`mock_azure`]: a mock Azure OpenAI upstream.
 //! - [`mock_entra`]: mock Entra ID token endpoint (TLS, test CA), App Service
 //!   managed identity endpoint, for Entra ID authentication upstream.
+//! - [`mock_oidc`]: a local OpenID issuer (discovery document, JWKS, test
+//!   RSA/EC keys) and token signing, for caller JWTs.
 //! - [`nats`]: a real `nats-server` with JetStream on a free port.
+//! - [`otlp_receiver`]: a real OTLP/gRPC trace receiver collecting exported spans.
 //!
 //! Every test starts its own processes, so tests can run in parallel.
 
@@ -21,7 +24,9 @@ pub mod fixtures;
 pub mod grpc;
 pub mod mock_azure;
 pub mod mock_entra;
+pub mod mock_oidc;
 pub mod nats;
+pub mod otlp_receiver;
 pub mod process;
 pub mod rest;
 

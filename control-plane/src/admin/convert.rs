@@ -3,8 +3,9 @@
 
 use crate::error::Error;
 use aigw_shared::domain::{
-    ApiKey, Budget, BudgetPeriod, CacheConfig, Cost, HumanDuration, Model, ProviderKey, RateLimit,
-    Routing, RoutingStrategy, Target, DEFAULT_API_VERSION,
+    ApiKey, Budget, BudgetPeriod, CacheConfig, ClaimMappings, Cost, HumanDuration, JwtProvider,
+    Model, ProviderKey, RateLimit, Routing, RoutingStrategy, Target, DEFAULT_API_VERSION,
+    DEFAULT_CLOCK_SKEW,
 };
 use aigw_shared::proto::admin::v1 as pb;
 
@@ -198,6 +199,9 @@ pub fn api_key_in(v: Option<pb::ApiKey>) -> Result<ApiKey, Error> {
         budget,
         expires_at,
         disabled: v.disabled,
+        jwt_provider_id: opt(v.jwt_provider_id),
+        jwt_subject: opt(v.jwt_subject),
+        jwt_claims: v.jwt_claims.into_iter().collect(),
     })
 }
 
@@ -221,5 +225,42 @@ pub fn api_key_out(v: ApiKey) -> pb::ApiKey {
             .map(crate::events::format_rfc3339)
             .unwrap_or_default(),
         disabled: v.disabled,
+        jwt_provider_id: v.jwt_provider_id.unwrap_or_default(),
+        jwt_subject: v.jwt_subject.unwrap_or_default(),
+        jwt_claims: v.jwt_claims.into_iter().collect(),
+    }
+}
+
+pub fn jwt_provider_in(v: Option<pb::JwtProvider>) -> Result<JwtProvider, Error> {
+    let v = v.ok_or_else(|| Error::Invalid("value: is required".into()))?;
+    let caller_id = v
+        .claim_mappings
+        .map(|c| c.caller_id)
+        .unwrap_or_default();
+    Ok(JwtProvider {
+        display_name: v.display_name,
+        issuer: v.issuer,
+        audiences: v.audiences,
+        jwks_uri: opt(v.jwks_uri),
+        claim_mappings: if caller_id.is_empty() {
+            ClaimMappings::default()
+        } else {
+            ClaimMappings { caller_id }
+        },
+        clock_skew: duration("clock_skew", v.clock_skew)?
+            .unwrap_or(HumanDuration(DEFAULT_CLOCK_SKEW)),
+    })
+}
+
+pub fn jwt_provider_out(v: JwtProvider) -> pb::JwtProvider {
+    pb::JwtProvider {
+        display_name: v.display_name,
+        issuer: v.issuer,
+        audiences: v.audiences,
+        jwks_uri: v.jwks_uri.unwrap_or_default(),
+        claim_mappings: Some(pb::ClaimMappings {
+            caller_id: v.claim_mappings.caller_id,
+        }),
+        clock_skew: v.clock_skew.to_string(),
     }
 }

@@ -86,6 +86,17 @@ fn api_key_record(r: RecordView) -> pb::ApiKeyRecord {
     }
 }
 
+fn jwt_provider_record(r: RecordView) -> pb::JwtProviderRecord {
+    let View::JwtProvider(v) = r.value else {
+        unreachable!("jwt provider view")
+    };
+    pb::JwtProviderRecord {
+        id: r.id,
+        value: Some(jwt_provider_out(v)),
+        revision: r.revision,
+    }
+}
+
 type R<T> = Result<Response<T>, Status>;
 
 impl GrpcAdmin {
@@ -279,13 +290,75 @@ impl AdminService for GrpcAdmin {
         }))
     }
 
+    async fn create_jwt_provider(
+        &self,
+        req: Request<pb::CreateJwtProviderRequest>,
+    ) -> R<pb::JwtProviderRecord> {
+        let a = actor(&req)?;
+        let input = jwt_provider_in(req.into_inner().value).map(Input::JwtProvider);
+        Ok(Response::new(jwt_provider_record(
+            self.create(&a, input).await?,
+        )))
+    }
+
+    async fn get_jwt_provider(
+        &self,
+        req: Request<pb::GetJwtProviderRequest>,
+    ) -> R<pb::JwtProviderRecord> {
+        let rec = self
+            .admin
+            .get(ResourceKind::JwtProvider, &req.into_inner().id)?;
+        Ok(Response::new(jwt_provider_record(rec)))
+    }
+
+    async fn list_jwt_providers(
+        &self,
+        _: Request<pb::ListJwtProvidersRequest>,
+    ) -> R<pb::ListJwtProvidersResponse> {
+        let list: Vec<_> = self
+            .list(ResourceKind::JwtProvider)
+            .into_iter()
+            .map(jwt_provider_record)
+            .collect();
+        Ok(Response::new(pb::ListJwtProvidersResponse {
+            total: list.len() as u64,
+            list,
+        }))
+    }
+
+    async fn update_jwt_provider(
+        &self,
+        req: Request<pb::UpdateJwtProviderRequest>,
+    ) -> R<pb::JwtProviderRecord> {
+        let a = actor(&req)?;
+        let r = req.into_inner();
+        let input = jwt_provider_in(r.value).map(Input::JwtProvider);
+        Ok(Response::new(jwt_provider_record(
+            self.update(&a, &r.id, input, r.expected_revision).await?,
+        )))
+    }
+
+    async fn delete_jwt_provider(
+        &self,
+        req: Request<pb::DeleteJwtProviderRequest>,
+    ) -> R<pb::DeleteJwtProviderResponse> {
+        let a = actor(&req)?;
+        let r = req.into_inner();
+        self.delete(&a, ResourceKind::JwtProvider, &r.id, r.expected_revision)
+            .await?;
+        Ok(Response::new(pb::DeleteJwtProviderResponse {
+            deleted: true,
+            id: r.id,
+        }))
+    }
+
     async fn list_events(&self, req: Request<pb::ListEventsRequest>) -> R<pb::ListEventsResponse> {
         let r = req.into_inner();
         let resource = match r.resource.as_str() {
             "" => None,
             other => Some(ResourceKind::parse(other).ok_or_else(|| {
                 Status::invalid_argument(format!(
-                    "resource: unknown `{other}`; use provider_keys, models, apikeys"
+                    "resource: unknown `{other}`; use provider_keys, models, apikeys, jwt_providers"
                 ))
             })?),
         };

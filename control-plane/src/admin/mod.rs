@@ -14,7 +14,7 @@ use crate::events::{
     format_rfc3339, Command, ResourceValue, State, StoredEvent, StoredProviderKey,
 };
 use crate::nodes::NodeRegistry;
-use aigw_shared::domain::{ApiKey, Model, ProviderKey, ResourceKind, MASKED};
+use aigw_shared::domain::{ApiKey, JwtProvider, Model, ProviderKey, ResourceKind, MASKED};
 use serde::Serialize;
 use std::sync::Arc;
 use tracing::instrument;
@@ -25,6 +25,7 @@ pub enum Input {
     ProviderKey(ProviderKey),
     Model(Model),
     ApiKey(ApiKey),
+    JwtProvider(JwtProvider),
 }
 
 impl Input {
@@ -33,6 +34,7 @@ impl Input {
             Self::ProviderKey(_) => ResourceKind::ProviderKey,
             Self::Model(_) => ResourceKind::Model,
             Self::ApiKey(_) => ResourceKind::ApiKey,
+            Self::JwtProvider(_) => ResourceKind::JwtProvider,
         }
     }
 }
@@ -44,6 +46,7 @@ pub enum View {
     ProviderKey(ProviderKey),
     Model(Model),
     ApiKey(ApiKey),
+    JwtProvider(JwtProvider),
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -200,6 +203,7 @@ impl Admin {
             ResourceKind::ProviderKey => state.provider_keys.keys().collect(),
             ResourceKind::Model => state.models.keys().collect(),
             ResourceKind::ApiKey => state.api_keys.keys().collect(),
+            ResourceKind::JwtProvider => state.jwt_providers.keys().collect(),
         };
         ids.into_iter()
             .filter_map(|id| view(&state, kind, id))
@@ -262,6 +266,10 @@ impl Admin {
                 k.validate()?;
                 ResourceValue::ApiKey(k)
             }
+            Input::JwtProvider(p) => {
+                p.validate()?;
+                ResourceValue::JwtProvider(p)
+            }
         })
     }
 }
@@ -280,6 +288,10 @@ fn view(state: &State, kind: ResourceKind, id: &str) -> Option<RecordView> {
             .api_keys
             .get(id)
             .map(|r| (View::ApiKey(r.value.clone()), r.revision))?,
+        ResourceKind::JwtProvider => state
+            .jwt_providers
+            .get(id)
+            .map(|r| (View::JwtProvider(r.value.clone()), r.revision))?,
     };
     Some(RecordView {
         id: id.to_string(),

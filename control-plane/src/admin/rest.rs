@@ -48,6 +48,7 @@ pub fn router(admin: Admin, keys: AdminKeys, max_body: usize) -> Router {
         .route_layer(middleware::from_fn_with_state(ctx.clone(), authenticate));
     Router::new()
         .route("/livez", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/metrics", get(metrics))
         .route(
             "/readyz",
             get(|| async { Json(json!({"status": "ready"})) }),
@@ -62,6 +63,17 @@ pub fn router(admin: Admin, keys: AdminKeys, max_body: usize) -> Router {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         })
         .with_state(ctx)
+}
+
+/// Prometheus text, open like `/livez`.
+async fn metrics(State(ctx): State<Ctx>) -> Response {
+    let version = ctx.admin.engine().read().version;
+    let text = crate::metrics::METRICS.render(ctx.admin.nodes(), version);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        text,
+    )
+        .into_response()
 }
 
 fn error(status: StatusCode, msg: &str) -> Response {
@@ -85,8 +97,10 @@ async fn authenticate(State(ctx): State<Ctx>, mut req: Request, next: Next) -> R
 
 fn kind_of(collection: &str) -> Result<ResourceKind, Error> {
     match collection {
-        "provider_keys" | "models" | "apikeys" | "api_keys" => ResourceKind::parse(collection)
-            .ok_or_else(|| Error::UnknownCollection(collection.to_string())),
+        "provider_keys" | "models" | "apikeys" | "api_keys" | "jwt_providers" => {
+            ResourceKind::parse(collection)
+                .ok_or_else(|| Error::UnknownCollection(collection.to_string()))
+        }
         _ => Err(Error::UnknownCollection(collection.to_string())),
     }
 }
@@ -133,6 +147,7 @@ async fn parse_input(kind: ResourceKind, body: Body, max: usize) -> Result<Input
         ResourceKind::ProviderKey => Input::ProviderKey(parse_body(body, max).await?),
         ResourceKind::Model => Input::Model(parse_body(body, max).await?),
         ResourceKind::ApiKey => Input::ApiKey(parse_body(body, max).await?),
+        ResourceKind::JwtProvider => Input::JwtProvider(parse_body(body, max).await?),
     })
 }
 
@@ -238,7 +253,7 @@ async fn list_events(
         None | Some("") => None,
         Some(r) => Some(kind_of(r).map_err(|_| {
             Error::Invalid(format!(
-                "resource: unknown `{r}`; use provider_keys, models, apikeys"
+                "resource: unknown `{r}`; use provider_keys, models, apikeys, jwt_providers"
             ))
         })?),
     };

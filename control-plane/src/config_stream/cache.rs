@@ -114,5 +114,11 @@ pub fn build_snapshot(
             .map(|(k, r)| (k.clone(), r.value.clone()))
             .collect(),
         budget_exceeded: BTreeSet::new(),
+        cache_purges: Default::default(),
+        jwt_providers: state
+            .jwt_providers
+            .iter()
+            .map(|(k, r)| (k.clone(), r.value.clone()))
+            .collect(),
     })
 }

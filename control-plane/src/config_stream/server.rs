@@ -115,7 +115,10 @@ impl ConfigService for ConfigStreamService {
         // Streams end at shutdown so the server can drain.
         let mut stop = self.stop.clone();
         let out = WatchStream::new(self.cache.subscribe())
-            .map(|s| Ok((*s).clone()))
+            .map(|s| {
+                crate::metrics::METRICS.snapshot_pushed();
+                Ok((*s).clone())
+            })
             .take_until(async move {
                 let _ = stop.wait_for(|s| *s).await;
             });

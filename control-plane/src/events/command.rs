@@ -1,6 +1,6 @@
 use super::{DomainEvent, State, StoredProviderKey};
 use crate::error::Error;
-use aigw_shared::domain::{ApiKey, Model, ResourceKind};
+use aigw_shared::domain::{ApiKey, JwtProvider, Model, ResourceKind};
 
 /// A value ready to store: validated on its own, secrets already sealed.
 #[derive(Debug, Clone, PartialEq)]
@@ -8,6 +8,7 @@ pub enum ResourceValue {
     ProviderKey(StoredProviderKey),
     Model(Model),
     ApiKey(ApiKey),
+    JwtProvider(JwtProvider),
 }
 
 impl ResourceValue {
@@ -16,6 +17,7 @@ impl ResourceValue {
             Self::ProviderKey(_) => ResourceKind::ProviderKey,
             Self::Model(_) => ResourceKind::Model,
             Self::ApiKey(_) => ResourceKind::ApiKey,
+            Self::JwtProvider(_) => ResourceKind::JwtProvider,
         }
     }
 }
@@ -120,11 +122,29 @@ pub fn handle(state: &State, command: &Command) -> Result<Vec<DomainEvent>, Erro
                     )));
                 }
             }
+            if *kind == ResourceKind::JwtProvider {
+                if let Some((kid, k)) = state
+                    .api_keys
+                    .iter()
+                    .find(|(_, k)| k.value.jwt_provider_id.as_deref() == Some(id.as_str()))
+                {
+                    let name = k
+                        .value
+                        .display_name
+                        .as_deref()
+                        .map(|n| format!(" `{n}`"))
+                        .unwrap_or_default();
+                    return Err(Error::Reference(format!(
+                        "jwt provider `{id}` is still used by api key{name} (id {kid})"
+                    )));
+                }
+            }
             let id = id.clone();
             Ok(vec![match kind {
                 ResourceKind::ProviderKey => DomainEvent::ProviderKeyDeleted { id },
                 ResourceKind::Model => DomainEvent::ModelDeleted { id },
                 ResourceKind::ApiKey => DomainEvent::ApiKeyDeleted { id },
+                ResourceKind::JwtProvider => DomainEvent::JwtProviderDeleted { id },
             }])
         }
     }
@@ -158,6 +178,9 @@ fn check_value(state: &State, id: &str, value: &ResourceValue) -> Result<(), Err
             if let Some(name) = &k.display_name {
                 unique_name(name)?;
             }
+            if let Some(provider) = &k.jwt_provider_id {
+                return check_jwt_binding(state, id, k, provider);
+            }
             match state.id_by_key_hash(&k.key_hash) {
                 Some(other) if other != id => Err(Error::Duplicate(format!(
                     "key_hash: another api key already has this hash (id {other})"
@@ -165,6 +188,42 @@ fn check_value(state: &State, id: &str, value: &ResourceValue) -> Result<(), Err
                 _ => Ok(()),
             }
         }
+        ResourceValue::JwtProvider(p) => {
+            unique_name(&p.display_name)?;
+            match state
+                .jwt_providers
+                .iter()
+                .find(|(other, r)| *other != id && r.value.issuer == p.issuer)
+            {
+                Some((other, _)) => Err(Error::Duplicate(format!(
+                    "issuer: jwt provider {other} already trusts this issuer; \
+                     add the audience to it instead"
+                ))),
+                None => Ok(()),
+            }
+        }
+    }
+}
+
+/// The provider must exist, and one identity (provider, subject) binds one key.
+fn check_jwt_binding(state: &State, id: &str, k: &ApiKey, provider: &str) -> Result<(), Error> {
+    if !state.jwt_providers.contains_key(provider) {
+        return Err(Error::Reference(format!(
+            "jwt_provider_id: jwt provider `{provider}` does not exist"
+        )));
+    }
+    let Some(subject) = &k.jwt_subject else {
+        return Ok(());
+    };
+    match state.api_keys.iter().find(|(other, r)| {
+        *other != id
+            && r.value.jwt_provider_id.as_deref() == Some(provider)
+            && r.value.jwt_subject.as_ref() == Some(subject)
+    }) {
+        Some((other, _)) => Err(Error::Duplicate(format!(
+            "jwt_subject: api key {other} already binds this identity"
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -174,6 +233,7 @@ fn created(id: &str, value: &ResourceValue) -> DomainEvent {
         ResourceValue::ProviderKey(value) => DomainEvent::ProviderKeyCreated { id, value },
         ResourceValue::Model(value) => DomainEvent::ModelCreated { id, value },
         ResourceValue::ApiKey(value) => DomainEvent::ApiKeyCreated { id, value },
+        ResourceValue::JwtProvider(value) => DomainEvent::JwtProviderCreated { id, value },
     }
 }
 
@@ -183,5 +243,6 @@ fn updated(id: &str, value: &ResourceValue) -> DomainEvent {
         ResourceValue::ProviderKey(value) => DomainEvent::ProviderKeyUpdated { id, value },
         ResourceValue::Model(value) => DomainEvent::ModelUpdated { id, value },
         ResourceValue::ApiKey(value) => DomainEvent::ApiKeyUpdated { id, value },
+        ResourceValue::JwtProvider(value) => DomainEvent::JwtProviderUpdated { id, value },
     }
 }

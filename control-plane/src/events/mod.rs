@@ -11,7 +11,7 @@ pub use command::{handle, Command, ResourceValue};
 pub use state::{Record, State, StoredProviderKey};
 
 use crate::error::Error;
-use aigw_shared::domain::{ApiKey, Model, ResourceKind, MASKED};
+use aigw_shared::domain::{ApiKey, JwtProvider, Model, ResourceKind, MASKED};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -53,6 +53,17 @@ pub enum DomainEvent {
     ApiKeyDeleted {
         id: String,
     },
+    JwtProviderCreated {
+        id: String,
+        value: JwtProvider,
+    },
+    JwtProviderUpdated {
+        id: String,
+        value: JwtProvider,
+    },
+    JwtProviderDeleted {
+        id: String,
+    },
 }
 
 impl DomainEvent {
@@ -67,6 +78,9 @@ impl DomainEvent {
             Self::ApiKeyCreated { .. } => "ApiKeyCreated",
             Self::ApiKeyUpdated { .. } => "ApiKeyUpdated",
             Self::ApiKeyDeleted { .. } => "ApiKeyDeleted",
+            Self::JwtProviderCreated { .. } => "JwtProviderCreated",
+            Self::JwtProviderUpdated { .. } => "JwtProviderUpdated",
+            Self::JwtProviderDeleted { .. } => "JwtProviderDeleted",
         }
     }
 
@@ -82,6 +96,9 @@ impl DomainEvent {
             Self::ApiKeyCreated { id, .. }
             | Self::ApiKeyUpdated { id, .. }
             | Self::ApiKeyDeleted { id } => (ResourceKind::ApiKey, id),
+            Self::JwtProviderCreated { id, .. }
+            | Self::JwtProviderUpdated { id, .. }
+            | Self::JwtProviderDeleted { id } => (ResourceKind::JwtProvider, id),
         }
     }
 }

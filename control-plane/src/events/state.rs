@@ -1,6 +1,6 @@
 use super::{DomainEvent, StoredEvent};
 use crate::secrets::Sealed;
-use aigw_shared::domain::{ApiKey, Model, ProviderKey, ResourceKind, MASKED};
+use aigw_shared::domain::{ApiKey, JwtProvider, Model, ProviderKey, ResourceKind, MASKED};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 
@@ -58,6 +58,8 @@ pub struct State {
     pub provider_keys: BTreeMap<String, Record<StoredProviderKey>>,
     pub models: BTreeMap<String, Record<Model>>,
     pub api_keys: BTreeMap<String, Record<ApiKey>>,
+    #[serde(default)]
+    pub jwt_providers: BTreeMap<String, Record<JwtProvider>>,
     #[serde(skip)]
     pub(super) index: Index,
 }
@@ -99,10 +101,25 @@ impl State {
                         .names
                         .insert((ResourceKind::ApiKey, name.clone()), id.clone());
                 }
-                self.index
-                    .key_hashes
-                    .insert(value.key_hash.clone(), id.clone());
+                if !value.key_hash.is_empty() {
+                    self.index
+                        .key_hashes
+                        .insert(value.key_hash.clone(), id.clone());
+                }
                 upsert(&mut self.api_keys, id, value.clone());
+            }
+            DomainEvent::JwtProviderCreated { id, value }
+            | DomainEvent::JwtProviderUpdated { id, value } => {
+                self.unindex(ResourceKind::JwtProvider, id);
+                self.index.names.insert(
+                    (ResourceKind::JwtProvider, value.display_name.clone()),
+                    id.clone(),
+                );
+                upsert(&mut self.jwt_providers, id, value.clone());
+            }
+            DomainEvent::JwtProviderDeleted { id } => {
+                self.unindex(ResourceKind::JwtProvider, id);
+                self.jwt_providers.remove(id);
             }
             DomainEvent::ProviderKeyDeleted { id } => {
                 self.unindex(ResourceKind::ProviderKey, id);
@@ -130,6 +147,10 @@ impl State {
                 self.index.key_hashes.remove(&r.value.key_hash);
                 r.value.display_name.clone()
             }),
+            ResourceKind::JwtProvider => self
+                .jwt_providers
+                .get(id)
+                .map(|r| r.value.display_name.clone()),
         };
         if let Some(name) = name {
             self.index.names.remove(&(kind, name));
@@ -157,9 +178,17 @@ impl State {
                     .names
                     .insert((ResourceKind::ApiKey, n.clone()), id.clone());
             }
-            index
-                .key_hashes
-                .insert(r.value.key_hash.clone(), id.clone());
+            if !r.value.key_hash.is_empty() {
+                index
+                    .key_hashes
+                    .insert(r.value.key_hash.clone(), id.clone());
+            }
+        }
+        for (id, r) in &self.jwt_providers {
+            index.names.insert(
+                (ResourceKind::JwtProvider, r.value.display_name.clone()),
+                id.clone(),
+            );
         }
         self.index = index;
     }
@@ -181,6 +210,7 @@ impl State {
             ResourceKind::ProviderKey => self.provider_keys.get(id).map(|r| r.revision),
             ResourceKind::Model => self.models.get(id).map(|r| r.revision),
             ResourceKind::ApiKey => self.api_keys.get(id).map(|r| r.revision),
+            ResourceKind::JwtProvider => self.jwt_providers.get(id).map(|r| r.revision),
         }
     }
 }

@@ -5,8 +5,8 @@
 use super::*;
 use crate::secrets::Sealed;
 use aigw_shared::domain::{
-    Budget, BudgetPeriod, CacheConfig, Cost, HumanDuration, RateLimit, Routing, RoutingStrategy,
-    Target,
+    Budget, BudgetPeriod, CacheConfig, ClaimMappings, Cost, HumanDuration, JwtProvider, RateLimit,
+    Routing, RoutingStrategy, Target,
 };
 use std::time::Duration;
 use time::macros::datetime;
@@ -167,6 +167,7 @@ fn api_key(n: u64, name: Option<&str>) -> ApiKey {
         budget: None,
         expires_at: None,
         disabled: false,
+        ..Default::default()
     }
 }
 
@@ -188,6 +189,38 @@ fn ak_created(id: &str, value: ApiKey) -> DomainEvent {
     DomainEvent::ApiKeyCreated {
         id: id.into(),
         value,
+    }
+}
+
+fn jwt_provider(name: &str, issuer: &str) -> JwtProvider {
+    JwtProvider {
+        display_name: name.into(),
+        issuer: issuer.into(),
+        audiences: vec!["api://aigw".into()],
+        jwks_uri: None,
+        claim_mappings: ClaimMappings::default(),
+        clock_skew: HumanDuration(Duration::from_secs(60)),
+    }
+}
+
+fn jp_created(id: &str, value: JwtProvider) -> DomainEvent {
+    DomainEvent::JwtProviderCreated {
+        id: id.into(),
+        value,
+    }
+}
+
+/// An api key binding a JWT identity of `provider`.
+fn jwt_key(provider: &str, subject: Option<&str>, claims: &[(&str, &str)]) -> ApiKey {
+    ApiKey {
+        allowed_models: vec!["*".into()],
+        jwt_provider_id: Some(provider.into()),
+        jwt_subject: subject.map(Into::into),
+        jwt_claims: claims
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
     }
 }
 
@@ -911,6 +944,115 @@ fn reindex_after_serde_round_trip_gives_the_same_answers() {
     }
 }
 
+// ---------------------------------------------------------------- jwt providers
+
+#[test]
+fn create_jwt_provider_and_bind_identities() {
+    let p = jwt_provider("entra", "https://login.example/t1/v2.0");
+    let state = given([])
+        .when(create("jp1", ResourceValue::JwtProvider(p.clone())))
+        .then_expect(vec![jp_created("jp1", p)]);
+    assert_eq!(
+        state.id_by_name(ResourceKind::JwtProvider, "entra"),
+        Some("jp1")
+    );
+    // Two identities of one provider: neither holds a key hash, so they do not clash.
+    let by_subject = jwt_key("jp1", Some("oid-1"), &[]);
+    let by_role = jwt_key("jp1", None, &[("roles", "Aigw.Caller")]);
+    let state = Given { state }
+        .when(create("ak1", ResourceValue::ApiKey(by_subject.clone())))
+        .then_expect(vec![ak_created("ak1", by_subject)]);
+    let state = Given { state }
+        .when(create("ak2", ResourceValue::ApiKey(by_role.clone())))
+        .then_expect(vec![ak_created("ak2", by_role)]);
+    assert_eq!(state.id_by_key_hash(""), None);
+    // A plain key still gets its hash checked.
+    Given { state }
+        .when(create("ak3", ResourceValue::ApiKey(api_key(1, None))))
+        .then_expect(vec![ak_created("ak3", api_key(1, None))]);
+}
+
+#[test]
+fn jwt_provider_names_and_issuers_are_unique() {
+    let issuer = "https://login.example/t1/v2.0";
+    let past = [jp_created("jp1", jwt_provider("entra", issuer))];
+    let err = given(past.clone())
+        .when(create(
+            "jp2",
+            ResourceValue::JwtProvider(jwt_provider("entra", "https://other.example")),
+        ))
+        .then_expect_error(is_duplicate);
+    assert!(err.to_string().contains("display_name"), "{err}");
+    let err = given(past.clone())
+        .when(create(
+            "jp2",
+            ResourceValue::JwtProvider(jwt_provider("second", issuer)),
+        ))
+        .then_expect_error(is_duplicate);
+    assert!(err.to_string().contains("issuer"), "{err}");
+    // Updating itself with the same issuer is fine.
+    let mut same = jwt_provider("entra", issuer);
+    same.audiences.push("api://other".into());
+    given(past)
+        .when(update("jp1", ResourceValue::JwtProvider(same.clone()), Some(1), false))
+        .then_expect(vec![DomainEvent::JwtProviderUpdated {
+            id: "jp1".into(),
+            value: same,
+        }]);
+}
+
+#[test]
+fn jwt_bindings_reference_a_provider_and_one_subject_binds_one_key() {
+    let err = given([])
+        .when(create(
+            "ak1",
+            ResourceValue::ApiKey(jwt_key("nope", Some("oid-1"), &[])),
+        ))
+        .then_expect_error(is_reference);
+    assert!(err.to_string().contains("jwt_provider_id"), "{err}");
+    let past = [
+        jp_created("jp1", jwt_provider("entra", "https://login.example/t1/v2.0")),
+        ak_created("ak1", jwt_key("jp1", Some("oid-1"), &[])),
+    ];
+    let err = given(past.clone())
+        .when(create(
+            "ak2",
+            ResourceValue::ApiKey(jwt_key("jp1", Some("oid-1"), &[("roles", "x")])),
+        ))
+        .then_expect_error(is_duplicate);
+    assert!(err.to_string().contains("jwt_subject"), "{err}");
+    // Re-saving the same key is not a clash with itself.
+    let again = jwt_key("jp1", Some("oid-1"), &[("roles", "x")]);
+    given(past)
+        .when(update("ak1", ResourceValue::ApiKey(again.clone()), None, false))
+        .then_expect(vec![DomainEvent::ApiKeyUpdated {
+            id: "ak1".into(),
+            value: again,
+        }]);
+}
+
+#[test]
+fn deleting_a_jwt_provider_in_use_names_the_api_key() {
+    let mut named = jwt_key("jp1", Some("oid-1"), &[]);
+    named.display_name = Some("payments-app".into());
+    let past = [
+        jp_created("jp1", jwt_provider("entra", "https://login.example/t1/v2.0")),
+        ak_created("ak1", named),
+    ];
+    let err = given(past.clone())
+        .when(delete(ResourceKind::JwtProvider, "jp1", None))
+        .then_expect_error(is_reference);
+    assert!(err.to_string().contains("payments-app"), "{err}");
+    let state = given(past)
+        .when(delete(ResourceKind::ApiKey, "ak1", None))
+        .then_expect(vec![DomainEvent::ApiKeyDeleted { id: "ak1".into() }]);
+    let state = Given { state }
+        .when(delete(ResourceKind::JwtProvider, "jp1", Some(1)))
+        .then_expect(vec![DomainEvent::JwtProviderDeleted { id: "jp1".into() }]);
+    assert!(state.jwt_providers.is_empty());
+    assert_eq!(state.index, Default::default());
+}
+
 // ---------------------------------------------------------------- envelope
 
 /// One of every event, with every optional field filled.
@@ -957,6 +1099,7 @@ fn every_variant() -> Vec<DomainEvent> {
         }),
         expires_at: Some(datetime!(2026-01-01 00:00:00 UTC)),
         disabled: true,
+        ..Default::default()
     };
     let mut updated_key = full_key.clone();
     updated_key.expires_at = Some(datetime!(2027-03-04 05:06:07.5 +02:00));
@@ -982,12 +1125,26 @@ fn every_variant() -> Vec<DomainEvent> {
             value: updated_key,
         },
         DomainEvent::ApiKeyDeleted { id: "ak1".into() },
+        jp_created("jp1", jwt_provider("entra", "https://login.example/t1/v2.0")),
+        DomainEvent::JwtProviderUpdated {
+            id: "jp1".into(),
+            value: JwtProvider {
+                jwks_uri: Some("https://login.example/t1/keys".into()),
+                claim_mappings: ClaimMappings {
+                    caller_id: vec!["appid".into()],
+                },
+                clock_skew: HumanDuration(Duration::from_secs(120)),
+                ..jwt_provider("entra", "https://login.example/t1/v2.0")
+            },
+        },
+        ak_created("ak2", jwt_key("jp1", Some("oid-1"), &[("roles", "Aigw.Caller")])),
+        DomainEvent::JwtProviderDeleted { id: "jp1".into() },
     ]
 }
 
 #[test]
 fn encode_decode_round_trips_every_variant() {
-    let mut seen = [false; 9];
+    let mut seen = [false; 12];
     for (i, event) in every_variant().into_iter().enumerate() {
         // Exhaustive on purpose: a new variant must be added to every_variant().
         let slot = match &event {
@@ -1000,6 +1157,9 @@ fn encode_decode_round_trips_every_variant() {
             DomainEvent::ApiKeyCreated { .. } => 6,
             DomainEvent::ApiKeyUpdated { .. } => 7,
             DomainEvent::ApiKeyDeleted { .. } => 8,
+            DomainEvent::JwtProviderCreated { .. } => 9,
+            DomainEvent::JwtProviderUpdated { .. } => 10,
+            DomainEvent::JwtProviderDeleted { .. } => 11,
         };
         seen[slot] = true;
         let stored = StoredEvent {

@@ -247,6 +247,7 @@ impl Aggregator {
         self.tree.apply_batch(batch)?;
         self.db.flush()?;
         for (key, c, cost) in updated {
+            crate::metrics::METRICS.cost(&key.model, cost);
             *mem.spend
                 .entry(key.api_key.clone())
                 .or_default()
@@ -261,6 +262,7 @@ impl Aggregator {
         let span = tracing::Span::current();
         span.record("counted", stats.counted);
         span.record("duplicates", stats.duplicates);
+        crate::metrics::METRICS.usage_ingested(stats.counted as u64, stats.duplicates as u64);
         Ok(stats)
     }
 

@@ -26,6 +26,8 @@ pub struct ConfigHandle {
     version: tokio::sync::watch::Sender<u64>,
     credentials: Arc<CredentialRegistry>,
     health: HealthRegistry,
+    /// Signing keys of the trusted JWT issuers, kept across snapshots.
+    jwks: crate::jwt::JwksRegistry,
 }
 
 impl Default for ConfigHandle {
@@ -41,7 +43,13 @@ impl ConfigHandle {
             version: tokio::sync::watch::channel(0).0,
             credentials,
             health: HealthRegistry::default(),
+            jwks: crate::jwt::JwksRegistry::default(),
         }
+    }
+
+    /// The JWT issuers' key caches that compiled snapshots draw on.
+    pub fn jwks(&self) -> &crate::jwt::JwksRegistry {
+        &self.jwks
     }
 
     /// The token caches that compiled snapshots draw on.
@@ -62,6 +70,7 @@ impl ConfigHandle {
         let v = runtime.version;
         self.credentials
             .retain_only(runtime.token_providers().clone());
+        self.jwks.retain(runtime.jwt());
         let live: std::collections::HashSet<(&str, &str)> = runtime
             .routes()
             .flat_map(|r| {

@@ -29,6 +29,8 @@ pub struct Runtime {
     aliases: Vec<String>,
     /// Entra ID token caches of the provider keys this snapshot routes to.
     token_providers: HashMap<String, Arc<TokenProvider>>,
+    /// Trusted JWT issuers and the api keys bound to JWT identities.
+    jwt: crate::jwt::JwtAuth,
 }
 
 #[derive(Debug)]
@@ -44,6 +46,22 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// An api key as the hot path checks it.
+    pub(crate) fn from_api_key(
+        id: String,
+        k: aigw_shared::domain::ApiKey,
+        budget_exceeded: bool,
+    ) -> Self {
+        Self {
+            budget_exceeded,
+            id,
+            allow_all: k.allowed_models.iter().any(|m| m == "*"),
+            allowed: k.allowed_models,
+            disabled: k.disabled,
+            expires_at: k.expires_at.map(|t| t.unix_timestamp()),
+        }
+    }
+
     pub fn allows(&self, alias: &str) -> bool {
         self.allow_all || self.allowed.iter().any(|a| a == alias)
     }
@@ -66,6 +84,9 @@ pub struct Route {
     pub retries: u32,
     pub retry_backoff: Duration,
     pub cooldown: Duration,
+    pub cache: Option<aigw_shared::domain::CacheConfig>,
+    /// Bumped by an admin purge of this model's cache.
+    pub cache_generation: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -280,9 +301,18 @@ impl Runtime {
                     retries: routing.retries.unwrap_or(DEFAULT_RETRIES),
                     retry_backoff: routing.retry_backoff.map_or(DEFAULT_RETRY_BACKOFF, |d| d.0),
                     cooldown: routing.cooldown.map_or(DEFAULT_COOLDOWN, |d| d.0),
+                    cache: m.cache,
+                    cache_generation: snapshot.cache_purges.get(model_id).copied().unwrap_or(0),
                 }),
             );
         }
+        // JWT-bound api keys leave `api_keys` here; the rest are key hashes.
+        let mut snapshot = snapshot;
+        let jwt = crate::jwt::JwtAuth::compile(
+            &snapshot.jwt_providers,
+            &mut snapshot.api_keys,
+            &snapshot.budget_exceeded,
+        )?;
         let exceeded = snapshot.budget_exceeded;
         let mut callers = HashMap::with_capacity(snapshot.api_keys.len());
         for (id, k) in snapshot.api_keys {
@@ -310,7 +340,13 @@ impl Runtime {
             routes,
             aliases,
             token_providers,
+            jwt,
         })
+    }
+
+    /// Trusted JWT issuers and the api keys bound to JWT identities.
+    pub fn jwt(&self) -> &crate::jwt::JwtAuth {
+        &self.jwt
     }
 
     /// The Entra ID token caches this snapshot uses, by provider key id.

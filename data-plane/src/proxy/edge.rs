@@ -17,6 +17,8 @@ impl Error {
                 "invalid_request_error",
                 Some("invalid_api_key"),
             ),
+            // 401 `invalid_api_key`, refined by the `jwt_*` code.
+            Jwt(e) => (StatusCode::UNAUTHORIZED, "invalid_api_key", Some(e.code())),
             PermissionDenied(_) => (
                 StatusCode::FORBIDDEN,
                 "permission_error",
@@ -106,6 +108,34 @@ impl Error {
 
     pub fn status(&self) -> StatusCode {
         self.classify().0
+    }
+
+    /// The same error again, for every caller that waited on one shared
+    /// upstream fetch (the cache hands each of them the same `Arc`).
+    pub fn duplicate(&self) -> Error {
+        use Error::*;
+        match self {
+            InvalidRequest { message, param, code } => InvalidRequest {
+                message: message.clone(),
+                param: *param,
+                code: *code,
+            },
+            ContentFilter { message, details } => ContentFilter {
+                message: message.clone(),
+                details: details.clone(),
+            },
+            UpstreamRateLimited { message, retry_after, wait } => UpstreamRateLimited {
+                message: message.clone(),
+                retry_after: retry_after.clone(),
+                wait: *wait,
+            },
+            AllTargetsUnavailable { retry_after } => AllTargetsUnavailable { retry_after: *retry_after },
+            UpstreamAuth(m) => UpstreamAuth(m.clone()),
+            UpstreamRoute(m) => UpstreamRoute(m.clone()),
+            UpstreamConnect(m) => UpstreamConnect(m.clone()),
+            Timeout(m) => Timeout(m.clone()),
+            other => Upstream(other.to_string()),
+        }
     }
 
     /// The OpenAI `code` the caller sees.

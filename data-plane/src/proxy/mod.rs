@@ -8,8 +8,10 @@
 //! 2. **route** — method and path select the operation (`/v1/chat/completions`,
 //!    `/v1/completions`, `/v1/embeddings`, `GET /v1/models`).
 //! 3. **config** — one lock-free load of the current snapshot; none yet → 503.
-//! 4. **authenticate** (`auth`) — sha256 of the presented key → api key;
-//!    unknown, disabled or expired → 401.
+//! 4. **authenticate** (`auth`) — a JWT bearer is verified (`crate::jwt`) and
+//!    its identity → api key; any other bearer: sha256 of the key → api key;
+//!    unknown, disabled or expired → 401. A JWT caller's id goes upstream in
+//!    `caller-objectid` and into the usage event.
 //! 5. **read** (`request`) — content type, body limit (413), JSON, required
 //!    fields; for streams ask Azure for `stream_options.include_usage`.
 //! 6. **authorise** — the alias must exist (404) and be on the key's allowlist (403).
@@ -26,9 +28,10 @@ mod auth;
 mod edge;
 mod request;
 mod sse;
+mod trace;
 mod upstream;
 
-use crate::usage::{Accounting, UsageRecorder};
+use crate::usage::{Accounting, CacheStatus, UsageRecorder};
 
 pub use upstream::UpstreamClient;
 
@@ -44,7 +47,20 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-use tracing::{instrument, Instrument};
+use tracing::Instrument;
+
+static SERVED_BY: HeaderName = HeaderName::from_static("x-aigw-served-by");
+static CACHE_STATUS: HeaderName = HeaderName::from_static("x-aigw-cache");
+
+/// `Cache-Control: no-cache` (or `no-store`) from the caller skips the cache.
+fn no_cache(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|d| matches!(d.trim().to_ascii_lowercase().as_str(), "no-cache" | "no-store"))
+}
 
 /// Longest wait between two attempts of one call.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -91,6 +107,7 @@ pub struct Proxy {
     max_body: usize,
     metrics: Arc<Metrics>,
     usage: Arc<UsageRecorder>,
+    caches: crate::cache::CacheRegistry,
 }
 
 impl Proxy {
@@ -107,11 +124,24 @@ impl Proxy {
             max_body,
             metrics,
             usage,
+            caches: crate::cache::CacheRegistry::default(),
         }
     }
 
-    #[instrument(skip_all, fields(request_id, method = %req.method(), path = %req.uri().path(), status))]
+    /// One call, in its server span (`chat {alias}`, GenAI attributes), a
+    /// child of the caller's `traceparent` if any. The span ends with the
+    /// call: for a stream, when its last chunk is sent (`usage::Accounting`
+    /// holds it till then).
     pub async fn serve<B>(&self, req: Request<B>) -> Response<ProxyBody>
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: std::fmt::Display,
+    {
+        let span = trace::server_span(req.method(), req.uri().path(), req.headers());
+        self.serve_in_span(req).instrument(span).await
+    }
+
+    async fn serve_in_span<B>(&self, req: Request<B>) -> Response<ProxyBody>
     where
         B: http_body::Body<Data = Bytes>,
         B::Error: std::fmt::Display,
@@ -129,7 +159,13 @@ impl Proxy {
                 (e.into_response(), code)
             }
         };
-        if let Some(a) = acct {
+        match code {
+            Some("budget_exceeded") => self.metrics.record_rejection("budget"),
+            Some("rate_limit_exceeded") => self.metrics.record_rejection("upstream_rate_limit"),
+            _ => {}
+        }
+        if let Some(mut a) = acct {
+            a.set_request_id(&request_id);
             a.finish(resp.status().as_u16(), code);
         }
         tracing::Span::current().record("status", resp.status().as_u16());
@@ -152,19 +188,21 @@ impl Proxy {
             (&Method::POST, "/v1/chat/completions") => Operation::ChatCompletions,
             (&Method::POST, "/v1/completions") => Operation::Completions,
             (&Method::POST, "/v1/embeddings") => Operation::Embeddings,
-            (&Method::GET, "/v1/models") => return self.list_models(req.headers()),
+            (&Method::GET, "/v1/models") => return self.list_models(req.headers()).await,
             (_, "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings" | "/v1/models") => {
                 return Err(Error::MethodNotAllowed)
             }
             (_, path) => return Err(Error::RouteNotFound(path.to_string())),
         };
         let runtime = self.config.load().ok_or(Error::NotReady)?;
-        let caller = auth::authenticate(&runtime, req.headers())?.clone();
+        let caller = auth::authenticate(&runtime, self.config.jwks(), req.headers()).await?;
         let acct = slot.insert(self.usage.begin(&caller.id, op.name()));
+        acct.set_caller_id(caller.caller_id());
         if caller.budget_exceeded {
             return Err(Error::BudgetExceeded);
         }
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        caller.stamp(&mut parts.headers);
         let call = request::read(op, &parts.headers, body, self.max_body).await?;
         acct.set_stream(call.stream);
         acct.set_prompt_chars(call.prompt_chars);
@@ -177,8 +215,95 @@ impl Proxy {
         }
         acct.set_route(&route.alias, "", "");
         drop(runtime);
+        // 6b. the response cache, for deterministic requests to caching models.
+        if op != Operation::Embeddings && crate::cache::cacheable(&call.parsed) {
+            let store = self.caches.get(&route.alias, route.cache.as_ref(), route.cache_generation);
+            if let Some(store) = store {
+                if no_cache(&parts.headers) {
+                    acct.set_cache_status(CacheStatus::Bypass);
+                } else {
+                    return self
+                        .cached(op, &route, store, &parts.headers, call, request_id, slot)
+                        .await;
+                }
+            }
+        }
         self.forward(op, &route, &parts.headers, call, request_id, slot)
             .await
+    }
+
+    /// Serves from the cache, or fetches the answer as JSON (one fetch for
+    /// any number of identical concurrent misses) and keeps it; a stream
+    /// caller gets it replayed as SSE either way.
+    #[allow(clippy::too_many_arguments)] // the pipeline's state, passed through once
+    async fn cached(
+        &self,
+        op: Operation,
+        route: &Arc<Route>,
+        store: crate::cache::Store,
+        inbound: &http::HeaderMap,
+        call: request::Call,
+        request_id: &HeaderValue,
+        slot: &mut Option<Accounting>,
+    ) -> Result<Response<ProxyBody>, Error> {
+        let key = crate::cache::key(&route.alias, &call.parsed);
+        let (stream, include_usage) = (call.stream, call.caller_wants_usage);
+        let fetch = request::Call {
+            stream: false,
+            body: crate::cache::json_body(&call.parsed),
+            ..call
+        };
+        let entry = store
+            .entry(key)
+            .or_try_insert_with(async {
+                let resp = self.forward(op, route, inbound, fetch, request_id, slot).await?;
+                let served_by = resp
+                    .headers()
+                    .get(&SERVED_BY)
+                    .cloned()
+                    .unwrap_or_else(|| HeaderValue::from_static("cache"));
+                let body = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| Error::Upstream(format!("reading the answer to cache: {e}")))?
+                    .to_bytes();
+                Ok::<_, Error>(Arc::new(crate::cache::Answer { body, served_by }))
+            })
+            .await
+            .map_err(|e| e.duplicate())?;
+        let hit = !entry.is_fresh();
+        let answer = entry.into_value();
+        if !hit {
+            // Apply the size bound now rather than at moka's next housekeeping.
+            store.run_pending_tasks().await;
+        }
+        if let Some(a) = slot.as_mut() {
+            if hit {
+                // Served without Azure: no tokens spent, no cost.
+                a.set_cache_status(CacheStatus::Hit);
+                a.set_usage(0, 0);
+            } else {
+                a.set_cache_status(CacheStatus::Miss);
+            }
+        }
+        let mut r = if stream {
+            let mut r = Response::new(full(crate::cache::sse_from_json(&answer.body, include_usage)));
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
+            r
+        } else {
+            let mut r = Response::new(full(answer.body.clone()));
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r
+        };
+        r.headers_mut().insert(SERVED_BY.clone(), answer.served_by.clone());
+        r.headers_mut().insert(
+            CACHE_STATUS.clone(),
+            HeaderValue::from_static(if hit { "hit" } else { "miss" }),
+        );
+        Ok(r)
     }
 
     /// Steps 7–8: attempts until one answers, within the model's deadline.
@@ -211,13 +336,31 @@ impl Proxy {
             let target = &route.targets[choice.index];
             if let Some(a) = slot.as_mut() {
                 a.set_route(&route.alias, &target.deployment, &target.provider_key_id);
+                a.set_request_id(request_id);
             }
+            if attempt == 0 {
+                trace::name_call(
+                    op.name(),
+                    &route.alias,
+                    call.max_tokens,
+                    call.stream,
+                );
+            } else {
+                self.metrics.record_retry(&route.alias);
+            }
+            tracing::Span::current().record("server.address", target.host.as_str());
             let span = tracing::info_span!(
                 "upstream_attempt",
+                otel.kind = "client",
+                otel.status_code = tracing::field::Empty,
                 attempt,
                 deployment = %target.deployment,
                 probe = choice.probe,
                 outcome = tracing::field::Empty,
+                server.address = %target.host,
+                gen_ai.request.model = %target.deployment,
+                error.type = tracing::field::Empty,
+                retry_reason = tracing::field::Empty,
             );
             target.health.start();
             let started = Instant::now();
@@ -242,6 +385,24 @@ impl Proxy {
                 Err(e) => classify(e, started.elapsed()),
             };
             span.record("outcome", tracing::field::debug(&outcome));
+            self.metrics.record_upstream(
+                &target.deployment,
+                match (&result, &outcome) {
+                    (Ok(_), _) => "success",
+                    (Err(_), Some(Outcome::RateLimited(_))) => "rate_limited",
+                    (Err(_), Some(Outcome::Failure)) => "failure",
+                    _ => "error",
+                },
+                started.elapsed(),
+            );
+            if let Err(e) = &result {
+                let code = e.code().unwrap_or("error");
+                span.record("error.type", code);
+                span.record("otel.status_code", "error");
+                if retryable(e) && attempt < route.retries {
+                    span.record("retry_reason", code);
+                }
+            }
             match outcome {
                 Some(o) => target.health.record(o, routing::now_ms(), route.cooldown),
                 None => target.health.abandon(),
@@ -270,9 +431,9 @@ impl Proxy {
     }
 
     /// `GET /v1/models`: the aliases this caller may use.
-    fn list_models(&self, headers: &http::HeaderMap) -> Result<Response<ProxyBody>, Error> {
+    async fn list_models(&self, headers: &http::HeaderMap) -> Result<Response<ProxyBody>, Error> {
         let runtime = self.config.load().ok_or(Error::NotReady)?;
-        let caller = auth::authenticate(&runtime, headers)?;
+        let caller = auth::authenticate(&runtime, self.config.jwks(), headers).await?;
         let data: Vec<_> = runtime
             .aliases()
             .iter()

@@ -16,6 +16,8 @@ pub struct Call {
     pub max_tokens: Option<u64>,
     /// Characters of prompt text, for counting tokens ourselves if need be.
     pub prompt_chars: usize,
+    /// The parsed body, for the response cache's key.
+    pub parsed: std::sync::Arc<Map<String, Value>>,
     /// The body for Azure: the caller's own bytes unless it had to change.
     pub body: Bytes,
 }
@@ -162,12 +164,14 @@ where
     } else {
         bytes
     };
+    let parsed = std::sync::Arc::new(obj);
     Ok(Call {
         alias,
         stream,
         caller_wants_usage,
         max_tokens,
         prompt_chars,
+        parsed,
         body,
     })
 }

@@ -132,6 +132,9 @@ impl<B> SseAdapter<B> {
             return;
         }
         if let Some(a) = self.acct.as_mut() {
+            if let Some(m) = chunk.get("model").and_then(Value::as_str).filter(|m| !m.is_empty()) {
+                a.set_response_model(m);
+            }
             a.mark_first_byte();
             if let Some(Value::Array(choices)) = chunk.get("choices") {
                 let chars: usize = choices

@@ -130,10 +130,18 @@ impl UpstreamClient {
             HeaderValue::from_static(concat!("aigw/", env!("CARGO_PKG_VERSION"))),
         );
         h.insert(CLIENT_REQUEST_ID.clone(), request_id.clone());
-        for name in &TRACE_HEADERS {
-            if let Some(v) = inbound.get(name) {
-                h.insert(name.clone(), v.clone());
+        // With tracing on, this attempt's span is Azure's parent (same trace
+        // as the caller's); without, the caller's headers go as they came.
+        if !super::trace::inject_current(h) {
+            for name in &TRACE_HEADERS {
+                if let Some(v) = inbound.get(name) {
+                    h.insert(name.clone(), v.clone());
+                }
             }
+        }
+        // The verified JWT caller, stamped by `auth` (never the caller's own header).
+        if let Some(v) = inbound.get(&super::auth::CALLER_OBJECT_ID) {
+            h.insert(super::auth::CALLER_OBJECT_ID.clone(), v.clone());
         }
         let entra = match &target.auth {
             UpstreamAuth::ApiKey(key) => {
@@ -225,6 +233,11 @@ impl UpstreamClient {
                     )))
                 }
             };
+            if let Some(a) = acct.as_mut() {
+                if let Some(m) = response_model(&body) {
+                    a.set_response_model(&m);
+                }
+            }
             let (adapted, usage) = adapt_json(&body, &route.alias).map_err(|e| {
                 Error::Upstream(format!(
                     "Azure deployment `{}` returned an unusable body: {e}",
@@ -329,6 +342,16 @@ pub fn adapt_json(body: &[u8], alias: &str) -> Result<(Bytes, Option<(u64, u64)>
         .map(Bytes::from)
         .map_err(|e| e.to_string())?;
     Ok((bytes, usage))
+}
+
+/// The top-level `model` of an Azure JSON answer (the deployment's model
+/// version), for `gen_ai.response.model`: one pass that skips everything else.
+fn response_model(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Model {
+        model: Option<String>,
+    }
+    serde_json::from_slice::<Model>(body).ok()?.model
 }
 
 /// (prompt, completion) tokens from an OpenAI `usage` object.

@@ -1,5 +1,7 @@
 use super::{estimate_tokens, CacheStatus, UsageEvent};
-use crate::metrics::Metrics;
+use crate::metrics::{CallRecord, Metrics};
+use opentelemetry::trace::TraceContextExt;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
@@ -21,7 +23,9 @@ impl UsageRecorder {
         })
     }
 
-    /// Starts accounting for one call by `api_key_id`.
+    /// Starts accounting for one call by `api_key_id`. The current span (the
+    /// call's server span) is kept until the call ends, a stream's last chunk
+    /// included, so the span's end and token counts are the call's own.
     pub fn begin(self: &Arc<Self>, api_key_id: &str, operation: &'static str) -> Accounting {
         let now = time::OffsetDateTime::now_utc();
         Accounting {
@@ -41,6 +45,9 @@ impl UsageRecorder {
             completion_chars: 0,
             usage_known: false,
             finished: false,
+            span: tracing::Span::current(),
+            request_id: String::new(),
+            response_model: String::new(),
         }
     }
 
@@ -66,6 +73,11 @@ pub struct Accounting {
     completion_chars: usize,
     usage_known: bool,
     finished: bool,
+    /// The call's server span: token counts and status go on it at the end.
+    span: tracing::Span,
+    request_id: String,
+    /// `model` as Azure answered (the deployment's model version).
+    response_model: String,
 }
 
 impl Accounting {
@@ -73,6 +85,29 @@ impl Accounting {
         self.event.model = alias.to_string();
         self.event.deployment = deployment.to_string();
         self.event.provider_key_id = provider_key_id.to_string();
+    }
+
+    pub fn set_cache_status(&mut self, status: CacheStatus) {
+        self.event.cache_status = status as i32;
+    }
+
+    /// The JWT caller's id (empty for API-key callers).
+    pub fn set_caller_id(&mut self, caller_id: &str) {
+        self.event.caller_id = caller_id.to_string();
+    }
+
+    /// The call's `x-request-id`, for the access log.
+    pub fn set_request_id(&mut self, id: &http::HeaderValue) {
+        if self.request_id.is_empty() {
+            self.request_id = id.to_str().unwrap_or_default().to_string();
+        }
+    }
+
+    /// `model` as Azure reported it (first one wins).
+    pub fn set_response_model(&mut self, model: &str) {
+        if self.response_model.is_empty() {
+            self.response_model = model.to_string();
+        }
     }
 
     pub fn set_stream(&mut self, stream: bool) {
@@ -128,7 +163,70 @@ impl Accounting {
         self.event.ttft_ms = self
             .first_byte
             .map_or(0, |t| t.duration_since(self.started).as_millis() as u64);
+        self.observe();
         self.recorder.emit(std::mem::take(&mut self.event));
+    }
+
+    /// Metrics, span attributes and the access-log line for the finished call.
+    fn observe(&self) {
+        let e = &self.event;
+        let cache = match CacheStatus::try_from(e.cache_status) {
+            Ok(CacheStatus::Hit) => "hit",
+            Ok(CacheStatus::Miss) => "miss",
+            Ok(CacheStatus::Bypass) => "bypass",
+            _ => "",
+        };
+        let latency = self.started.elapsed();
+        self.recorder.metrics.record_call(&CallRecord {
+            model: &e.model,
+            status: e.status as u16,
+            latency,
+            input_tokens: e.prompt_tokens,
+            output_tokens: e.completion_tokens,
+            cache,
+        });
+        let span = &self.span;
+        span.record("gen_ai.usage.input_tokens", e.prompt_tokens);
+        span.record("gen_ai.usage.output_tokens", e.completion_tokens);
+        if !self.response_model.is_empty() {
+            span.record("gen_ai.response.model", self.response_model.as_str());
+        }
+        span.record("http.response.status_code", e.status);
+        if !e.error_code.is_empty() {
+            span.record("error.type", e.error_code.as_str());
+        }
+        if e.status >= 500 || e.error_code == "upstream_stream_error" {
+            span.record("otel.status_code", "error");
+        }
+        let sc = span.context().span().span_context().clone();
+        let trace_id = if sc.is_valid() {
+            sc.trace_id().to_string()
+        } else {
+            String::new()
+        };
+        // Entered for the log line: the span's end time is its last exit, so
+        // a stream's span ends here, with its last chunk.
+        let _in = span.enter();
+        // Never the prompt or the completion: sizes and counts only.
+        tracing::info!(
+            target: "aigw_data_plane::access",
+            request_id = %self.request_id,
+            trace_id = %trace_id,
+            api_key_id = %e.api_key_id,
+            operation = %e.operation,
+            model = %e.model,
+            deployment = %e.deployment,
+            status = e.status,
+            error_code = %e.error_code,
+            stream = e.stream,
+            input_tokens = e.prompt_tokens,
+            output_tokens = e.completion_tokens,
+            estimated = e.estimated,
+            cache,
+            latency_ms = e.latency_ms,
+            ttft_ms = e.ttft_ms,
+            "access"
+        );
     }
 }
 

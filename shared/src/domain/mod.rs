@@ -4,11 +4,15 @@
 
 mod api_key;
 mod duration;
+mod jwt_provider;
 mod model;
 mod provider_key;
 
 pub use api_key::{ApiKey, Budget, BudgetPeriod};
 pub use duration::HumanDuration;
+pub use jwt_provider::{
+    check_endpoint, ClaimMappings, JwtProvider, DEFAULT_CLOCK_SKEW, MAX_CLOCK_SKEW,
+};
 pub use model::{CacheConfig, Cost, Model, RateLimit, Routing, RoutingStrategy, Target};
 pub use provider_key::{
     parse_ca_pem, resolve_api_base, Credential, ProviderKey, DEFAULT_API_VERSION, MASKED,
@@ -29,10 +33,16 @@ pub enum ResourceKind {
     ProviderKey,
     Model,
     ApiKey,
+    JwtProvider,
 }
 
 impl ResourceKind {
-    pub const ALL: [ResourceKind; 3] = [Self::ProviderKey, Self::Model, Self::ApiKey];
+    pub const ALL: [ResourceKind; 4] = [
+        Self::ProviderKey,
+        Self::Model,
+        Self::ApiKey,
+        Self::JwtProvider,
+    ];
 
     /// Collection name in REST paths and event filters.
     pub fn collection(self) -> &'static str {
@@ -40,6 +50,7 @@ impl ResourceKind {
             Self::ProviderKey => "provider_keys",
             Self::Model => "models",
             Self::ApiKey => "apikeys",
+            Self::JwtProvider => "jwt_providers",
         }
     }
 
@@ -48,6 +59,7 @@ impl ResourceKind {
             "provider_keys" | "provider_key" => Some(Self::ProviderKey),
             "models" | "model" => Some(Self::Model),
             "apikeys" | "api_keys" | "apikey" | "api_key" => Some(Self::ApiKey),
+            "jwt_providers" | "jwt_provider" => Some(Self::JwtProvider),
             _ => None,
         }
     }
@@ -59,6 +71,7 @@ impl std::fmt::Display for ResourceKind {
             Self::ProviderKey => "provider key",
             Self::Model => "model",
             Self::ApiKey => "api key",
+            Self::JwtProvider => "jwt provider",
         })
     }
 }
