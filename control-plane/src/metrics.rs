@@ -66,16 +66,29 @@ impl CpMetrics {
         let mut s = String::new();
         let _ = writeln!(s, "# HELP aigw_cp_admin_mutations_total Admin mutations written to the event log, by resource and operation.");
         let _ = writeln!(s, "# TYPE aigw_cp_admin_mutations_total counter");
-        for ((resource, op), n) in self.mutations.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for ((resource, op), n) in self
+            .mutations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
             let _ = writeln!(
                 s,
                 "aigw_cp_admin_mutations_total{{resource=\"{}\",op=\"{op}\"}} {n}",
                 esc(resource)
             );
         }
-        let _ = writeln!(s, "# HELP aigw_cp_cost_usd_total Cost of counted usage by model alias, in USD.");
+        let _ = writeln!(
+            s,
+            "# HELP aigw_cp_cost_usd_total Cost of counted usage by model alias, in USD."
+        );
         let _ = writeln!(s, "# TYPE aigw_cp_cost_usd_total counter");
-        for (model, n) in self.cost_nanos.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for (model, n) in self
+            .cost_nanos
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
             let _ = writeln!(
                 s,
                 "aigw_cp_cost_usd_total{{model=\"{}\"}} {}",
@@ -84,9 +97,21 @@ impl CpMetrics {
             );
         }
         for (name, help, v) in [
-            ("aigw_cp_snapshot_pushes_total", "Config snapshots sent to data-plane nodes.", &self.snapshot_pushes),
-            ("aigw_cp_usage_events_total", "Usage events ingested and counted.", &self.usage_counted),
-            ("aigw_cp_usage_duplicates_total", "Redelivered usage events dropped as duplicates.", &self.usage_duplicates),
+            (
+                "aigw_cp_snapshot_pushes_total",
+                "Config snapshots sent to data-plane nodes.",
+                &self.snapshot_pushes,
+            ),
+            (
+                "aigw_cp_usage_events_total",
+                "Usage events ingested and counted.",
+                &self.usage_counted,
+            ),
+            (
+                "aigw_cp_usage_duplicates_total",
+                "Redelivered usage events dropped as duplicates.",
+                &self.usage_duplicates,
+            ),
         ] {
             let _ = writeln!(s, "# HELP {name} {help}");
             let _ = writeln!(s, "# TYPE {name} counter");
@@ -94,13 +119,19 @@ impl CpMetrics {
         }
         let list = nodes.list();
         let connected = list.iter().filter(|n| n.connected).count();
-        let _ = writeln!(s, "# HELP aigw_cp_nodes_connected Data-plane nodes on the config stream now.");
+        let _ = writeln!(
+            s,
+            "# HELP aigw_cp_nodes_connected Data-plane nodes on the config stream now."
+        );
         let _ = writeln!(s, "# TYPE aigw_cp_nodes_connected gauge");
         let _ = writeln!(s, "aigw_cp_nodes_connected {connected}");
         let _ = writeln!(s, "# HELP aigw_cp_snapshot_version Config version (event sequence) of the control plane's state.");
         let _ = writeln!(s, "# TYPE aigw_cp_snapshot_version gauge");
         let _ = writeln!(s, "aigw_cp_snapshot_version {state_version}");
-        let _ = writeln!(s, "# HELP aigw_cp_node_applied_version Config version each node applied.");
+        let _ = writeln!(
+            s,
+            "# HELP aigw_cp_node_applied_version Config version each node applied."
+        );
         let _ = writeln!(s, "# TYPE aigw_cp_node_applied_version gauge");
         for n in &list {
             let _ = writeln!(

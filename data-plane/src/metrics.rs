@@ -221,7 +221,9 @@ impl Metrics {
         l.calls.get(&by_status).fetch_add(1, Relaxed);
         l.call_latency.get(&by_status).observe(c.latency);
         if c.input_tokens > 0 {
-            l.input_tokens.get(&model).fetch_add(c.input_tokens, Relaxed);
+            l.input_tokens
+                .get(&model)
+                .fetch_add(c.input_tokens, Relaxed);
         }
         if c.output_tokens > 0 {
             l.output_tokens

@@ -143,15 +143,10 @@ fn build_provider(
     let mut resource = Resource::builder().with_service_name(service.to_string());
     if !node_id.is_empty() {
         resource = resource.with_attribute(KeyValue::new("aigw.node.id", node_id.to_string()));
-        resource = resource.with_attribute(KeyValue::new(
-            "service.instance.id",
-            node_id.to_string(),
-        ));
+        resource =
+            resource.with_attribute(KeyValue::new("service.instance.id", node_id.to_string()));
     }
-    resource = resource.with_attribute(KeyValue::new(
-        "service.version",
-        env!("CARGO_PKG_VERSION"),
-    ));
+    resource = resource.with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")));
     Ok(SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
         .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(

@@ -60,7 +60,9 @@ fn value(v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> String
 }
 
 fn attrs(kvs: &[KeyValue]) -> HashMap<String, String> {
-    kvs.iter().map(|kv| (kv.key.clone(), value(&kv.value))).collect()
+    kvs.iter()
+        .map(|kv| (kv.key.clone(), value(&kv.value)))
+        .collect()
 }
 
 #[tonic::async_trait]
@@ -71,7 +73,10 @@ impl TraceService for Service {
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let mut got = Vec::new();
         for rs in request.into_inner().resource_spans {
-            let resource = rs.resource.map(|r| attrs(&r.attributes)).unwrap_or_default();
+            let resource = rs
+                .resource
+                .map(|r| attrs(&r.attributes))
+                .unwrap_or_default();
             let service = resource.get("service.name").cloned().unwrap_or_default();
             for ss in rs.scope_spans {
                 for s in ss.spans {
@@ -106,7 +111,9 @@ pub struct OtlpReceiver {
 
 impl OtlpReceiver {
     pub async fn start() -> OtlpReceiver {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let shared = Arc::new(Shared::default());
         let svc = TraceServiceServer::new(Service(shared.clone()));

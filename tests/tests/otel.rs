@@ -52,7 +52,10 @@ async fn setup(otlp_endpoint: Option<String>) -> Result<Setup> {
     let cp = ControlPlane::start_with(opts).await?;
     let admin = cp.rest();
     let pk = admin
-        .create_id("provider_keys", &provider_key_at("azure", "test-azure-key", &mock.base_url()))
+        .create_id(
+            "provider_keys",
+            &provider_key_at("azure", "test-azure-key", &mock.base_url()),
+        )
         .await?;
     admin
         .create(
@@ -73,7 +76,9 @@ async fn setup(otlp_endpoint: Option<String>) -> Result<Setup> {
             }),
         )
         .await?;
-    admin.create("apikeys", &api_key(CALLER, &["streamy", "retry"])).await?;
+    admin
+        .create("apikeys", &api_key(CALLER, &["streamy", "retry"]))
+        .await?;
     wait_standalone_synced(&cp).await?;
     let client = ProxyClient::new(&cp.proxy_url(), Some(CALLER));
     Ok(Setup { mock, cp, client })
@@ -102,7 +107,12 @@ fn children<'a>(spans: &'a [Span], parent: &Span) -> Vec<&'a Span> {
 async fn streamed_and_retried_calls_are_traced_with_genai_attributes() -> Result<()> {
     let otlp = OtlpReceiver::start().await;
     let s = setup(Some(otlp.endpoint())).await?;
-    s.mock.set_behaviour("west", Behaviour::SlowStream { chunk_delay: CHUNK_DELAY });
+    s.mock.set_behaviour(
+        "west",
+        Behaviour::SlowStream {
+            chunk_delay: CHUNK_DELAY,
+        },
+    );
 
     // A streamed call, continuing the caller's trace.
     let (trace_a, parent_a) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
@@ -143,17 +153,25 @@ async fn streamed_and_retried_calls_are_traced_with_genai_attributes() -> Result
             [(trace_a, "chat streamy", 1), (trace_b, "chat retry", 2)]
                 .iter()
                 .all(|(t, name, attempts)| {
-                    server_span(spans, t, name).is_some_and(|p| children(spans, p).len() == *attempts)
+                    server_span(spans, t, name)
+                        .is_some_and(|p| children(spans, p).len() == *attempts)
                 })
         })
         .await;
     let dump = || format!("{spans:#?}");
 
     // The streamed call.
-    let server = server_span(&spans, trace_a, "chat streamy").with_context(|| dump())?;
+    let server = server_span(&spans, trace_a, "chat streamy").with_context(dump)?;
     assert_eq!(server.service, "aigw-control-plane");
-    assert!(server.resource.contains_key("aigw.node.id"), "{:?}", server.resource);
-    assert_eq!(server.parent_span_id, parent_a, "the caller's span is the parent");
+    assert!(
+        server.resource.contains_key("aigw.node.id"),
+        "{:?}",
+        server.resource
+    );
+    assert_eq!(
+        server.parent_span_id, parent_a,
+        "the caller's span is the parent"
+    );
     for (k, v) in [
         ("gen_ai.operation.name", "chat"),
         ("gen_ai.request.model", "streamy"),
@@ -165,12 +183,24 @@ async fn streamed_and_retried_calls_are_traced_with_genai_attributes() -> Result
         assert_eq!(server.attr(k), Some(v), "{k}: {server:#?}");
     }
     for k in ["gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens"] {
-        let n: u64 = server.attr(k).with_context(|| format!("{k}: {server:#?}"))?.parse()?;
+        let n: u64 = server
+            .attr(k)
+            .with_context(|| format!("{k}: {server:#?}"))?
+            .parse()?;
         assert!(n > 0, "{k} = {n}");
     }
-    assert!(server.attr("server.address").is_some_and(|a| !a.is_empty()), "{server:#?}");
-    assert!(server.attr("api_key_id").is_some_and(|a| !a.is_empty()), "{server:#?}");
-    assert!(!server.attributes.values().any(|v| v.contains(CALLER)), "the key itself is never an attribute");
+    assert!(
+        server.attr("server.address").is_some_and(|a| !a.is_empty()),
+        "{server:#?}"
+    );
+    assert!(
+        server.attr("api_key_id").is_some_and(|a| !a.is_empty()),
+        "{server:#?}"
+    );
+    assert!(
+        !server.attributes.values().any(|v| v.contains(CALLER)),
+        "the key itself is never an attribute"
+    );
     let attempts = children(&spans, server);
     assert_eq!(attempts.len(), 1, "{}", dump());
     let attempt = attempts[0];
@@ -191,7 +221,7 @@ async fn streamed_and_retried_calls_are_traced_with_genai_attributes() -> Result
     );
 
     // The retried call.
-    let server = server_span(&spans, trace_b, "chat retry").with_context(|| dump())?;
+    let server = server_span(&spans, trace_b, "chat retry").with_context(dump)?;
     assert_eq!(server.parent_span_id, parent_b);
     assert_eq!(server.attr("gen_ai.request.model"), Some("retry"));
     assert_eq!(server.attr("http.response.status_code"), Some("200"));
@@ -202,7 +232,10 @@ async fn streamed_and_retried_calls_are_traced_with_genai_attributes() -> Result
         (first.attr("attempt"), first.attr("deployment")),
         (Some("0"), Some("east"))
     );
-    assert_eq!(first.status, 2, "the failed attempt is an error: {first:#?}");
+    assert_eq!(
+        first.status, 2,
+        "the failed attempt is an error: {first:#?}"
+    );
     assert!(first.attr("retry_reason").is_some(), "{first:#?}");
     assert!(first.attr("error.type").is_some(), "{first:#?}");
     assert_eq!(
@@ -273,9 +306,23 @@ async fn metrics_parse_as_prometheus_text_and_counters_move() -> Result<()> {
         .await?;
 
     let after = scrape(&get(&dp_metrics).await?)?;
-    let delta = |name: &str, labels: &[(&str, &str)]| value(&after, name, labels) - value(&before, name, labels);
-    assert_eq!(delta("aigw_model_requests_total", &[("model", "retry"), ("status", "200")]), 3.0);
-    assert_eq!(delta("aigw_model_requests_total", &[("model", "streamy"), ("status", "200")]), 1.0);
+    let delta = |name: &str, labels: &[(&str, &str)]| {
+        value(&after, name, labels) - value(&before, name, labels)
+    };
+    assert_eq!(
+        delta(
+            "aigw_model_requests_total",
+            &[("model", "retry"), ("status", "200")]
+        ),
+        3.0
+    );
+    assert_eq!(
+        delta(
+            "aigw_model_requests_total",
+            &[("model", "streamy"), ("status", "200")]
+        ),
+        1.0
+    );
     assert_eq!(delta("aigw_retries_total", &[("model", "retry")]), 3.0);
     assert_eq!(delta("aigw_requests_total", &[("status", "200")]), 4.0);
     assert!(delta("aigw_input_tokens_total", &[("model", "retry")]) > 0.0);
@@ -287,26 +334,46 @@ async fn metrics_parse_as_prometheus_text_and_counters_move() -> Result<()> {
             .filter(|s| s.metric == name)
             .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
             .map(|s| match &s.value {
-                prometheus_parse::Value::Histogram(h) => h.iter().map(|b| b.count).fold(0.0, f64::max),
+                prometheus_parse::Value::Histogram(h) => {
+                    h.iter().map(|b| b.count).fold(0.0, f64::max)
+                }
                 _ => 0.0,
             })
             .sum()
     };
     assert_eq!(
-        count(&after, "aigw_request_duration_seconds", &[("model", "retry"), ("status", "200")])
-            - count(&before, "aigw_request_duration_seconds", &[("model", "retry"), ("status", "200")]),
+        count(
+            &after,
+            "aigw_request_duration_seconds",
+            &[("model", "retry"), ("status", "200")]
+        ) - count(
+            &before,
+            "aigw_request_duration_seconds",
+            &[("model", "retry"), ("status", "200")]
+        ),
         3.0
     );
     assert_eq!(
-        count(&after, "aigw_upstream_duration_seconds", &[("deployment", "east"), ("outcome", "failure")])
-            - count(&before, "aigw_upstream_duration_seconds", &[("deployment", "east"), ("outcome", "failure")]),
+        count(
+            &after,
+            "aigw_upstream_duration_seconds",
+            &[("deployment", "east"), ("outcome", "failure")]
+        ) - count(
+            &before,
+            "aigw_upstream_duration_seconds",
+            &[("deployment", "east"), ("outcome", "failure")]
+        ),
         3.0
     );
 
     let cp_after = scrape(&get(&cp_metrics).await?)?;
-    let cp_delta =
-        |name: &str, labels: &[(&str, &str)]| value(&cp_after, name, labels) - value(&cp_before, name, labels);
-    assert_eq!(cp_delta("aigw_cp_admin_mutations_total", &[("resource", "apikeys")]), 1.0);
+    let cp_delta = |name: &str, labels: &[(&str, &str)]| {
+        value(&cp_after, name, labels) - value(&cp_before, name, labels)
+    };
+    assert_eq!(
+        cp_delta("aigw_cp_admin_mutations_total", &[("resource", "apikeys")]),
+        1.0
+    );
     assert!(value(&cp_after, "aigw_cp_snapshot_version", &[]) > 0.0);
     Ok(())
 }

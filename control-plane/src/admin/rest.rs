@@ -69,11 +69,7 @@ pub fn router(admin: Admin, keys: AdminKeys, max_body: usize) -> Router {
 async fn metrics(State(ctx): State<Ctx>) -> Response {
     let version = ctx.admin.engine().read().version;
     let text = crate::metrics::METRICS.render(ctx.admin.nodes(), version);
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        text,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 fn error(status: StatusCode, msg: &str) -> Response {

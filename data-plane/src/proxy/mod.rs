@@ -339,12 +339,7 @@ impl Proxy {
                 a.set_request_id(request_id);
             }
             if attempt == 0 {
-                trace::name_call(
-                    op.name(),
-                    &route.alias,
-                    call.max_tokens,
-                    call.stream,
-                );
+                trace::name_call(op.name(), &route.alias, call.max_tokens, call.stream);
             } else {
                 self.metrics.record_retry(&route.alias);
             }

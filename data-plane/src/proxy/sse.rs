@@ -132,7 +132,11 @@ impl<B> SseAdapter<B> {
             return;
         }
         if let Some(a) = self.acct.as_mut() {
-            if let Some(m) = chunk.get("model").and_then(Value::as_str).filter(|m| !m.is_empty()) {
+            if let Some(m) = chunk
+                .get("model")
+                .and_then(Value::as_str)
+                .filter(|m| !m.is_empty())
+            {
                 a.set_response_model(m);
             }
             a.mark_first_byte();

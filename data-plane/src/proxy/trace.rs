@@ -80,7 +80,8 @@ pub fn server_span(method: &http::Method, path: &str, headers: &HeaderMap) -> Sp
         aigw.stream = tracing::field::Empty,
     );
     if headers.contains_key("traceparent") {
-        let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&Extract(headers)));
+        let parent =
+            opentelemetry::global::get_text_map_propagator(|p| p.extract(&Extract(headers)));
         if parent.span().span_context().is_valid() {
             // Fails only without the OpenTelemetry layer: nothing to link then.
             let _ = span.set_parent(parent);

@@ -1,10 +1,10 @@
 use super::{estimate_tokens, CacheStatus, UsageEvent};
 use crate::metrics::{CallRecord, Metrics};
 use opentelemetry::trace::TraceContextExt;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// Hands events to the publisher without waiting: a full buffer is counted
 /// and logged, never silent.
