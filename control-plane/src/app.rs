@@ -95,7 +95,12 @@ impl ControlPlane {
             Some(t) => t.clone(),
             None => crate::secrets::load_or_generate_token(&cp.data_dir)?,
         };
-        let cache = SnapshotCache::spawn(engine.clone(), usage.exceeded(), &background)?;
+        let cache = SnapshotCache::spawn(
+            engine.clone(),
+            usage.exceeded(),
+            admin.purges(),
+            &background,
+        )?;
         // Budgets move with spend (on ingest), with config (a raised budget) and with the clock.
         {
             let (usage, mut versions, mut stop) =

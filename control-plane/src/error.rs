@@ -8,7 +8,9 @@ pub enum Error {
     /// The request is malformed or a value breaks a rule; the text names the field.
     #[error("{0}")]
     Invalid(String),
-    #[error("unknown resource collection `{0}`; use provider_keys, models, apikeys, jwt_providers")]
+    #[error(
+        "unknown resource collection `{0}`; use provider_keys, models, apikeys, jwt_providers"
+    )]
     UnknownCollection(String),
     #[error("{kind} `{id}` not found")]
     NotFound { kind: ResourceKind, id: String },

@@ -22,6 +22,7 @@ fn expected_routes() -> BTreeSet<(String, String)> {
         ("/admin/v1/events", "get"),
         ("/admin/v1/nodes", "get"),
         ("/admin/v1/usage", "get"),
+        ("/admin/v1/models/{id}/cache", "delete"),
     ]
     .into_iter()
     .map(|(p, m)| (p.to_string(), m.to_string()))

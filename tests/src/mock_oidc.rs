@@ -110,8 +110,13 @@ impl TestKey {
         let sig = match &self.pair {
             Pair::Rsa(k) => {
                 let mut sig = vec![0; k.public_modulus_len()];
-                k.sign(&signature::RSA_PKCS1_SHA256, &rng, input.as_bytes(), &mut sig)
-                    .expect("RSA signing");
+                k.sign(
+                    &signature::RSA_PKCS1_SHA256,
+                    &rng,
+                    input.as_bytes(),
+                    &mut sig,
+                )
+                .expect("RSA signing");
                 sig
             }
             Pair::Ec(k) => k

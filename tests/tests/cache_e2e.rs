@@ -22,7 +22,12 @@ async fn setup(cache: Value) -> Result<(MockAzure, ControlPlane, ProxyClient)> {
     mock.add_deployment(DEP, "gpt-4o-mini-2024-07-18");
     let cp = ControlPlane::start_with(Options::standalone()).await?;
     let admin = cp.rest();
-    let pk = admin.create_id("provider_keys", &provider_key_at("azure", "test-azure-key", &mock.base_url())).await?;
+    let pk = admin
+        .create_id(
+            "provider_keys",
+            &provider_key_at("azure", "test-azure-key", &mock.base_url()),
+        )
+        .await?;
     let mut m = model_on(ALIAS, DEP, &pk);
     m["cache"] = cache;
     admin.create("models", &m).await?;
@@ -84,7 +89,13 @@ async fn non_deterministic_and_no_cache_requests_go_upstream() -> Result<()> {
 #[tokio::test]
 async fn errors_are_never_cached() -> Result<()> {
     let (mock, _cp, client) = setup(json!({"enabled": true})).await?;
-    mock.set_behaviour(DEP, Behaviour::Fail { status: 500, body: r#"{"error":{"message":"boom"}}"#.into() });
+    mock.set_behaviour(
+        DEP,
+        Behaviour::Fail {
+            status: 500,
+            body: r#"{"error":{"message":"boom"}}"#.into(),
+        },
+    );
     let r = client.chat(&body("q", 0.0)).await?;
     ensure!(r.status.as_u16() == 502, "{} {}", r.status, r.text);
     mock.set_behaviour(DEP, Behaviour::Normal);
@@ -104,7 +115,10 @@ async fn fifty_concurrent_identical_misses_make_one_upstream_call() -> Result<()
             let c = client.clone();
             async move {
                 let r = c.chat(&body("same question", 0.0)).await?;
-                Ok((r.status.as_u16(), r.header("x-aigw-cache").unwrap_or_default().to_string()))
+                Ok((
+                    r.status.as_u16(),
+                    r.header("x-aigw-cache").unwrap_or_default().to_string(),
+                ))
             }
         })
         .buffer_unordered(50)
@@ -116,7 +130,11 @@ async fn fifty_concurrent_identical_misses_make_one_upstream_call() -> Result<()
         assert_eq!(status, 200);
         misses += usize::from(cache == "miss");
     }
-    assert_eq!(mock.requests(DEP), 1, "one upstream call for 50 identical misses");
+    assert_eq!(
+        mock.requests(DEP),
+        1,
+        "one upstream call for 50 identical misses"
+    );
     assert_eq!(misses, 1);
     Ok(())
 }
@@ -130,25 +148,43 @@ async fn a_hit_streams_as_sse_when_asked() -> Result<()> {
     b["stream_options"] = json!({"include_usage": true});
     let r = client.chat(&b).await?;
     assert_eq!(r.header("x-aigw-cache"), Some("hit"));
-    ensure!(r.header("content-type").unwrap_or_default().starts_with("text/event-stream"));
+    ensure!(r
+        .header("content-type")
+        .unwrap_or_default()
+        .starts_with("text/event-stream"));
     let events: Vec<&str> = r.text.split("\n\n").filter(|e| !e.is_empty()).collect();
     assert_eq!(events.last(), Some(&"data: [DONE]"));
-    assert!(events[0].contains("chat.completion.chunk") && events[0].contains("Hello from Azure OpenAI"));
-    assert!(events.iter().any(|e| e.contains("\"usage\"")), "usage chunk when asked");
+    assert!(
+        events[0].contains("chat.completion.chunk")
+            && events[0].contains("Hello from Azure OpenAI")
+    );
+    assert!(
+        events.iter().any(|e| e.contains("\"usage\"")),
+        "usage chunk when asked"
+    );
     assert_eq!(mock.requests(DEP), 1);
     Ok(())
 }
 
 #[tokio::test]
 async fn ttl_expiry_and_size_bound_hold() -> Result<()> {
-    let (mock, _cp, client) = setup(json!({"enabled": true, "ttl_seconds": 1, "max_entries": 2})).await?;
+    let (mock, _cp, client) =
+        setup(json!({"enabled": true, "ttl_seconds": 1, "max_entries": 2})).await?;
     client.chat(&body("a", 0.0)).await?;
-    assert_eq!(client.chat(&body("a", 0.0)).await?.header("x-aigw-cache"), Some("hit"));
+    assert_eq!(
+        client.chat(&body("a", 0.0)).await?.header("x-aigw-cache"),
+        Some("hit")
+    );
     // After the TTL the same request goes upstream again.
-    poll_until("the entry to expire", 100, Duration::from_millis(50), || async {
-        let r = client.chat(&body("a", 0.0)).await?;
-        Ok((r.header("x-aigw-cache") == Some("miss")).then_some(()))
-    })
+    poll_until(
+        "the entry to expire",
+        100,
+        Duration::from_millis(50),
+        || async {
+            let r = client.chat(&body("a", 0.0)).await?;
+            Ok((r.header("x-aigw-cache") == Some("miss")).then_some(()))
+        },
+    )
     .await?;
     let before = mock.requests(DEP);
     assert!(before >= 2);
@@ -158,8 +194,57 @@ async fn ttl_expiry_and_size_bound_hold() -> Result<()> {
     }
     let mut hits = 0;
     for i in 0..20 {
-        hits += usize::from(client.chat(&body(&format!("q{i}"), 0.0)).await?.header("x-aigw-cache") == Some("hit"));
+        hits += usize::from(
+            client
+                .chat(&body(&format!("q{i}"), 0.0))
+                .await?
+                .header("x-aigw-cache")
+                == Some("hit"),
+        );
     }
-    ensure!(hits <= 2, "{hits} of 20 distinct entries still cached with max_entries 2");
+    ensure!(
+        hits <= 2,
+        "{hits} of 20 distinct entries still cached with max_entries 2"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn admin_purge_empties_the_cache_on_the_nodes() -> Result<()> {
+    let (mock, cp, client) = setup(json!({"enabled": true})).await?;
+    client.chat(&body("purge me", 0.0)).await?;
+    assert_eq!(
+        client
+            .chat(&body("purge me", 0.0))
+            .await?
+            .header("x-aigw-cache"),
+        Some("hit")
+    );
+    let admin = cp.rest();
+    let model_id = admin.list("models").await?[0]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let r = admin
+        .delete(&format!("/admin/v1/models/{model_id}/cache"))
+        .await?
+        .expect(200)?;
+    assert_eq!(r["purged"], json!(true));
+    admin
+        .delete("/admin/v1/models/no-such-model/cache")
+        .await?
+        .expect_error(404)?;
+    // The purge reaches the node with the next snapshot.
+    poll_until(
+        "the purge to reach the node",
+        200,
+        Duration::from_millis(20),
+        || async {
+            let r = client.chat(&body("purge me", 0.0)).await?;
+            Ok((r.header("x-aigw-cache") == Some("miss")).then_some(()))
+        },
+    )
+    .await?;
+    assert_eq!(mock.requests(DEP), 2);
     Ok(())
 }

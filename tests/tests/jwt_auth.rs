@@ -5,9 +5,7 @@
 //! resource trusting it, and api keys bound to JWT identities.
 
 use aigw_shared::proto::admin::v1 as pb;
-use aigw_tests::data_plane::{
-    chat_body, expect_openai_error, wait_standalone_synced, ProxyClient,
-};
+use aigw_tests::data_plane::{chat_body, expect_openai_error, wait_standalone_synced, ProxyClient};
 use aigw_tests::fixtures::{api_key, seed_azure, SEED_ALIAS, SEED_DEPLOYMENT};
 use aigw_tests::mock_azure::MockAzure;
 use aigw_tests::mock_oidc::{now, tampered, unsigned, MockOidc, TestKey};
@@ -153,7 +151,8 @@ fn rejected(resp: &Resp, code: &str, g: &Gateway) -> Result<()> {
 
 /// The usage row of `api_key_id` once it counts `requests` calls.
 async fn usage_of(admin: &AdminClient, api_key_id: &str, requests: u64) -> Result<Value> {
-    poll_until(
+    let last = std::sync::Mutex::new(Value::Null);
+    let found = poll_until(
         "the usage aggregates to count the JWT calls",
         300,
         Duration::from_millis(100),
@@ -162,6 +161,7 @@ async fn usage_of(admin: &AdminClient, api_key_id: &str, requests: u64) -> Resul
                 .get("/admin/v1/usage?group_by=api_key")
                 .await?
                 .expect(200)?;
+            *last.lock().unwrap_or_else(|e| e.into_inner()) = v.clone();
             let row = v["rows"]
                 .as_array()
                 .into_iter()
@@ -177,7 +177,14 @@ async fn usage_of(admin: &AdminClient, api_key_id: &str, requests: u64) -> Resul
             Ok(row.filter(|r| r["requests"] == json!(requests)))
         },
     )
-    .await
+    .await;
+    let keys = admin.list("apikeys").await.unwrap_or_default();
+    found.with_context(|| {
+        format!(
+            "api key {api_key_id}, {requests} requests; last usage answer: {}; api keys: {keys:?}",
+            last.lock().unwrap_or_else(|e| e.into_inner())
+        )
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -268,7 +275,11 @@ async fn valid_tokens_are_accepted_and_bad_ones_refused_with_their_code() -> Res
         unbound.json()?["error"]["type"] == unknown_key.json()?["error"]["type"],
         "an unbound identity must look like an unknown key"
     );
-    assert_eq!(g.mock.requests(SEED_DEPLOYMENT), 3, "refused calls never went upstream");
+    assert_eq!(
+        g.mock.requests(SEED_DEPLOYMENT),
+        3,
+        "refused calls never went upstream"
+    );
 
     // Usage aggregates show the JWT callers like any api key.
     let row = usage_of(&g.admin, &g.payments_key_id, 1).await?;
@@ -280,7 +291,7 @@ async fn valid_tokens_are_accepted_and_bad_ones_refused_with_their_code() -> Res
         .list("apikeys")
         .await?
         .into_iter()
-        .find(|k| k["value"]["key_hash"].is_string())
+        .find(|k| k["value"]["key_hash"] == aigw_tests::sha256_hex(PLAIN_KEY).as_str())
         .context("the plain key")?;
     usage_of(&g.admin, plain["id"].as_str().unwrap_or_default(), 1).await?;
 
@@ -350,7 +361,10 @@ async fn a_jwks_outage_keeps_the_cached_keys() -> Result<()> {
     let g = gateway(&[&key], false).await?;
     let token = key.sign(&g.claims(PAYMENTS_OID));
     ok(&g.chat_as(&token).await?)?;
-    assert!(g.oidc.discovery_requests() >= 1, "keys found through discovery");
+    assert!(
+        g.oidc.discovery_requests() >= 1,
+        "keys found through discovery"
+    );
 
     g.oidc.set_down(true);
     // A token with an unknown kid makes the gateway try the issuer, which fails...
@@ -381,17 +395,26 @@ async fn jwt_providers_are_an_admin_resource() -> Result<()> {
     let id = rec["id"].as_str().context("id")?.to_string();
     assert_eq!(rec["revision"], 1);
     // Defaults are filled in and shown.
-    assert_eq!(rec["value"]["claim_mappings"]["caller_id"], json!(["oid", "sub"]));
+    assert_eq!(
+        rec["value"]["claim_mappings"]["caller_id"],
+        json!(["oid", "sub"])
+    );
     assert_eq!(rec["value"]["clock_skew"], "1m");
     assert_eq!(admin.list("jwt_providers").await?.len(), 1);
 
     // Bad values name the field.
     for (bad, field) in [
-        (json!({"issuer": "http://login.example", "audiences": ["a"]}), "issuer"),
+        (
+            json!({"issuer": "http://login.example", "audiences": ["a"]}),
+            "issuer",
+        ),
         (json!({"audiences": []}), "audiences"),
         (json!({"jwks_uri": "ftp://keys.example"}), "jwks_uri"),
         (json!({"clock_skew": "2h"}), "clock_skew"),
-        (json!({"claim_mappings": {"caller_id": []}}), "claim_mappings"),
+        (
+            json!({"claim_mappings": {"caller_id": []}}),
+            "claim_mappings",
+        ),
         (json!({"unknown": 1}), "unknown"),
     ] {
         let mut v = body.clone();
@@ -399,30 +422,49 @@ async fn jwt_providers_are_an_admin_resource() -> Result<()> {
             v[k] = val.clone();
         }
         v["display_name"] = json!("other");
-        let msg = admin.post("/admin/v1/jwt_providers", &v).await?.expect_error(400)?;
+        let msg = admin
+            .post("/admin/v1/jwt_providers", &v)
+            .await?
+            .expect_error(400)?;
         ensure!(msg.contains(field), "{field}: {msg}");
     }
     // The issuer and the name are unique.
     let mut dup = body.clone();
     dup["display_name"] = json!("entra-2");
-    let msg = admin.post("/admin/v1/jwt_providers", &dup).await?.expect_error(409)?;
+    let msg = admin
+        .post("/admin/v1/jwt_providers", &dup)
+        .await?
+        .expect_error(409)?;
     ensure!(msg.contains("issuer"), "{msg}");
 
     // Api keys bind identities of an existing provider only.
-    let bound = json!({"jwt_provider_id": id, "jwt_subject": PAYMENTS_OID, "allowed_models": ["*"]});
+    let bound =
+        json!({"jwt_provider_id": id, "jwt_subject": PAYMENTS_OID, "allowed_models": ["*"]});
     let key_id = admin.create_id("apikeys", &bound).await?;
-    let msg = admin.post("/admin/v1/apikeys", &bound).await?.expect_error(409)?;
+    let msg = admin
+        .post("/admin/v1/apikeys", &bound)
+        .await?
+        .expect_error(409)?;
     ensure!(msg.contains("jwt_subject"), "{msg}");
     let mut dangling = bound.clone();
     dangling["jwt_provider_id"] = json!("nope");
     dangling["jwt_subject"] = json!("x");
-    let msg = admin.post("/admin/v1/apikeys", &dangling).await?.expect_error(409)?;
+    let msg = admin
+        .post("/admin/v1/apikeys", &dangling)
+        .await?
+        .expect_error(409)?;
     ensure!(msg.contains("jwt_provider_id"), "{msg}");
     let mut both = bound.clone();
     both["key_hash"] = json!(aigw_tests::sha256_hex("sk-x"));
-    let msg = admin.post("/admin/v1/apikeys", &both).await?.expect_error(400)?;
+    let msg = admin
+        .post("/admin/v1/apikeys", &both)
+        .await?
+        .expect_error(400)?;
     ensure!(msg.contains("not both"), "{msg}");
-    let key = admin.get(&format!("/admin/v1/apikeys/{key_id}")).await?.expect(200)?;
+    let key = admin
+        .get(&format!("/admin/v1/apikeys/{key_id}"))
+        .await?
+        .expect(200)?;
     ensure!(key["value"].get("key_hash").is_none(), "{key}");
 
     // A provider still bound by a key cannot go.

@@ -233,10 +233,7 @@ pub fn api_key_out(v: ApiKey) -> pb::ApiKey {
 
 pub fn jwt_provider_in(v: Option<pb::JwtProvider>) -> Result<JwtProvider, Error> {
     let v = v.ok_or_else(|| Error::Invalid("value: is required".into()))?;
-    let caller_id = v
-        .claim_mappings
-        .map(|c| c.caller_id)
-        .unwrap_or_default();
+    let caller_id = v.claim_mappings.map(|c| c.caller_id).unwrap_or_default();
     Ok(JwtProvider {
         display_name: v.display_name,
         issuer: v.issuer,

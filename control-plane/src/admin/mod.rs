@@ -87,6 +87,8 @@ pub struct Admin {
     engine: Arc<Engine>,
     nodes: Arc<NodeRegistry>,
     usage: Arc<crate::usage::Aggregator>,
+    /// Cache purge generation per model id, pushed in every snapshot.
+    purges: tokio::sync::watch::Sender<Arc<std::collections::BTreeMap<String, u64>>>,
 }
 
 impl Admin {
@@ -99,7 +101,38 @@ impl Admin {
             engine,
             nodes,
             usage,
+            purges: tokio::sync::watch::channel(Arc::default()).0,
         }
+    }
+
+    /// Cache purges for the snapshot cache to follow.
+    pub fn purges(
+        &self,
+    ) -> tokio::sync::watch::Receiver<Arc<std::collections::BTreeMap<String, u64>>> {
+        self.purges.subscribe()
+    }
+
+    /// Empties the response cache of model `id` on every node, through the
+    /// next snapshot. Kept in memory only: a restarted control plane starts
+    /// every generation over, which empties the caches once more (harmless).
+    #[instrument(skip_all, fields(id = %id))]
+    pub fn purge_cache(&self, id: &str) -> Result<u64, Error> {
+        if !self.engine.read().models.contains_key(id) {
+            return Err(Error::NotFound {
+                kind: ResourceKind::Model,
+                id: id.to_string(),
+            });
+        }
+        let mut generation = 0;
+        self.purges.send_modify(|p| {
+            let mut next = (**p).clone();
+            let g = next.entry(id.to_string()).or_insert(0);
+            *g += 1;
+            generation = *g;
+            *p = Arc::new(next);
+        });
+        tracing::info!(generation, "model cache purge requested");
+        Ok(generation)
     }
 
     /// Usage aggregates for `GET /admin/v1/usage` and `QueryUsage`.

@@ -45,6 +45,10 @@ pub fn router(admin: Admin, keys: AdminKeys, max_body: usize) -> Router {
             "/admin/v1/{collection}/{id}",
             get(read).put(replace).delete(remove),
         )
+        .route(
+            "/admin/v1/models/{id}/cache",
+            axum::routing::delete(purge_cache),
+        )
         .route_layer(middleware::from_fn_with_state(ctx.clone(), authenticate));
     Router::new()
         .route("/livez", get(|| async { Json(json!({"status": "ok"})) }))
@@ -261,6 +265,12 @@ async fn list_events(
         limit: q.limit,
     })?;
     Ok(Json(json!({ "total": events.len(), "list": events })).into_response())
+}
+
+/// `DELETE /admin/v1/models/{id}/cache`: empty the model's response cache fleet-wide.
+async fn purge_cache(State(ctx): State<Ctx>, Path(id): Path<String>) -> Result<Response, Error> {
+    let generation = ctx.admin.purge_cache(&id)?;
+    Ok(Json(json!({ "purged": true, "id": id, "generation": generation })).into_response())
 }
 
 async fn list_nodes(State(ctx): State<Ctx>) -> Response {

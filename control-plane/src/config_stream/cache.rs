@@ -4,7 +4,7 @@ use crate::events::State;
 use aigw_shared::domain::Credential;
 use aigw_shared::proto::config::v1 as pb;
 use aigw_shared::snapshot::{ConfigSnapshot, SnapshotProviderKey, SNAPSHOT_FORMAT};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use tokio::sync::watch;
 use tracing::{error, instrument};
@@ -23,9 +23,14 @@ impl SnapshotCache {
     pub fn spawn(
         engine: Arc<Engine>,
         mut exceeded: watch::Receiver<Arc<BTreeSet<String>>>,
+        mut purges: watch::Receiver<Arc<BTreeMap<String, u64>>>,
         tasks: &tokio_util::task::TaskTracker,
     ) -> Result<Self, Error> {
-        let first = encode(&engine, &exceeded.borrow_and_update().clone())?;
+        let first = encode(
+            &engine,
+            &exceeded.borrow_and_update().clone(),
+            &purges.borrow_and_update().clone(),
+        )?;
         let (tx, rx) = watch::channel(Arc::new(first));
         let mut versions = engine.subscribe();
         let weak = Arc::downgrade(&engine);
@@ -35,10 +40,12 @@ impl SnapshotCache {
                 tokio::select! {
                     r = versions.changed() => if r.is_err() { break },
                     r = exceeded.changed() => if r.is_err() { break },
+                    r = purges.changed() => if r.is_err() { break },
                 }
                 let Some(engine) = weak.upgrade() else { break };
                 let over = exceeded.borrow_and_update().clone();
-                match encode(&engine, &over) {
+                let purged = purges.borrow_and_update().clone();
+                match encode(&engine, &over, &purged) {
                     Ok(s) => {
                         tx.send_replace(Arc::new(s));
                     }
@@ -60,10 +67,15 @@ impl SnapshotCache {
 }
 
 #[instrument(skip_all, fields(version))]
-fn encode(engine: &Engine, exceeded: &BTreeSet<String>) -> Result<pb::Snapshot, Error> {
+fn encode(
+    engine: &Engine,
+    exceeded: &BTreeSet<String>,
+    purges: &BTreeMap<String, u64>,
+) -> Result<pb::Snapshot, Error> {
     let snapshot = {
         let state = engine.read();
         let mut s = build_snapshot(&state, engine.cipher())?;
+        s.cache_purges = purges.clone();
         s.budget_exceeded = exceeded
             .iter()
             .filter(|k| state.api_keys.contains_key(*k))

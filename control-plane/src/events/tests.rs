@@ -994,7 +994,12 @@ fn jwt_provider_names_and_issuers_are_unique() {
     let mut same = jwt_provider("entra", issuer);
     same.audiences.push("api://other".into());
     given(past)
-        .when(update("jp1", ResourceValue::JwtProvider(same.clone()), Some(1), false))
+        .when(update(
+            "jp1",
+            ResourceValue::JwtProvider(same.clone()),
+            Some(1),
+            false,
+        ))
         .then_expect(vec![DomainEvent::JwtProviderUpdated {
             id: "jp1".into(),
             value: same,
@@ -1011,7 +1016,10 @@ fn jwt_bindings_reference_a_provider_and_one_subject_binds_one_key() {
         .then_expect_error(is_reference);
     assert!(err.to_string().contains("jwt_provider_id"), "{err}");
     let past = [
-        jp_created("jp1", jwt_provider("entra", "https://login.example/t1/v2.0")),
+        jp_created(
+            "jp1",
+            jwt_provider("entra", "https://login.example/t1/v2.0"),
+        ),
         ak_created("ak1", jwt_key("jp1", Some("oid-1"), &[])),
     ];
     let err = given(past.clone())
@@ -1024,7 +1032,12 @@ fn jwt_bindings_reference_a_provider_and_one_subject_binds_one_key() {
     // Re-saving the same key is not a clash with itself.
     let again = jwt_key("jp1", Some("oid-1"), &[("roles", "x")]);
     given(past)
-        .when(update("ak1", ResourceValue::ApiKey(again.clone()), None, false))
+        .when(update(
+            "ak1",
+            ResourceValue::ApiKey(again.clone()),
+            None,
+            false,
+        ))
         .then_expect(vec![DomainEvent::ApiKeyUpdated {
             id: "ak1".into(),
             value: again,
@@ -1036,7 +1049,10 @@ fn deleting_a_jwt_provider_in_use_names_the_api_key() {
     let mut named = jwt_key("jp1", Some("oid-1"), &[]);
     named.display_name = Some("payments-app".into());
     let past = [
-        jp_created("jp1", jwt_provider("entra", "https://login.example/t1/v2.0")),
+        jp_created(
+            "jp1",
+            jwt_provider("entra", "https://login.example/t1/v2.0"),
+        ),
         ak_created("ak1", named),
     ];
     let err = given(past.clone())
@@ -1125,7 +1141,10 @@ fn every_variant() -> Vec<DomainEvent> {
             value: updated_key,
         },
         DomainEvent::ApiKeyDeleted { id: "ak1".into() },
-        jp_created("jp1", jwt_provider("entra", "https://login.example/t1/v2.0")),
+        jp_created(
+            "jp1",
+            jwt_provider("entra", "https://login.example/t1/v2.0"),
+        ),
         DomainEvent::JwtProviderUpdated {
             id: "jp1".into(),
             value: JwtProvider {
@@ -1137,7 +1156,10 @@ fn every_variant() -> Vec<DomainEvent> {
                 ..jwt_provider("entra", "https://login.example/t1/v2.0")
             },
         },
-        ak_created("ak2", jwt_key("jp1", Some("oid-1"), &[("roles", "Aigw.Caller")])),
+        ak_created(
+            "ak2",
+            jwt_key("jp1", Some("oid-1"), &[("roles", "Aigw.Caller")]),
+        ),
         DomainEvent::JwtProviderDeleted { id: "jp1".into() },
     ]
 }

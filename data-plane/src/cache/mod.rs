@@ -69,7 +69,9 @@ fn build(cfg: &CacheConfig) -> Store {
             .weigher(|_k, v: &Arc<Answer>| u32::try_from(v.body.len()).unwrap_or(u32::MAX))
             .max_capacity(bytes)
             .build(),
-        (None, entries) => builder.max_capacity(entries.unwrap_or(DEFAULT_MAX_ENTRIES)).build(),
+        (None, entries) => builder
+            .max_capacity(entries.unwrap_or(DEFAULT_MAX_ENTRIES))
+            .build(),
     }
 }
 
@@ -90,7 +92,10 @@ pub fn key(alias: &str, body: &Map<String, Value>) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(alias.as_bytes());
     h.update([0]);
-    let mut keys: Vec<&String> = body.keys().filter(|k| !IGNORED_FIELDS.contains(&k.as_str())).collect();
+    let mut keys: Vec<&String> = body
+        .keys()
+        .filter(|k| !IGNORED_FIELDS.contains(&k.as_str()))
+        .collect();
     keys.sort();
     h.update(b"{");
     for k in keys {
@@ -129,7 +134,9 @@ fn canonical(v: &Value, h: &mut Sha256) {
         Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
             (Some(i), _, _) => h.update(i.to_string().as_bytes()),
             (_, Some(u), _) => h.update(u.to_string().as_bytes()),
-            (_, _, Some(f)) if f.fract() == 0.0 && f.abs() < 1e15 => h.update((f as i64).to_string().as_bytes()),
+            (_, _, Some(f)) if f.fract() == 0.0 && f.abs() < 1e15 => {
+                h.update((f as i64).to_string().as_bytes())
+            }
             _ => h.update(n.to_string().as_bytes()),
         },
         other => h.update(other.to_string().as_bytes()),
@@ -156,13 +163,25 @@ mod tests {
 
     #[test]
     fn key_ignores_order_stream_and_user() {
-        let a = obj(json!({"model": "m", "temperature": 0, "messages": [{"role": "user", "content": "hi"}], "stream": true, "user": "u1"}));
-        let b = obj(json!({"messages": [{"content": "hi", "role": "user"}], "temperature": 0, "model": "m", "stream_options": {"include_usage": true}}));
+        let a = obj(
+            json!({"model": "m", "temperature": 0, "messages": [{"role": "user", "content": "hi"}], "stream": true, "user": "u1"}),
+        );
+        let b = obj(
+            json!({"messages": [{"content": "hi", "role": "user"}], "temperature": 0, "model": "m", "stream_options": {"include_usage": true}}),
+        );
         assert_eq!(key("alias", &a), key("alias", &b));
         assert_ne!(key("alias", &a), key("other", &a));
-        let f = obj(json!({"model": "m", "temperature": 0.0, "messages": [{"role": "user", "content": "hi"}]}));
-        assert_eq!(key("alias", &a), key("alias", &f), "0 and 0.0 are the same temperature");
-        let c = obj(json!({"model": "m", "temperature": 0, "messages": [{"role": "user", "content": "hi!"}]}));
+        let f = obj(
+            json!({"model": "m", "temperature": 0.0, "messages": [{"role": "user", "content": "hi"}]}),
+        );
+        assert_eq!(
+            key("alias", &a),
+            key("alias", &f),
+            "0 and 0.0 are the same temperature"
+        );
+        let c = obj(
+            json!({"model": "m", "temperature": 0, "messages": [{"role": "user", "content": "hi!"}]}),
+        );
         assert_ne!(key("alias", &a), key("alias", &c));
     }
 
@@ -171,19 +190,55 @@ mod tests {
         assert!(cacheable(&obj(json!({"temperature": 0}))));
         assert!(cacheable(&obj(json!({"temperature": 0.0, "n": 1}))));
         assert!(!cacheable(&obj(json!({"temperature": 0.7}))));
-        assert!(!cacheable(&obj(json!({}))), "the default temperature is not 0");
+        assert!(
+            !cacheable(&obj(json!({}))),
+            "the default temperature is not 0"
+        );
         assert!(!cacheable(&obj(json!({"temperature": 0, "n": 2}))));
     }
 
     #[tokio::test]
     async fn registry_keeps_a_cache_until_settings_or_generation_change() {
         let r = CacheRegistry::default();
-        let cfg = CacheConfig { enabled: true, ttl_seconds: Some(60), max_entries: Some(10), max_bytes: None };
+        let cfg = CacheConfig {
+            enabled: true,
+            ttl_seconds: Some(60),
+            max_entries: Some(10),
+            max_bytes: None,
+        };
         assert!(r.get("a", None, 0).is_none());
-        assert!(r.get("a", Some(&CacheConfig { enabled: false, ..cfg }), 0).is_none());
+        assert!(r
+            .get(
+                "a",
+                Some(&CacheConfig {
+                    enabled: false,
+                    ..cfg
+                }),
+                0
+            )
+            .is_none());
         let s1 = r.get("a", Some(&cfg), 0).unwrap();
-        s1.insert([1; 32], Arc::new(Answer { body: Bytes::from_static(b"{}"), served_by: HeaderValue::from_static("x") })).await;
-        assert!(r.get("a", Some(&cfg), 0).unwrap().get(&[1; 32]).await.is_some());
-        assert!(r.get("a", Some(&cfg), 1).unwrap().get(&[1; 32]).await.is_none(), "a purge starts empty");
+        s1.insert(
+            [1; 32],
+            Arc::new(Answer {
+                body: Bytes::from_static(b"{}"),
+                served_by: HeaderValue::from_static("x"),
+            }),
+        )
+        .await;
+        assert!(r
+            .get("a", Some(&cfg), 0)
+            .unwrap()
+            .get(&[1; 32])
+            .await
+            .is_some());
+        assert!(
+            r.get("a", Some(&cfg), 1)
+                .unwrap()
+                .get(&[1; 32])
+                .await
+                .is_none(),
+            "a purge starts empty"
+        );
     }
 }

@@ -9,7 +9,11 @@ pub fn sse_from_json(body: &[u8], include_usage: bool) -> Bytes {
     let mut out = BytesMut::new();
     let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     let chat = v["object"] == "chat.completion";
-    let object = if chat { "chat.completion.chunk" } else { "text_completion" };
+    let object = if chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
     let base = |choices: Value| {
         json!({
             "id": v["id"],
@@ -62,7 +66,10 @@ mod tests {
         let s = String::from_utf8(sse_from_json(body, false).to_vec()).unwrap();
         let events: Vec<&str> = s.split("\n\n").filter(|e| !e.is_empty()).collect();
         assert_eq!(events.len(), 3, "{s}");
-        assert!(events[0].contains(r#""content":"Hello there""#) && events[0].contains("chat.completion.chunk"));
+        assert!(
+            events[0].contains(r#""content":"Hello there""#)
+                && events[0].contains("chat.completion.chunk")
+        );
         assert!(events[1].contains(r#""finish_reason":"stop""#));
         assert_eq!(events[2], "data: [DONE]");
         let s = String::from_utf8(sse_from_json(body, true).to_vec()).unwrap();

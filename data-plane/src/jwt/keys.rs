@@ -248,7 +248,8 @@ impl JwksCache {
             .get("keys")
             .and_then(Value::as_array)
             .ok_or_else(|| format!("{jwks_url} is not a JWKS (no `keys` array)"))?;
-        let keys: Vec<Arc<SigningKey>> = entries.iter().filter_map(parse_jwk).map(Arc::new).collect();
+        let keys: Vec<Arc<SigningKey>> =
+            entries.iter().filter_map(parse_jwk).map(Arc::new).collect();
         if keys.is_empty() {
             return Err(format!("{jwks_url} holds no RS256 or ES256 signing key"));
         }
@@ -284,8 +285,7 @@ impl JwksCache {
                 }
                 body.extend_from_slice(&chunk);
             }
-            serde_json::from_slice::<Value>(&body)
-                .map_err(|e| format!("GET {url}: not JSON: {e}"))
+            serde_json::from_slice::<Value>(&body).map_err(|e| format!("GET {url}: not JSON: {e}"))
         };
         tokio::time::timeout(self.settings.fetch_timeout, work)
             .await

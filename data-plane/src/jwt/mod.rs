@@ -186,7 +186,9 @@ impl JwtAuth {
         let mut by_issuer = HashMap::with_capacity(compiled.len());
         for (id, p) in compiled {
             if by_issuer.insert(p.issuer.clone(), Arc::new(p)).is_some() {
-                return Err(format!("jwt provider {id}: another provider has its issuer"));
+                return Err(format!(
+                    "jwt provider {id}: another provider has its issuer"
+                ));
             }
         }
         Ok(Self { by_issuer })

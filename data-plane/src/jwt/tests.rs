@@ -73,7 +73,10 @@ impl TestKey {
     }
 
     fn sign(&self, claims: &Value) -> String {
-        self.sign_with(&json!({"alg": self.alg(), "typ": "JWT", "kid": self.kid}), claims)
+        self.sign_with(
+            &json!({"alg": self.alg(), "typ": "JWT", "kid": self.kid}),
+            claims,
+        )
     }
 
     fn sign_with(&self, header: &Value, claims: &Value) -> String {
@@ -86,8 +89,13 @@ impl TestKey {
         let sig = match &self.pair {
             Pair::Rsa(k) => {
                 let mut sig = vec![0; k.public_modulus_len()];
-                k.sign(&signature::RSA_PKCS1_SHA256, &rng, input.as_bytes(), &mut sig)
-                    .unwrap();
+                k.sign(
+                    &signature::RSA_PKCS1_SHA256,
+                    &rng,
+                    input.as_bytes(),
+                    &mut sig,
+                )
+                .unwrap();
                 sig
             }
             Pair::Ec(k) => k.sign(&rng, input.as_bytes()).unwrap().as_ref().to_vec(),
@@ -119,7 +127,12 @@ impl Issuer {
         let jwks = Arc::new(Mutex::new(Value::Null));
         let down = Arc::new(AtomicBool::new(false));
         let jwks_fetches = Arc::new(AtomicUsize::new(0));
-        let (j, d, f, b) = (jwks.clone(), down.clone(), jwks_fetches.clone(), base.clone());
+        let (j, d, f, b) = (
+            jwks.clone(),
+            down.clone(),
+            jwks_fetches.clone(),
+            base.clone(),
+        );
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -165,7 +178,8 @@ impl Issuer {
     }
 
     fn publish(&self, keys: &[&TestKey]) {
-        *self.jwks.lock().unwrap() = json!({"keys": keys.iter().map(|k| k.jwk()).collect::<Vec<_>>()});
+        *self.jwks.lock().unwrap() =
+            json!({"keys": keys.iter().map(|k| k.jwk()).collect::<Vec<_>>()});
     }
 
     fn fetches(&self) -> usize {
@@ -256,14 +270,20 @@ async fn valid_rs256_and_es256_tokens_resolve_to_their_api_keys() {
     let id = verify(&s.auth, &s.registry, &rsa.sign(&s.issuer.claims()))
         .await
         .unwrap();
-    assert_eq!((id.caller.id.as_str(), id.caller_id.as_str()), ("ak-oid", OID));
+    assert_eq!(
+        (id.caller.id.as_str(), id.caller_id.as_str()),
+        ("ak-oid", OID)
+    );
     assert_eq!(id.provider_id, "jp1");
     // Another identity with the role gets the claims-bound key.
     let mut c = s.issuer.claims();
     c["oid"] = json!("someone-else");
     c["roles"] = json!(["Reader", "Aigw.Caller"]);
     let id = verify(&s.auth, &s.registry, &ec.sign(&c)).await.unwrap();
-    assert_eq!((id.caller.id.as_str(), id.caller_id.as_str()), ("ak-role", "someone-else"));
+    assert_eq!(
+        (id.caller.id.as_str(), id.caller_id.as_str()),
+        ("ak-role", "someone-else")
+    );
     // A valid token of an identity no key binds looks like a bad key.
     c["roles"] = json!(["Reader"]);
     assert_eq!(
@@ -283,7 +303,11 @@ async fn bad_tokens_get_their_codes() {
         let token = rsa.sign(&claims);
         let (auth, registry) = (&s.auth, &s.registry);
         async move {
-            assert_eq!(jwt_code(verify(auth, registry, &token).await), want, "{claims}");
+            assert_eq!(
+                jwt_code(verify(auth, registry, &token).await),
+                want,
+                "{claims}"
+            );
         }
     };
     let mut c = s.issuer.claims();
@@ -311,7 +335,12 @@ async fn bad_tokens_get_their_codes() {
     let parts: Vec<&str> = token.split('.').collect();
     let mut c = s.issuer.claims();
     c["oid"] = json!("admin");
-    let forged = format!("{}.{}.{}", parts[0], b64(c.to_string().as_bytes()), parts[2]);
+    let forged = format!(
+        "{}.{}.{}",
+        parts[0],
+        b64(c.to_string().as_bytes()),
+        parts[2]
+    );
     assert_eq!(
         jwt_code(verify(&s.auth, &s.registry, &forged).await),
         "jwt_invalid_signature"
@@ -396,7 +425,11 @@ async fn an_outage_keeps_the_cached_keys() {
     // A JWKS without a usable key does not replace a good one either.
     s.issuer.down.store(false, Ordering::SeqCst);
     *s.issuer.jwks.lock().unwrap() = json!({"keys": [{"kty": "oct", "k": "c2VjcmV0"}]});
-    assert!(cache.refresh().await.unwrap_err().contains("no RS256 or ES256"));
+    assert!(cache
+        .refresh()
+        .await
+        .unwrap_err()
+        .contains("no RS256 or ES256"));
     assert_eq!(cache.len(), 1);
 }
 

@@ -152,9 +152,10 @@ fn rejection(kind: &ErrorKind) -> Error {
         ErrorKind::MissingRequiredClaim(c) if c == "aud" => Error::Jwt(JwtError::WrongAudience),
         ErrorKind::InvalidIssuer => Error::Jwt(JwtError::UnknownIssuer),
         ErrorKind::MissingRequiredClaim(_) | ErrorKind::InvalidClaimFormat(_) => MALFORMED,
-        ErrorKind::Json(_) | ErrorKind::Utf8(_) | ErrorKind::Base64(_) | ErrorKind::InvalidToken => {
-            MALFORMED
-        }
+        ErrorKind::Json(_)
+        | ErrorKind::Utf8(_)
+        | ErrorKind::Base64(_)
+        | ErrorKind::InvalidToken => MALFORMED,
         _ => Error::Jwt(JwtError::InvalidSignature),
     }
 }

@@ -115,7 +115,11 @@ impl Error {
     pub fn duplicate(&self) -> Error {
         use Error::*;
         match self {
-            InvalidRequest { message, param, code } => InvalidRequest {
+            InvalidRequest {
+                message,
+                param,
+                code,
+            } => InvalidRequest {
                 message: message.clone(),
                 param: *param,
                 code: *code,
@@ -124,12 +128,18 @@ impl Error {
                 message: message.clone(),
                 details: details.clone(),
             },
-            UpstreamRateLimited { message, retry_after, wait } => UpstreamRateLimited {
+            UpstreamRateLimited {
+                message,
+                retry_after,
+                wait,
+            } => UpstreamRateLimited {
                 message: message.clone(),
                 retry_after: retry_after.clone(),
                 wait: *wait,
             },
-            AllTargetsUnavailable { retry_after } => AllTargetsUnavailable { retry_after: *retry_after },
+            AllTargetsUnavailable { retry_after } => AllTargetsUnavailable {
+                retry_after: *retry_after,
+            },
             UpstreamAuth(m) => UpstreamAuth(m.clone()),
             UpstreamRoute(m) => UpstreamRoute(m.clone()),
             UpstreamConnect(m) => UpstreamConnect(m.clone()),

@@ -59,7 +59,12 @@ fn no_cache(headers: &http::HeaderMap) -> bool {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|d| matches!(d.trim().to_ascii_lowercase().as_str(), "no-cache" | "no-store"))
+        .any(|d| {
+            matches!(
+                d.trim().to_ascii_lowercase().as_str(),
+                "no-cache" | "no-store"
+            )
+        })
 }
 
 /// Longest wait between two attempts of one call.
@@ -217,7 +222,9 @@ impl Proxy {
         drop(runtime);
         // 6b. the response cache, for deterministic requests to caching models.
         if op != Operation::Embeddings && crate::cache::cacheable(&call.parsed) {
-            let store = self.caches.get(&route.alias, route.cache.as_ref(), route.cache_generation);
+            let store = self
+                .caches
+                .get(&route.alias, route.cache.as_ref(), route.cache_generation);
             if let Some(store) = store {
                 if no_cache(&parts.headers) {
                     acct.set_cache_status(CacheStatus::Bypass);
@@ -256,7 +263,9 @@ impl Proxy {
         let entry = store
             .entry(key)
             .or_try_insert_with(async {
-                let resp = self.forward(op, route, inbound, fetch, request_id, slot).await?;
+                let resp = self
+                    .forward(op, route, inbound, fetch, request_id, slot)
+                    .await?;
                 let served_by = resp
                     .headers()
                     .get(&SERVED_BY)
@@ -288,17 +297,25 @@ impl Proxy {
             }
         }
         let mut r = if stream {
-            let mut r = Response::new(full(crate::cache::sse_from_json(&answer.body, include_usage)));
-            r.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
+            let mut r = Response::new(full(crate::cache::sse_from_json(
+                &answer.body,
+                include_usage,
+            )));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream; charset=utf-8"),
+            );
             r
         } else {
             let mut r = Response::new(full(answer.body.clone()));
-            r.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
             r
         };
-        r.headers_mut().insert(SERVED_BY.clone(), answer.served_by.clone());
+        r.headers_mut()
+            .insert(SERVED_BY.clone(), answer.served_by.clone());
         r.headers_mut().insert(
             CACHE_STATUS.clone(),
             HeaderValue::from_static(if hit { "hit" } else { "miss" }),

@@ -39,10 +39,7 @@ pub struct ClaimMappings {
     /// The caller's id (sent upstream as `caller-objectid`, matched by an api
     /// key's `jwt_subject`): the first of these claims the token has. A single
     /// name is accepted too. Default `["oid", "sub"]`.
-    #[serde(
-        default = "default_caller_id_claims",
-        deserialize_with = "one_or_many"
-    )]
+    #[serde(default = "default_caller_id_claims", deserialize_with = "one_or_many")]
     pub caller_id: Vec<String>,
 }
 
@@ -69,9 +66,9 @@ fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error>
         One(String),
         Many(Vec<String>),
     }
-    match Raw::deserialize(d).map_err(|_| {
-        serde::de::Error::custom("expected a claim name or a list of claim names")
-    })? {
+    match Raw::deserialize(d)
+        .map_err(|_| serde::de::Error::custom("expected a claim name or a list of claim names"))?
+    {
         Raw::One(s) => Ok(vec![s]),
         Raw::Many(v) => Ok(v),
     }
