@@ -186,7 +186,8 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_field() {
-        let cases: Vec<(fn(&mut JwtProvider), &str)> = vec![
+        type Mutation = fn(&mut JwtProvider);
+        let cases: Vec<(Mutation, &str)> = vec![
             (|p| p.display_name = " ".into(), "display_name"),
             (|p| p.issuer = "http://issuer.example".into(), "issuer"),
             (|p| p.issuer = "not a url".into(), "issuer"),
