@@ -207,6 +207,27 @@ impl DataPlane {
         }
     }
 
+    /// Graceful stop: SIGTERM, then waits (at most ~40 s: the node drains
+    /// in-flight calls for up to 30 s, then flushes usage) for the process to
+    /// exit; returns its exit status.
+    pub async fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        let p = self
+            .process
+            .as_mut()
+            .context("the data plane is not started")?;
+        p.terminate(2000)
+            .await
+            .map_err(|e| anyhow!("{e:#}\n{}", p.logs()))
+    }
+
+    /// Starts a stopped node again with the very same config file (same
+    /// ports, node id and snapshot cache), as a supervisor restarting it
+    /// would. Waits only for `/livez`.
+    pub async fn start_again(&mut self) -> Result<()> {
+        ensure!(!self.is_running(), "the data plane is still running");
+        self.launch_with(false).await
+    }
+
     /// Starts again with the same node id and snapshot cache file (new
     /// ports), killing a running process first. Waits only for `/livez`.
     pub async fn restart(&mut self) -> Result<()> {
@@ -215,10 +236,17 @@ impl DataPlane {
     }
 
     async fn launch(&mut self) -> Result<()> {
+        self.launch_with(true).await
+    }
+
+    /// `fresh_config`: render a new config (new free ports); otherwise reuse
+    /// the current one, falling back to fresh ports if one was taken meanwhile.
+    async fn launch_with(&mut self, fresh_config: bool) -> Result<()> {
+        let mut fresh = fresh_config;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.launch_once().await {
+            match self.launch_once(fresh).await {
                 Ok(()) => return Ok(()),
                 Err(e)
                     if attempt < BIND_RETRIES
@@ -228,16 +256,21 @@ impl DataPlane {
                             .is_some_and(|p| p.stderr().contains("in use")) =>
                 {
                     eprintln!("data plane lost a port race, retrying: {e:#}");
+                    fresh = true;
                 }
                 Err(e) => return Err(e),
             }
         }
     }
 
-    async fn launch_once(&mut self) -> Result<()> {
+    async fn launch_once(&mut self, fresh_config: bool) -> Result<()> {
         self.runs += 1;
         let root = self.root().to_path_buf();
-        let config = self.opts.render(&root);
+        let config = if fresh_config || self.config.is_null() {
+            self.opts.render(&root)
+        } else {
+            self.config.clone()
+        };
         let addr = |key: &str| -> Result<SocketAddr> {
             config["data_plane"][key]
                 .as_str()

@@ -14,6 +14,7 @@
 //! - [`mock_oidc`]: a local OpenID issuer (discovery document, JWKS, test
 //!   RSA/EC keys) and token signing, for caller JWTs.
 //! - [`nats`]: a real `nats-server` with JetStream on a free port.
+//! - [`usage`]: usage totals from the admin API, exact comparison.
 //! - [`otlp_receiver`]: a real OTLP/gRPC trace receiver collecting exported spans.
 //!
 //! Every test starts its own processes, so tests can run in parallel.
@@ -29,6 +30,7 @@ pub mod nats;
 pub mod otlp_receiver;
 pub mod process;
 pub mod rest;
+pub mod usage;
 
 pub use control_plane::{ControlPlane, Options};
 pub use rest::{sha256_hex, AdminClient, Resp};

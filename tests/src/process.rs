@@ -170,6 +170,33 @@ impl Process {
         }
     }
 
+    /// SIGTERM (via `kill -TERM <pid>`), then waits for the process to exit on
+    /// its own, polling at most `attempts` times 20 ms apart (see
+    /// [`Process::wait_exit`]: killed and an error if it is still running).
+    /// Returns the exit status; an already exited process returns its status.
+    pub async fn terminate(&mut self, attempts: u32) -> Result<ExitStatus> {
+        if let Some(status) = self.try_exit()? {
+            return Ok(status);
+        }
+        let pid = self.id().context("no child process")?;
+        let out = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .output()
+            .context("running `kill -TERM`")?;
+        if !out.status.success() {
+            // It may have exited between try_exit and kill.
+            if let Some(status) = self.try_exit()? {
+                return Ok(status);
+            }
+            bail!(
+                "kill -TERM {pid} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        self.wait_exit(attempts).await
+    }
+
     /// SIGKILL on unix (`Child::kill`): no chance to flush or clean up. Reaps
     /// the child so its ports and files are released when this returns.
     pub fn kill(&mut self) {

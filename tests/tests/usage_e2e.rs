@@ -9,6 +9,7 @@ use aigw_tests::fixtures::{api_key, model_on, provider_key_at};
 use aigw_tests::mock_azure::{expected_usage, Behaviour, MockAzure};
 use aigw_tests::nats::NatsServer;
 use aigw_tests::process::poll_until;
+use aigw_tests::usage::{assert_totals, Totals};
 use aigw_tests::AdminClient;
 use anyhow::{ensure, Result};
 use futures::StreamExt;
@@ -23,15 +24,6 @@ const CALLER: &str = "sk-usage-caller";
 /// USD per 1k tokens: exact in nano-USD, so expected costs are exact integers.
 const IN_PER_1K: f64 = 0.5;
 const OUT_PER_1K: f64 = 1.5;
-
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-struct Totals {
-    requests: u64,
-    errors: u64,
-    prompt: u64,
-    completion: u64,
-    cost_nanos: u64,
-}
 
 struct Fleet {
     _mock: MockAzure,
@@ -101,8 +93,8 @@ fn nanos(prompt: u64, completion: u64) -> u64 {
 /// Call `i` of a load: every 10th goes to the broken deployment (502), every
 /// 3rd streams; message lengths vary so token counts do.
 async fn one_call(client: &ProxyClient, i: usize) -> Result<Totals> {
-    let broken = i % 10 == 0;
-    let stream = i % 3 == 0;
+    let broken = i.is_multiple_of(10);
+    let stream = i.is_multiple_of(3);
     let text = "word ".repeat(1 + i % 37);
     let mut body = chat_body(if broken { BROKEN } else { ALIAS }, &text);
     if stream {
@@ -178,43 +170,6 @@ async fn load(
         t.cost_nanos += r.cost_nanos;
     }
     Ok(t)
-}
-
-async fn usage_totals(admin: &AdminClient) -> Result<Totals> {
-    let v: Value = admin.get("/admin/v1/usage").await?.expect(200)?;
-    let mut t = Totals::default();
-    for row in v["rows"].as_array().cloned().unwrap_or_default() {
-        t.requests += row["requests"].as_u64().unwrap_or(0);
-        t.errors += row["errors"].as_u64().unwrap_or(0);
-        t.prompt += row["prompt_tokens"].as_u64().unwrap_or(0);
-        t.completion += row["completion_tokens"].as_u64().unwrap_or(0);
-        t.cost_nanos += (row["cost_usd"].as_f64().unwrap_or(0.0) * 1e9).round() as u64;
-    }
-    Ok(t)
-}
-
-/// Waits until the usage API has counted `expected.requests` calls, then
-/// requires every total to match exactly (more would mean double counting).
-async fn assert_totals(admin: &AdminClient, expected: Totals, attempts: u32) -> Result<()> {
-    let got = poll_until(
-        "usage totals to reach the calls made",
-        attempts,
-        Duration::from_millis(100),
-        || async {
-            let t = usage_totals(admin).await?;
-            ensure!(
-                t.requests <= expected.requests,
-                "counted twice: {t:?} > {expected:?}"
-            );
-            Ok((t.requests == expected.requests).then_some(t))
-        },
-    )
-    .await?;
-    ensure!(
-        got == expected,
-        "usage API {got:?} != computed {expected:?}"
-    );
-    Ok(())
 }
 
 fn clients(f: &Fleet) -> Vec<ProxyClient> {
