@@ -195,7 +195,23 @@ async fn run() -> Result<()> {
     )
     .await?;
     let pid = cp.process().and_then(|p| p.id()).context("no aigw pid")?;
-    seed_azure(&cp.rest(), &mock.base_url(), DEFAULT_API_KEY).await?;
+    let seeded = seed_azure(&cp.rest(), &mock.base_url(), DEFAULT_API_KEY).await?;
+    // A second alias on the same deployment, with the response cache on.
+    let mut cached_model =
+        aigw_tests::fixtures::model_on("cached", SEED_DEPLOYMENT, &seeded.provider_key_id);
+    cached_model["cache"] = json!({"enabled": true, "ttl_seconds": 3600});
+    cp.rest().create("models", &cached_model).await?;
+    let mut key = cp
+        .rest()
+        .get(&format!("/admin/v1/apikeys/{}", seeded.api_key_id))
+        .await?
+        .expect(200)?["value"]
+        .clone();
+    key["allowed_models"] = json!([SEED_ALIAS, "cached"]);
+    cp.rest()
+        .put(&format!("/admin/v1/apikeys/{}", seeded.api_key_id), &key)
+        .await?
+        .expect(200)?;
     wait_standalone_synced(&cp).await?;
     let rss_idle = rss_kib(pid);
 
@@ -217,20 +233,43 @@ async fn run() -> Result<()> {
         auth: ("authorization", format!("Bearer {SEED_CALLER_KEY}")),
         body: Bytes::from(body),
     };
+    let hit = Target {
+        name: "aigw cache hit",
+        body: Bytes::from(
+            json!({
+                "model": "cached",
+                "temperature": 0,
+                "messages": [{"role": "user", "content": "Say hello from Azure OpenAI."}],
+                "max_tokens": 64
+            })
+            .to_string(),
+        ),
+        ..via.clone()
+    };
     // Both paths work, then warm up (connections, allocator, caches).
-    for t in [&direct, &via] {
+    for t in [&direct, &via, &hit] {
         anyhow::ensure!(t.call(&client()).await, "{} does not answer 200", t.name);
         closed_loop(t, 1).await;
     }
 
     eprintln!("aigw proxy benchmark: {secs} s per phase and path ...");
+    // Upstream calls made while the cache-hit path ran: should be none.
+    let mut upstream_calls = 0;
     let mut fixed = Vec::new();
-    for t in [&direct, &via] {
+    for t in [&direct, &via, &hit] {
+        let before = mock.total_requests();
         fixed.push(open_loop(t, secs).await);
+        if t.name == hit.name {
+            upstream_calls += mock.total_requests() - before;
+        }
     }
     let mut max = Vec::new();
-    for t in [&direct, &via] {
+    for t in [&direct, &via, &hit] {
+        let before = mock.total_requests();
         max.push(closed_loop(t, secs).await);
+        if t.name == hit.name {
+            upstream_calls += mock.total_requests() - before;
+        }
     }
     let rss_after = rss_kib(pid);
     // Stop aigw now: dropping it prints its log tail to stderr, which should
@@ -260,7 +299,7 @@ async fn run() -> Result<()> {
         "service p99",
         "done/s"
     );
-    for (t, r) in [&direct, &via].iter().zip(&fixed) {
+    for (t, r) in [&direct, &via, &hit].iter().zip(&fixed) {
         println!(
             "  {:<22} {:>6} {:>4} {:>8.3} ms {:>8.3} ms {:>8.3} ms {:>10.3} ms {:>10.3} ms {:>8.0}",
             t.name,
@@ -292,7 +331,7 @@ async fn run() -> Result<()> {
         .iter()
         .map(|(ok, _, el)| *ok as f64 / el.as_secs_f64())
         .collect();
-    for (t, ((ok, errors, _), rps)) in [&direct, &via].iter().zip(max.iter().zip(&rps)) {
+    for (t, ((ok, errors, _), rps)) in [&direct, &via, &hit].iter().zip(max.iter().zip(&rps)) {
         println!(
             "  {:<22} {:>9.0} req/s  ({ok} ok, {errors} errors)",
             t.name, rps
@@ -301,6 +340,10 @@ async fn run() -> Result<()> {
     println!(
         "  ratio through aigw / direct: {:.2}",
         rps[1] / rps[0].max(f64::MIN_POSITIVE)
+    );
+    println!(
+        "  cache hits / non-cached through aigw: {:.2}; upstream calls while serving hits: {upstream_calls}",
+        rps[2] / rps[1].max(f64::MIN_POSITIVE)
     );
     println!();
     println!("(iii) aigw process RSS (standalone: control plane + data plane)");
