@@ -59,9 +59,11 @@ impl Drop for Telemetry {
 /// Installs the global subscriber: JSON lines (or text) on stdout, filtered by
 /// `RUST_LOG` if set, else `telemetry.log_level`. No trace export.
 pub fn init_logging(cfg: &TelemetryConfig) {
-    let mut t = init(cfg, "aigw", "");
-    // No exporter was built: nothing to flush.
-    t.provider = None;
+    let logs_only = TelemetryConfig {
+        otlp_endpoint: None,
+        ..cfg.clone()
+    };
+    drop(init(&logs_only, "aigw", ""));
 }
 
 /// Installs the global subscriber (see [`init_logging`]) and, with an OTLP

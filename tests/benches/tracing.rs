@@ -1,0 +1,174 @@
+//! What tracing costs: max throughput through a standalone aigw (release
+//! build) with no trace export, then with OTLP export at sample ratio 1.0 to
+//! a real OTLP/gRPC receiver in this process. Rounds alternate off/on to
+//! spread drift; the report gives each round and the median ratio.
+//!
+//! ```sh
+//! cargo build --release -p aigw-control-plane
+//! cargo bench -p aigw-tests --bench tracing
+//! ```
+//!
+//! `BENCH_SECS` (default 5) per round, `BENCH_ROUNDS` (default 3) rounds.
+//! Load generator, mock Azure, the receiver and aigw share this machine's
+//! cores: read the figure as relative.
+
+use aigw_tests::data_plane::wait_standalone_synced;
+use aigw_tests::fixtures::{seed_azure, SEED_ALIAS, SEED_CALLER_KEY, SEED_DEPLOYMENT};
+use aigw_tests::mock_azure::{MockAzure, DEFAULT_API_KEY};
+use aigw_tests::otlp_receiver::OtlpReceiver;
+use aigw_tests::{ControlPlane, Options};
+use anyhow::Result;
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use serde_json::json;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+const CONNECTIONS: usize = 32;
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+fn client() -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(CONNECTIONS)
+        .build(http)
+}
+
+async fn call(client: &HttpClient, url: &str, body: &Bytes) -> bool {
+    let req = Request::post(url)
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {SEED_CALLER_KEY}"))
+        .body(Full::new(body.clone()))
+        .expect("request");
+    match client.request(req).await {
+        Ok(resp) => {
+            let ok = resp.status() == 200;
+            resp.into_body().collect().await.is_ok() && ok
+        }
+        Err(_) => false,
+    }
+}
+
+/// Requests per second over `secs` with `CONNECTIONS` back-to-back workers.
+async fn closed_loop(url: &str, body: &Bytes, secs: u64) -> (f64, u64) {
+    let client = client();
+    let ok = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..CONNECTIONS)
+        .map(|_| {
+            let (client, url, body) = (client.clone(), url.to_string(), body.clone());
+            let (ok, errors, stop) = (ok.clone(), errors.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    if call(&client, &url, &body).await {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let n = ok.load(Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    for w in workers {
+        let _ = w.await;
+    }
+    (
+        n as f64 / elapsed.as_secs_f64(),
+        errors.load(Ordering::Relaxed),
+    )
+}
+
+async fn gateway(mock: &MockAzure, otlp: Option<&OtlpReceiver>) -> Result<ControlPlane> {
+    let mut telemetry = json!({"log_level": "info"});
+    if let Some(r) = otlp {
+        telemetry["otlp_endpoint"] = json!(r.endpoint());
+        telemetry["sample_ratio"] = json!(1.0);
+    }
+    let cp = ControlPlane::start_with(
+        Options::standalone().with_config(json!({"telemetry": telemetry})),
+    )
+    .await?;
+    seed_azure(&cp.rest(), &mock.base_url(), DEFAULT_API_KEY).await?;
+    wait_standalone_synced(&cp).await?;
+    Ok(cp)
+}
+
+async fn run() -> Result<()> {
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(d)
+    };
+    let (secs, rounds) = (env("BENCH_SECS", 5), env("BENCH_ROUNDS", 3));
+    let mock = MockAzure::start().await;
+    mock.add_deployment(SEED_DEPLOYMENT, "gpt-4o-2024-08-06");
+    let otlp = OtlpReceiver::start().await;
+    let body = Bytes::from(
+        json!({
+            "model": SEED_ALIAS,
+            "messages": [{"role": "user", "content": "Say hello from Azure OpenAI."}],
+            "max_tokens": 64
+        })
+        .to_string(),
+    );
+    let off = gateway(&mock, None).await?;
+    let on = gateway(&mock, Some(&otlp)).await?;
+    let urls = [
+        format!("{}/v1/chat/completions", off.proxy_url()),
+        format!("{}/v1/chat/completions", on.proxy_url()),
+    ];
+    for u in &urls {
+        anyhow::ensure!(call(&client(), u, &body).await, "{u} does not answer 200");
+        closed_loop(u, &body, 1).await;
+    }
+    eprintln!("aigw tracing benchmark: {rounds} rounds of {secs} s off/on ...");
+    let mut ratios = Vec::new();
+    let mut rows = Vec::new();
+    for _ in 0..rounds {
+        let (r_off, e_off) = closed_loop(&urls[0], &body, secs).await;
+        let (r_on, e_on) = closed_loop(&urls[1], &body, secs).await;
+        ratios.push(r_on / r_off.max(f64::MIN_POSITIVE));
+        rows.push((r_off, e_off, r_on, e_on));
+    }
+    let spans = otlp.spans().len();
+    drop((off, on));
+    ratios.sort_by(f64::total_cmp);
+    let median = ratios[ratios.len() / 2];
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    println!();
+    println!("=== aigw tracing overhead (release; {cores} cores shared; {CONNECTIONS} connections, closed loop) ===");
+    for (i, (r_off, e_off, r_on, e_on)) in rows.iter().enumerate() {
+        println!(
+            "  round {}: off {r_off:>8.0} req/s ({e_off} err)   on (OTLP, ratio 1.0) {r_on:>8.0} req/s ({e_on} err)   on/off {:.3}",
+            i + 1,
+            r_on / r_off.max(f64::MIN_POSITIVE)
+        );
+    }
+    println!(
+        "  median on/off {median:.3}: tracing costs {:.1} % of max throughput; {spans} spans received",
+        (1.0 - median) * 100.0
+    );
+    println!();
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
