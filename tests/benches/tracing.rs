@@ -116,7 +116,7 @@ async fn run() -> Result<()> {
     let (secs, rounds) = (env("BENCH_SECS", 5), env("BENCH_ROUNDS", 3));
     let mock = MockAzure::start().await;
     mock.add_deployment(SEED_DEPLOYMENT, "gpt-4o-2024-08-06");
-    let otlp = OtlpReceiver::start().await;
+    let otlp = OtlpReceiver::start_counting().await;
     let body = Bytes::from(
         json!({
             "model": SEED_ALIAS,
@@ -144,7 +144,7 @@ async fn run() -> Result<()> {
         ratios.push(r_on / r_off.max(f64::MIN_POSITIVE));
         rows.push((r_off, e_off, r_on, e_on));
     }
-    let spans = otlp.spans().len();
+    let spans = otlp.counted();
     drop((off, on));
     ratios.sort_by(f64::total_cmp);
     let median = ratios[ratios.len() / 2];

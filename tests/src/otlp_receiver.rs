@@ -44,6 +44,9 @@ impl Span {
 struct Shared {
     spans: Mutex<Vec<Span>>,
     changed: Notify,
+    /// Count spans without keeping them (benchmarks: a cheap collector).
+    count_only: bool,
+    counted: std::sync::atomic::AtomicU64,
 }
 
 struct Service(Arc<Shared>);
@@ -71,8 +74,21 @@ impl TraceService for Service {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let request = request.into_inner();
+        if self.0.count_only {
+            let n: usize = request
+                .resource_spans
+                .iter()
+                .flat_map(|rs| &rs.scope_spans)
+                .map(|ss| ss.spans.len())
+                .sum();
+            self.0
+                .counted
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            return Ok(tonic::Response::new(ExportTraceServiceResponse::default()));
+        }
         let mut got = Vec::new();
-        for rs in request.into_inner().resource_spans {
+        for rs in request.resource_spans {
             let resource = rs
                 .resource
                 .map(|r| attrs(&r.attributes))
@@ -111,11 +127,31 @@ pub struct OtlpReceiver {
 
 impl OtlpReceiver {
     pub async fn start() -> OtlpReceiver {
+        Self::start_with(false).await
+    }
+
+    /// A receiver that only counts spans ([`OtlpReceiver::counted`]), for
+    /// benchmarks, where keeping them would compete with the gateway.
+    pub async fn start_counting() -> OtlpReceiver {
+        Self::start_with(true).await
+    }
+
+    /// Spans received by a counting receiver.
+    pub fn counted(&self) -> u64 {
+        self.shared
+            .counted
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    async fn start_with(count_only: bool) -> OtlpReceiver {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            count_only,
+            ..Shared::default()
+        });
         let svc = TraceServiceServer::new(Service(shared.clone()));
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let task = tokio::spawn(async move {
