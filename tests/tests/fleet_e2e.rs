@@ -37,12 +37,15 @@ fn nanos(prompt: u64, completion: u64) -> u64 {
     prompt * (IN_PER_1K * 1e6) as u64 + completion * (OUT_PER_1K * 1e6) as u64
 }
 
-/// Call `i`: every 3rd streams from the slow deployment, every 3rd streams
-/// from the fast one, the rest are plain JSON; lengths vary.
+/// Call `i`: every 2nd streams from the slow deployment, every 4th streams
+/// from the fast one, the rest are plain JSON; lengths vary. (Periods 2 and 4
+/// are coprime with the 3 nodes of the round robin, so every node gets every
+/// kind.)
 fn call_body(i: usize) -> Value {
     let text = "word ".repeat(1 + i % 23);
-    let mut body = chat_body(if i.is_multiple_of(3) { SLOW } else { FAST }, &text);
-    if i % 3 != 2 {
+    let slow = i.is_multiple_of(2);
+    let mut body = chat_body(if slow { SLOW } else { FAST }, &text);
+    if slow || i % 4 == 1 {
         body["stream"] = json!(true);
     }
     body
@@ -278,7 +281,24 @@ async fn rolling_restart_of_three_nodes_under_load_fails_nothing_and_loses_no_us
     // Rolling restart, one node at a time.
     let mut drained = Vec::new();
     for (idx, dp) in nodes.iter_mut().enumerate() {
-        lb.with(idx, |s| s.in_rotation = false);
+        // Leave the rotation at a moment when the node has accepted calls
+        // still in flight (mostly slow streams), so SIGTERM must drain them.
+        poll_until(
+            "the node to have accepted calls in flight",
+            1500,
+            Duration::from_millis(2),
+            || {
+                let left = lb.with(idx, |s| {
+                    let leave = s.open > s.dispatching;
+                    if leave {
+                        s.in_rotation = false;
+                    }
+                    leave
+                });
+                async move { Ok(left.then_some(())) }
+            },
+        )
+        .await?;
         // Every call already sent to it has reached it (has headers): from
         // here on it only has in-flight work, no new calls.
         poll_until(
