@@ -90,7 +90,7 @@ fn nanos(prompt: u64, completion: u64) -> u64 {
     prompt * (IN_PER_1K * 1e6) as u64 + completion * (OUT_PER_1K * 1e6) as u64
 }
 
-/// Call `i` of a load: every 10th goes to the broken deployment (502), every
+/// Call `i` of a load: every 10th goes to the broken deployment (502/503), every
 /// 3rd streams; message lengths vary so token counts do.
 async fn one_call(client: &ProxyClient, i: usize) -> Result<Totals> {
     let broken = i.is_multiple_of(10);
@@ -102,8 +102,9 @@ async fn one_call(client: &ProxyClient, i: usize) -> Result<Totals> {
     }
     let resp = client.chat(&body).await?;
     if broken {
+        // 502 while the broken deployment is tried; 503 while its circuit is open.
         ensure!(
-            resp.status.as_u16() == 502,
+            matches!(resp.status.as_u16(), 502 | 503),
             "call {i}: {} {}",
             resp.status,
             resp.text
@@ -198,26 +199,36 @@ async fn ten_thousand_calls_across_two_nodes_are_counted_exactly() -> Result<()>
     Ok(())
 }
 
+/// Starts 10,000 calls in the background, one every `pace`; returns the
+/// task (with the computed totals) and the count of finished calls.
+fn spawn_load(
+    f: &Fleet,
+    pace: Duration,
+) -> (tokio::task::JoinHandle<Result<Totals>>, Arc<AtomicUsize>) {
+    let done = Arc::new(AtomicUsize::new(0));
+    let cs = clients(f);
+    let counter = done.clone();
+    (
+        tokio::spawn(async move { load(&cs, 10_000, 16, pace, counter).await }),
+        done,
+    )
+}
+
+/// Waits until at least `n` calls of a background load have finished.
+async fn wait_calls(done: &AtomicUsize, n: usize, what: &str) -> Result<()> {
+    poll_until(what, 3000, Duration::from_millis(20), || {
+        let finished = done.load(Ordering::Relaxed);
+        async move { Ok((finished >= n).then_some(())) }
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nats_down_for_twenty_seconds_mid_load_loses_nothing() -> Result<()> {
     let mut f = fleet(2, None).await?;
-    let done = Arc::new(AtomicUsize::new(0));
-    let cs = clients(&f);
     // ~35 s of load at 3.5 ms per call, so the outage falls in the middle.
-    let load = tokio::spawn({
-        let done = done.clone();
-        async move { load(&cs, 10_000, 16, Duration::from_micros(3500), done).await }
-    });
-    poll_until(
-        "2,000 calls before the outage",
-        3000,
-        Duration::from_millis(20),
-        || {
-            let n = done.load(Ordering::Relaxed);
-            async move { Ok((n >= 2000).then_some(())) }
-        },
-    )
-    .await?;
+    let (load, done) = spawn_load(&f, Duration::from_micros(3500));
+    wait_calls(&done, 2000, "2,000 calls before the outage").await?;
     f.nats.stop();
     let stopped_at = done.load(Ordering::Relaxed);
     // The outage itself lasts 20 s by design; the load keeps going meanwhile.
@@ -233,32 +244,14 @@ async fn nats_down_for_twenty_seconds_mid_load_loses_nothing() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn control_plane_killed_mid_load_loses_nothing() -> Result<()> {
     let mut f = fleet(2, None).await?;
-    let done = Arc::new(AtomicUsize::new(0));
-    let cs = clients(&f);
-    let load = tokio::spawn({
-        let done = done.clone();
-        async move { load(&cs, 10_000, 16, Duration::from_micros(1500), done).await }
-    });
-    poll_until(
-        "3,000 calls before the crash",
-        3000,
-        Duration::from_millis(20),
-        || {
-            let n = done.load(Ordering::Relaxed);
-            async move { Ok((n >= 3000).then_some(())) }
-        },
-    )
-    .await?;
+    let (load, done) = spawn_load(&f, Duration::from_micros(1500));
+    wait_calls(&done, 3000, "3,000 calls before the crash").await?;
     f.cp.kill9();
     let killed_at = done.load(Ordering::Relaxed);
-    poll_until(
+    wait_calls(
+        &done,
+        killed_at + 1000,
         "1,000 calls while the control plane is down",
-        3000,
-        Duration::from_millis(20),
-        || {
-            let n = done.load(Ordering::Relaxed);
-            async move { Ok((n >= killed_at + 1000).then_some(())) }
-        },
     )
     .await?;
     f.cp.restart().await?;
