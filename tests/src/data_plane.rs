@@ -398,46 +398,34 @@ pub async fn wait_standalone_synced(cp: &ControlPlane) -> Result<u64> {
 // ---------------------------------------------------------------------------
 
 /// An OpenAI-API client for a data plane's proxy. Sends
-/// `Authorization: Bearer <key>` when it has a key.
+/// `Authorization: Bearer <key>` when it has a key; the same HTTP client as
+/// the admin API's, with proxy calls on top.
 #[derive(Clone)]
 pub struct ProxyClient {
-    http: reqwest::Client,
-    base: String,
-    key: Option<String>,
+    inner: AdminClient,
 }
 
 impl ProxyClient {
     pub fn new(base: &str, key: Option<&str>) -> Self {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(60))
-            .build()
-            .expect("building the HTTP client");
         Self {
-            http,
-            base: base.trim_end_matches('/').to_string(),
-            key: key.map(str::to_string),
+            inner: AdminClient::new(base, key),
         }
     }
 
     /// The same client (sharing connections) with another key, or none.
     pub fn with_key(&self, key: Option<&str>) -> Self {
         Self {
-            key: key.map(str::to_string),
-            ..self.clone()
+            inner: self.inner.with_key(key),
         }
     }
 
     pub fn base(&self) -> &str {
-        &self.base
+        self.inner.base()
     }
 
     /// A request to `path` (e.g. `/v1/chat/completions`) with the key attached.
     pub fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
-        let rb = self.http.request(method, format!("{}{path}", self.base));
-        match &self.key {
-            Some(k) => rb.bearer_auth(k),
-            None => rb,
-        }
+        self.inner.request(method, path)
     }
 
     /// Sends a request built with [`ProxyClient::request`]; reads it whole.
