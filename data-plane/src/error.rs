@@ -69,3 +69,16 @@ pub enum Error {
     #[error(transparent)]
     Shared(#[from] aigw_shared::Error),
 }
+
+/// An error with its sources, `outer: inner: innermost`, for messages that
+/// must say why (a connect error's cause is where the useful part is).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}

@@ -2,25 +2,20 @@
 //! data dir, waits until it is ready, and can kill -9 and restart it.
 
 use crate::grpc::{self, AdminGrpc};
-use crate::process::{binary, free_addr, poll_until, Process};
+use crate::process::{binary, free_addr, wait_healthy, Process};
 use crate::rest::AdminClient;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use base64::Engine as _;
 use rand::RngCore;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
-use std::time::Duration;
 use tempfile::TempDir;
 
 /// Name of the control-plane binary in `target/<profile>/`.
 pub const BINARY: &str = "aigw-control-plane";
 
-/// Readiness is polled this many times, `READY_EVERY` apart (30 s in all: the
-/// machine may be busy compiling).
-const READY_ATTEMPTS: u32 = 600;
-const READY_EVERY: Duration = Duration::from_millis(50);
 /// Starts retried when a picked port was taken by someone else meanwhile.
 const BIND_RETRIES: u32 = 3;
 
@@ -365,31 +360,9 @@ impl ControlPlane {
         let label = format!("control-plane-run{}", self.runs);
         self.process = Some(Process::spawn(cmd, &root, &label, &self.opts.env)?);
 
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .build()?;
         let url = format!("{}/readyz", self.admin_url());
         let process = self.process.as_mut().expect("just spawned");
-        let ready = poll_until(
-            "the control plane to be ready",
-            READY_ATTEMPTS,
-            READY_EVERY,
-            || {
-                let exited = process.try_exit();
-                let req = http.get(&url).send();
-                async move {
-                    if let Some(status) = exited? {
-                        bail!("the control plane exited during start-up with {status}");
-                    }
-                    Ok(match req.await {
-                        Ok(r) if r.status().is_success() => Some(()),
-                        _ => None,
-                    })
-                }
-            },
-        )
-        .await;
-        ready.map_err(|e| anyhow!("{e:#}\n{}", process.logs()))
+        wait_healthy(process, &url, "the control plane").await
     }
 }
 

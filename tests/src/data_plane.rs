@@ -7,9 +7,9 @@
 //! plane ([`ControlPlane::proxy_url`], [`ControlPlane::data_plane_metrics_url`]).
 
 use crate::control_plane::{merge, ControlPlane};
-use crate::process::{binary, free_addr, poll_until, Process};
+use crate::process::{binary, free_addr, poll_until, wait_healthy, Process, READY_ATTEMPTS};
 use crate::rest::{AdminClient, Resp};
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{anyhow, ensure, Context, Result};
 use reqwest::Method;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -21,10 +21,6 @@ use tempfile::TempDir;
 /// Name of the data-plane binary in `target/<profile>/`.
 pub const BINARY: &str = "aigw-data-plane";
 
-/// Start-up is polled this many times, `READY_EVERY` apart (30 s in all: the
-/// machine may be busy compiling).
-const READY_ATTEMPTS: u32 = 600;
-const READY_EVERY: Duration = Duration::from_millis(50);
 /// Starts retried when a picked port was taken by someone else meanwhile.
 const BIND_RETRIES: u32 = 3;
 
@@ -291,31 +287,9 @@ impl DataPlane {
         let label = format!("data-plane-{}-run{}", self.opts.node_id, self.runs);
         self.process = Some(Process::spawn(cmd, &root, &label, &self.opts.env)?);
 
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .build()?;
         let url = format!("{}/livez", self.metrics_url());
         let process = self.process.as_mut().expect("just spawned");
-        let live = poll_until(
-            "the data plane to be live",
-            READY_ATTEMPTS,
-            READY_EVERY,
-            || {
-                let exited = process.try_exit();
-                let req = http.get(&url).send();
-                async move {
-                    if let Some(status) = exited? {
-                        bail!("the data plane exited during start-up with {status}");
-                    }
-                    Ok(match req.await {
-                        Ok(r) if r.status().is_success() => Some(()),
-                        _ => None,
-                    })
-                }
-            },
-        )
-        .await;
-        live.map_err(|e| anyhow!("{e:#}\n{}", process.logs()))
+        wait_healthy(process, &url, "the data plane").await
     }
 }
 

@@ -1,7 +1,7 @@
 //! Running the real binaries: finding them, free ports, child processes whose
 //! output goes to files, and bounded polling.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use std::fs::File;
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
@@ -260,4 +260,37 @@ fn tail(text: &str, lines: usize) -> String {
     }
     out.push_str(&all[skip..].join("\n"));
     out
+}
+
+/// Start-up polls of a child's health URL: up to 600 × 50 ms (30 s; the
+/// machine may be busy compiling).
+pub const READY_ATTEMPTS: u32 = 600;
+pub const READY_EVERY: Duration = Duration::from_millis(50);
+
+/// Polls `url` until it answers 2xx; fails at once if `process` exits first,
+/// and appends the process's logs to any failure.
+pub async fn wait_healthy(process: &mut Process, url: &str, what: &str) -> Result<()> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    let waited = poll_until(
+        &format!("{what} to answer {url}"),
+        READY_ATTEMPTS,
+        READY_EVERY,
+        || {
+            let exited = process.try_exit();
+            let req = http.get(url).send();
+            async move {
+                if let Some(status) = exited? {
+                    bail!("{what} exited during start-up with {status}");
+                }
+                Ok(match req.await {
+                    Ok(r) if r.status().is_success() => Some(()),
+                    _ => None,
+                })
+            }
+        },
+    )
+    .await;
+    waited.map_err(|e| anyhow!("{e:#}\n{}", process.logs()))
 }

@@ -9,6 +9,7 @@
 //! good before: an outage of the JWKS endpoint keeps callers working.
 
 use super::{JwksSource, JwtAuth, Provider};
+use crate::error::error_chain;
 use aigw_shared::domain::check_endpoint;
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde_json::Value;
@@ -296,17 +297,6 @@ impl JwksCache {
                 )
             })?
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        cur = inner.source();
-    }
-    s
 }
 
 /// A JWK we can verify RS256 or ES256 with; anything else (encryption keys,

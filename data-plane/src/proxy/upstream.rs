@@ -5,7 +5,7 @@ use super::request::Call;
 use super::{full, sse::SseAdapter, ProxyBody};
 use crate::config::{Operation, Route, Upstream, UpstreamAuth};
 use crate::credentials::{Bearer, TokenProvider};
-use crate::error::Error;
+use crate::error::{error_chain, Error};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
@@ -317,17 +317,6 @@ where
         Ok(Err(e)) => Err(ReadError::Other(e.to_string())),
         Ok(Ok(c)) => Ok(c.to_bytes()),
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        cur = inner.source();
-    }
-    s
 }
 
 /// Rewrites `model` to the alias and strips Azure's filter annotations;
