@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "aigw/admin/v1/admin.proto",
         "aigw/config/v1/config.proto",
         "aigw/usage/v1/usage.proto",
+        "aigw/limits/v1/limits.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());

@@ -35,6 +35,9 @@ pub enum Error {
         message: String,
         details: serde_json::Value,
     },
+    /// One of the gateway's own rate limits refused the call.
+    #[error("{0}")]
+    RateLimited(crate::limits::Rejection),
     #[error("this API key has used up its budget for the current period")]
     BudgetExceeded,
     #[error("{message}")]

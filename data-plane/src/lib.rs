@@ -11,6 +11,8 @@
 //! - `credentials` — Entra ID tokens for the upstream, cached across snapshots
 //! - `jwt` — caller JWTs (Entra ID / OIDC): issuers' keys cached across
 //!   snapshots, token verification, identity → api key
+//! - `limits` — rate limits (requests, tokens, concurrency) per api key and
+//!   per model, shared with the fleet over NATS
 //! - `metrics` — `/metrics` counters
 
 pub mod cache;
@@ -18,6 +20,7 @@ pub mod config;
 pub mod credentials;
 pub mod error;
 pub mod jwt;
+pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod routing;
@@ -148,10 +151,20 @@ impl DataPlane {
         let (stop, stopped) = watch::channel(false);
         let tasks = TaskTracker::new();
 
+        // Tokenizer tables load in the background: the first limited call
+        // should not wait for them.
+        tokio::task::spawn_blocking(limits::tokens::warm_up);
         let bus: Arc<dyn usage::UsageBus> = match (&settings.usage_bus, &settings.nats_url) {
             (Some(bus), _) => bus.clone(),
             (None, Some(url)) => {
-                Arc::new(usage::NatsBus::connect(url).await.map_err(Error::Config)?)
+                let nats = usage::NatsBus::connect(url).await.map_err(Error::Config)?;
+                tasks.spawn(limits::run_sync(
+                    config.limiter().clone(),
+                    nats.client(),
+                    settings.node_id.clone(),
+                    stopped.clone(),
+                ));
+                Arc::new(nats)
             }
             (None, None) => {
                 warn!(

@@ -119,7 +119,8 @@ pub async fn serve_health(
                         StatusCode::OK,
                         "text/plain; version=0.0.4",
                         metrics.render(config.version(), config.is_ready())
-                            + &config.health().render_metrics(),
+                            + &config.health().render_metrics()
+                            + &config.limiter().render_metrics(),
                     ),
                     _ => (
                         StatusCode::NOT_FOUND,

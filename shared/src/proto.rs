@@ -12,6 +12,12 @@ pub mod config {
     }
 }
 
+pub mod limits {
+    pub mod v1 {
+        tonic::include_proto!("aigw.limits.v1");
+    }
+}
+
 pub mod usage {
     pub mod v1 {
         tonic::include_proto!("aigw.usage.v1");

@@ -11,7 +11,7 @@ mod runtime;
 pub mod watch;
 
 pub use cache::SnapshotCacheFile;
-pub use runtime::{Caller, Operation, Route, Runtime, Upstream, UpstreamAuth};
+pub use runtime::{Caller, Limits, Operation, Route, Runtime, Upstream, UpstreamAuth};
 pub use watch::{watch_control_plane, WatchSettings};
 
 use crate::credentials::CredentialRegistry;
@@ -26,6 +26,8 @@ pub struct ConfigHandle {
     version: tokio::sync::watch::Sender<u64>,
     credentials: Arc<CredentialRegistry>,
     health: HealthRegistry,
+    /// Rate-limit counters, kept across snapshots.
+    limiter: Arc<crate::limits::Limiter>,
     /// Signing keys of the trusted JWT issuers, kept across snapshots.
     jwks: crate::jwt::JwksRegistry,
 }
@@ -43,6 +45,7 @@ impl ConfigHandle {
             version: tokio::sync::watch::channel(0).0,
             credentials,
             health: HealthRegistry::default(),
+            limiter: Arc::default(),
             jwks: crate::jwt::JwksRegistry::default(),
         }
     }
@@ -55,6 +58,11 @@ impl ConfigHandle {
     /// The token caches that compiled snapshots draw on.
     pub fn credentials(&self) -> &Arc<CredentialRegistry> {
         &self.credentials
+    }
+
+    /// Rate-limit counters, kept across snapshots.
+    pub fn limiter(&self) -> &Arc<crate::limits::Limiter> {
+        &self.limiter
     }
 
     /// Deployment health, kept across snapshots.
@@ -80,6 +88,13 @@ impl ConfigHandle {
             })
             .collect();
         self.health.retain(&|pk, dep| live.contains(&(pk, dep)));
+        let scopes: std::collections::HashSet<&str> = runtime
+            .routes()
+            .filter_map(|r| r.limits.as_ref())
+            .chain(runtime.callers().filter_map(|c| c.limits.as_ref()))
+            .map(|l| l.scope.name())
+            .collect();
+        self.limiter.retain(&scopes);
         self.current.store(Some(Arc::new(runtime)));
         self.version.send_replace(v);
     }

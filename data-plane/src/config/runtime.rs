@@ -1,6 +1,7 @@
 use crate::credentials::{CredentialRegistry, TokenProvider};
+use crate::limits::{Limiter, Scope};
 use crate::routing::{HealthRegistry, TargetHealth};
-use aigw_shared::domain::{resolve_api_base, Credential, RoutingStrategy};
+use aigw_shared::domain::{resolve_api_base, Credential, RateLimit, RoutingStrategy};
 use aigw_shared::snapshot::{ConfigSnapshot, SNAPSHOT_FORMAT};
 use http::{HeaderValue, Uri};
 use sha2::{Digest, Sha256};
@@ -43,6 +44,28 @@ pub struct Caller {
     pub expires_at: Option<i64>,
     /// Spend reached the key's budget for the current period.
     pub budget_exceeded: bool,
+    pub limits: Option<Limits>,
+}
+
+/// A scope's rate limits and the fleet-wide counters they are checked on.
+#[derive(Debug)]
+pub struct Limits {
+    pub rate: RateLimit,
+    pub scope: Arc<Scope>,
+}
+
+impl Limits {
+    fn new(limiter: &Limiter, scope: String, rate: Option<RateLimit>) -> Option<Self> {
+        let rate = rate.filter(|r| *r != RateLimit::default())?;
+        Some(Self {
+            scope: limiter.scope(&scope, &rate),
+            rate,
+        })
+    }
+
+    pub fn counts_tokens(&self) -> bool {
+        self.rate.tpm.is_some() || self.rate.tpd.is_some()
+    }
 }
 
 impl Caller {
@@ -51,9 +74,11 @@ impl Caller {
         id: String,
         k: aigw_shared::domain::ApiKey,
         budget_exceeded: bool,
+        limiter: &Limiter,
     ) -> Self {
         Self {
             budget_exceeded,
+            limits: Limits::new(limiter, format!("key/{id}"), k.rate_limit),
             id,
             allow_all: k.allowed_models.iter().any(|m| m == "*"),
             allowed: k.allowed_models,
@@ -87,6 +112,9 @@ pub struct Route {
     pub cache: Option<aigw_shared::domain::CacheConfig>,
     /// Bumped by an admin purge of this model's cache.
     pub cache_generation: u64,
+    pub limits: Option<Limits>,
+    /// Counts prompt tokens for token limits (from the first deployment's name).
+    pub tokenizer: tiktoken_rs::tokenizer::Tokenizer,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,14 +192,21 @@ impl Runtime {
         snapshot: ConfigSnapshot,
         credentials: &CredentialRegistry,
     ) -> Result<Self, String> {
-        Self::compile_with(snapshot, credentials, &HealthRegistry::default())
+        Self::compile_with(
+            snapshot,
+            credentials,
+            &HealthRegistry::default(),
+            &Limiter::default(),
+        )
     }
 
-    /// [`Runtime::compile`], with deployment health carried over from `health`.
+    /// [`Runtime::compile`], with deployment health carried over from
+    /// `health` and rate-limit counters from `limiter`.
     pub fn compile_with(
         snapshot: ConfigSnapshot,
         credentials: &CredentialRegistry,
         health: &HealthRegistry,
+        limiter: &Limiter,
     ) -> Result<Self, String> {
         if snapshot.format != SNAPSHOT_FORMAT {
             return Err(format!(
@@ -285,6 +320,9 @@ impl Runtime {
                 compiled.push(up);
             }
             let routing = m.routing.clone().unwrap_or_default();
+            let tokenizer = crate::limits::tokens::tokenizer_for(
+                compiled.first().map_or("", |u| u.deployment.as_str()),
+            );
             routes.insert(
                 m.display_name.clone(),
                 Arc::new(Route {
@@ -303,6 +341,8 @@ impl Runtime {
                     cooldown: routing.cooldown.map_or(DEFAULT_COOLDOWN, |d| d.0),
                     cache: m.cache,
                     cache_generation: snapshot.cache_purges.get(model_id).copied().unwrap_or(0),
+                    limits: Limits::new(limiter, format!("model/{}", m.display_name), m.rate_limit),
+                    tokenizer,
                 }),
             );
         }
@@ -312,6 +352,7 @@ impl Runtime {
             &snapshot.jwt_providers,
             &mut snapshot.api_keys,
             &snapshot.budget_exceeded,
+            limiter,
         )?;
         let exceeded = snapshot.budget_exceeded;
         let mut callers = HashMap::with_capacity(snapshot.api_keys.len());
@@ -320,16 +361,10 @@ impl Runtime {
                 .ok()
                 .and_then(|b| b.try_into().ok())
                 .ok_or_else(|| format!("api key {id}: key_hash is not 64 hex characters"))?;
+            let budget_exceeded = exceeded.contains(&id);
             callers.insert(
                 hash,
-                Arc::new(Caller {
-                    budget_exceeded: exceeded.contains(&id),
-                    id,
-                    allow_all: k.allowed_models.iter().any(|m| m == "*"),
-                    allowed: k.allowed_models,
-                    disabled: k.disabled,
-                    expires_at: k.expires_at.map(|t| t.unix_timestamp()),
-                }),
+                Arc::new(Caller::from_api_key(id, k, budget_exceeded, limiter)),
             );
         }
         let mut aliases: Vec<String> = routes.keys().cloned().collect();
@@ -358,6 +393,11 @@ impl Runtime {
     pub fn caller(&self, presented_key: &str) -> Option<&Arc<Caller>> {
         let digest: [u8; 32] = Sha256::digest(presented_key.as_bytes()).into();
         self.callers.get(&digest)
+    }
+
+    /// Every api key, hashed and JWT-bound.
+    pub fn callers(&self) -> impl Iterator<Item = &Arc<Caller>> {
+        self.callers.values().chain(self.jwt.callers())
     }
 
     pub fn routes(&self) -> impl Iterator<Item = &Arc<Route>> {

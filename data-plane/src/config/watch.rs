@@ -25,7 +25,12 @@ pub struct WatchSettings {
 pub fn apply(handle: &ConfigHandle, body: &[u8]) -> Result<u64, String> {
     let snapshot: ConfigSnapshot =
         serde_json::from_slice(body).map_err(|e| format!("undecodable snapshot: {e}"))?;
-    let runtime = Runtime::compile_with(snapshot, handle.credentials(), handle.health())?;
+    let runtime = Runtime::compile_with(
+        snapshot,
+        handle.credentials(),
+        handle.health(),
+        handle.limiter(),
+    )?;
     let version = runtime.version;
     handle.store(runtime);
     Ok(version)

@@ -133,6 +133,16 @@ pub struct JwtAuth {
 }
 
 impl JwtAuth {
+    /// Every api key bound to a JWT identity.
+    pub fn callers(&self) -> impl Iterator<Item = &Arc<Caller>> {
+        self.by_issuer.values().flat_map(|p| {
+            p.subjects
+                .values()
+                .chain(p.by_claims.iter())
+                .map(|b| &b.caller)
+        })
+    }
+
     /// Compiles the providers and takes the JWT-bound api keys out of
     /// `api_keys` (the rest are key hashes). Any inconsistency rejects the
     /// snapshot.
@@ -140,6 +150,7 @@ impl JwtAuth {
         providers: &BTreeMap<String, JwtProvider>,
         api_keys: &mut BTreeMap<String, ApiKey>,
         budget_exceeded: &BTreeSet<String>,
+        limiter: &crate::limits::Limiter,
     ) -> Result<Self, String> {
         let mut compiled: BTreeMap<&str, Provider> = providers
             .iter()
@@ -170,6 +181,7 @@ impl JwtAuth {
                     id.clone(),
                     k,
                     budget_exceeded.contains(&id),
+                    limiter,
                 )),
             };
             match subject {

@@ -239,7 +239,13 @@ async fn setup(keys: &[&TestKey]) -> Setup {
             serde_json::from_value(json!({"key_hash": "a".repeat(64)})).unwrap(),
         ),
     ]);
-    let auth = JwtAuth::compile(&providers, &mut api_keys, &BTreeSet::new()).unwrap();
+    let auth = JwtAuth::compile(
+        &providers,
+        &mut api_keys,
+        &BTreeSet::new(),
+        &Default::default(),
+    )
+    .unwrap();
     assert_eq!(
         api_keys.keys().collect::<Vec<_>>(),
         ["ak-plain"],
@@ -446,6 +452,7 @@ async fn discovery_must_name_the_configured_issuer() {
         &BTreeMap::from([("jp2".to_string(), p)]),
         &mut BTreeMap::new(),
         &BTreeSet::new(),
+        &Default::default(),
     )
     .unwrap();
     let registry = JwksRegistry::new(settings());

@@ -67,7 +67,7 @@ impl Error {
                 "insufficient_quota",
                 Some("budget_exceeded"),
             ),
-            UpstreamRateLimited { .. } => (
+            RateLimited(_) | UpstreamRateLimited { .. } => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",
                 Some("rate_limit_exceeded"),
@@ -137,6 +137,7 @@ impl Error {
                 retry_after: retry_after.clone(),
                 wait: *wait,
             },
+            RateLimited(r) => RateLimited(r.clone()),
             AllTargetsUnavailable { retry_after } => AllTargetsUnavailable {
                 retry_after: *retry_after,
             },
@@ -177,6 +178,9 @@ impl Error {
             Error::AllTargetsUnavailable { retry_after } => Some(HeaderValue::from(
                 (retry_after.as_millis() as u64).div_ceil(1000).max(1),
             )),
+            Error::RateLimited(r) => Some(HeaderValue::from(
+                (r.retry_after.as_millis() as u64).div_ceil(1000).max(1),
+            )),
             _ => None,
         };
         if status.is_server_error() && !matches!(self, Error::NotReady) {
@@ -191,6 +195,9 @@ impl Error {
         );
         if let Some(v) = retry_after {
             resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        if let Error::RateLimited(r) = &self {
+            r.apply_headers(resp.headers_mut());
         }
         resp
     }

@@ -15,14 +15,22 @@
 //! 5. **read** (`request`) — content type, body limit (413), JSON, required
 //!    fields; for streams ask Azure for `stream_options.include_usage`.
 //! 6. **authorise** — the alias must exist (404) and be on the key's allowlist (403).
-//! 7. **pick a target** (`crate::routing`) — the first priority group with a
+//! 7. **limit** (`crate::limits`) — every rate limit of the key and of the
+//!    model must pass, on the fleet's counts (429 `rate_limit_exceeded`);
+//!    tokens are estimated now and corrected when the call ends.
+//! 8. **cache** (`crate::cache`) — a deterministic call to a caching model
+//!    may be answered here (it still counted as a request in step 7).
+//! 9. **pick a target** (`crate::routing`) — the first priority group with a
 //!    healthy target; weighted, round-robin or least-latency inside it.
-//! 8. **call Azure** (`upstream`) — URL, credential, deadline; Azure errors
-//!    mapped; retryable failures go back to step 7 for another target.
-//! 9. **adapt** — `model` → alias, filter fields stripped; streams pass through
-//!    `sse::SseAdapter` chunk by chunk.
+//! 10. **call Azure** (`upstream`) — URL, credential, deadline; Azure errors
+//!     mapped; retryable failures go back to step 9 for another target.
+//! 11. **adapt** — `model` → alias, filter fields stripped; streams pass through
+//!     `sse::SseAdapter` chunk by chunk.
 //!
-//! Errors from any step become the OpenAI envelope in `edge`.
+//! Errors from any step become the OpenAI envelope in `edge`. Usage is
+//! accounted for from step 4 on (`crate::usage::Accounting`), whatever the
+//! outcome; the call's rate-limit permit lives in it, so it is released when
+//! the call ends, a stream's last chunk or a cancellation included.
 
 mod auth;
 mod edge;
@@ -66,6 +74,9 @@ fn no_cache(headers: &http::HeaderMap) -> bool {
             )
         })
 }
+
+/// Prompts shorter than this (in characters) are tokenized on the reactor.
+const TOKENIZE_INLINE: usize = 16 * 1024;
 
 /// Longest wait between two attempts of one call.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -157,17 +168,24 @@ impl Proxy {
         }
         // Set once the caller is known; a stream takes it along to account at its end.
         let mut acct: Option<Accounting> = None;
-        let (mut resp, code) = match self.dispatch(req, &request_id, &mut acct).await {
+        let mut rate: Option<crate::limits::RateHeaders> = None;
+        let (mut resp, code) = match self.dispatch(req, &request_id, &mut acct, &mut rate).await {
             Ok(r) => (r, None),
             Err(e) => {
+                match &e {
+                    Error::RateLimited(_) => self.metrics.record_rejection("rate_limit"),
+                    Error::BudgetExceeded => self.metrics.record_rejection("budget"),
+                    Error::UpstreamRateLimited { .. } => {
+                        self.metrics.record_rejection("upstream_rate_limit")
+                    }
+                    _ => {}
+                }
                 let code = e.code();
                 (e.into_response(), code)
             }
         };
-        match code {
-            Some("budget_exceeded") => self.metrics.record_rejection("budget"),
-            Some("rate_limit_exceeded") => self.metrics.record_rejection("upstream_rate_limit"),
-            _ => {}
+        if let Some(r) = rate {
+            r.apply(resp.headers_mut());
         }
         if let Some(mut a) = acct {
             a.set_request_id(&request_id);
@@ -184,6 +202,7 @@ impl Proxy {
         req: Request<B>,
         request_id: &HeaderValue,
         slot: &mut Option<Accounting>,
+        rate: &mut Option<crate::limits::RateHeaders>,
     ) -> Result<Response<ProxyBody>, Error>
     where
         B: http_body::Body<Data = Bytes>,
@@ -220,7 +239,12 @@ impl Proxy {
         }
         acct.set_route(&route.alias, "", "");
         drop(runtime);
-        // 6b. the response cache, for deterministic requests to caching models.
+        if caller.limits.is_some() || route.limits.is_some() {
+            let permit = self.limit(op, &caller, &route, &call).await?;
+            *rate = Some(permit.headers());
+            acct.set_permit(permit);
+        }
+        // The response cache, for deterministic requests to caching models.
         if op != Operation::Embeddings && crate::cache::cacheable(&call.parsed) {
             let store = self
                 .caches
@@ -237,6 +261,53 @@ impl Proxy {
         }
         self.forward(op, &route, &parts.headers, call, request_id, slot)
             .await
+    }
+
+    /// Step 7: one request and the estimated tokens against every limit of
+    /// the key and of the model.
+    async fn limit(
+        &self,
+        op: Operation,
+        caller: &auth::Authenticated,
+        route: &Route,
+        call: &request::Call,
+    ) -> Result<crate::limits::Permit, Error> {
+        use crate::limits::{tokens, Check};
+        let counts_tokens = |l: &Option<crate::config::Limits>| {
+            l.as_ref().is_some_and(crate::config::Limits::counts_tokens)
+        };
+        let tokens = if !counts_tokens(&caller.limits) && !counts_tokens(&route.limits) {
+            0
+        } else if call.prompt_chars < TOKENIZE_INLINE {
+            tokens::estimate(op, &call.parsed, route.tokenizer)
+        } else {
+            // Long prompts take milliseconds to tokenize: not on the reactor.
+            let (parsed, tokenizer) = (call.parsed.clone(), route.tokenizer);
+            tokio::task::spawn_blocking(move || tokens::estimate(op, &parsed, tokenizer))
+                .await
+                .map_err(|e| Error::Upstream(format!("counting prompt tokens: {e}")))?
+        };
+        let mut checks = Vec::with_capacity(2);
+        if let Some(l) = &caller.limits {
+            checks.push(Check {
+                scope: &l.scope,
+                limits: &l.rate,
+                what: "api key",
+                id: &caller.id,
+            });
+        }
+        if let Some(l) = &route.limits {
+            checks.push(Check {
+                scope: &l.scope,
+                limits: &l.rate,
+                what: "model",
+                id: &route.alias,
+            });
+        }
+        self.config
+            .limiter()
+            .acquire(&checks, tokens)
+            .map_err(Error::RateLimited)
     }
 
     /// Serves from the cache, or fetches the answer as JSON (one fetch for

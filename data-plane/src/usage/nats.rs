@@ -32,6 +32,11 @@ impl NatsBus {
         Ok(Self { js })
     }
 
+    /// The connection, shared with the rate limits' fleet sync.
+    pub fn client(&self) -> async_nats::Client {
+        self.js.client()
+    }
+
     /// Creates the usage stream if it is missing.
     pub async fn ensure_stream(js: &jetstream::Context) -> Result<(), String> {
         js.get_or_create_stream(stream::Config {

@@ -48,6 +48,7 @@ impl UsageRecorder {
             span: tracing::Span::current(),
             request_id: String::new(),
             response_model: String::new(),
+            permit: None,
         }
     }
 
@@ -78,6 +79,9 @@ pub struct Accounting {
     request_id: String,
     /// `model` as Azure answered (the deployment's model version).
     response_model: String,
+    /// The call's hold on its rate limits: settled with the real token count
+    /// when the call ends, and released (concurrency) when this is dropped.
+    permit: Option<crate::limits::Permit>,
 }
 
 impl Accounting {
@@ -108,6 +112,10 @@ impl Accounting {
         if self.response_model.is_empty() {
             self.response_model = model.to_string();
         }
+    }
+
+    pub fn set_permit(&mut self, permit: crate::limits::Permit) {
+        self.permit = Some(permit);
     }
 
     pub fn set_stream(&mut self, stream: bool) {
@@ -159,6 +167,9 @@ impl Accounting {
             self.event.estimated = true;
         }
         self.event.total_tokens = self.event.prompt_tokens + self.event.completion_tokens;
+        if let Some(p) = self.permit.as_mut() {
+            p.settle(self.event.total_tokens);
+        }
         self.event.latency_ms = self.started.elapsed().as_millis() as u64;
         self.event.ttft_ms = self
             .first_byte
