@@ -248,9 +248,10 @@ impl Scope {
         &self.name
     }
 
-    /// Calls in flight on this node.
-    pub fn in_flight(&self) -> i64 {
-        lock(&self.state).in_flight
+    /// Calls in flight on this node, and the most there ever were.
+    pub fn in_flight(&self) -> (i64, i64) {
+        let st = lock(&self.state);
+        (st.in_flight, st.peak_in_flight)
     }
 }
 
@@ -258,6 +259,8 @@ impl Scope {
 struct ScopeState {
     windows: [Option<Window>; 4],
     in_flight: i64,
+    /// The most calls ever in flight here at once (a gauge for operators).
+    peak_in_flight: i64,
     peers_in_flight: HashMap<Arc<str>, i64>,
     in_flight_dirty: bool,
 }
@@ -435,6 +438,7 @@ impl ScopeState {
         let in_flight = c.limits.concurrency.is_some();
         if in_flight {
             self.in_flight += 1;
+            self.peak_in_flight = self.peak_in_flight.max(self.in_flight);
             self.in_flight_dirty = true;
         }
         Held {

@@ -130,7 +130,28 @@ impl Limiter {
 
     /// `aigw_ratelimit_*` gauges.
     pub fn render_metrics(&self) -> String {
-        format!(
+        let mut scopes: Vec<(String, (i64, i64))> = self
+            .all()
+            .iter()
+            .map(|s| (crate::metrics::label("scope", s.name()), s.in_flight()))
+            .filter(|(_, (_, peak))| *peak > 0)
+            .collect();
+        scopes.sort();
+        let mut s = String::from(
+            "# HELP aigw_ratelimit_in_flight Calls in flight on this node, per scope with a concurrency limit.\n\
+             # TYPE aigw_ratelimit_in_flight gauge\n",
+        );
+        for (l, (now, _)) in &scopes {
+            s.push_str(&format!("aigw_ratelimit_in_flight{{{l}}} {now}\n"));
+        }
+        s.push_str(
+            "# HELP aigw_ratelimit_in_flight_peak The most calls ever in flight at once on this node, per scope.\n\
+             # TYPE aigw_ratelimit_in_flight_peak gauge\n",
+        );
+        for (l, (_, peak)) in &scopes {
+            s.push_str(&format!("aigw_ratelimit_in_flight_peak{{{l}}} {peak}\n"));
+        }
+        s + &format!(
             "# HELP aigw_ratelimit_fleet_sync 1 when rate limits are enforced on the fleet's sum over NATS, 0 when on an even local share.\n\
              # TYPE aigw_ratelimit_fleet_sync gauge\n\
              aigw_ratelimit_fleet_sync {}\n\
