@@ -18,6 +18,12 @@
 //! 2. max throughput, closed loop: 32 connections for `BENCH_SECS` s each way;
 //! 3. the aigw process's RSS (`VmRSS`) idle and after the load.
 //!
+//! Besides the plain path, two more aliases on the same deployment: one with
+//! the response cache on (every call a hit), one under rate limits (rpm,
+//! tpm, rpd, tpd and concurrency, all high enough never to refuse), so the
+//! limiter's cost — prompt tokenized, five limits checked and settled — is
+//! the difference between that row and the plain one.
+//!
 //! aigw logs at `info` (its default, with one access-log line per call);
 //! `BENCH_LOG_LEVEL=warn` shows what that logging costs.
 //!
@@ -201,13 +207,21 @@ async fn run() -> Result<()> {
         aigw_tests::fixtures::model_on("cached", SEED_DEPLOYMENT, &seeded.provider_key_id);
     cached_model["cache"] = json!({"enabled": true, "ttl_seconds": 3600});
     cp.rest().create("models", &cached_model).await?;
+    // And one under every kind of rate limit, none of them ever reached.
+    let mut limited_model =
+        aigw_tests::fixtures::model_on("limited", SEED_DEPLOYMENT, &seeded.provider_key_id);
+    limited_model["rate_limit"] = json!({
+        "rpm": 100_000_000u64, "tpm": 100_000_000_000u64,
+        "rpd": 100_000_000u64, "tpd": 100_000_000_000u64, "concurrency": 100_000
+    });
+    cp.rest().create("models", &limited_model).await?;
     let mut key = cp
         .rest()
         .get(&format!("/admin/v1/apikeys/{}", seeded.api_key_id))
         .await?
         .expect(200)?["value"]
         .clone();
-    key["allowed_models"] = json!([SEED_ALIAS, "cached"]);
+    key["allowed_models"] = json!([SEED_ALIAS, "cached", "limited"]);
     cp.rest()
         .put(&format!("/admin/v1/apikeys/{}", seeded.api_key_id), &key)
         .await?
@@ -246,8 +260,21 @@ async fn run() -> Result<()> {
         ),
         ..via.clone()
     };
-    // Both paths work, then warm up (connections, allocator, caches).
-    for t in [&direct, &via, &hit] {
+    let limited = Target {
+        name: "aigw rate-limited",
+        body: Bytes::from(
+            json!({
+                "model": "limited",
+                "messages": [{"role": "user", "content": "Say hello from Azure OpenAI."}],
+                "max_tokens": 64
+            })
+            .to_string(),
+        ),
+        ..via.clone()
+    };
+    let paths = [&direct, &via, &hit, &limited];
+    // Every path works, then warm up (connections, allocator, caches).
+    for t in paths {
         anyhow::ensure!(t.call(&client()).await, "{} does not answer 200", t.name);
         closed_loop(t, 1).await;
     }
@@ -256,7 +283,7 @@ async fn run() -> Result<()> {
     // Upstream calls made while the cache-hit path ran: should be none.
     let mut upstream_calls = 0;
     let mut fixed = Vec::new();
-    for t in [&direct, &via, &hit] {
+    for t in paths {
         let before = mock.total_requests();
         fixed.push(open_loop(t, secs).await);
         if t.name == hit.name {
@@ -264,7 +291,7 @@ async fn run() -> Result<()> {
         }
     }
     let mut max = Vec::new();
-    for t in [&direct, &via, &hit] {
+    for t in paths {
         let before = mock.total_requests();
         max.push(closed_loop(t, secs).await);
         if t.name == hit.name {
@@ -299,7 +326,7 @@ async fn run() -> Result<()> {
         "service p99",
         "done/s"
     );
-    for (t, r) in [&direct, &via, &hit].iter().zip(&fixed) {
+    for (t, r) in paths.iter().zip(&fixed) {
         println!(
             "  {:<22} {:>6} {:>4} {:>8.3} ms {:>8.3} ms {:>8.3} ms {:>10.3} ms {:>10.3} ms {:>8.0}",
             t.name,
@@ -313,16 +340,18 @@ async fn run() -> Result<()> {
             r.latencies.len() as f64 / r.elapsed.as_secs_f64(),
         );
     }
-    let added = |f: fn(&OpenLoop) -> &Vec<Duration>, p: f64| {
-        ms(pct(f(&fixed[1]), p)) - ms(pct(f(&fixed[0]), p))
+    let added = |f: fn(&OpenLoop) -> &Vec<Duration>, p: f64, over: usize, base: usize| {
+        ms(pct(f(&fixed[over]), p)) - ms(pct(f(&fixed[base]), p))
     };
-    println!(
-        "  added by aigw: sched p50 {:+.3} ms, p99 {:+.3} ms; service p50 {:+.3} ms, p99 {:+.3} ms",
-        added(|r| &r.latencies, 50.0),
-        added(|r| &r.latencies, 99.0),
-        added(|r| &r.service, 50.0),
-        added(|r| &r.service, 99.0),
-    );
+    for (what, over, base) in [("aigw", 1, 0), ("the rate limiter", 3, 1)] {
+        println!(
+            "  added by {what}: sched p50 {:+.3} ms, p99 {:+.3} ms; service p50 {:+.3} ms, p99 {:+.3} ms",
+            added(|r| &r.latencies, 50.0, over, base),
+            added(|r| &r.latencies, 99.0, over, base),
+            added(|r| &r.service, 50.0, over, base),
+            added(|r| &r.service, 99.0, over, base),
+        );
+    }
     println!();
     println!(
         "(ii) max throughput, {CONNECTIONS} keep-alive connections, closed loop, {secs} s each"
@@ -331,7 +360,7 @@ async fn run() -> Result<()> {
         .iter()
         .map(|(ok, _, el)| *ok as f64 / el.as_secs_f64())
         .collect();
-    for (t, ((ok, errors, _), rps)) in [&direct, &via, &hit].iter().zip(max.iter().zip(&rps)) {
+    for (t, ((ok, errors, _), rps)) in paths.iter().zip(max.iter().zip(&rps)) {
         println!(
             "  {:<22} {:>9.0} req/s  ({ok} ok, {errors} errors)",
             t.name, rps
@@ -344,6 +373,10 @@ async fn run() -> Result<()> {
     println!(
         "  cache hits / non-cached through aigw: {:.2}; upstream calls while serving hits: {upstream_calls}",
         rps[2] / rps[1].max(f64::MIN_POSITIVE)
+    );
+    println!(
+        "  rate-limited / unlimited through aigw: {:.2}",
+        rps[3] / rps[1].max(f64::MIN_POSITIVE)
     );
     println!();
     println!("(iii) aigw process RSS (standalone: control plane + data plane)");
