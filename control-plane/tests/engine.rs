@@ -129,6 +129,7 @@ fn model(name: &str, targets: &[&str]) -> Model {
         rate_limit: None,
         cost: None,
         cache: None,
+        log_payloads: false,
     }
 }
 

@@ -480,3 +480,70 @@ async fn embeddings_completions_and_the_model_list() -> Result<()> {
     assert_eq!(sent["stream_options"]["include_usage"], true);
     Ok(())
 }
+
+/// Prompts and completions reach the logs only for a model with
+/// `log_payloads`, JSON and streamed alike; never for the others.
+#[tokio::test]
+async fn prompts_and_completions_are_logged_only_for_models_that_opt_in() -> Result<()> {
+    let g = gateway().await?;
+    let admin = g.cp.rest();
+    let mut logged =
+        fixtures::model_on("gpt-4o-logged", SEED_DEPLOYMENT, &g.seeded.provider_key_id);
+    logged["log_payloads"] = json!(true);
+    admin.create("models", &logged).await?;
+    admin
+        .create(
+            "apikeys",
+            &fixtures::api_key("sk-logged-caller", &["gpt-4o-logged"]),
+        )
+        .await?;
+    wait_standalone_synced(&g.cp).await?;
+    let logged_client = g.proxy.with_key(Some("sk-logged-caller"));
+
+    let quiet = chat_body(SEED_ALIAS, "never-logged prompt marker-q1");
+    ensure!(g.proxy.chat(&quiet).await?.status == 200);
+    let plain = chat_body("gpt-4o-logged", "logged prompt marker-p2");
+    ensure!(logged_client.chat(&plain).await?.status == 200);
+    let mut streamed = chat_body("gpt-4o-logged", "logged stream marker-s3");
+    streamed["stream"] = json!(true);
+    ensure!(logged_client.chat(&streamed).await?.status == 200);
+
+    let process = g.cp.process().context("no control plane process")?;
+    let payload_lines = aigw_tests::process::poll_until(
+        "two payload log lines",
+        250,
+        std::time::Duration::from_millis(20),
+        || {
+            let text = process.stdout() + &process.stderr();
+            async move {
+                let lines: Vec<Value> = text
+                    .lines()
+                    .filter(|l| l.contains("aigw_data_plane::payload"))
+                    .filter_map(|l| serde_json::from_str(l).ok())
+                    .collect();
+                Ok((lines.len() >= 2).then_some(lines))
+            }
+        },
+    )
+    .await?;
+    ensure!(payload_lines.len() == 2, "{payload_lines:?}");
+    for (line, body) in payload_lines.iter().zip([&plain, &streamed]) {
+        let prompt = line["prompt"].as_str().unwrap_or_default();
+        ensure!(
+            serde_json::from_str::<Value>(prompt)? == body["messages"],
+            "logged prompt {prompt} for {body}"
+        );
+        ensure!(
+            line["completion"] == json!(expected_answer(body)),
+            "logged completion {} for {body}",
+            line["completion"]
+        );
+        ensure!(line["model"] == "gpt-4o-logged" && line["request_id"] != "");
+    }
+    let all = process.stdout() + &process.stderr();
+    ensure!(
+        !all.contains("marker-q1"),
+        "a prompt of a model without log_payloads reached the logs"
+    );
+    Ok(())
+}

@@ -119,6 +119,7 @@ pub fn model_in(v: Option<pb::Model>) -> Result<Model, Error> {
             max_entries: c.max_entries,
             max_bytes: c.max_bytes,
         }),
+        log_payloads: v.log_payloads,
     })
 }
 
@@ -162,6 +163,7 @@ pub fn model_out(v: Model) -> pb::Model {
             max_entries: c.max_entries,
             max_bytes: c.max_bytes,
         }),
+        log_payloads: v.log_payloads,
     }
 }
 

@@ -132,6 +132,7 @@ fn model(name: &str, provider_key_id: &str) -> Model {
         rate_limit: None,
         cost: None,
         cache: None,
+        log_payloads: false,
     }
 }
 

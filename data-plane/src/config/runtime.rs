@@ -113,6 +113,8 @@ pub struct Route {
     /// Bumped by an admin purge of this model's cache.
     pub cache_generation: u64,
     pub limits: Option<Limits>,
+    /// Log prompts and completions (the model opted in).
+    pub log_payloads: bool,
     /// Counts prompt tokens for token limits (from the first deployment's name).
     pub tokenizer: tiktoken_rs::tokenizer::Tokenizer,
 }
@@ -343,6 +345,7 @@ impl Runtime {
                     cache_generation: snapshot.cache_purges.get(model_id).copied().unwrap_or(0),
                     limits: Limits::new(limiter, format!("model/{}", m.display_name), m.rate_limit),
                     tokenizer,
+                    log_payloads: m.log_payloads,
                 }),
             );
         }

@@ -238,6 +238,9 @@ impl Proxy {
             return Err(Error::PermissionDenied(call.alias));
         }
         acct.set_route(&route.alias, "", "");
+        if route.log_payloads {
+            acct.log_payload(request::prompt_json(op, &call.parsed));
+        }
         drop(runtime);
         if caller.limits.is_some() || route.limits.is_some() {
             let permit = self.limit(op, &caller, &route, &call).await?;
@@ -363,6 +366,9 @@ impl Proxy {
                 // Served without Azure: no tokens spent, no cost.
                 a.set_cache_status(CacheStatus::Hit);
                 a.set_usage(0, 0);
+                if a.wants_completion() {
+                    a.add_completion_text(&upstream::completion_text(&answer.body));
+                }
             } else {
                 a.set_cache_status(CacheStatus::Miss);
             }

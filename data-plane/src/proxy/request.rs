@@ -22,6 +22,17 @@ pub struct Call {
     pub body: Bytes,
 }
 
+/// What the caller sent the model, as JSON, for payload logging:
+/// `messages`, `prompt` or `input`.
+pub fn prompt_json(op: Operation, body: &Map<String, Value>) -> String {
+    let field = match op {
+        Operation::ChatCompletions => "messages",
+        Operation::Completions => "prompt",
+        Operation::Embeddings => "input",
+    };
+    body.get(field).map(Value::to_string).unwrap_or_default()
+}
+
 fn invalid(
     message: impl Into<String>,
     param: Option<&'static str>,

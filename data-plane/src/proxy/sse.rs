@@ -147,6 +147,17 @@ impl<B> SseAdapter<B> {
                     .map(super::request::text_chars)
                     .sum();
                 a.add_completion_chars(chars);
+                if a.wants_completion() {
+                    for c in choices {
+                        if let Some(t) = c
+                            .pointer("/delta/content")
+                            .or_else(|| c.get("text"))
+                            .and_then(Value::as_str)
+                        {
+                            a.add_completion_text(t);
+                        }
+                    }
+                }
             }
         }
         strip_azure_fields(&mut chunk);

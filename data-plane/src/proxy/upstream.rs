@@ -244,8 +244,13 @@ impl UpstreamClient {
                     target.deployment
                 ))
             })?;
-            if let (Some(a), Some((prompt, completion))) = (acct.as_mut(), usage) {
-                a.set_usage(prompt, completion);
+            if let Some(a) = acct.as_mut() {
+                if let Some((prompt, completion)) = usage {
+                    a.set_usage(prompt, completion);
+                }
+                if a.wants_completion() {
+                    a.add_completion_text(&completion_text(&adapted));
+                }
             }
             let mut r = Response::new(full(adapted));
             r.headers_mut().insert(
@@ -331,6 +336,25 @@ pub fn adapt_json(body: &[u8], alias: &str) -> Result<(Bytes, Option<(u64, u64)>
         .map(Bytes::from)
         .map_err(|e| e.to_string())?;
     Ok((bytes, usage))
+}
+
+/// The generated text of a JSON answer (every choice, in order), for
+/// payload logging.
+pub fn completion_text(body: &[u8]) -> String {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return String::new();
+    };
+    v.get("choices")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|c| {
+            c.pointer("/message/content")
+                .or_else(|| c.get("text"))
+                .and_then(Value::as_str)
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The top-level `model` of an Azure JSON answer (the deployment's model

@@ -49,6 +49,7 @@ impl UsageRecorder {
             request_id: String::new(),
             response_model: String::new(),
             permit: None,
+            payload: None,
         }
     }
 
@@ -82,6 +83,13 @@ pub struct Accounting {
     /// The call's hold on its rate limits: settled with the real token count
     /// when the call ends, and released (concurrency) when this is dropped.
     permit: Option<crate::limits::Permit>,
+    /// Prompt and completion, kept only for models that opt in (`log_payloads`).
+    payload: Option<Payload>,
+}
+
+struct Payload {
+    prompt: String,
+    completion: String,
 }
 
 impl Accounting {
@@ -111,6 +119,25 @@ impl Accounting {
     pub fn set_response_model(&mut self, model: &str) {
         if self.response_model.is_empty() {
             self.response_model = model.to_string();
+        }
+    }
+
+    /// Logs this call's prompt (JSON) and its completion when it ends.
+    pub fn log_payload(&mut self, prompt: String) {
+        self.payload = Some(Payload {
+            prompt,
+            completion: String::new(),
+        });
+    }
+
+    /// Whether completion text should be collected (`add_completion_text`).
+    pub fn wants_completion(&self) -> bool {
+        self.payload.is_some()
+    }
+
+    pub fn add_completion_text(&mut self, text: &str) {
+        if let Some(p) = self.payload.as_mut() {
+            p.completion.push_str(text);
         }
     }
 
@@ -238,6 +265,19 @@ impl Accounting {
             ttft_ms = e.ttft_ms,
             "access"
         );
+        if let Some(p) = &self.payload {
+            // Only for models with `log_payloads`: the operator opted in.
+            tracing::info!(
+                target: "aigw_data_plane::payload",
+                request_id = %self.request_id,
+                trace_id = %trace_id,
+                api_key_id = %e.api_key_id,
+                model = %e.model,
+                prompt = %p.prompt,
+                completion = %p.completion,
+                "payload"
+            );
+        }
     }
 }
 

@@ -25,6 +25,9 @@ pub struct Model {
     pub cost: Option<Cost>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheConfig>,
+    /// Log prompts and completions of this model's calls (off: never logged).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub log_payloads: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
