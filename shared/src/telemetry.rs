@@ -82,6 +82,9 @@ pub fn init(cfg: &TelemetryConfig, service: &str, node_id: &str) -> Telemetry {
             .with_target(true)
             .json()
             .flatten_event(true)
+            // The current span's fields give a line its call's context; the
+            // list of all enclosing spans would repeat them.
+            .with_span_list(false)
             .boxed(),
         LogFormat::Text => fmt::layer().with_target(true).boxed(),
     }
@@ -105,6 +108,12 @@ pub fn init(cfg: &TelemetryConfig, service: &str, node_id: &str) -> Telemetry {
     let otel_layer = provider.as_ref().map(|p| {
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("aigw"))
+            // No per-span busy/idle timing, thread or source-location
+            // attributes: clocks and strings on every span enter and exit
+            // that no GenAI dashboard reads.
+            .with_tracked_inactivity(false)
+            .with_threads(false)
+            .with_location(false)
             // Only the gateway's own spans: not those of the HTTP and gRPC
             // libraries (the exporter's own calls included).
             .with_filter(

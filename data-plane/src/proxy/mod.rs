@@ -187,11 +187,21 @@ impl Proxy {
         if let Some(r) = rate {
             r.apply(resp.headers_mut());
         }
+        let accounted = acct.is_some();
         if let Some(mut a) = acct {
             a.set_request_id(&request_id);
             a.finish(resp.status().as_u16(), code);
         }
-        tracing::Span::current().record("status", resp.status().as_u16());
+        // An accounted call records its status when it ends (a stream's may
+        // still become 499); the others here.
+        let streaming = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        let recorded_later = accounted || (streaming && resp.status().is_success());
+        if !recorded_later {
+            tracing::Span::current().record("http.response.status_code", resp.status().as_u16());
+        }
         self.metrics.record_status(resp.status().as_u16());
         resp.headers_mut().insert(REQUEST_ID.clone(), request_id);
         resp
