@@ -114,16 +114,25 @@ impl Limiter {
         }
     }
 
-    /// A peer went silent: its calls in flight no longer count, and its
-    /// rings go once they hold nothing.
+    /// A peer went silent: its calls in flight no longer count. Its past
+    /// admissions do, until they leave the windows (see [`Limiter::prune`]).
     pub(crate) fn forget_peer(&self, peer: &Arc<str>) {
         for scope in self.all() {
+            lock(&scope.state).peers_in_flight.remove(peer);
+        }
+    }
+
+    /// Drops the mirrors of peers that are gone and whose counts have all
+    /// left the windows, so restarts do not accumulate them.
+    pub(crate) fn prune(&self, live: &impl Fn(&Arc<str>) -> bool, now: u64) {
+        for scope in self.all() {
             let mut st = lock(&scope.state);
-            st.peers_in_flight.remove(peer);
             for w in st.windows.iter_mut().flatten() {
-                if w.peers.get(peer).is_some_and(|r| r.total() == 0) {
-                    w.peers.remove(peer);
-                }
+                let bucket = w.kind.bucket_of(now);
+                w.peers.retain(|p, r| {
+                    r.advance(bucket);
+                    live(p) || r.total() > 0
+                });
             }
         }
     }
@@ -243,6 +252,7 @@ pub async fn run_sync(
                     if full {
                         last_full = now;
                         asked_full = false;
+                        limiter.prune(&|p| peers.contains_key(p), super::now_ms());
                     }
                     if hello {
                         hello = false;

@@ -287,3 +287,27 @@ fn peers_in_flight_count_and_are_forgotten_with_the_peer() {
     );
     drop(held);
 }
+
+#[test]
+fn mirrors_of_departed_peers_go_once_their_counts_expire() {
+    let f = Fleet3::new(rl(|r| r.rpm = Some(100)));
+    std::mem::forget(f.nodes[1].call(0, T0).unwrap());
+    std::mem::forget(f.nodes[2].call(0, T0).unwrap());
+    f.sync(false);
+    let peers = |n: &Node| {
+        lock(&n.key.state).windows[Kind::RequestsPerMinute.index()]
+            .as_ref()
+            .map_or(0, |w| w.peers.len())
+    };
+    assert_eq!(peers(&f.nodes[0]), 2);
+    // Node 2 leaves; its admission still counts while it is in the window.
+    let live = |p: &Arc<str>| p.as_ref() != "n2/s";
+    f.nodes[0].limiter.prune(&live, T0 + 1_000);
+    assert_eq!(peers(&f.nodes[0]), 2);
+    f.nodes[0].limiter.prune(&live, T0 + 61_000);
+    assert_eq!(
+        peers(&f.nodes[0]),
+        1,
+        "the live peer stays, even with nothing counted"
+    );
+}
