@@ -8,6 +8,12 @@
 //! cargo bench -p aigw-tests --bench tracing
 //! ```
 //!
+//! Besides throughput, the CPU time each aigw process uses per call
+//! (`/proc/<pid>/stat`) at the same fixed rate (`BENCH_RATE`, default 1,000
+//! calls/s) off and on: the receiver and the load generator share the cores,
+//! so max throughput also charges tracing for the receiver's work, while CPU
+//! per call at equal load is aigw's own cost.
+//!
 //! `BENCH_SECS` (default 5) per round, `BENCH_ROUNDS` (default 3) rounds.
 //! Load generator, mock Azure, the receiver and aigw share this machine's
 //! cores: read the figure as relative.
@@ -16,6 +22,7 @@ use aigw_tests::data_plane::wait_standalone_synced;
 use aigw_tests::fixtures::{seed_azure, SEED_ALIAS, SEED_CALLER_KEY, SEED_DEPLOYMENT};
 use aigw_tests::mock_azure::{MockAzure, DEFAULT_API_KEY};
 use aigw_tests::otlp_receiver::OtlpReceiver;
+use aigw_tests::process::cpu_ticks;
 use aigw_tests::{ControlPlane, Options};
 use anyhow::Result;
 use bytes::Bytes;
@@ -54,6 +61,26 @@ async fn call(client: &HttpClient, url: &str, body: &Bytes) -> bool {
         }
         Err(_) => false,
     }
+}
+
+/// A steady `rate` calls/s for `secs`, each call on its own task (open
+/// loop); returns the failed calls.
+async fn fixed_rate(url: &str, body: &Bytes, rate: u64, secs: u64) -> u64 {
+    let client = client();
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity((rate * secs) as usize);
+    for i in 0..rate * secs {
+        tokio::time::sleep_until(start + Duration::from_nanos(i * 1_000_000_000 / rate)).await;
+        let (client, url, body) = (client.clone(), url.to_string(), body.clone());
+        tasks.push(tokio::spawn(
+            async move { call(&client, &url, &body).await },
+        ));
+    }
+    let mut failed = 0;
+    for t in tasks {
+        failed += u64::from(!t.await.unwrap_or(false));
+    }
+    failed
 }
 
 /// Requests per second over `secs` with `CONNECTIONS` back-to-back workers.
@@ -136,24 +163,42 @@ async fn run() -> Result<()> {
         closed_loop(u, &body, 1).await;
     }
     eprintln!("aigw tracing benchmark: {rounds} rounds of {secs} s off/on ...");
+    let pids = [&off, &on].map(|g| g.process().and_then(|p| p.id()).unwrap_or(0));
+    let rate = env("BENCH_RATE", 1_000);
+    // Max throughput, then CPU ticks per 1,000 calls at the fixed rate.
+    let measured = |i: usize| {
+        let (url, body, pid) = (&urls[i], &body, pids[i]);
+        async move {
+            let (rps, mut errors) = closed_loop(url, body, secs).await;
+            let before = cpu_ticks(pid).unwrap_or(0);
+            errors += fixed_rate(url, body, rate, secs).await;
+            let ticks = cpu_ticks(pid).unwrap_or(0).saturating_sub(before);
+            let per_1k = ticks as f64 * 1000.0 / (rate * secs) as f64;
+            (rps, errors, per_1k)
+        }
+    };
     let mut ratios = Vec::new();
+    let mut cpu_ratios = Vec::new();
     let mut rows = Vec::new();
     for _ in 0..rounds {
-        let (r_off, e_off) = closed_loop(&urls[0], &body, secs).await;
-        let (r_on, e_on) = closed_loop(&urls[1], &body, secs).await;
+        let (r_off, e_off, c_off) = measured(0).await;
+        let (r_on, e_on, c_on) = measured(1).await;
         ratios.push(r_on / r_off.max(f64::MIN_POSITIVE));
-        rows.push((r_off, e_off, r_on, e_on));
+        cpu_ratios.push(c_on / c_off.max(f64::MIN_POSITIVE));
+        rows.push((r_off, e_off, c_off, r_on, e_on, c_on));
     }
     let spans = otlp.counted();
     drop((off, on));
     ratios.sort_by(f64::total_cmp);
+    cpu_ratios.sort_by(f64::total_cmp);
     let median = ratios[ratios.len() / 2];
+    let cpu_median = cpu_ratios[cpu_ratios.len() / 2];
     let cores = std::thread::available_parallelism().map_or(0, usize::from);
     println!();
     println!("=== aigw tracing overhead (release; {cores} cores shared; {CONNECTIONS} connections, closed loop) ===");
-    for (i, (r_off, e_off, r_on, e_on)) in rows.iter().enumerate() {
+    for (i, (r_off, e_off, c_off, r_on, e_on, c_on)) in rows.iter().enumerate() {
         println!(
-            "  round {}: off {r_off:>8.0} req/s ({e_off} err)   on (OTLP, ratio 1.0) {r_on:>8.0} req/s ({e_on} err)   on/off {:.3}",
+            "  round {}: off {r_off:>6.0} req/s ({e_off} err, {c_off:.1} CPU ticks/1k calls)   on (OTLP, ratio 1.0) {r_on:>6.0} req/s ({e_on} err, {c_on:.1} ticks/1k)   on/off {:.3}",
             i + 1,
             r_on / r_off.max(f64::MIN_POSITIVE)
         );
@@ -161,6 +206,10 @@ async fn run() -> Result<()> {
     println!(
         "  median on/off {median:.3}: tracing costs {:.1} % of max throughput; {spans} spans received",
         (1.0 - median) * 100.0
+    );
+    println!(
+        "  aigw's own CPU per call at {rate} calls/s, on/off median {cpu_median:.3}: tracing adds {:.1} % CPU per call",
+        (cpu_median - 1.0) * 100.0
     );
     println!();
     Ok(())
