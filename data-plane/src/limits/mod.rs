@@ -313,7 +313,8 @@ impl Window {
         }
     }
 
-    fn admits(&mut self, limit: u64, cost: i64, bucket: u64, mode: Mode) -> bool {
+    /// What would remain after `cost`, if this window admits it.
+    fn admits(&mut self, limit: u64, cost: i64, bucket: u64, mode: Mode) -> Option<i64> {
         let (used, allowed) = self.usage(limit, bucket, mode);
         let fits = if cost == 0 {
             used < allowed
@@ -321,20 +322,20 @@ impl Window {
             used + cost <= allowed
         };
         if !fits {
-            return false;
+            return None;
         }
-        match mode {
-            Mode::Local { .. } => true,
-            Mode::Fleet { nodes, epoch } => {
-                if self.epoch != epoch {
-                    self.epoch = epoch;
-                    self.unsynced = 0;
-                    self.base = used;
-                }
-                let share = (limit as i64 - self.base) / nodes as i64;
-                self.unsynced + cost <= share.max(cost)
+        if let Mode::Fleet { nodes, epoch } = mode {
+            if self.epoch != epoch {
+                self.epoch = epoch;
+                self.unsynced = 0;
+                self.base = used;
+            }
+            let share = (limit as i64 - self.base) / nodes as i64;
+            if self.unsynced + cost > share.max(cost) {
+                return None;
             }
         }
+        Some(allowed - used - cost)
     }
 
     /// When enough of the window's count will have expired for `cost` to fit.
@@ -385,7 +386,7 @@ impl ScopeState {
             let w = self.windows[kind.index()].get_or_insert_with(|| Window::new(kind));
             let cost = if kind.is_tokens() { tokens as i64 } else { 1 };
             let bucket = kind.bucket_of(now);
-            if !w.admits(limit, cost, bucket, mode) {
+            let Some(remaining) = w.admits(limit, cost, bucket, mode) else {
                 return Err(Rejection {
                     what: c.what,
                     id: c.id.to_string(),
@@ -393,9 +394,8 @@ impl ScopeState {
                     value: limit,
                     retry_after: Duration::from_millis(w.retry_after_ms(limit, cost, now, mode)),
                 });
-            }
-            let (used, allowed) = w.usage(limit, bucket, mode);
-            headers.offer(kind.is_tokens(), limit, allowed - used - cost);
+            };
+            headers.offer(kind.is_tokens(), limit, remaining);
         }
         if let Some(max) = c.limits.concurrency {
             let (used, allowed) = match mode {

@@ -30,6 +30,7 @@ impl Limiter {
     pub(crate) fn collect(&self, full: bool) -> (Vec<WindowCounts>, Vec<InFlight>) {
         let mut windows = Vec::new();
         let mut in_flight = Vec::new();
+        let now = super::now_ms();
         for scope in self.all() {
             let mut st = lock(&scope.state);
             for w in st.windows.iter_mut().flatten() {
@@ -40,7 +41,7 @@ impl Limiter {
                 };
                 w.dirty_from = None;
                 if let Some(from) = from {
-                    w.local.advance(w.kind.bucket_of(super::now_ms()));
+                    w.local.advance(w.kind.bucket_of(now));
                     let (first_bucket, counts) = w.local.range(from);
                     if !counts.is_empty() {
                         windows.push(WindowCounts {
