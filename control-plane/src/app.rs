@@ -117,6 +117,28 @@ impl ControlPlane {
                 }
             });
         }
+        // Event ids leave the dedup table once older than its window.
+        {
+            let (usage, mut stop) = (usage.clone(), stopped.clone());
+            background.spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = stop.wait_for(|s| *s) => break,
+                    }
+                    let agg = usage.clone();
+                    let now =
+                        (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+                    match tokio::task::spawn_blocking(move || agg.prune_seen(now)).await {
+                        Ok(Ok(n)) if n > 0 => tracing::info!(removed = n, "usage dedup ids pruned"),
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => tracing::warn!(error = %e, "pruning usage dedup ids failed"),
+                        Err(e) => tracing::warn!(error = %e, "pruning usage dedup ids failed"),
+                    }
+                }
+            });
+        }
         let in_process_bus = match &config.nats.url {
             Some(url) => {
                 background.spawn(crate::usage::run_nats_consumer(

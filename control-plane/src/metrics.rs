@@ -17,6 +17,7 @@ pub struct CpMetrics {
     snapshot_pushes: AtomicU64,
     usage_counted: AtomicU64,
     usage_duplicates: AtomicU64,
+    usage_too_old: AtomicU64,
 }
 
 /// The process's control-plane metrics.
@@ -44,10 +45,12 @@ impl CpMetrics {
         self.snapshot_pushes.fetch_add(1, Relaxed);
     }
 
-    /// A usage batch was ingested: `counted` new events, `duplicates` dropped.
-    pub fn usage_ingested(&self, counted: u64, duplicates: u64) {
+    /// A usage batch was ingested: `counted` new events, `duplicates`
+    /// dropped, `too_old` refused (older than the dedup window).
+    pub fn usage_ingested(&self, counted: u64, duplicates: u64, too_old: u64) {
         self.usage_counted.fetch_add(counted, Relaxed);
         self.usage_duplicates.fetch_add(duplicates, Relaxed);
+        self.usage_too_old.fetch_add(too_old, Relaxed);
     }
 
     /// Cost added to `model`'s usage, in nano-USD.
@@ -111,6 +114,11 @@ impl CpMetrics {
                 "aigw_cp_usage_duplicates_total",
                 "Redelivered usage events dropped as duplicates.",
                 &self.usage_duplicates,
+            ),
+            (
+                "aigw_cp_usage_too_old_total",
+                "Usage events refused for being older than the dedup window (8 days).",
+                &self.usage_too_old,
             ),
         ] {
             let _ = writeln!(s, "# HELP {name} {help}");

@@ -11,6 +11,10 @@ use tokio::sync::watch;
 use tracing::instrument;
 
 const SEEN: &[u8] = b"s/";
+/// How long event ids are remembered for deduplication: longer than the
+/// usage stream keeps events (7 days), so JetStream cannot redeliver one the
+/// aggregator has forgotten. Older events are refused, never counted twice.
+pub const DEDUP_WINDOW: std::time::Duration = std::time::Duration::from_secs(8 * 24 * 3600);
 const ROW: &[u8] = b"r/";
 const NANOS_PER_USD: f64 = 1e9;
 
@@ -125,6 +129,8 @@ pub struct UsageRow {
 pub struct IngestStats {
     pub counted: usize,
     pub duplicates: usize,
+    /// Older than the dedup window: refused (and logged), never counted.
+    pub too_old: usize,
 }
 
 #[derive(Default)]
@@ -175,6 +181,28 @@ impl Aggregator {
         Ok(agg)
     }
 
+    /// Forgets the ids of events older than the dedup window. Ids are UUID
+    /// v7, which sort by time, so the forgotten ones are one key range.
+    #[instrument(skip_all, fields(removed))]
+    pub fn prune_seen(&self, now_unix_ms: i64) -> Result<usize, Error> {
+        let cutoff = now_unix_ms - DEDUP_WINDOW.as_millis() as i64;
+        let first_kept = uuid_v7_floor(cutoff);
+        let end = [SEEN, first_kept.as_bytes()].concat();
+        let mut batch = sled::Batch::default();
+        let mut removed = 0;
+        for item in self.tree.range(SEEN.to_vec()..end) {
+            let (k, _) = item?;
+            batch.remove(k);
+            removed += 1;
+        }
+        if removed > 0 {
+            self.tree.apply_batch(batch)?;
+            self.db.flush()?;
+        }
+        tracing::Span::current().record("removed", removed);
+        Ok(removed)
+    }
+
     fn mem(&self) -> std::sync::MutexGuard<'_, Mem> {
         self.mem.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -190,7 +218,14 @@ impl Aggregator {
         let mut touched: BTreeMap<RowKey, Counters> = BTreeMap::new();
         {
             let state = self.engine.read();
+            let oldest_ms = unix_ms_now() - DEDUP_WINDOW.as_millis() as i64;
             for e in events {
+                if e.time_unix_ms < oldest_ms {
+                    tracing::error!(event_id = %e.id, api_key_id = %e.api_key_id, time_unix_ms = e.time_unix_ms,
+                        "usage event older than the dedup window refused: it could be a forgotten duplicate");
+                    stats.too_old += 1;
+                    continue;
+                }
                 let seen_key = [SEEN, e.id.as_bytes()].concat();
                 if e.id.is_empty()
                     || !in_batch.insert(e.id.as_str())
@@ -262,7 +297,11 @@ impl Aggregator {
         let span = tracing::Span::current();
         span.record("counted", stats.counted);
         span.record("duplicates", stats.duplicates);
-        crate::metrics::METRICS.usage_ingested(stats.counted as u64, stats.duplicates as u64);
+        crate::metrics::METRICS.usage_ingested(
+            stats.counted as u64,
+            stats.duplicates as u64,
+            stats.too_old as u64,
+        );
         Ok(stats)
     }
 
@@ -352,9 +391,91 @@ fn nanos(tokens: u64, per_1k: f64) -> u64 {
 }
 
 /// UTC day (`YYYY-MM-DD`) of a unix time in milliseconds.
+fn unix_ms_now() -> i64 {
+    (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// The smallest UUID v7 (hyphenated, lower case) of millisecond `unix_ms`.
+fn uuid_v7_floor(unix_ms: i64) -> String {
+    let ms = unix_ms.max(0) as u64 & 0xFFFF_FFFF_FFFF;
+    uuid::Uuid::from_u128(u128::from(ms) << 80 | 0x7 << 76 | 0x2 << 62).to_string()
+}
+
 pub fn day_of(unix_ms: i64) -> String {
     let t = OffsetDateTime::from_unix_timestamp(unix_ms.div_euclid(1000))
         .unwrap_or(OffsetDateTime::UNIX_EPOCH);
     let d = t.date();
     format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secrets::Cipher;
+    use crate::store::SledStore;
+
+    const HOUR_MS: i64 = 3_600_000;
+
+    fn event(id: String, time_unix_ms: i64) -> UsageEvent {
+        UsageEvent {
+            id,
+            time_unix_ms,
+            api_key_id: "k1".into(),
+            model: "m".into(),
+            prompt_tokens: 3,
+            completion_tokens: 2,
+            total_tokens: 5,
+            status: 200,
+            ..Default::default()
+        }
+    }
+
+    async fn aggregator(dir: &Path) -> Arc<Aggregator> {
+        let store = Arc::new(SledStore::open(dir).unwrap());
+        let engine = Engine::open(store, Cipher::new(&[9; 32]), 1_000)
+            .await
+            .unwrap();
+        Aggregator::open(dir, engine).unwrap()
+    }
+
+    #[test]
+    fn v7_floor_sorts_with_real_ids_of_the_same_millisecond() {
+        let ms = 1_800_000_000_123;
+        let floor = uuid_v7_floor(ms);
+        let ts = uuid::Timestamp::from_unix(uuid::NoContext, (ms / 1000) as u64, 123_000_000);
+        let real = uuid::Uuid::new_v7(ts).to_string();
+        assert!(floor <= real, "{floor} > {real}");
+        assert!(uuid_v7_floor(ms - 1) < floor);
+        assert!(uuid_v7_floor(ms + 1) > real);
+    }
+
+    #[tokio::test]
+    async fn ids_older_than_the_window_are_forgotten_and_old_events_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let agg = aggregator(dir.path()).await;
+        let now = unix_ms_now();
+        // Given two counted events whose ids were minted now and in two days.
+        let (now_id, later_id) = (uuid_v7_floor(now), uuid_v7_floor(now + 48 * HOUR_MS));
+        let s = agg
+            .ingest(&[event(now_id.clone(), now), event(later_id.clone(), now)])
+            .unwrap();
+        assert_eq!((s.counted, s.duplicates), (2, 0));
+
+        // When the dedup table is pruned eight days and an hour from now,
+        let removed = agg
+            .prune_seen(now + DEDUP_WINDOW.as_millis() as i64 + HOUR_MS)
+            .unwrap();
+
+        // then only the older id is forgotten.
+        assert_eq!(removed, 1);
+        let s = agg
+            .ingest(&[event(later_id, now), event(now_id, now)])
+            .unwrap();
+        assert_eq!((s.counted, s.duplicates), (1, 1));
+
+        // An event older than the window is refused, not counted.
+        let old = now - DEDUP_WINDOW.as_millis() as i64 - HOUR_MS;
+        let s = agg.ingest(&[event(uuid_v7_floor(old), old)]).unwrap();
+        assert_eq!((s.counted, s.duplicates, s.too_old), (0, 0, 1));
+    }
 }
