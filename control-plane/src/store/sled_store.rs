@@ -15,14 +15,45 @@ pub struct SledStore {
     meta: sled::Tree,
 }
 
+/// How long to wait for another holder of a sled database's file lock.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Opens a sled database. sled releases its file lock from a background
+/// thread shortly after the last handle drops, so a reopen in the same
+/// process (a restart, a test) waits for it, briefly; a database that stays
+/// locked (another control plane on the same data_dir) is a clear error.
+pub fn open_sled(config: sled::Config, path: &Path) -> Result<sled::Db, Error> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match config.open() {
+            Ok(db) => return Ok(db),
+            // sled reports it as `ErrorKind::Other` with this message.
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => {
+                return Err(Error::Storage(format!(
+                    "opening {}: {e} (is another control plane using this data_dir?)",
+                    path.display()
+                )))
+            }
+        }
+    }
+}
+
 impl SledStore {
     pub fn open(dir: &Path) -> Result<Self, Error> {
         std::fs::create_dir_all(dir)?;
-        let db = sled::Config::new()
-            .path(dir.join("events.sled"))
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|e| Error::Storage(format!("opening {}: {e}", dir.display())))?;
+        let path = dir.join("events.sled");
+        let db = open_sled(
+            sled::Config::new()
+                .path(&path)
+                .mode(sled::Mode::HighThroughput),
+            &path,
+        )?;
         Ok(Self {
             events: db.open_tree("events")?,
             snapshots: db.open_tree("snapshots")?,
@@ -104,4 +135,27 @@ fn seq_of(key: &[u8]) -> Result<u64, Error> {
         .try_into()
         .map_err(|_| Error::Storage("malformed event key".into()))?;
     Ok(u64::from_be_bytes(bytes))
+}
+
+#[cfg(test)]
+mod lock_tests {
+    use super::*;
+
+    #[test]
+    fn a_reopen_waits_for_the_lock_and_a_held_lock_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.sled");
+        let held = open_sled(sled::Config::new().path(&path), &path).unwrap();
+        // Released from another thread a little later: the open waits for it.
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            drop(held);
+        });
+        let db = open_sled(sled::Config::new().path(&path), &path).unwrap();
+        release.join().unwrap();
+        // Held for good: a clear error once the wait is over.
+        let err = open_sled(sled::Config::new().path(&path), &path).unwrap_err();
+        assert!(err.to_string().contains("another control plane"), "{err}");
+        drop(db);
+    }
 }

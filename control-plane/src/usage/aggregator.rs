@@ -151,10 +151,8 @@ pub struct Aggregator {
 impl Aggregator {
     /// Opens `usage.sled` in `data_dir` and loads the aggregates.
     pub fn open(data_dir: &Path, engine: Arc<Engine>) -> Result<Arc<Self>, Error> {
-        let db = sled::Config::new()
-            .path(data_dir.join("usage.sled"))
-            .open()
-            .map_err(|e| Error::Storage(format!("opening usage store: {e}")))?;
+        let path = data_dir.join("usage.sled");
+        let db = crate::store::open_sled(sled::Config::new().path(&path), &path)?;
         let tree = db.open_tree("usage")?;
         let mut mem = Mem::default();
         for item in tree.scan_prefix(ROW) {
