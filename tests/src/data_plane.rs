@@ -360,6 +360,23 @@ pub async fn control_plane_version(admin: &AdminClient) -> Result<u64> {
     Ok(events.last().and_then(|e| e["seq"].as_u64()).unwrap_or(0))
 }
 
+/// Starts `n` data planes (`node-0`, `node-1`, …) following `cp`, one after
+/// the other, with usage events on the NATS server at `nats_url`, and waits
+/// until each has applied the control plane's current version.
+pub async fn start_fleet(cp: &ControlPlane, nats_url: &str, n: usize) -> Result<Vec<DataPlane>> {
+    let mut nodes = Vec::with_capacity(n);
+    for i in 0..n {
+        let opts = DataPlaneOptions::for_control_plane(cp, &format!("node-{i}"))
+            .with_config(json!({"nats": {"url": nats_url}}));
+        nodes.push(DataPlane::start_ready(opts).await?);
+    }
+    let version = control_plane_version(&cp.rest()).await?;
+    for dp in &nodes {
+        dp.wait_version(version).await?;
+    }
+    Ok(nodes)
+}
+
 /// Waits until the standalone control plane's in-process node has applied
 /// everything written so far.
 pub async fn wait_standalone_synced(cp: &ControlPlane) -> Result<u64> {

@@ -66,6 +66,23 @@ pub fn provider_key_at(display_name: &str, secret: &str, api_base: &str) -> Valu
     v
 }
 
+/// Creates provider key `azure` for `mock` (its default `api-key`); returns its id.
+pub async fn mock_provider_key(
+    admin: &crate::rest::AdminClient,
+    mock: &crate::mock_azure::MockAzure,
+) -> anyhow::Result<String> {
+    admin
+        .create_id(
+            "provider_keys",
+            &provider_key_at(
+                "azure",
+                crate::mock_azure::DEFAULT_API_KEY,
+                &mock.base_url(),
+            ),
+        )
+        .await
+}
+
 /// A model alias on the Azure deployment `deployment`.
 pub fn model_on(display_name: &str, deployment: &str, provider_key_id: &str) -> Value {
     let mut v = model(display_name, provider_key_id);

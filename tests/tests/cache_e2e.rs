@@ -5,7 +5,7 @@
 
 use aigw_tests::control_plane::{ControlPlane, Options};
 use aigw_tests::data_plane::{wait_standalone_synced, ProxyClient};
-use aigw_tests::fixtures::{api_key, model_on, provider_key_at};
+use aigw_tests::fixtures::{api_key, mock_provider_key, model_on};
 use aigw_tests::mock_azure::{Behaviour, MockAzure};
 use aigw_tests::process::poll_until;
 use anyhow::{ensure, Result};
@@ -22,12 +22,7 @@ async fn setup(cache: Value) -> Result<(MockAzure, ControlPlane, ProxyClient)> {
     mock.add_deployment(DEP, "gpt-4o-mini-2024-07-18");
     let cp = ControlPlane::start_with(Options::standalone()).await?;
     let admin = cp.rest();
-    let pk = admin
-        .create_id(
-            "provider_keys",
-            &provider_key_at("azure", "test-azure-key", &mock.base_url()),
-        )
-        .await?;
+    let pk = mock_provider_key(&admin, &mock).await?;
     let mut m = model_on(ALIAS, DEP, &pk);
     m["cache"] = cache;
     admin.create("models", &m).await?;

@@ -7,9 +7,7 @@
 //! rejoins once ready. Zero failed calls; usage totals exact.
 
 use aigw_tests::control_plane::{ControlPlane, Options};
-use aigw_tests::data_plane::{
-    chat_body, control_plane_version, DataPlane, DataPlaneOptions, ProxyClient,
-};
+use aigw_tests::data_plane::{chat_body, control_plane_version, start_fleet, ProxyClient};
 use aigw_tests::fixtures::{api_key, model_on, provider_key_at};
 use aigw_tests::mock_azure::{expected_answer, expected_usage, Behaviour, MockAzure};
 use aigw_tests::nats::NatsServer;
@@ -236,16 +234,8 @@ async fn rolling_restart_of_three_nodes_under_load_fails_nothing_and_loses_no_us
         .create("apikeys", &api_key(CALLER, &[FAST, SLOW]))
         .await?;
 
-    let mut nodes = Vec::new();
-    for i in 0..NODES {
-        let opts = DataPlaneOptions::for_control_plane(&cp, &format!("node-{i}"))
-            .with_config(json!({"nats": {"url": nats.url()}}));
-        nodes.push(DataPlane::start_ready(opts).await?);
-    }
+    let mut nodes = start_fleet(&cp, &nats.url(), NODES).await?;
     let version = control_plane_version(&admin).await?;
-    for dp in &nodes {
-        dp.wait_version(version).await?;
-    }
 
     // Calls through every node.
     let mut expected = Totals::default();

@@ -11,7 +11,7 @@
 
 use aigw_tests::control_plane::{ControlPlane, Options};
 use aigw_tests::data_plane::{chat_body, wait_standalone_synced, ProxyClient};
-use aigw_tests::fixtures::{api_key, provider_key_at};
+use aigw_tests::fixtures::{api_key, mock_provider_key};
 use aigw_tests::mock_azure::{Behaviour, MockAzure};
 use aigw_tests::otlp_receiver::{OtlpReceiver, Span};
 use anyhow::{ensure, Context, Result};
@@ -51,12 +51,7 @@ async fn setup(otlp_endpoint: Option<String>) -> Result<Setup> {
     }
     let cp = ControlPlane::start_with(opts).await?;
     let admin = cp.rest();
-    let pk = admin
-        .create_id(
-            "provider_keys",
-            &provider_key_at("azure", "test-azure-key", &mock.base_url()),
-        )
-        .await?;
+    let pk = mock_provider_key(&admin, &mock).await?;
     admin
         .create(
             "models",

@@ -3,10 +3,8 @@
 //! back to an even local share (and say so in /metrics) when NATS goes away.
 
 use aigw_tests::control_plane::{ControlPlane, Options};
-use aigw_tests::data_plane::{
-    chat_body, control_plane_version, DataPlane, DataPlaneOptions, ProxyClient,
-};
-use aigw_tests::fixtures::{api_key, model_on, provider_key_at};
+use aigw_tests::data_plane::{chat_body, start_fleet, DataPlane, ProxyClient};
+use aigw_tests::fixtures::{api_key, mock_provider_key, model_on};
 use aigw_tests::mock_azure::MockAzure;
 use aigw_tests::nats::NatsServer;
 use aigw_tests::process::poll_until;
@@ -110,12 +108,7 @@ async fn three_nodes_together_admit_the_configured_rate() -> Result<()> {
     )
     .await?;
     let admin = cp.rest();
-    let pk = admin
-        .create_id(
-            "provider_keys",
-            &provider_key_at("azure", "test-azure-key", &mock.base_url()),
-        )
-        .await?;
+    let pk = mock_provider_key(&admin, &mock).await?;
     admin.create("models", &model_on(ALIAS, DEP, &pk)).await?;
     for (key, limit) in [
         (RPM_KEY, json!({"rpm": 600})),
@@ -126,16 +119,7 @@ async fn three_nodes_together_admit_the_configured_rate() -> Result<()> {
         k["rate_limit"] = limit;
         admin.create("apikeys", &k).await?;
     }
-    let mut nodes = Vec::new();
-    for i in 0..NODES {
-        let opts = DataPlaneOptions::for_control_plane(&cp, &format!("node-{i}"))
-            .with_config(json!({"nats": {"url": nats.url()}}));
-        nodes.push(DataPlane::start_ready(opts).await?);
-    }
-    let version = control_plane_version(&admin).await?;
-    for dp in &nodes {
-        dp.wait_version(version).await?;
-    }
+    let nodes = start_fleet(&cp, &nats.url(), NODES).await?;
     all_report(&nodes, "aigw_ratelimit_fleet_nodes", NODES as u64).await?;
     all_report(&nodes, "aigw_ratelimit_fleet_sync", 1).await?;
 

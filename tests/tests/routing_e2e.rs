@@ -5,7 +5,7 @@
 
 use aigw_tests::control_plane::{ControlPlane, Options};
 use aigw_tests::data_plane::{chat_body, wait_standalone_synced, ProxyClient};
-use aigw_tests::fixtures::{api_key, provider_key_at};
+use aigw_tests::fixtures::{api_key, mock_provider_key};
 use aigw_tests::mock_azure::{Behaviour, MockAzure};
 use anyhow::{ensure, Result};
 use futures::StreamExt;
@@ -32,12 +32,7 @@ async fn setup(targets: &[(&str, u32, u32)], routing: Value) -> Result<Setup> {
     }
     let cp = ControlPlane::start_with(Options::standalone()).await?;
     let admin = cp.rest();
-    let pk = admin
-        .create_id(
-            "provider_keys",
-            &provider_key_at("azure", "test-azure-key", &mock.base_url()),
-        )
-        .await?;
+    let pk = mock_provider_key(&admin, &mock).await?;
     let targets: Vec<Value> = targets
         .iter()
         .map(

@@ -4,7 +4,7 @@
 //! plane crash. Budgets cut a key off on every node.
 
 use aigw_tests::control_plane::{ControlPlane, Options};
-use aigw_tests::data_plane::{chat_body, DataPlane, DataPlaneOptions, ProxyClient};
+use aigw_tests::data_plane::{chat_body, start_fleet, DataPlane, ProxyClient};
 use aigw_tests::fixtures::{api_key, model_on, provider_key_at};
 use aigw_tests::mock_azure::{expected_usage, Behaviour, MockAzure};
 use aigw_tests::nats::NatsServer;
@@ -67,16 +67,7 @@ async fn fleet(nodes: usize, budget: Option<f64>) -> Result<Fleet> {
         k["budget"] = json!({"max_usd": usd, "period": "day"});
     }
     admin.create("apikeys", &k).await?;
-    let mut dps = Vec::new();
-    for i in 0..nodes {
-        let opts = DataPlaneOptions::for_control_plane(&cp, &format!("node-{i}"))
-            .with_config(json!({"nats": {"url": nats.url()}}));
-        dps.push(DataPlane::start_ready(opts).await?);
-    }
-    let version = aigw_tests::data_plane::control_plane_version(&admin).await?;
-    for dp in &dps {
-        dp.wait_version(version).await?;
-    }
+    let dps = start_fleet(&cp, &nats.url(), nodes).await?;
     Ok(Fleet {
         _mock: mock,
         nats,
