@@ -128,8 +128,7 @@ impl ControlPlane {
                         _ = stop.wait_for(|s| *s) => break,
                     }
                     let agg = usage.clone();
-                    let now =
-                        (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+                    let now = crate::usage::unix_ms_now();
                     match tokio::task::spawn_blocking(move || agg.prune_seen(now)).await {
                         Ok(Ok(n)) if n > 0 => tracing::info!(removed = n, "usage dedup ids pruned"),
                         Ok(Ok(_)) => {}

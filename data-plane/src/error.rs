@@ -73,6 +73,11 @@ pub enum Error {
     Shared(#[from] aigw_shared::Error),
 }
 
+/// A wait as `retry-after` gives it: whole seconds, rounded up, at least 1.
+pub fn retry_after_secs(wait: std::time::Duration) -> u64 {
+    (wait.as_millis() as u64).div_ceil(1000).max(1)
+}
+
 /// An error with its sources, `outer: inner: innermost`, for messages that
 /// must say why (a connect error's cause is where the useful part is).
 pub fn error_chain(e: &dyn std::error::Error) -> String {

@@ -389,7 +389,7 @@ fn nanos(tokens: u64, per_1k: f64) -> u64 {
 }
 
 /// UTC day (`YYYY-MM-DD`) of a unix time in milliseconds.
-fn unix_ms_now() -> i64 {
+pub fn unix_ms_now() -> i64 {
     (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 

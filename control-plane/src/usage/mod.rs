@@ -11,6 +11,8 @@ mod aggregator;
 mod bus;
 mod consumer;
 
-pub use aggregator::{day_of, Aggregator, Counters, Dimension, IngestStats, UsageQuery, UsageRow};
+pub use aggregator::{
+    day_of, unix_ms_now, Aggregator, Counters, Dimension, IngestStats, UsageQuery, UsageRow,
+};
 pub use bus::InProcessBus;
 pub use consumer::run_nats_consumer;

@@ -519,7 +519,7 @@ impl std::fmt::Display for Rejection {
             self.value,
             unit,
             self.limit,
-            self.retry_after.as_millis().div_ceil(1000).max(1)
+            crate::error::retry_after_secs(self.retry_after)
         )
     }
 }

@@ -2,7 +2,7 @@
 //! envelope `{"error":{"message","type","param","code"}}`.
 
 use super::ProxyBody;
-use crate::error::Error;
+use crate::error::{retry_after_secs, Error};
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use serde_json::{json, Value};
@@ -175,12 +175,10 @@ impl Error {
                 None
             }
             Error::UpstreamRateLimited { retry_after, .. } => retry_after.clone(),
-            Error::AllTargetsUnavailable { retry_after } => Some(HeaderValue::from(
-                (retry_after.as_millis() as u64).div_ceil(1000).max(1),
-            )),
-            Error::RateLimited(r) => Some(HeaderValue::from(
-                (r.retry_after.as_millis() as u64).div_ceil(1000).max(1),
-            )),
+            Error::AllTargetsUnavailable { retry_after } => {
+                Some(HeaderValue::from(retry_after_secs(*retry_after)))
+            }
+            Error::RateLimited(r) => Some(HeaderValue::from(retry_after_secs(r.retry_after))),
             _ => None,
         };
         if status.is_server_error() && !matches!(self, Error::NotReady) {

@@ -148,14 +148,8 @@ impl<B> SseAdapter<B> {
                     .sum();
                 a.add_completion_chars(chars);
                 if a.wants_completion() {
-                    for c in choices {
-                        if let Some(t) = c
-                            .pointer("/delta/content")
-                            .or_else(|| c.get("text"))
-                            .and_then(Value::as_str)
-                        {
-                            a.add_completion_text(t);
-                        }
+                    for t in choices.iter().filter_map(super::upstream::choice_text) {
+                        a.add_completion_text(t);
                     }
                 }
             }

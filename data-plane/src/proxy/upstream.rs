@@ -348,13 +348,18 @@ pub fn completion_text(body: &[u8]) -> String {
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .filter_map(|c| {
-            c.pointer("/message/content")
-                .or_else(|| c.get("text"))
-                .and_then(Value::as_str)
-        })
+        .filter_map(choice_text)
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// The text of one choice: `message.content` (chat), `delta.content` (a
+/// chat stream's chunk) or `text` (completions).
+pub fn choice_text(c: &Value) -> Option<&str> {
+    c.pointer("/message/content")
+        .or_else(|| c.pointer("/delta/content"))
+        .or_else(|| c.get("text"))
+        .and_then(Value::as_str)
 }
 
 /// The top-level `model` of an Azure JSON answer (the deployment's model
@@ -476,5 +481,7 @@ pub fn retry_after(headers: &HeaderMap) -> Option<HeaderValue> {
         .trim()
         .parse()
         .ok()?;
-    Some(HeaderValue::from(ms.div_ceil(1000).max(1)))
+    Some(HeaderValue::from(crate::error::retry_after_secs(
+        std::time::Duration::from_millis(ms),
+    )))
 }
