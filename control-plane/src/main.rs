@@ -3,6 +3,9 @@ use clap::Parser;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// aigw control plane: admin API, event log, config snapshots.
 #[derive(Parser)]
 #[command(name = "aigw-control-plane", version)]
@@ -34,17 +37,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // The OTLP exporter is built inside the runtime and flushed before it
-    // stops; a standalone control plane's in-process data plane shares it.
-    let mut telemetry = {
-        let _rt = runtime.enter();
-        let node_id = config
-            .data_plane
-            .node_id
-            .clone()
-            .unwrap_or_else(aigw_data_plane::hostname);
-        aigw_shared::telemetry::init(&config.telemetry, "aigw-control-plane", &node_id)
-    };
+    // Flushed before the process exits; a standalone control plane's
+    // in-process data plane shares it.
+    let node_id = config
+        .data_plane
+        .node_id
+        .clone()
+        .unwrap_or_else(aigw_data_plane::hostname);
+    let mut telemetry =
+        aigw_shared::telemetry::init(&config.telemetry, "aigw-control-plane", &node_id);
     let result = runtime.block_on(async {
         aigw_control_plane::ControlPlane::start(config)
             .await?

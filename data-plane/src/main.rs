@@ -3,6 +3,9 @@ use clap::Parser;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// aigw data plane: the OpenAI-compatible proxy to Azure OpenAI.
 #[derive(Parser)]
 #[command(name = "aigw-data-plane", version)]
@@ -36,11 +39,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // The OTLP exporter is built inside the runtime and flushed before it stops.
-    let mut telemetry = {
-        let _rt = runtime.enter();
-        aigw_shared::telemetry::init(&config.telemetry, "aigw-data-plane", &settings.node_id)
-    };
+    // Flushed before the process exits.
+    let mut telemetry =
+        aigw_shared::telemetry::init(&config.telemetry, "aigw-data-plane", &settings.node_id);
     let result = runtime.block_on(async {
         let dp = aigw_data_plane::DataPlane::start(settings).await?;
         dp.run_until(aigw_shared::telemetry::shutdown_signal())

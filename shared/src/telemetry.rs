@@ -12,19 +12,63 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::KeyValue;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider,
+};
 use opentelemetry_sdk::Resource;
+use std::sync::OnceLock;
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{fmt, EnvFilter, Layer};
 
 /// Keeps the trace exporter alive; [`Telemetry::shutdown`] (or drop) flushes
-/// the spans still queued. Call it while the tokio runtime still runs: the
-/// gRPC exporter needs it.
+/// the spans still queued, then stops the exporter's thread.
 #[must_use = "dropping it stops trace export"]
 #[derive(Default)]
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    export: Option<ExportThread>,
+}
+
+/// A thread with its own single-threaded tokio runtime for the OTLP gRPC
+/// client: its connection tasks (encoding, HTTP/2 framing, socket writes)
+/// run there, not on the workers that serve calls.
+struct ExportThread {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ExportThread {
+    fn start() -> std::io::Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = rt.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("otlp-export".into())
+            .spawn(move || {
+                let _ = rt.block_on(stopped);
+            })?;
+        Ok(Self {
+            handle,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for ExportThread {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Telemetry {
@@ -47,6 +91,7 @@ impl Telemetry {
                 eprintln!("trace export shutdown: {e}");
             }
         }
+        self.export = None;
     }
 }
 
@@ -54,6 +99,15 @@ impl Drop for Telemetry {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+static TRACER: OnceLock<SdkTracer> = OnceLock::new();
+
+/// The exporter's tracer, for hot paths that build their spans with the
+/// OpenTelemetry API directly (the proxy's call and attempt spans); `None`
+/// when traces are not exported.
+pub fn tracer() -> Option<&'static SdkTracer> {
+    TRACER.get()
 }
 
 /// Installs the global subscriber: JSON lines (or text) on stdout, filtered by
@@ -70,9 +124,8 @@ pub fn init_logging(cfg: &TelemetryConfig) {
 /// endpoint configured, the trace exporter for `service` (`aigw-control-plane`
 /// or `aigw-data-plane`) with `node_id` as a resource attribute.
 ///
-/// Must be called inside a tokio runtime context (`Runtime::enter`) when an
-/// endpoint is set. A second call (tests, embedded use) keeps the first
-/// subscriber and exports nothing.
+/// A second call (tests, embedded use) keeps the first subscriber and
+/// exports nothing.
 pub fn init(cfg: &TelemetryConfig, service: &str, node_id: &str) -> Telemetry {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cfg.log_level))
@@ -89,21 +142,15 @@ pub fn init(cfg: &TelemetryConfig, service: &str, node_id: &str) -> Telemetry {
         LogFormat::Text => fmt::layer().with_target(true).boxed(),
     }
     .with_filter(filter);
-    let provider = match cfg.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
-        Some(endpoint) if tokio::runtime::Handle::try_current().is_ok() => {
-            match build_provider(endpoint, cfg.sample_ratio, service, node_id) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    eprintln!("{service}: OTLP trace export disabled: {e}");
-                    None
-                }
+    let (provider, export) = match cfg.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
+        Some(endpoint) => match build_provider(endpoint, cfg.sample_ratio, service, node_id) {
+            Ok((p, t)) => (Some(p), Some(t)),
+            Err(e) => {
+                eprintln!("{service}: OTLP trace export disabled: {e}");
+                (None, None)
             }
-        }
-        Some(_) => {
-            eprintln!("{service}: OTLP trace export needs a tokio runtime; disabled");
-            None
-        }
-        None => None,
+        },
+        None => (None, None),
     };
     let otel_layer = provider.as_ref().map(|p| {
         tracing_opentelemetry::layer()
@@ -115,10 +162,16 @@ pub fn init(cfg: &TelemetryConfig, service: &str, node_id: &str) -> Telemetry {
             .with_threads(false)
             .with_location(false)
             // Only the gateway's own spans: not those of the HTTP and gRPC
-            // libraries (the exporter's own calls included).
+            // libraries (the exporter's own calls included), nor the proxy's
+            // per-call spans and log lines: the proxy builds its call spans
+            // with the OpenTelemetry API (`tracer`), and the access log would
+            // otherwise be copied into every call's span as an event.
             .with_filter(
                 tracing_subscriber::filter::Targets::new()
                     .with_target("aigw_data_plane", tracing::Level::INFO)
+                    .with_target("aigw_data_plane::call", LevelFilter::OFF)
+                    .with_target("aigw_data_plane::access", LevelFilter::OFF)
+                    .with_target("aigw_data_plane::payload", LevelFilter::OFF)
                     .with_target("aigw_control_plane", tracing::Level::INFO),
             )
     });
@@ -136,21 +189,41 @@ pub fn init(cfg: &TelemetryConfig, service: &str, node_id: &str) -> Telemetry {
     if let Some(p) = &provider {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
         opentelemetry::global::set_tracer_provider(p.clone());
+        let _ = TRACER.set(p.tracer("aigw"));
     }
-    Telemetry { provider }
+    Telemetry { provider, export }
 }
+
+/// Spans per export call and spans queued at most: a few exports a second
+/// at full load, and room for the spans of one slow export. A full queue
+/// drops spans (the call is never held up).
+const EXPORT_BATCH: usize = 2_048;
+const EXPORT_QUEUE: usize = 16_384;
 
 fn build_provider(
     endpoint: &str,
     ratio: f64,
     service: &str,
     node_id: &str,
-) -> Result<SdkTracerProvider, String> {
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .with_endpoint(endpoint)
-        .build()
-        .map_err(|e| e.to_string())?;
+) -> Result<(SdkTracerProvider, ExportThread), String> {
+    let thread = ExportThread::start().map_err(|e| format!("starting the export thread: {e}"))?;
+    let exporter = {
+        // The gRPC channel spawns its tasks on the runtime current here.
+        let _rt = thread.handle.enter();
+        opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .build()
+            .map_err(|e| e.to_string())?
+    };
+    let processor = BatchSpanProcessor::builder(exporter)
+        .with_batch_config(
+            BatchConfigBuilder::default()
+                .with_max_export_batch_size(EXPORT_BATCH)
+                .with_max_queue_size(EXPORT_QUEUE)
+                .build(),
+        )
+        .build();
     let mut resource = Resource::builder().with_service_name(service.to_string());
     if !node_id.is_empty() {
         resource = resource.with_attribute(KeyValue::new("aigw.node.id", node_id.to_string()));
@@ -158,13 +231,14 @@ fn build_provider(
             resource.with_attribute(KeyValue::new("service.instance.id", node_id.to_string()));
     }
     resource = resource.with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")));
-    Ok(SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
+    let provider = SdkTracerProvider::builder()
+        .with_span_processor(processor)
         .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
             ratio.clamp(0.0, 1.0),
         ))))
         .with_resource(resource.build())
-        .build())
+        .build();
+    Ok((provider, thread))
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

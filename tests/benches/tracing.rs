@@ -169,7 +169,24 @@ async fn run() -> Result<()> {
     let measured = |i: usize| {
         let (url, body, pid) = (&urls[i], &body, pids[i]);
         async move {
+            let (t0, s0, i0) = (
+                cpu_ticks(pid).unwrap_or(0),
+                cpu_ticks(std::process::id()).unwrap_or(0),
+                idle_ticks(),
+            );
             let (rps, mut errors) = closed_loop(url, body, secs).await;
+            let (t1, s1, i1) = (
+                cpu_ticks(pid).unwrap_or(0),
+                cpu_ticks(std::process::id()).unwrap_or(0),
+                idle_ticks(),
+            );
+            let calls = rps * secs as f64 / 1000.0;
+            eprintln!(
+                "closed loop: aigw {:.1} ticks/1k, bench {:.1} ticks/1k, idle {} ticks",
+                (t1 - t0) as f64 / calls,
+                (s1 - s0) as f64 / calls,
+                i1 - i0
+            );
             let before = cpu_ticks(pid).unwrap_or(0);
             errors += fixed_rate(url, body, rate, secs).await;
             let ticks = cpu_ticks(pid).unwrap_or(0).saturating_sub(before);
@@ -213,6 +230,15 @@ async fn run() -> Result<()> {
     );
     println!();
     Ok(())
+}
+
+fn idle_ticks() -> u64 {
+    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    s.lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(4))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 fn main() -> Result<()> {

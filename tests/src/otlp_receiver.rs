@@ -44,8 +44,6 @@ impl Span {
 struct Shared {
     spans: Mutex<Vec<Span>>,
     changed: Notify,
-    /// Count spans without keeping them (benchmarks: a cheap collector).
-    count_only: bool,
     counted: std::sync::atomic::AtomicU64,
 }
 
@@ -75,18 +73,6 @@ impl TraceService for Service {
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let request = request.into_inner();
-        if self.0.count_only {
-            let n: usize = request
-                .resource_spans
-                .iter()
-                .flat_map(|rs| &rs.scope_spans)
-                .map(|ss| ss.spans.len())
-                .sum();
-            self.0
-                .counted
-                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-            return Ok(tonic::Response::new(ExportTraceServiceResponse::default()));
-        }
         let mut got = Vec::new();
         for rs in request.resource_spans {
             let resource = rs
@@ -115,6 +101,119 @@ impl TraceService for Service {
         self.0.spans.lock().unwrap().extend(got);
         self.0.changed.notify_waiters();
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+/// An export request read only as far as counting its spans: the fields
+/// `resource_spans` (1) → `scope_spans` (2) → `spans` (2) are walked and
+/// everything else skipped, with nothing allocated. For benchmarks, where a
+/// collector decoding every attribute would compete with the gateway for
+/// the same cores (a real collector runs elsewhere).
+#[derive(Debug, Default)]
+struct SpanCount(u64);
+
+/// Calls `each` on every length-delimited field `want` of the message in `buf`.
+fn each_field(
+    mut buf: &[u8],
+    want: u32,
+    each: &mut dyn FnMut(&[u8]) -> Result<(), prost::DecodeError>,
+) -> Result<(), prost::DecodeError> {
+    use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
+    while !buf.is_empty() {
+        let (tag, wire) = decode_key(&mut buf)?;
+        let start = buf;
+        // Skipping checks the field's length against what is left.
+        skip_field(wire, tag, &mut buf, DecodeContext::default())?;
+        if tag == want && wire == WireType::LengthDelimited {
+            let mut field = &start[..start.len() - buf.len()];
+            decode_varint(&mut field)?;
+            each(field)?;
+        }
+    }
+    Ok(())
+}
+
+impl prost::Message for SpanCount {
+    fn encode_raw(&self, _buf: &mut impl prost::bytes::BufMut) {}
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: prost::encoding::WireType,
+        buf: &mut impl prost::bytes::Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        if tag != 1 {
+            return prost::encoding::skip_field(wire_type, tag, buf, ctx);
+        }
+        let mut resource_spans = prost::bytes::Bytes::new();
+        prost::encoding::bytes::merge(wire_type, &mut resource_spans, buf, ctx)?;
+        let mut n = 0;
+        each_field(&resource_spans, 2, &mut |scope_spans| {
+            each_field(scope_spans, 2, &mut |_span| {
+                n += 1;
+                Ok(())
+            })
+        })?;
+        self.0 += n;
+        Ok(())
+    }
+
+    fn encoded_len(&self) -> usize {
+        0
+    }
+
+    fn clear(&mut self) {
+        self.0 = 0;
+    }
+}
+
+/// The `TraceService/Export` method over [`SpanCount`].
+#[derive(Clone)]
+struct CountingServer(Arc<Shared>);
+
+impl tonic::server::NamedService for CountingServer {
+    const NAME: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
+}
+
+impl tonic::server::UnaryService<SpanCount> for CountingServer {
+    type Response = ExportTraceServiceResponse;
+    type Future = std::future::Ready<Result<tonic::Response<Self::Response>, tonic::Status>>;
+
+    fn call(&mut self, request: tonic::Request<SpanCount>) -> Self::Future {
+        self.0
+            .counted
+            .fetch_add(request.into_inner().0, std::sync::atomic::Ordering::Relaxed);
+        std::future::ready(Ok(tonic::Response::new(
+            ExportTraceServiceResponse::default(),
+        )))
+    }
+}
+
+impl<B> tower::Service<http::Request<B>> for CountingServer
+where
+    B: http_body::Body + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let svc = self.clone();
+        Box::pin(async move {
+            let codec = tonic_prost::ProstCodec::<ExportTraceServiceResponse, SpanCount>::default();
+            Ok(tonic::server::Grpc::new(codec).unary(svc, req).await)
+        })
     }
 }
 
@@ -148,17 +247,16 @@ impl OtlpReceiver {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let shared = Arc::new(Shared {
-            count_only,
-            ..Shared::default()
-        });
-        let svc = TraceServiceServer::new(Service(shared.clone()));
+        let shared = Arc::new(Shared::default());
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let mut server = tonic::transport::Server::builder();
+        let router = if count_only {
+            server.add_service(CountingServer(shared.clone()))
+        } else {
+            server.add_service(TraceServiceServer::new(Service(shared.clone())))
+        };
         let task = tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
-                .add_service(svc)
-                .serve_with_incoming(incoming)
-                .await;
+            let _ = router.serve_with_incoming(incoming).await;
         });
         OtlpReceiver { addr, shared, task }
     }
@@ -194,5 +292,57 @@ impl OtlpReceiver {
 impl Drop for OtlpReceiver {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry_proto::tonic::common::v1::AnyValue;
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span as ProtoSpan};
+    use prost::Message;
+
+    fn span(name: &str) -> ProtoSpan {
+        ProtoSpan {
+            name: name.into(),
+            trace_id: vec![1; 16],
+            span_id: vec![2; 8],
+            attributes: vec![KeyValue {
+                key: "k".into(),
+                value: Some(AnyValue {
+                    value: Some(Any::StringValue("v".repeat(300))),
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_counting_decoder_counts_every_span_of_every_scope_and_resource() {
+        let scope = |n: usize| ScopeSpans {
+            spans: (0..n).map(|i| span(&format!("s{i}"))).collect(),
+            ..Default::default()
+        };
+        let request = ExportTraceServiceRequest {
+            resource_spans: vec![
+                ResourceSpans {
+                    resource: Some(Resource::default()),
+                    scope_spans: vec![scope(3), scope(0), scope(200)],
+                    ..Default::default()
+                },
+                ResourceSpans {
+                    scope_spans: vec![scope(7)],
+                    ..Default::default()
+                },
+            ],
+        };
+        let bytes = request.encode_to_vec();
+        assert_eq!(SpanCount::decode(bytes.as_slice()).unwrap().0, 210);
+        assert!(
+            SpanCount::decode(&bytes[..bytes.len() - 5]).is_err(),
+            "a truncated request is an error, not a short count"
+        );
     }
 }

@@ -41,6 +41,7 @@ mod upstream;
 
 use crate::usage::{Accounting, CacheStatus, UsageRecorder};
 
+pub use trace::{CallAttributes, CallSpan};
 pub use upstream::UpstreamClient;
 
 use crate::config::Route;
@@ -153,23 +154,42 @@ impl Proxy {
         B: http_body::Body<Data = Bytes>,
         B::Error: std::fmt::Display,
     {
-        let span = trace::server_span(req.method(), req.uri().path(), req.headers());
-        self.serve_in_span(req).instrument(span).await
+        let request_id = request_id(req.headers());
+        // The logs' context for the call (the OpenTelemetry span is `trace`).
+        let span = tracing::info_span!(
+            target: "aigw_data_plane::call",
+            "serve",
+            request_id = request_id.to_str().unwrap_or_default(),
+            api_key_id = tracing::field::Empty,
+            caller_id = tracing::field::Empty,
+        );
+        let trace = trace::CallSpan::start(req.method(), req.uri().path(), req.headers());
+        self.serve_in_span(req, request_id, trace)
+            .instrument(span)
+            .await
     }
 
-    async fn serve_in_span<B>(&self, req: Request<B>) -> Response<ProxyBody>
+    async fn serve_in_span<B>(
+        &self,
+        req: Request<B>,
+        request_id: HeaderValue,
+        trace: CallSpan,
+    ) -> Response<ProxyBody>
     where
         B: http_body::Body<Data = Bytes>,
         B::Error: std::fmt::Display,
     {
-        let request_id = request_id(req.headers());
-        if let Ok(id) = request_id.to_str() {
-            tracing::Span::current().record("request_id", id);
-        }
+        let operation = trace::operation_name(req.uri().path());
+        // Taken by the call's accounting once the caller is known (it ends
+        // the span then); still here, the call was refused before that.
+        let mut trace = Some(trace);
         // Set once the caller is known; a stream takes it along to account at its end.
         let mut acct: Option<Accounting> = None;
         let mut rate: Option<crate::limits::RateHeaders> = None;
-        let (mut resp, code) = match self.dispatch(req, &request_id, &mut acct, &mut rate).await {
+        let dispatched = self
+            .dispatch(req, &request_id, &mut trace, &mut acct, &mut rate)
+            .await;
+        let (mut resp, code) = match dispatched {
             Ok(r) => (r, None),
             Err(e) => {
                 match &e {
@@ -187,20 +207,18 @@ impl Proxy {
         if let Some(r) = rate {
             r.apply(resp.headers_mut());
         }
-        let accounted = acct.is_some();
         if let Some(mut a) = acct {
             a.set_request_id(&request_id);
             a.finish(resp.status().as_u16(), code);
         }
-        // An accounted call records its status when it ends (a stream's may
-        // still become 499); the others here.
-        let streaming = resp
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-        let recorded_later = accounted || (streaming && resp.status().is_success());
-        if !recorded_later {
-            tracing::Span::current().record("http.response.status_code", resp.status().as_u16());
+        if let Some(mut t) = trace {
+            t.end(&CallAttributes {
+                operation,
+                status: resp.status().as_u16(),
+                error_code: code.unwrap_or_default(),
+                request_id: request_id.to_str().unwrap_or_default(),
+                ..CallAttributes::default()
+            });
         }
         self.metrics.record_status(resp.status().as_u16());
         resp.headers_mut().insert(REQUEST_ID.clone(), request_id);
@@ -211,6 +229,7 @@ impl Proxy {
         &self,
         req: Request<B>,
         request_id: &HeaderValue,
+        trace: &mut Option<CallSpan>,
         slot: &mut Option<Accounting>,
         rate: &mut Option<crate::limits::RateHeaders>,
     ) -> Result<Response<ProxyBody>, Error>
@@ -230,7 +249,8 @@ impl Proxy {
         };
         let runtime = self.config.load().ok_or(Error::NotReady)?;
         let caller = auth::authenticate(&runtime, self.config.jwks(), req.headers()).await?;
-        let acct = slot.insert(self.usage.begin(&caller.id, op.name()));
+        let trace = trace.take().unwrap_or_else(CallSpan::none);
+        let acct = slot.insert(self.usage.begin(&caller.id, op.name(), trace));
         acct.set_caller_id(caller.caller_id());
         if caller.budget_exceeded {
             return Err(Error::BudgetExceeded);
@@ -239,6 +259,7 @@ impl Proxy {
         caller.stamp(&mut parts.headers);
         let call = request::read(op, &parts.headers, body, self.max_body).await?;
         acct.set_stream(call.stream);
+        acct.set_max_tokens(call.max_tokens);
         acct.set_prompt_chars(call.prompt_chars);
         let route = runtime
             .route(&call.alias)
@@ -442,25 +463,17 @@ impl Proxy {
                 a.set_route(&route.alias, &target.deployment, &target.provider_key_id);
                 a.set_request_id(request_id);
             }
-            if attempt == 0 {
-                trace::name_call(op.name(), &route.alias, call.max_tokens, call.stream);
-            } else {
+            let span = match slot.as_mut() {
+                Some(a) => {
+                    a.set_server_address(&target.host);
+                    a.trace()
+                        .attempt(attempt, &target.deployment, &target.host, choice.probe)
+                }
+                None => CallSpan::none().attempt(attempt, "", "", false),
+            };
+            if attempt > 0 {
                 self.metrics.record_retry(&route.alias);
             }
-            tracing::Span::current().record("server.address", target.host.as_str());
-            let span = tracing::info_span!(
-                "upstream_attempt",
-                otel.kind = "client",
-                otel.status_code = tracing::field::Empty,
-                attempt,
-                deployment = %target.deployment,
-                probe = choice.probe,
-                outcome = tracing::field::Empty,
-                server.address = %target.host,
-                gen_ai.request.model = %target.deployment,
-                error.type = tracing::field::Empty,
-                retry_reason = tracing::field::Empty,
-            );
             target.health.start();
             let started = Instant::now();
             let result = self
@@ -471,35 +484,32 @@ impl Proxy {
                         route,
                         target,
                         deadline,
+                        trace: &span,
                     },
                     inbound,
                     call.clone(),
                     request_id,
                     slot,
                 )
-                .instrument(span.clone())
                 .await;
             let outcome = match &result {
                 Ok(_) => Some(Outcome::Success(started.elapsed())),
                 Err(e) => classify(e, started.elapsed()),
             };
-            span.record("outcome", tracing::field::debug(&outcome));
-            self.metrics.record_upstream(
-                &target.deployment,
-                match (&result, &outcome) {
-                    (Ok(_), _) => "success",
-                    (Err(_), Some(Outcome::RateLimited(_))) => "rate_limited",
-                    (Err(_), Some(Outcome::Failure)) => "failure",
-                    _ => "error",
-                },
-                started.elapsed(),
-            );
-            if let Err(e) = &result {
-                let code = e.code().unwrap_or("error");
-                span.record("error.type", code);
-                span.record("otel.status_code", "error");
-                if retryable(e) && attempt < route.retries {
-                    span.record("retry_reason", code);
+            let label = match (&result, &outcome) {
+                (Ok(_), _) => "success",
+                (Err(_), Some(Outcome::RateLimited(_))) => "rate_limited",
+                (Err(_), Some(Outcome::Failure)) => "failure",
+                _ => "error",
+            };
+            self.metrics
+                .record_upstream(&target.deployment, label, started.elapsed());
+            match &result {
+                Ok(_) => span.end(label, None, None),
+                Err(e) => {
+                    let code = e.code().unwrap_or("error");
+                    let retry = retryable(e) && attempt < route.retries;
+                    span.end(label, Some(code), retry.then_some(code));
                 }
             }
             match outcome {

@@ -1,16 +1,22 @@
-//! OpenTelemetry glue for the proxy: the call's server span (GenAI semantic
-//! conventions), the caller's W3C `traceparent` as its parent, and the
-//! current span's context injected into the upstream request.
+//! OpenTelemetry spans of the proxy: the call's server span (GenAI semantic
+//! conventions), the caller's W3C `traceparent` as its parent, a client span
+//! per upstream attempt, and that attempt's context injected into the
+//! upstream request.
 //!
-//! Without an OTLP endpoint the spans are plain `tracing` spans (they feed the
-//! logs), no context exists, and the caller's trace headers go upstream as
-//! they came.
+//! These two spans are built with the OpenTelemetry API directly, not through
+//! `tracing`: the per-field `record` of the `tracing` bridge (a visitor, an
+//! extension lookup and an allocation per attribute) was most of what tracing
+//! cost a call. The attributes known as the call goes are set on the span in
+//! one batch when it ends ([`CallSpan::end`]). The `tracing` span of the call
+//! (`serve`, target `aigw_data_plane::call`) feeds the logs only.
+//!
+//! Without an OTLP endpoint there is no span at all, no context, and the
+//! caller's trace headers go upstream as they came.
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::propagation::{Extractor, Injector};
-use opentelemetry::trace::TraceContextExt;
-use tracing::Span;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
+use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer};
+use opentelemetry::{Context, KeyValue};
 
 struct Extract<'a>(&'a HeaderMap);
 
@@ -48,69 +54,225 @@ pub fn operation_name(path: &str) -> &'static str {
     }
 }
 
-/// The server span of one call, child of the caller's `traceparent` when it
-/// sent one. Renamed `{operation} {alias}` once the alias is known
-/// ([`name_call`]); attributes are filled in as the call goes and when it ends
-/// (`usage::Accounting`).
-pub fn server_span(method: &http::Method, path: &str, headers: &HeaderMap) -> Span {
-    let op = operation_name(path);
-    let span = tracing::info_span!(
-        "serve",
-        otel.name = op,
-        otel.kind = "server",
-        otel.status_code = tracing::field::Empty,
-        request_id = tracing::field::Empty,
-        http.request.method = %method,
-        url.path = %path,
-        http.response.status_code = tracing::field::Empty,
-        error.type = tracing::field::Empty,
-        gen_ai.operation.name = op,
-        gen_ai.system = "az.ai.openai",
-        gen_ai.request.model = tracing::field::Empty,
-        gen_ai.response.model = tracing::field::Empty,
-        gen_ai.request.max_tokens = tracing::field::Empty,
-        gen_ai.usage.input_tokens = tracing::field::Empty,
-        gen_ai.usage.output_tokens = tracing::field::Empty,
-        server.address = tracing::field::Empty,
-        // Recorded by `auth`: the api key's id (never the key) and a JWT caller's id.
-        api_key_id = tracing::field::Empty,
-        caller_id = tracing::field::Empty,
-        aigw.stream = tracing::field::Empty,
-    );
-    if headers.contains_key("traceparent") {
-        let parent =
-            opentelemetry::global::get_text_map_propagator(|p| p.extract(&Extract(headers)));
-        if parent.span().span_context().is_valid() {
-            // Fails only without the OpenTelemetry layer: nothing to link then.
-            let _ = span.set_parent(parent);
+/// The server span of one call (`{operation} {alias}`), or nothing when
+/// traces are not exported. Ended once, by [`CallSpan::end`]: by the call's
+/// `usage::Accounting` (a stream's with its last chunk) or, for a call
+/// refused before accounting began, by the proxy's edge.
+pub struct CallSpan {
+    cx: Option<Context>,
+}
+
+/// What the call's span learns before it ends, set on it in one batch.
+#[derive(Default)]
+pub struct CallAttributes<'a> {
+    pub operation: &'a str,
+    pub alias: &'a str,
+    pub status: u16,
+    pub error_code: &'a str,
+    pub request_id: &'a str,
+    pub api_key_id: &'a str,
+    pub caller_id: &'a str,
+    pub response_model: &'a str,
+    pub max_tokens: Option<u64>,
+    pub stream: bool,
+    /// Token counts, when the call got as far as Azure (or the cache).
+    pub usage: Option<(u64, u64)>,
+    pub server_address: &'a str,
+}
+
+impl CallSpan {
+    /// A span that records nothing (traces off, or a test).
+    pub fn none() -> Self {
+        Self { cx: None }
+    }
+
+    /// Starts the call's server span, a child of the caller's `traceparent`
+    /// when it sent a valid one.
+    pub fn start(method: &http::Method, path: &str, headers: &HeaderMap) -> Self {
+        let Some(tracer) = aigw_shared::telemetry::tracer() else {
+            return Self::none();
+        };
+        let parent = if headers.contains_key("traceparent") {
+            opentelemetry::global::get_text_map_propagator(|p| p.extract(&Extract(headers)))
+        } else {
+            Context::new()
+        };
+        let op = operation_name(path);
+        let span = tracer
+            .span_builder(op)
+            .with_kind(SpanKind::Server)
+            .with_attributes([
+                KeyValue::new("http.request.method", method.as_str().to_string()),
+                KeyValue::new("url.path", path.to_string()),
+                KeyValue::new("gen_ai.operation.name", op),
+                KeyValue::new("gen_ai.system", "az.ai.openai"),
+            ])
+            .start_with_context(tracer, &parent);
+        Self {
+            cx: Some(parent.with_span(span)),
         }
     }
-    span
+
+    /// Whether the span records (traced and sampled).
+    pub fn is_recording(&self) -> bool {
+        self.cx.as_ref().is_some_and(|cx| cx.span().is_recording())
+    }
+
+    /// The trace id for logs; empty when untraced.
+    pub fn trace_id(&self) -> String {
+        match &self.cx {
+            Some(cx) if cx.span().span_context().is_valid() => {
+                cx.span().span_context().trace_id().to_string()
+            }
+            _ => String::new(),
+        }
+    }
+
+    /// Starts the client span of one upstream attempt, a child of this call.
+    pub fn attempt(
+        &self,
+        attempt: u32,
+        deployment: &str,
+        server_address: &str,
+        probe: bool,
+    ) -> AttemptSpan {
+        let (Some(cx), Some(tracer)) = (&self.cx, aigw_shared::telemetry::tracer()) else {
+            return AttemptSpan { cx: None };
+        };
+        if !cx.span().is_recording() {
+            // Not sampled: the attempt inherits the decision; only the
+            // context travels upstream.
+            return AttemptSpan {
+                cx: Some(cx.clone()),
+            };
+        }
+        let span = tracer
+            .span_builder("upstream_attempt")
+            .with_kind(SpanKind::Client)
+            .with_attributes([
+                KeyValue::new("attempt", i64::from(attempt)),
+                KeyValue::new("deployment", deployment.to_string()),
+                KeyValue::new("gen_ai.request.model", deployment.to_string()),
+                KeyValue::new("server.address", server_address.to_string()),
+                KeyValue::new("probe", probe),
+            ])
+            .start_with_context(tracer, cx);
+        AttemptSpan {
+            cx: Some(cx.with_span(span)),
+        }
+    }
+
+    /// Sets what the call learned and ends the span (once).
+    pub fn end(&mut self, a: &CallAttributes<'_>) {
+        let Some(cx) = self.cx.take() else { return };
+        let span = cx.span();
+        if !span.is_recording() {
+            return;
+        }
+        if !a.alias.is_empty() {
+            span.update_name(format!("{} {}", a.operation, a.alias));
+        }
+        let mut kv = Vec::with_capacity(12);
+        let mut str_attr = |k: &'static str, v: &str| {
+            if !v.is_empty() {
+                kv.push(KeyValue::new(k, v.to_string()));
+            }
+        };
+        str_attr("request_id", a.request_id);
+        str_attr("api_key_id", a.api_key_id);
+        str_attr("caller_id", a.caller_id);
+        str_attr("gen_ai.request.model", a.alias);
+        str_attr("gen_ai.response.model", a.response_model);
+        str_attr("server.address", a.server_address);
+        str_attr("error.type", a.error_code);
+        if a.status != 0 {
+            kv.push(KeyValue::new(
+                "http.response.status_code",
+                i64::from(a.status),
+            ));
+        }
+        if let Some(m) = a.max_tokens {
+            kv.push(KeyValue::new(
+                "gen_ai.request.max_tokens",
+                i64::try_from(m).unwrap_or(i64::MAX),
+            ));
+        }
+        if let Some((input, output)) = a.usage {
+            kv.push(KeyValue::new(
+                "gen_ai.usage.input_tokens",
+                i64::try_from(input).unwrap_or(i64::MAX),
+            ));
+            kv.push(KeyValue::new(
+                "gen_ai.usage.output_tokens",
+                i64::try_from(output).unwrap_or(i64::MAX),
+            ));
+        }
+        if !a.alias.is_empty() {
+            kv.push(KeyValue::new("aigw.stream", a.stream));
+        }
+        span.set_attributes(kv);
+        if a.status >= 500 || a.error_code == "upstream_stream_error" {
+            span.set_status(Status::error(a.error_code.to_string()));
+        }
+        span.end();
+    }
 }
 
-/// Names the current (server) span `{operation} {alias}` and records the
-/// request attributes known once the call is read.
-pub fn name_call(op: &str, alias: &str, max_tokens: Option<u64>, stream: bool) {
-    let span = Span::current();
-    span.record("gen_ai.request.model", alias);
-    span.record("aigw.stream", stream);
-    if let Some(m) = max_tokens {
-        span.record("gen_ai.request.max_tokens", m);
-    }
-    let cx = span.context();
-    let otel = cx.span();
-    if otel.span_context().is_valid() {
-        otel.update_name(format!("{op} {alias}"));
+impl Drop for CallSpan {
+    fn drop(&mut self) {
+        // A span nobody ended (a panic unwinding): still end it.
+        if let Some(cx) = self.cx.take() {
+            cx.span().end();
+        }
     }
 }
 
-/// Writes the current span's `traceparent`/`tracestate` into `headers`;
-/// `false` when there is no trace context (tracing off).
-pub fn inject_current(headers: &mut HeaderMap) -> bool {
-    let cx = Span::current().context();
-    if !cx.span().span_context().is_valid() {
-        return false;
+/// The client span of one upstream attempt (see [`CallSpan::attempt`]).
+pub struct AttemptSpan {
+    cx: Option<Context>,
+}
+
+impl AttemptSpan {
+    /// Writes this attempt's `traceparent`/`tracestate` into `headers`;
+    /// `false` when there is no trace context (tracing off).
+    pub fn inject(&self, headers: &mut HeaderMap) -> bool {
+        let Some(cx) = &self.cx else { return false };
+        if !cx.span().span_context().is_valid() {
+            return false;
+        }
+        opentelemetry::global::get_text_map_propagator(|p| {
+            p.inject_context(cx, &mut Inject(headers))
+        });
+        true
     }
-    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut Inject(headers)));
-    true
+
+    /// Ends the attempt with its outcome: `error` (the error's code) and,
+    /// when another attempt follows, `retry_reason`.
+    pub fn end(mut self, outcome: &str, error: Option<&str>, retry_reason: Option<&str>) {
+        let Some(cx) = self.cx.take() else { return };
+        let span = cx.span();
+        if !span.is_recording() {
+            return;
+        }
+        let mut kv = vec![KeyValue::new("outcome", outcome.to_string())];
+        if let Some(code) = error {
+            kv.push(KeyValue::new("error.type", code.to_string()));
+        }
+        if let Some(reason) = retry_reason {
+            kv.push(KeyValue::new("retry_reason", reason.to_string()));
+        }
+        span.set_attributes(kv);
+        if let Some(code) = error {
+            span.set_status(Status::error(code.to_string()));
+        }
+        span.end();
+    }
+}
+
+impl Drop for AttemptSpan {
+    fn drop(&mut self) {
+        if let Some(cx) = self.cx.take() {
+            cx.span().end();
+        }
+    }
 }

@@ -37,6 +37,8 @@ pub struct Attempt<'a> {
     pub target: &'a Arc<Upstream>,
     /// The model's deadline for the whole call.
     pub deadline: Instant,
+    /// This attempt's client span: its context goes upstream.
+    pub trace: &'a super::trace::AttemptSpan,
 }
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -106,6 +108,7 @@ impl UpstreamClient {
             route,
             target,
             deadline: attempt_deadline,
+            trace,
         } = attempt;
         let mut req = Request::builder()
             .method(Method::POST)
@@ -132,7 +135,7 @@ impl UpstreamClient {
         h.insert(CLIENT_REQUEST_ID.clone(), request_id.clone());
         // With tracing on, this attempt's span is Azure's parent (same trace
         // as the caller's); without, the caller's headers go as they came.
-        if !super::trace::inject_current(h) {
+        if !trace.inject(h) {
             for name in &TRACE_HEADERS {
                 if let Some(v) = inbound.get(name) {
                     h.insert(name.clone(), v.clone());

@@ -1,10 +1,9 @@
 use super::{estimate_tokens, CacheStatus, UsageEvent};
 use crate::metrics::{CallRecord, Metrics};
-use opentelemetry::trace::TraceContextExt;
+use crate::proxy::{CallAttributes, CallSpan};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// Hands events to the publisher without waiting: a full buffer is counted
 /// and logged, never silent.
@@ -23,10 +22,15 @@ impl UsageRecorder {
         })
     }
 
-    /// Starts accounting for one call by `api_key_id`. The current span (the
-    /// call's server span) is kept until the call ends, a stream's last chunk
-    /// included, so the span's end and token counts are the call's own.
-    pub fn begin(self: &Arc<Self>, api_key_id: &str, operation: &'static str) -> Accounting {
+    /// Starts accounting for one call by `api_key_id`. The call's server span
+    /// is kept until the call ends, a stream's last chunk included, so the
+    /// span's end and token counts are the call's own.
+    pub fn begin(
+        self: &Arc<Self>,
+        api_key_id: &str,
+        operation: &'static str,
+        trace: CallSpan,
+    ) -> Accounting {
         let now = time::OffsetDateTime::now_utc();
         Accounting {
             recorder: self.clone(),
@@ -45,7 +49,9 @@ impl UsageRecorder {
             completion_chars: 0,
             usage_known: false,
             finished: false,
-            span: tracing::Span::current(),
+            trace,
+            max_tokens: None,
+            server_address: String::new(),
             request_id: String::new(),
             response_model: String::new(),
             permit: None,
@@ -75,8 +81,11 @@ pub struct Accounting {
     completion_chars: usize,
     usage_known: bool,
     finished: bool,
-    /// The call's server span: token counts and status go on it at the end.
-    span: tracing::Span,
+    /// The call's server span: everything below goes on it at the end.
+    trace: CallSpan,
+    max_tokens: Option<u64>,
+    /// The Azure host that answered (kept only when the span records).
+    server_address: String,
     request_id: String,
     /// `model` as Azure answered (the deployment's model version).
     response_model: String,
@@ -97,6 +106,23 @@ impl Accounting {
         self.event.model = alias.to_string();
         self.event.deployment = deployment.to_string();
         self.event.provider_key_id = provider_key_id.to_string();
+    }
+
+    /// The call's server span, parent of its upstream attempts.
+    pub fn trace(&self) -> &CallSpan {
+        &self.trace
+    }
+
+    /// The request's `max_tokens` (or `max_completion_tokens`), for the span.
+    pub fn set_max_tokens(&mut self, max_tokens: Option<u64>) {
+        self.max_tokens = max_tokens;
+    }
+
+    /// The host of the deployment tried last, for the span.
+    pub fn set_server_address(&mut self, host: &str) {
+        if self.trace.is_recording() {
+            host.clone_into(&mut self.server_address);
+        }
     }
 
     pub fn set_cache_status(&mut self, status: CacheStatus) {
@@ -206,7 +232,7 @@ impl Accounting {
     }
 
     /// Metrics, span attributes and the access-log line for the finished call.
-    fn observe(&self) {
+    fn observe(&mut self) {
         let e = &self.event;
         let cache = match CacheStatus::try_from(e.cache_status) {
             Ok(CacheStatus::Hit) => "hit",
@@ -223,28 +249,21 @@ impl Accounting {
             output_tokens: e.completion_tokens,
             cache,
         });
-        let span = &self.span;
-        span.record("gen_ai.usage.input_tokens", e.prompt_tokens);
-        span.record("gen_ai.usage.output_tokens", e.completion_tokens);
-        if !self.response_model.is_empty() {
-            span.record("gen_ai.response.model", self.response_model.as_str());
-        }
-        span.record("http.response.status_code", e.status);
-        if !e.error_code.is_empty() {
-            span.record("error.type", e.error_code.as_str());
-        }
-        if e.status >= 500 || e.error_code == "upstream_stream_error" {
-            span.record("otel.status_code", "error");
-        }
-        let sc = span.context().span().span_context().clone();
-        let trace_id = if sc.is_valid() {
-            sc.trace_id().to_string()
-        } else {
-            String::new()
-        };
-        // Entered for the log line: the span's end time is its last exit, so
-        // a stream's span ends here, with its last chunk.
-        let _in = span.enter();
+        let trace_id = self.trace.trace_id();
+        self.trace.end(&CallAttributes {
+            operation: &e.operation,
+            alias: &e.model,
+            status: e.status as u16,
+            error_code: &e.error_code,
+            request_id: &self.request_id,
+            api_key_id: &e.api_key_id,
+            caller_id: &e.caller_id,
+            response_model: &self.response_model,
+            max_tokens: self.max_tokens,
+            stream: e.stream,
+            usage: Some((e.prompt_tokens, e.completion_tokens)),
+            server_address: &self.server_address,
+        });
         // Never the prompt or the completion: sizes and counts only.
         tracing::info!(
             target: "aigw_data_plane::access",
@@ -310,12 +329,12 @@ mod tests {
     #[test]
     fn reported_usage_wins_and_ids_are_unique() {
         let (r, mut rx, _) = recorder(8);
-        let mut a = r.begin("key-1", "chat");
+        let mut a = r.begin("key-1", "chat", CallSpan::none());
         a.set_route("alias", "dep", "pk");
         a.set_prompt_chars(400);
         a.set_usage(7, 5);
         a.finish(200, None);
-        r.begin("key-1", "chat").finish(200, None);
+        r.begin("key-1", "chat", CallSpan::none()).finish(200, None);
         let e = rx.try_recv().unwrap();
         assert_eq!(
             (e.prompt_tokens, e.completion_tokens, e.total_tokens),
@@ -332,7 +351,7 @@ mod tests {
     #[test]
     fn missing_usage_is_estimated_and_marked() {
         let (r, mut rx, _) = recorder(8);
-        let mut a = r.begin("key-1", "chat");
+        let mut a = r.begin("key-1", "chat", CallSpan::none());
         a.set_prompt_chars(10);
         a.add_completion_chars(9);
         a.finish(200, None);
@@ -344,7 +363,7 @@ mod tests {
     #[test]
     fn dropped_unfinished_is_a_499_and_errors_carry_their_code() {
         let (r, mut rx, _) = recorder(8);
-        let mut a = r.begin("key-1", "chat");
+        let mut a = r.begin("key-1", "chat", CallSpan::none());
         a.add_completion_chars(8);
         drop(a);
         let e = rx.try_recv().unwrap();
@@ -353,7 +372,8 @@ mod tests {
             (499, "client_closed_request")
         );
         assert_eq!(e.completion_tokens, 2, "streamed text still counts");
-        r.begin("key-1", "chat").finish(502, Some("upstream_error"));
+        r.begin("key-1", "chat", CallSpan::none())
+            .finish(502, Some("upstream_error"));
         let e = rx.try_recv().unwrap();
         assert_eq!(
             (e.status, e.error_code.as_str(), e.total_tokens),
@@ -364,8 +384,8 @@ mod tests {
     #[test]
     fn a_full_buffer_is_counted_not_silent() {
         let (r, _rx, metrics) = recorder(1);
-        r.begin("k", "chat").finish(200, None);
-        r.begin("k", "chat").finish(200, None);
+        r.begin("k", "chat", CallSpan::none()).finish(200, None);
+        r.begin("k", "chat", CallSpan::none()).finish(200, None);
         let text = metrics.render(0, true);
         assert!(text.contains("aigw_usage_dropped_total 1"), "{text}");
         assert!(text.contains("aigw_usage_buffer_depth 1"), "{text}");
