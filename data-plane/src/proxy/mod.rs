@@ -216,7 +216,6 @@ impl Proxy {
                 operation,
                 status: resp.status().as_u16(),
                 error_code: code.unwrap_or_default(),
-                request_id: request_id.to_str().unwrap_or_default(),
                 ..CallAttributes::default()
             });
         }

@@ -14,7 +14,7 @@
 //! caller's trace headers go upstream as they came.
 
 use http::{HeaderMap, HeaderName, HeaderValue};
-use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::propagation::Extractor;
 use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue};
 
@@ -30,16 +30,15 @@ impl Extractor for Extract<'_> {
     }
 }
 
-struct Inject<'a>(&'a mut HeaderMap);
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
-impl Injector for Inject<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        if let (Ok(k), Ok(v)) = (
-            HeaderName::from_bytes(key.as_bytes()),
-            HeaderValue::from_str(&value),
-        ) {
-            self.0.insert(k, v);
-        }
+/// Lowercase hex of `bytes` into `out` (twice as long).
+fn hex(bytes: &[u8], out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (b, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0xf)];
     }
 }
 
@@ -69,7 +68,6 @@ pub struct CallAttributes<'a> {
     pub alias: &'a str,
     pub status: u16,
     pub error_code: &'a str,
-    pub request_id: &'a str,
     pub api_key_id: &'a str,
     pub caller_id: &'a str,
     pub response_model: &'a str,
@@ -98,15 +96,18 @@ impl CallSpan {
             Context::new()
         };
         let op = operation_name(path);
+        let mut attributes = Vec::with_capacity(14);
+        attributes.push(KeyValue::new("gen_ai.operation.name", op));
+        attributes.push(KeyValue::new("gen_ai.system", "az.ai.openai"));
+        if op == "http" || *method != http::Method::POST {
+            // Not a GenAI call (a 404 or 405): say what was asked for.
+            attributes.push(KeyValue::new("http.request.method", method.to_string()));
+            attributes.push(KeyValue::new("url.path", path.to_string()));
+        }
         let span = tracer
             .span_builder(op)
             .with_kind(SpanKind::Server)
-            .with_attributes([
-                KeyValue::new("http.request.method", method.as_str().to_string()),
-                KeyValue::new("url.path", path.to_string()),
-                KeyValue::new("gen_ai.operation.name", op),
-                KeyValue::new("gen_ai.system", "az.ai.openai"),
-            ])
+            .with_attributes(attributes)
             .start_with_context(tracer, &parent);
         Self {
             cx: Some(parent.with_span(span)),
@@ -149,13 +150,15 @@ impl CallSpan {
         let span = tracer
             .span_builder("upstream_attempt")
             .with_kind(SpanKind::Client)
-            .with_attributes([
-                KeyValue::new("attempt", i64::from(attempt)),
-                KeyValue::new("deployment", deployment.to_string()),
-                KeyValue::new("gen_ai.request.model", deployment.to_string()),
-                KeyValue::new("server.address", server_address.to_string()),
-                KeyValue::new("probe", probe),
-            ])
+            .with_attributes(
+                [
+                    KeyValue::new("attempt", i64::from(attempt)),
+                    KeyValue::new("deployment", deployment.to_string()),
+                    KeyValue::new("server.address", server_address.to_string()),
+                ]
+                .into_iter()
+                .chain(probe.then(|| KeyValue::new("probe", true))),
+            )
             .start_with_context(tracer, cx);
         AttemptSpan {
             cx: Some(cx.with_span(span)),
@@ -172,13 +175,13 @@ impl CallSpan {
         if !a.alias.is_empty() {
             span.update_name(format!("{} {}", a.operation, a.alias));
         }
-        let mut kv = Vec::with_capacity(12);
+        let mut kv = Vec::with_capacity(10);
         let mut str_attr = |k: &'static str, v: &str| {
             if !v.is_empty() {
                 kv.push(KeyValue::new(k, v.to_string()));
             }
         };
-        str_attr("request_id", a.request_id);
+        // The request id is not here: the access log line has this trace's id.
         str_attr("api_key_id", a.api_key_id);
         str_attr("caller_id", a.caller_id);
         str_attr("gen_ai.request.model", a.alias);
@@ -191,24 +194,16 @@ impl CallSpan {
                 i64::from(a.status),
             ));
         }
+        let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         if let Some(m) = a.max_tokens {
-            kv.push(KeyValue::new(
-                "gen_ai.request.max_tokens",
-                i64::try_from(m).unwrap_or(i64::MAX),
-            ));
+            kv.push(KeyValue::new("gen_ai.request.max_tokens", int(m)));
         }
         if let Some((input, output)) = a.usage {
-            kv.push(KeyValue::new(
-                "gen_ai.usage.input_tokens",
-                i64::try_from(input).unwrap_or(i64::MAX),
-            ));
-            kv.push(KeyValue::new(
-                "gen_ai.usage.output_tokens",
-                i64::try_from(output).unwrap_or(i64::MAX),
-            ));
+            kv.push(KeyValue::new("gen_ai.usage.input_tokens", int(input)));
+            kv.push(KeyValue::new("gen_ai.usage.output_tokens", int(output)));
         }
-        if !a.alias.is_empty() {
-            kv.push(KeyValue::new("aigw.stream", a.stream));
+        if a.stream {
+            kv.push(KeyValue::new("aigw.stream", true));
         }
         span.set_attributes(kv);
         if a.status >= 500 || a.error_code == "upstream_stream_error" {
@@ -233,16 +228,33 @@ pub struct AttemptSpan {
 }
 
 impl AttemptSpan {
-    /// Writes this attempt's `traceparent`/`tracestate` into `headers`;
-    /// `false` when there is no trace context (tracing off).
+    /// Writes this attempt's `traceparent` (and `tracestate`, if any) into
+    /// `headers`; `false` when there is no trace context (tracing off).
     pub fn inject(&self, headers: &mut HeaderMap) -> bool {
         let Some(cx) = &self.cx else { return false };
-        if !cx.span().span_context().is_valid() {
+        let span = cx.span();
+        let sc = span.span_context();
+        if !sc.is_valid() {
             return false;
         }
-        opentelemetry::global::get_text_map_propagator(|p| {
-            p.inject_context(cx, &mut Inject(headers))
-        });
+        // W3C trace context, written here rather than through the global
+        // propagator (a lock and three string allocations per call).
+        let mut tp = [0u8; 55];
+        tp[..3].copy_from_slice(b"00-");
+        hex(&sc.trace_id().to_bytes(), &mut tp[3..35]);
+        tp[35] = b'-';
+        hex(&sc.span_id().to_bytes(), &mut tp[36..52]);
+        tp[52] = b'-';
+        hex(&[sc.trace_flags().to_u8()], &mut tp[53..55]);
+        if let Ok(v) = HeaderValue::from_bytes(&tp) {
+            headers.insert(TRACEPARENT.clone(), v);
+        }
+        let state = sc.trace_state().header();
+        if !state.is_empty() {
+            if let Ok(v) = HeaderValue::from_str(&state) {
+                headers.insert(TRACESTATE.clone(), v);
+            }
+        }
         true
     }
 
@@ -254,15 +266,16 @@ impl AttemptSpan {
         if !span.is_recording() {
             return;
         }
-        let mut kv = vec![KeyValue::new("outcome", outcome.to_string())];
+        // A success is the span's unset status; only a failure says more.
         if let Some(code) = error {
-            kv.push(KeyValue::new("error.type", code.to_string()));
-        }
-        if let Some(reason) = retry_reason {
-            kv.push(KeyValue::new("retry_reason", reason.to_string()));
-        }
-        span.set_attributes(kv);
-        if let Some(code) = error {
+            let mut kv = vec![
+                KeyValue::new("outcome", outcome.to_string()),
+                KeyValue::new("error.type", code.to_string()),
+            ];
+            if let Some(reason) = retry_reason {
+                kv.push(KeyValue::new("retry_reason", reason.to_string()));
+            }
+            span.set_attributes(kv);
             span.set_status(Status::error(code.to_string()));
         }
         span.end();
@@ -274,5 +287,45 @@ impl Drop for AttemptSpan {
         if let Some(cx) = self.cx.take() {
             cx.span().end();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::propagation::TextMapPropagator;
+    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+    use opentelemetry_sdk::propagation::TraceContextPropagator;
+    use std::collections::HashMap;
+
+    #[test]
+    fn attempt_headers_match_the_w3c_propagator() {
+        for (flags, state) in [
+            (TraceFlags::SAMPLED, TraceState::default()),
+            (
+                TraceFlags::default(),
+                TraceState::from_key_value([("vendor", "abc"), ("other", "x1")]).unwrap(),
+            ),
+        ] {
+            let sc = SpanContext::new(
+                TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+                SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+                flags,
+                true,
+                state,
+            );
+            let cx = Context::new().with_remote_span_context(sc);
+            let mut expected = HashMap::new();
+            TraceContextPropagator::new().inject_context(&cx, &mut expected);
+            let mut headers = HeaderMap::new();
+            assert!(AttemptSpan { cx: Some(cx) }.inject(&mut headers));
+            let got: HashMap<String, String> = headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string()))
+                .collect();
+            expected.retain(|_, v| !v.is_empty());
+            assert_eq!(got, expected);
+        }
+        assert!(!AttemptSpan { cx: None }.inject(&mut HeaderMap::new()));
     }
 }

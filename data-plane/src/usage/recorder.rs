@@ -255,7 +255,6 @@ impl Accounting {
             alias: &e.model,
             status: e.status as u16,
             error_code: &e.error_code,
-            request_id: &self.request_id,
             api_key_id: &e.api_key_id,
             caller_id: &e.caller_id,
             response_model: &self.response_model,
