@@ -194,10 +194,11 @@ pub fn init(cfg: &TelemetryConfig, service: &str, node_id: &str) -> Telemetry {
     Telemetry { provider, export }
 }
 
-/// Spans per export call and spans queued at most: a few exports a second
-/// at full load, and room for the spans of one slow export. A full queue
-/// drops spans (the call is never held up).
-const EXPORT_BATCH: usize = 2_048;
+/// Spans per export call (the SDK's default: well under a collector's 4 MiB
+/// message limit) and spans queued at most: room for a few seconds of a busy
+/// node's spans while one export is slow. A full queue drops spans; a call
+/// is never held up.
+const EXPORT_BATCH: usize = 512;
 const EXPORT_QUEUE: usize = 16_384;
 
 fn build_provider(

@@ -121,12 +121,17 @@ impl CallSpan {
 
     /// The trace id for logs; empty when untraced.
     pub fn trace_id(&self) -> String {
-        match &self.cx {
-            Some(cx) if cx.span().span_context().is_valid() => {
-                cx.span().span_context().trace_id().to_string()
-            }
-            _ => String::new(),
+        let Some(cx) = &self.cx else {
+            return String::new();
+        };
+        let span = cx.span();
+        let sc = span.span_context();
+        if !sc.is_valid() {
+            return String::new();
         }
+        let mut out = [0u8; 32];
+        hex(&sc.trace_id().to_bytes(), &mut out);
+        String::from_utf8_lossy(&out).into_owned()
     }
 
     /// Starts the client span of one upstream attempt, a child of this call.
@@ -173,7 +178,11 @@ impl CallSpan {
             return;
         }
         if !a.alias.is_empty() {
-            span.update_name(format!("{} {}", a.operation, a.alias));
+            let mut name = String::with_capacity(a.operation.len() + 1 + a.alias.len());
+            name.push_str(a.operation);
+            name.push(' ');
+            name.push_str(a.alias);
+            span.update_name(name);
         }
         let mut kv = Vec::with_capacity(10);
         let mut str_attr = |k: &'static str, v: &str| {
