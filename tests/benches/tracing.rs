@@ -83,8 +83,10 @@ async fn fixed_rate(url: &str, body: &Bytes, rate: u64, secs: u64) -> u64 {
     failed
 }
 
-/// Requests per second over `secs` with `CONNECTIONS` back-to-back workers.
-async fn closed_loop(url: &str, body: &Bytes, secs: u64) -> (f64, u64) {
+/// Requests per second over `secs` with `CONNECTIONS` back-to-back workers,
+/// failed calls, and all calls answered 200 (those still in flight at the
+/// end included).
+async fn closed_loop(url: &str, body: &Bytes, secs: u64) -> (f64, u64, u64) {
     let client = client();
     let ok = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -115,6 +117,7 @@ async fn closed_loop(url: &str, body: &Bytes, secs: u64) -> (f64, u64) {
     (
         n as f64 / elapsed.as_secs_f64(),
         errors.load(Ordering::Relaxed),
+        ok.load(Ordering::Relaxed),
     )
 }
 
@@ -158,9 +161,12 @@ async fn run() -> Result<()> {
         format!("{}/v1/chat/completions", off.proxy_url()),
         format!("{}/v1/chat/completions", on.proxy_url()),
     ];
+    // Calls the traced gateway answered 200: each must reach the receiver
+    // as a server span (a full export queue would drop spans).
+    let mut traced_calls = 0;
     for u in &urls {
         anyhow::ensure!(call(&client(), u, &body).await, "{u} does not answer 200");
-        closed_loop(u, &body, 1).await;
+        traced_calls = 1 + closed_loop(u, &body, 1).await.2;
     }
     eprintln!("aigw tracing benchmark: {rounds} rounds of {secs} s off/on ...");
     let pids = [&off, &on].map(|g| g.process().and_then(|p| p.id()).unwrap_or(0));
@@ -171,14 +177,16 @@ async fn run() -> Result<()> {
         let (url, body, pid) = (&urls[i], &body, pids[i]);
         async move {
             let before = cpu_ticks(pid).unwrap_or(0);
-            let (rps, mut errors) = closed_loop(url, body, secs).await;
+            let (rps, mut errors, ok) = closed_loop(url, body, secs).await;
             let ticks = cpu_ticks(pid).unwrap_or(0).saturating_sub(before);
             let saturated = ticks as f64 * 1000.0 / (rps * secs as f64).max(1.0);
             let before = cpu_ticks(pid).unwrap_or(0);
-            errors += fixed_rate(url, body, rate, secs).await;
+            let failed = fixed_rate(url, body, rate, secs).await;
+            errors += failed;
             let ticks = cpu_ticks(pid).unwrap_or(0).saturating_sub(before);
             let per_1k = ticks as f64 * 1000.0 / (rate * secs) as f64;
-            (rps, errors, saturated, per_1k)
+            let ok = ok + rate * secs - failed;
+            (rps, errors, saturated, per_1k, ok)
         }
     };
     let mut ratios = Vec::new();
@@ -186,14 +194,24 @@ async fn run() -> Result<()> {
     let mut rows = Vec::new();
     let mut sat_ratios = Vec::new();
     for _ in 0..rounds {
-        let (r_off, e_off, s_off, c_off) = measured(0).await;
-        let (r_on, e_on, s_on, c_on) = measured(1).await;
+        let (r_off, e_off, s_off, c_off, _) = measured(0).await;
+        let (r_on, e_on, s_on, c_on, ok) = measured(1).await;
+        traced_calls += ok;
         ratios.push(r_on / r_off.max(f64::MIN_POSITIVE));
         cpu_ratios.push(c_on / c_off.max(f64::MIN_POSITIVE));
         sat_ratios.push(s_on / s_off.max(f64::MIN_POSITIVE));
         rows.push((r_off, e_off, s_off, c_off, r_on, e_on, s_on, c_on));
     }
-    let spans = otlp.counted();
+    // A graceful stop flushes the spans still queued.
+    let mut on = on;
+    if let Some(p) = on.process_mut() {
+        p.terminate(1_500).await?;
+    }
+    let flushed = Instant::now() + Duration::from_secs(10);
+    while otlp.counted_server() < traced_calls && Instant::now() < flushed {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (spans, server_spans) = (otlp.counted(), otlp.counted_server());
     drop((off, on));
     ratios.sort_by(f64::total_cmp);
     cpu_ratios.sort_by(f64::total_cmp);
@@ -213,8 +231,12 @@ async fn run() -> Result<()> {
         );
     }
     println!(
-        "  median on/off {median:.3}: tracing costs {:.1} % of max throughput; {spans} spans received",
+        "  median on/off {median:.3}: tracing costs {:.1} % of max throughput",
         (1.0 - median) * 100.0
+    );
+    println!(
+        "  spans received: {spans}; server spans {server_spans} for {traced_calls} traced calls ({})",
+        if server_spans >= traced_calls { "none lost".to_string() } else { format!("{} lost", traced_calls - server_spans) }
     );
     println!(
         "  aigw's own CPU per call at max throughput, on/off median {sat_median:.3}: tracing adds {:.1} %",

@@ -288,6 +288,10 @@ impl ControlPlane {
         self.process.as_ref()
     }
 
+    pub fn process_mut(&mut self) -> Option<&mut Process> {
+        self.process.as_mut()
+    }
+
     pub fn stdout(&self) -> String {
         self.process
             .as_ref()

@@ -45,6 +45,7 @@ struct Shared {
     spans: Mutex<Vec<Span>>,
     changed: Notify,
     counted: std::sync::atomic::AtomicU64,
+    counted_server: std::sync::atomic::AtomicU64,
 }
 
 struct Service(Arc<Shared>);
@@ -110,7 +111,26 @@ impl TraceService for Service {
 /// collector decoding every attribute would compete with the gateway for
 /// the same cores (a real collector runs elsewhere).
 #[derive(Debug, Default)]
-struct SpanCount(u64);
+struct SpanCount {
+    spans: u64,
+    /// Of which `SPAN_KIND_SERVER`: one per call through the proxy.
+    server: u64,
+}
+
+/// Whether the span message in `buf` has `kind` (field 6) `SPAN_KIND_SERVER`.
+fn is_server_span(mut buf: &[u8]) -> Result<bool, prost::DecodeError> {
+    use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
+    let mut server = false;
+    while !buf.is_empty() {
+        let (tag, wire) = decode_key(&mut buf)?;
+        if tag == 6 && wire == WireType::Varint {
+            server = decode_varint(&mut buf)? == 2;
+        } else {
+            skip_field(wire, tag, &mut buf, DecodeContext::default())?;
+        }
+    }
+    Ok(server)
+}
 
 /// Calls `each` on every length-delimited field `want` of the message in `buf`.
 fn each_field(
@@ -148,14 +168,16 @@ impl prost::Message for SpanCount {
         }
         let mut resource_spans = prost::bytes::Bytes::new();
         prost::encoding::bytes::merge(wire_type, &mut resource_spans, buf, ctx)?;
-        let mut n = 0;
+        let (mut spans, mut server) = (0, 0);
         each_field(&resource_spans, 2, &mut |scope_spans| {
-            each_field(scope_spans, 2, &mut |_span| {
-                n += 1;
+            each_field(scope_spans, 2, &mut |span| {
+                spans += 1;
+                server += u64::from(is_server_span(span)?);
                 Ok(())
             })
         })?;
-        self.0 += n;
+        self.spans += spans;
+        self.server += server;
         Ok(())
     }
 
@@ -164,7 +186,7 @@ impl prost::Message for SpanCount {
     }
 
     fn clear(&mut self) {
-        self.0 = 0;
+        *self = Self::default();
     }
 }
 
@@ -181,9 +203,10 @@ impl tonic::server::UnaryService<SpanCount> for CountingServer {
     type Future = std::future::Ready<Result<tonic::Response<Self::Response>, tonic::Status>>;
 
     fn call(&mut self, request: tonic::Request<SpanCount>) -> Self::Future {
-        self.0
-            .counted
-            .fetch_add(request.into_inner().0, std::sync::atomic::Ordering::Relaxed);
+        let count = request.into_inner();
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        self.0.counted.fetch_add(count.spans, relaxed);
+        self.0.counted_server.fetch_add(count.server, relaxed);
         std::future::ready(Ok(tonic::Response::new(
             ExportTraceServiceResponse::default(),
         )))
@@ -239,6 +262,13 @@ impl OtlpReceiver {
     pub fn counted(&self) -> u64 {
         self.shared
             .counted
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Server spans (one per proxied call) received by a counting receiver.
+    pub fn counted_server(&self) -> u64 {
+        self.shared
+            .counted_server
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
@@ -306,6 +336,7 @@ mod tests {
     fn span(name: &str) -> ProtoSpan {
         ProtoSpan {
             name: name.into(),
+            kind: if name.ends_with('0') { 2 } else { 3 },
             trace_id: vec![1; 16],
             span_id: vec![2; 8],
             attributes: vec![KeyValue {
@@ -339,7 +370,9 @@ mod tests {
             ],
         };
         let bytes = request.encode_to_vec();
-        assert_eq!(SpanCount::decode(bytes.as_slice()).unwrap().0, 210);
+        let count = SpanCount::decode(bytes.as_slice()).unwrap();
+        // Server spans: s0 of each non-empty scope, and s10..s190 of the 200.
+        assert_eq!((count.spans, count.server), (210, 3 + 19));
         assert!(
             SpanCount::decode(&bytes[..bytes.len() - 5]).is_err(),
             "a truncated request is an error, not a short count"
