@@ -143,6 +143,22 @@ async fn streamed_and_retried_calls_are_traced_with_genai_attributes() -> Result
     ensure!(r.status.as_u16() == 200, "retry: {} {}", r.status, r.text);
     ensure!(s.mock.requests("east") == 1, "east was tried once");
 
+    // A call to no route: refused before any accounting, still one span.
+    let (trace_c, parent_c) = ("5c3b0e4e6a7d4f2b9a8c7d6e5f4a3b2c", "1a2b3c4d5e6f7081");
+    let r = ProxyClient::send(
+        s.client
+            .request(Method::POST, "/v1/nowhere")
+            .header("traceparent", traceparent(trace_c, parent_c))
+            .json(&json!({})),
+    )
+    .await?;
+    ensure!(
+        r.status.as_u16() == 404,
+        "no route: {} {}",
+        r.status,
+        r.text
+    );
+
     let spans = otlp
         .wait_until(Duration::from_secs(30), |spans| {
             [(trace_a, "chat streamy", 1), (trace_b, "chat retry", 2)]
@@ -151,6 +167,7 @@ async fn streamed_and_retried_calls_are_traced_with_genai_attributes() -> Result
                     server_span(spans, t, name)
                         .is_some_and(|p| children(spans, p).len() == *attempts)
                 })
+                && server_span(spans, trace_c, "http").is_some()
         })
         .await;
     let dump = || format!("{spans:#?}");
@@ -238,10 +255,22 @@ async fn streamed_and_retried_calls_are_traced_with_genai_attributes() -> Result
         (Some("1"), Some("west"))
     );
     assert_ne!(second.status, 2, "{second:#?}");
+    assert_eq!(second.attr("outcome"), None, "a success says nothing more");
+    assert_eq!(second.attr("server.address"), first.attr("server.address"));
+    assert!(first.attr("server.address").is_some(), "{first:#?}");
     assert!(second.start_ns >= first.end_ns, "attempts are sequential");
     for a in [first, second] {
         assert_eq!(a.trace_id, trace_b, "the caller's trace id is kept");
     }
+
+    // The refused call: what was asked for, and how it ended.
+    let refused = server_span(&spans, trace_c, "http").with_context(dump)?;
+    assert_eq!(refused.parent_span_id, parent_c);
+    assert_eq!(refused.attr("url.path"), Some("/v1/nowhere"));
+    assert_eq!(refused.attr("http.request.method"), Some("POST"));
+    assert_eq!(refused.attr("http.response.status_code"), Some("404"));
+    assert!(refused.attr("error.type").is_some(), "{refused:#?}");
+    assert!(children(&spans, refused).is_empty());
 
     // Control-plane spans: the admin mutations above.
     assert!(
