@@ -8,11 +8,17 @@
 //! cargo bench -p aigw-tests --bench tracing
 //! ```
 //!
-//! Besides throughput, the CPU time each aigw process uses per call
-//! (`/proc/<pid>/stat`) at the same fixed rate (`BENCH_RATE`, default 1,000
-//! calls/s) off and on: the receiver and the load generator share the cores,
-//! so max throughput also charges tracing for the receiver's work, while CPU
-//! per call at equal load is aigw's own cost.
+//! Besides throughput, the CPU time the aigw process uses per call
+//! (`/proc/<pid>/stat`), at max throughput and at a fixed rate
+//! (`BENCH_RATE`, default 1,000 calls/s), off and on: aigw's own cost,
+//! whatever the receiver and the load generator take from the same cores.
+//!
+//! The receiver stands for a collector on another machine, so it counts
+//! spans by walking the protobuf wire format instead of decoding every
+//! attribute. It also counts server spans: after a graceful stop (which
+//! flushes the queue) every call the traced gateway answered must have
+//! reached it, or the report says how many were lost. A full export queue
+//! drops spans, and a cheaper "on" figure that lost spans would be wrong.
 //!
 //! `BENCH_SECS` (default 5) per round, `BENCH_ROUNDS` (default 3) rounds.
 //! Load generator, mock Azure, the receiver and aigw share this machine's
