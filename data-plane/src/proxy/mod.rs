@@ -179,7 +179,6 @@ impl Proxy {
         B: http_body::Body<Data = Bytes>,
         B::Error: std::fmt::Display,
     {
-        let operation = trace::operation_name(req.uri().path());
         // Taken by the call's accounting once the caller is known (it ends
         // the span then); still here, the call was refused before that.
         let mut trace = Some(trace);
@@ -212,8 +211,8 @@ impl Proxy {
             a.finish(resp.status().as_u16(), code);
         }
         if let Some(mut t) = trace {
+            // No alias yet: the span keeps the name it started with.
             t.end(&CallAttributes {
-                operation,
                 status: resp.status().as_u16(),
                 error_code: code.unwrap_or_default(),
                 ..CallAttributes::default()
@@ -468,7 +467,7 @@ impl Proxy {
                     a.trace()
                         .attempt(attempt, &target.deployment, &target.host, choice.probe)
                 }
-                None => CallSpan::none().attempt(attempt, "", "", false),
+                None => trace::AttemptSpan::none(),
             };
             if attempt > 0 {
                 self.metrics.record_retry(&route.alias);

@@ -33,15 +33,6 @@ impl Extractor for Extract<'_> {
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
-/// Lowercase hex of `bytes` into `out` (twice as long).
-fn hex(bytes: &[u8], out: &mut [u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for (b, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
-        pair[0] = DIGITS[usize::from(b >> 4)];
-        pair[1] = DIGITS[usize::from(b & 0xf)];
-    }
-}
-
 /// `gen_ai.operation.name` for a proxy path.
 pub fn operation_name(path: &str) -> &'static str {
     match path {
@@ -96,6 +87,7 @@ impl CallSpan {
             Context::new()
         };
         let op = operation_name(path);
+        // The span keeps this vector: room for what `end` adds, without regrowing.
         let mut attributes = Vec::with_capacity(14);
         attributes.push(KeyValue::new("gen_ai.operation.name", op));
         attributes.push(KeyValue::new("gen_ai.system", "az.ai.openai"));
@@ -129,9 +121,7 @@ impl CallSpan {
         if !sc.is_valid() {
             return String::new();
         }
-        let mut out = [0u8; 32];
-        hex(&sc.trace_id().to_bytes(), &mut out);
-        String::from_utf8_lossy(&out).into_owned()
+        hex::encode(sc.trace_id().to_bytes())
     }
 
     /// Starts the client span of one upstream attempt, a child of this call.
@@ -143,7 +133,7 @@ impl CallSpan {
         probe: bool,
     ) -> AttemptSpan {
         let (Some(cx), Some(tracer)) = (&self.cx, aigw_shared::telemetry::tracer()) else {
-            return AttemptSpan { cx: None };
+            return AttemptSpan::none();
         };
         if !cx.span().is_recording() {
             // Not sampled: the attempt inherits the decision; only the
@@ -237,6 +227,11 @@ pub struct AttemptSpan {
 }
 
 impl AttemptSpan {
+    /// An attempt of an untraced call.
+    pub fn none() -> Self {
+        Self { cx: None }
+    }
+
     /// Writes this attempt's `traceparent` (and `tracestate`, if any) into
     /// `headers`; `false` when there is no trace context (tracing off).
     pub fn inject(&self, headers: &mut HeaderMap) -> bool {
@@ -248,14 +243,11 @@ impl AttemptSpan {
         }
         // W3C trace context, written here rather than through the global
         // propagator (a lock and three string allocations per call).
-        let mut tp = [0u8; 55];
-        tp[..3].copy_from_slice(b"00-");
-        hex(&sc.trace_id().to_bytes(), &mut tp[3..35]);
-        tp[35] = b'-';
-        hex(&sc.span_id().to_bytes(), &mut tp[36..52]);
-        tp[52] = b'-';
-        hex(&[sc.trace_flags().to_u8()], &mut tp[53..55]);
-        if let Ok(v) = HeaderValue::from_bytes(&tp) {
+        let mut tp = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        let ids = hex::encode_to_slice(sc.trace_id().to_bytes(), &mut tp[3..35])
+            .and_then(|()| hex::encode_to_slice(sc.span_id().to_bytes(), &mut tp[36..52]))
+            .and_then(|()| hex::encode_to_slice([sc.trace_flags().to_u8()], &mut tp[53..55]));
+        if let (Ok(()), Ok(v)) = (ids, HeaderValue::from_bytes(&tp)) {
             headers.insert(TRACEPARENT.clone(), v);
         }
         let state = sc.trace_state().header();
