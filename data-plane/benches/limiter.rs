@@ -7,8 +7,8 @@
 //!
 //! Run: `cargo bench -p aigw-data-plane --bench limiter`.
 
-use aigw_data_plane::config::Operation;
 use aigw_data_plane::limits::{tokens, Check, Limiter};
+use aigw_data_plane::openai::Operation;
 use aigw_shared::domain::RateLimit;
 use serde_json::json;
 use std::sync::Arc;

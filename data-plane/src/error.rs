@@ -23,8 +23,9 @@ pub enum Error {
     UnsupportedMediaType,
     #[error("request body exceeds {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// No operation serves the request's path.
     #[error("no such route: {0}")]
-    RouteNotFound(String),
+    UnknownPath(String),
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("the gateway has no configuration yet; try again shortly")]
@@ -55,9 +56,9 @@ pub enum Error {
     /// Azure refused the gateway's own credential.
     #[error("{0}")]
     UpstreamAuth(String),
-    /// Wrong host, deployment or API version.
+    /// Wrong host, deployment or API version of the target.
     #[error("{0}")]
-    UpstreamRoute(String),
+    TargetMisconfigured(String),
     #[error("{0}")]
     Upstream(String),
     #[error("{0}")]
@@ -65,28 +66,22 @@ pub enum Error {
     // Start-up and background failures.
     #[error("config: {0}")]
     Config(String),
-    #[error("snapshot cache: {0}")]
-    Cache(String),
+    /// The on-disk copy of the last snapshot (`config::SnapshotFile`).
+    #[error("snapshot file: {0}")]
+    SnapshotFile(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Shared(#[from] aigw_shared::Error),
 }
 
-/// A wait as `retry-after` gives it: whole seconds, rounded up, at least 1.
-pub fn retry_after_secs(wait: std::time::Duration) -> u64 {
-    (wait.as_millis() as u64).div_ceil(1000).max(1)
-}
-
-/// An error with its sources, `outer: inner: innermost`, for messages that
-/// must say why (a connect error's cause is where the useful part is).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        cur = inner.source();
+impl From<crate::jwt::Refusal> for Error {
+    fn from(r: crate::jwt::Refusal) -> Self {
+        use crate::jwt::Refusal;
+        match r {
+            Refusal::Jwt(e) => Self::Jwt(e),
+            Refusal::NotAllowed => Self::InvalidApiKey("invalid API key or token"),
+            Refusal::Malformed => Self::InvalidApiKey("malformed token"),
+        }
     }
-    s
 }

@@ -3,11 +3,20 @@
 //!
 //! Where things live:
 //! - `config/` — snapshots: compile (`runtime`), stream from the control plane
-//!   (`watch`), on-disk cache (`cache`), and the lock-free `ConfigHandle`
-//! - `proxy/`  — the request pipeline (its order is documented in `proxy/mod.rs`):
-//!   caller auth (`auth`), body checks (`request`), the Azure call (`upstream`),
-//!   stream adaptation (`sse`), error envelope (`edge`)
+//!   (`watch`), the last one on disk (`snapshot_file`), and the lock-free
+//!   `ConfigHandle` holding the compiled snapshot
+//! - `node`    — the node's long-lived services (limiter, JWKS, target health,
+//!   credentials, response caches, HTTP client) and applying snapshots to them
+//! - `proxy/`  — the request pipeline (its order is documented in `proxy/mod.rs`),
+//!   one `Call` object per call
+//! - `openai/` — the OpenAI / Azure wire format: the operation table, request
+//!   fields, answer and chunk types, Azure's filter annotations
 //! - `server`  — accept loops and graceful drain
+//! - `caller`  — an api key as the hot path checks it
+//! - `cache/`  — the response cache (the only "cache" in this crate besides
+//!   token and key caches named for what they hold)
+//! - `routing/` — target health and picking a target per attempt
+//! - `clock`   — wall-clock Unix milliseconds vs process-monotonic milliseconds
 //! - `credentials` — Entra ID tokens for the upstream, cached across snapshots
 //! - `jwt` — caller JWTs (Entra ID / OIDC): issuers' keys cached across
 //!   snapshots, token verification, identity → api key
@@ -16,21 +25,27 @@
 //! - `metrics` — `/metrics` counters
 
 pub mod cache;
+pub mod caller;
+pub mod clock;
 pub mod config;
 pub mod credentials;
 pub mod error;
+pub mod http_client;
 pub mod jwt;
 pub mod limits;
 pub mod metrics;
+pub mod node;
+pub mod openai;
 pub mod proxy;
 pub mod routing;
 pub mod server;
+pub mod shutdown;
 pub mod usage;
 
 pub use error::Error;
 
 use aigw_shared::config::Config;
-use config::{ConfigHandle, SnapshotCacheFile, WatchSettings};
+use config::{ConfigHandle, SnapshotFile, WatchSettings};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -122,7 +137,7 @@ pub struct DataPlane {
 }
 
 impl DataPlane {
-    /// Binds both listeners, boots from the snapshot cache if there is one,
+    /// Binds both listeners, boots from the snapshot file if there is one,
     /// and starts following the control plane.
     pub async fn start(settings: Settings) -> Result<Self, Error> {
         let bind = |addr: SocketAddr, what: &'static str| async move {
@@ -139,14 +154,14 @@ impl DataPlane {
         let metrics_addr = health_listener.local_addr()?;
 
         let metrics = Arc::new(metrics::Metrics::default());
-        let config = Arc::new(ConfigHandle::new(Arc::new(
-            credentials::CredentialRegistry::new(metrics.clone()),
-        )));
-        let cache = Arc::new(SnapshotCacheFile::new(
-            &settings.snapshot_cache,
-            &settings.token,
-        ));
-        config::watch::boot_from_cache(&config, &cache);
+        let services = Arc::new(node::Services::new(metrics.clone())?);
+        let config = Arc::new(ConfigHandle::default());
+        let node = Arc::new(node::Node {
+            services: services.clone(),
+            config: config.clone(),
+        });
+        let snapshot_file = Arc::new(SnapshotFile::new(&settings.snapshot_cache, &settings.token));
+        config::watch::boot_from_file(&*node, &snapshot_file);
 
         let (stop, stopped) = watch::channel(false);
         let tasks = TaskTracker::new();
@@ -159,7 +174,7 @@ impl DataPlane {
             (None, Some(url)) => {
                 let nats = usage::NatsBus::connect(url).await.map_err(Error::Config)?;
                 tasks.spawn(limits::run_sync(
-                    config.limiter().clone(),
+                    services.limiter.clone(),
                     nats.client(),
                     settings.node_id.clone(),
                     stopped.clone(),
@@ -187,12 +202,10 @@ impl DataPlane {
             usage_stopped,
         ));
 
-        let upstream = proxy::UpstreamClient::new(&[])?;
         let proxy = Arc::new(proxy::Proxy::new(
             config.clone(),
-            upstream,
+            services.clone(),
             settings.max_body_bytes,
-            metrics.clone(),
             recorder,
         ));
         tasks.spawn(config::watch_control_plane(
@@ -202,8 +215,8 @@ impl DataPlane {
                 token: settings.token.clone(),
                 address: proxy_addr.to_string(),
             },
-            config.clone(),
-            cache,
+            node,
+            snapshot_file,
             stopped.clone(),
         ));
         tasks.spawn(server::serve_proxy(
@@ -215,7 +228,7 @@ impl DataPlane {
         tasks.spawn(server::serve_health(
             health_listener,
             config.clone(),
-            metrics,
+            services,
             stopped,
         ));
         tasks.close();

@@ -2,7 +2,7 @@
 //! drain: on stop, no new connections; in-flight calls get `drain` to finish.
 
 use crate::config::ConfigHandle;
-use crate::metrics::Metrics;
+use crate::node::Services;
 use crate::proxy::{full, Proxy};
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
@@ -53,7 +53,7 @@ async fn accept_loop<F, Fut>(
                     let _ = conn.await;
                 });
             }
-            _ = stopped(&mut stop) => break,
+            _ = crate::shutdown::stopped(&mut stop) => break,
         }
     }
     drop(listener);
@@ -61,11 +61,6 @@ async fn accept_loop<F, Fut>(
         _ = graceful.shutdown() => info!("{what}: all connections drained"),
         _ = tokio::time::sleep(drain) => warn!("{what}: drain limit reached; closing the remaining connections"),
     }
-}
-
-/// Resolves once `stop` flips to true (or its sender is gone).
-pub async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }
 
 pub async fn serve_proxy(
@@ -91,13 +86,13 @@ pub async fn serve_proxy(
 pub async fn serve_health(
     listener: TcpListener,
     config: Arc<ConfigHandle>,
-    metrics: Arc<Metrics>,
+    services: Arc<Services>,
     stop: watch::Receiver<bool>,
 ) {
     accept_loop(
         listener,
         move |req: http::Request<hyper::body::Incoming>| {
-            let (config, metrics) = (config.clone(), metrics.clone());
+            let (config, services) = (config.clone(), services.clone());
             async move {
                 let (status, ctype, body) = match req.uri().path() {
                     "/livez" => (
@@ -118,9 +113,9 @@ pub async fn serve_health(
                     "/metrics" => (
                         StatusCode::OK,
                         "text/plain; version=0.0.4",
-                        metrics.render(config.version(), config.is_ready())
-                            + &config.health().render_metrics()
-                            + &config.limiter().render_metrics(),
+                        services.metrics.render(config.version(), config.is_ready())
+                            + &services.health.render_metrics()
+                            + &services.limiter.render_metrics(),
                     ),
                     _ => (
                         StatusCode::NOT_FOUND,

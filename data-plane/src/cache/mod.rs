@@ -8,6 +8,7 @@ mod replay;
 
 pub use replay::sse_from_json;
 
+use crate::openai::request::{STREAM, STREAM_OPTIONS};
 use aigw_shared::domain::CacheConfig;
 use bytes::Bytes;
 use http::HeaderValue;
@@ -20,7 +21,7 @@ use std::time::Duration;
 const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 const DEFAULT_MAX_ENTRIES: u64 = 10_000;
 /// Fields that do not change the answer.
-const IGNORED_FIELDS: [&str; 3] = ["stream", "stream_options", "user"];
+const IGNORED_FIELDS: [&str; 3] = [STREAM, STREAM_OPTIONS, "user"];
 
 /// A cached upstream answer.
 #[derive(Debug)]
@@ -35,11 +36,11 @@ pub type Store = moka::future::Cache<[u8; 32], Arc<Answer>>;
 /// One cache per model alias, kept across snapshots while its settings and
 /// purge generation stay the same.
 #[derive(Default)]
-pub struct CacheRegistry {
+pub struct ResponseCaches {
     caches: Mutex<HashMap<String, (CacheConfig, u64, Store)>>,
 }
 
-impl CacheRegistry {
+impl ResponseCaches {
     /// The cache for `alias`, if caching is enabled for it.
     pub fn get(&self, alias: &str, cfg: Option<&CacheConfig>, generation: u64) -> Option<Store> {
         let cfg = cfg.filter(|c| c.enabled)?;
@@ -78,12 +79,7 @@ fn build(cfg: &CacheConfig) -> Store {
 /// Whether a request body is deterministic enough to cache: `temperature`
 /// exactly 0 and `n` absent or 1.
 pub fn cacheable(body: &Map<String, Value>) -> bool {
-    let temperature_zero = body.get("temperature").and_then(Value::as_f64) == Some(0.0);
-    let single = match body.get("n") {
-        None | Some(Value::Null) => true,
-        Some(v) => v.as_u64() == Some(1),
-    };
-    temperature_zero && single
+    crate::openai::request::deterministic(body)
 }
 
 /// sha256 of the alias and the canonical body: keys sorted at every level,
@@ -147,8 +143,8 @@ fn canonical(v: &Value, h: &mut Sha256) {
 /// stream, so the answer can be stored whole.
 pub fn json_body(body: &Map<String, Value>) -> Bytes {
     let mut b = body.clone();
-    b.remove("stream");
-    b.remove("stream_options");
+    b.remove(STREAM);
+    b.remove(STREAM_OPTIONS);
     Bytes::from(serde_json::to_vec(&b).unwrap_or_default())
 }
 
@@ -199,7 +195,7 @@ mod tests {
 
     #[tokio::test]
     async fn registry_keeps_a_cache_until_settings_or_generation_change() {
-        let r = CacheRegistry::default();
+        let r = ResponseCaches::default();
         let cfg = CacheConfig {
             enabled: true,
             ttl_seconds: Some(60),

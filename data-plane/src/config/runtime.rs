@@ -1,8 +1,17 @@
+//! A snapshot compiled for the hot path: hash tables, URLs and headers
+//! prebuilt. Plain data: the long-lived node services it draws on (token
+//! caches, target health, rate-limit counters) are passed to `compile`.
+
+use crate::caller::Caller;
 use crate::credentials::{CredentialRegistry, TokenProvider};
-use crate::limits::{Limiter, Scope};
-use crate::routing::{HealthRegistry, TargetHealth};
-use aigw_shared::domain::{resolve_api_base, Credential, RateLimit, RoutingStrategy};
-use aigw_shared::snapshot::{ConfigSnapshot, SNAPSHOT_FORMAT};
+use crate::http_client::HttpClient;
+use crate::limits::{Limiter, Limits};
+use crate::openai::{Operation, OPERATIONS};
+use crate::routing::{HealthRegistry, Pool, TargetHealth};
+use aigw_shared::domain::{
+    resolve_api_base, Credential, Model, Routing as RoutingPolicy, Target as ResolvedTarget,
+};
+use aigw_shared::snapshot::{ConfigSnapshot, SnapshotProviderKey as ProviderKey, SNAPSHOT_FORMAT};
 use http::{HeaderValue, Uri};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -21,7 +30,7 @@ const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_millis(50);
 /// Default time a 429'd target rests (without a hint) and a circuit stays open.
 const DEFAULT_COOLDOWN: Duration = Duration::from_secs(5);
 
-/// A compiled snapshot: hash tables for the hot path, URLs and headers prebuilt.
+/// A compiled snapshot.
 #[derive(Debug)]
 pub struct Runtime {
     pub version: u64,
@@ -34,81 +43,30 @@ pub struct Runtime {
     jwt: crate::jwt::JwtAuth,
 }
 
-#[derive(Debug)]
-pub struct Caller {
-    pub id: String,
-    allow_all: bool,
-    allowed: Vec<String>,
-    pub disabled: bool,
-    /// Unix seconds.
-    pub expires_at: Option<i64>,
-    /// Spend reached the key's budget for the current period.
-    pub budget_exceeded: bool,
-    pub limits: Option<Limits>,
+/// The node services a snapshot is compiled against; each outlives snapshots.
+#[derive(Clone, Copy)]
+pub struct CompileWith<'a> {
+    /// Entra ID token caches, the same while a credential is unchanged.
+    pub credentials: &'a CredentialRegistry,
+    /// Target health, carried over to the new snapshot's targets.
+    pub health: &'a HealthRegistry,
+    /// Rate-limit counters, carried over to the new snapshot's scopes.
+    pub limiter: &'a Limiter,
 }
 
-/// A scope's rate limits and the fleet-wide counters they are checked on.
-#[derive(Debug)]
-pub struct Limits {
-    pub rate: RateLimit,
-    pub scope: Arc<Scope>,
-}
-
-impl Limits {
-    fn new(limiter: &Limiter, scope: String, rate: Option<RateLimit>) -> Option<Self> {
-        let rate = rate.filter(|r| *r != RateLimit::default())?;
-        Some(Self {
-            scope: limiter.scope(&scope, &rate),
-            rate,
-        })
-    }
-
-    pub fn counts_tokens(&self) -> bool {
-        self.rate.tpm.is_some() || self.rate.tpd.is_some()
-    }
-}
-
-impl Caller {
-    /// An api key as the hot path checks it.
-    pub(crate) fn from_api_key(
-        id: String,
-        k: aigw_shared::domain::ApiKey,
-        budget_exceeded: bool,
-        limiter: &Limiter,
-    ) -> Self {
-        Self {
-            budget_exceeded,
-            limits: Limits::new(limiter, format!("key/{id}"), k.rate_limit),
-            id,
-            allow_all: k.allowed_models.iter().any(|m| m == "*"),
-            allowed: k.allowed_models,
-            disabled: k.disabled,
-            expires_at: k.expires_at.map(|t| t.unix_timestamp()),
-        }
-    }
-
-    pub fn allows(&self, alias: &str) -> bool {
-        self.allow_all || self.allowed.iter().any(|a| a == alias)
-    }
-}
-
+/// A model route: an alias and the deployments (targets) that serve it.
 #[derive(Debug)]
 pub struct Route {
     pub alias: Arc<str>,
     /// Sorted by priority, lowest first.
-    pub targets: Vec<Arc<Upstream>>,
-    /// `weights[i]` is `targets[i]`'s weight in this route.
-    pub weights: Vec<u32>,
-    /// Index ranges of `targets` with equal priority, in priority order.
-    pub groups: Vec<Range<usize>>,
-    pub strategy: RoutingStrategy,
-    pub rr: AtomicUsize,
+    pub targets: Vec<Arc<Target>>,
+    /// How attempts pick among `targets` (same indices).
+    pub pool: Pool,
     /// The model's deadline for the whole call, retries included.
     pub timeout: Duration,
     pub stream_idle_timeout: Duration,
     pub retries: u32,
     pub retry_backoff: Duration,
-    pub cooldown: Duration,
     pub cache: Option<aigw_shared::domain::CacheConfig>,
     /// Bumped by an admin purge of this model's cache.
     pub cache_generation: u64,
@@ -119,38 +77,13 @@ pub struct Route {
     pub tokenizer: tiktoken_rs::tokenizer::Tokenizer,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Operation {
-    ChatCompletions,
-    Completions,
-    Embeddings,
-}
-
-impl Operation {
-    pub fn path(self) -> &'static str {
-        match self {
-            Self::ChatCompletions => "chat/completions",
-            Self::Completions => "completions",
-            Self::Embeddings => "embeddings",
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::ChatCompletions => "chat",
-            Self::Completions => "text_completion",
-            Self::Embeddings => "embeddings",
-        }
-    }
-}
-
-pub enum UpstreamAuth {
+pub enum TargetAuth {
     ApiKey(HeaderValue),
     /// Entra ID: `Authorization: Bearer` from the key's token cache.
     Entra(Arc<TokenProvider>),
 }
 
-impl std::fmt::Debug for UpstreamAuth {
+impl std::fmt::Debug for TargetAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::ApiKey(_) => f.write_str("ApiKey(***)"),
@@ -159,217 +92,56 @@ impl std::fmt::Debug for UpstreamAuth {
     }
 }
 
+/// One deployment a model route sends attempts to (an upstream target).
 #[derive(Debug)]
-pub struct Upstream {
+pub struct Target {
     pub provider_key_id: String,
     /// The provider key's display name, for messages (never the secret).
     pub provider_name: String,
     pub deployment: String,
     /// `x-aigw-served-by`: `<provider key>/<deployment>`.
     pub served_by: HeaderValue,
-    pub auth: UpstreamAuth,
+    pub auth: TargetAuth,
     pub host: String,
     /// A client trusting the provider key's extra CA, if it has one.
-    pub client: Option<crate::proxy::UpstreamClient>,
+    pub client: Option<HttpClient>,
     /// Shared with every snapshot that routes to this deployment.
     pub health: Arc<TargetHealth>,
-    uris: [Uri; 3],
+    /// By `Operation as usize`; `None` for operations Azure does not serve.
+    uris: Vec<Option<Uri>>,
 }
 
-impl Upstream {
-    pub fn uri(&self, op: Operation) -> &Uri {
-        match op {
-            Operation::ChatCompletions => &self.uris[0],
-            Operation::Completions => &self.uris[1],
-            Operation::Embeddings => &self.uris[2],
-        }
+impl Target {
+    pub fn uri(&self, op: Operation) -> Option<&Uri> {
+        self.uris.get(op as usize)?.as_ref()
     }
 }
 
 impl Runtime {
     /// Validates the whole snapshot and compiles it; any error rejects it all.
-    /// Entra ID keys get their token cache from `credentials` (the same one
-    /// as in the previous snapshot while the credential is unchanged).
-    pub fn compile(
-        snapshot: ConfigSnapshot,
-        credentials: &CredentialRegistry,
-    ) -> Result<Self, String> {
-        Self::compile_with(
-            snapshot,
-            credentials,
-            &HealthRegistry::default(),
-            &Limiter::default(),
-        )
-    }
-
-    /// [`Runtime::compile`], with deployment health carried over from
-    /// `health` and rate-limit counters from `limiter`.
-    pub fn compile_with(
-        snapshot: ConfigSnapshot,
-        credentials: &CredentialRegistry,
-        health: &HealthRegistry,
-        limiter: &Limiter,
-    ) -> Result<Self, String> {
+    pub fn compile(snapshot: ConfigSnapshot, with: CompileWith<'_>) -> Result<Self, String> {
         if snapshot.format != SNAPSHOT_FORMAT {
             return Err(format!(
                 "snapshot format {} is not supported (expected {SNAPSHOT_FORMAT})",
                 snapshot.format
             ));
         }
-        let mut upstreams: HashMap<(String, String), Arc<Upstream>> = HashMap::new();
-        let mut clients: HashMap<String, crate::proxy::UpstreamClient> = HashMap::new();
-        let mut routes = HashMap::new();
-        let mut token_providers: HashMap<String, Arc<TokenProvider>> = HashMap::new();
+        let mut targets = TargetBuilder::new(&snapshot, with);
+        let mut routes = HashMap::with_capacity(snapshot.models.len());
         for (model_id, m) in &snapshot.models {
-            let mut targets = m.resolved_targets();
-            targets.sort_by_key(|t| t.priority);
-            let mut compiled = Vec::with_capacity(targets.len());
-            let weights: Vec<u32> = targets.iter().map(|t| t.weight.max(1)).collect();
-            let mut groups: Vec<Range<usize>> = Vec::new();
-            for (i, t) in targets.iter().enumerate() {
-                match groups.last_mut() {
-                    Some(g) if targets[g.start].priority == t.priority => g.end = i + 1,
-                    _ => groups.push(i..i + 1),
-                }
-            }
-            for t in targets {
-                let key = (t.provider_key_id.clone(), t.model_name.clone());
-                if let Some(u) = upstreams.get(&key) {
-                    compiled.push(u.clone());
-                    continue;
-                }
-                let pk = snapshot
-                    .provider_keys
-                    .get(&t.provider_key_id)
-                    .ok_or_else(|| {
-                        format!(
-                            "model {model_id}: provider key {} is missing",
-                            t.provider_key_id
-                        )
-                    })?;
-                let base = resolve_api_base(&pk.api_base)
-                    .map_err(|e| format!("provider key {}: {e}", t.provider_key_id))?;
-                let uri = |op: Operation| -> Result<Uri, String> {
-                    format!(
-                        "{base}/openai/deployments/{}/{}?api-version={}",
-                        t.model_name,
-                        op.path(),
-                        pk.api_version
-                    )
-                    .parse()
-                    .map_err(|e| format!("model {model_id}: bad upstream URL: {e}"))
-                };
-                let uris = [
-                    uri(Operation::ChatCompletions)?,
-                    uri(Operation::Completions)?,
-                    uri(Operation::Embeddings)?,
-                ];
-                let auth = match &pk.credential {
-                    Credential::ApiKey { key } => {
-                        let mut v = HeaderValue::from_str(key).map_err(|_| {
-                            format!(
-                                "provider key {}: the API key is not a valid header value",
-                                pk.display_name
-                            )
-                        })?;
-                        v.set_sensitive(true);
-                        UpstreamAuth::ApiKey(v)
-                    }
-                    Credential::ClientSecret { .. }
-                    | Credential::ManagedIdentity { .. }
-                    | Credential::WorkloadIdentity => {
-                        let provider = match token_providers.get(&t.provider_key_id) {
-                            Some(p) => p.clone(),
-                            None => {
-                                let p = credentials.resolve(&t.provider_key_id, pk)?;
-                                token_providers.insert(t.provider_key_id.clone(), p.clone());
-                                p
-                            }
-                        };
-                        UpstreamAuth::Entra(provider)
-                    }
-                };
-                let client = match &pk.ca_pem {
-                    None => None,
-                    Some(pem) => Some(match clients.get(pem) {
-                        Some(c) => c.clone(),
-                        None => {
-                            let ders = aigw_shared::domain::parse_ca_pem(pem).map_err(|e| {
-                                format!("provider key {}: ca_pem {e}", pk.display_name)
-                            })?;
-                            let c = crate::proxy::UpstreamClient::new(&ders)
-                                .map_err(|e| format!("provider key {}: {e}", pk.display_name))?;
-                            clients.insert(pem.clone(), c.clone());
-                            c
-                        }
-                    }),
-                };
-                let served_by =
-                    HeaderValue::from_str(&format!("{}/{}", pk.display_name, t.model_name))
-                        .unwrap_or_else(|_| HeaderValue::from_static("upstream"));
-                let up = Arc::new(Upstream {
-                    provider_key_id: t.provider_key_id.clone(),
-                    provider_name: pk.display_name.clone(),
-                    deployment: t.model_name.clone(),
-                    served_by,
-                    auth,
-                    host: uris[0].host().unwrap_or_default().to_string(),
-                    client,
-                    health: health.get(&t.provider_key_id, &t.model_name),
-                    uris,
-                });
-                upstreams.insert(key, up.clone());
-                compiled.push(up);
-            }
-            let routing = m.routing.clone().unwrap_or_default();
-            let tokenizer = crate::limits::tokens::tokenizer_for(
-                compiled.first().map_or("", |u| u.deployment.as_str()),
-            );
-            routes.insert(
-                m.display_name.clone(),
-                Arc::new(Route {
-                    alias: Arc::from(m.display_name.as_str()),
-                    targets: compiled,
-                    weights,
-                    groups,
-                    strategy: routing.strategy,
-                    rr: AtomicUsize::new(0),
-                    timeout: routing.timeout.map_or(DEFAULT_TIMEOUT, |d| d.0),
-                    stream_idle_timeout: routing
-                        .stream_idle_timeout
-                        .map_or(DEFAULT_STREAM_IDLE, |d| d.0),
-                    retries: routing.retries.unwrap_or(DEFAULT_RETRIES),
-                    retry_backoff: routing.retry_backoff.map_or(DEFAULT_RETRY_BACKOFF, |d| d.0),
-                    cooldown: routing.cooldown.map_or(DEFAULT_COOLDOWN, |d| d.0),
-                    cache: m.cache,
-                    cache_generation: snapshot.cache_purges.get(model_id).copied().unwrap_or(0),
-                    limits: Limits::new(limiter, format!("model/{}", m.display_name), m.rate_limit),
-                    tokenizer,
-                    log_payloads: m.log_payloads,
-                }),
-            );
+            let route = compile_route(model_id, m, &snapshot, &mut targets, with.limiter)?;
+            routes.insert(m.display_name.clone(), Arc::new(route));
         }
+        let token_providers = targets.token_providers;
         // JWT-bound api keys leave `api_keys` here; the rest are key hashes.
         let mut snapshot = snapshot;
         let jwt = crate::jwt::JwtAuth::compile(
             &snapshot.jwt_providers,
             &mut snapshot.api_keys,
             &snapshot.budget_exceeded,
-            limiter,
+            with.limiter,
         )?;
-        let exceeded = snapshot.budget_exceeded;
-        let mut callers = HashMap::with_capacity(snapshot.api_keys.len());
-        for (id, k) in snapshot.api_keys {
-            let hash: [u8; 32] = hex::decode(&k.key_hash)
-                .ok()
-                .and_then(|b| b.try_into().ok())
-                .ok_or_else(|| format!("api key {id}: key_hash is not 64 hex characters"))?;
-            let budget_exceeded = exceeded.contains(&id);
-            callers.insert(
-                hash,
-                Arc::new(Caller::from_api_key(id, k, budget_exceeded, limiter)),
-            );
-        }
+        let callers = compile_callers(&snapshot, with.limiter)?;
         let mut aliases: Vec<String> = routes.keys().cloned().collect();
         aliases.sort();
         Ok(Self {
@@ -415,4 +187,209 @@ impl Runtime {
     pub fn aliases(&self) -> &[String] {
         &self.aliases
     }
+}
+
+/// The api keys that authenticate by key hash.
+fn compile_callers(
+    snapshot: &ConfigSnapshot,
+    limiter: &Limiter,
+) -> Result<HashMap<[u8; 32], Arc<Caller>>, String> {
+    let mut callers = HashMap::with_capacity(snapshot.api_keys.len());
+    for (id, k) in &snapshot.api_keys {
+        let hash: [u8; 32] = hex::decode(&k.key_hash)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| format!("api key {id}: key_hash is not 64 hex characters"))?;
+        let budget_exceeded = snapshot.budget_exceeded.contains(id);
+        let caller = Caller::from_api_key(id.clone(), k.clone(), budget_exceeded, limiter);
+        callers.insert(hash, Arc::new(caller));
+    }
+    Ok(callers)
+}
+
+/// A model's route: its targets in priority order and its routing policy.
+fn compile_route(
+    model_id: &str,
+    m: &Model,
+    snapshot: &ConfigSnapshot,
+    targets: &mut TargetBuilder<'_>,
+    limiter: &Limiter,
+) -> Result<Route, String> {
+    let mut resolved = m.resolved_targets();
+    resolved.sort_by_key(|t| t.priority);
+    let compiled = resolved
+        .iter()
+        .map(|t| targets.target(model_id, t))
+        .collect::<Result<Vec<_>, _>>()?;
+    let routing = m.routing.clone().unwrap_or_default();
+    let tokenizer = crate::limits::tokens::tokenizer_for(
+        compiled.first().map_or("", |u| u.deployment.as_str()),
+    );
+    Ok(Route {
+        alias: Arc::from(m.display_name.as_str()),
+        pool: pool(&resolved, &compiled, &routing),
+        targets: compiled,
+        timeout: routing.timeout.map_or(DEFAULT_TIMEOUT, |d| d.0),
+        stream_idle_timeout: routing
+            .stream_idle_timeout
+            .map_or(DEFAULT_STREAM_IDLE, |d| d.0),
+        retries: routing.retries.unwrap_or(DEFAULT_RETRIES),
+        retry_backoff: routing.retry_backoff.map_or(DEFAULT_RETRY_BACKOFF, |d| d.0),
+        cache: m.cache,
+        cache_generation: snapshot.cache_purges.get(model_id).copied().unwrap_or(0),
+        limits: Limits::new(limiter, format!("model/{}", m.display_name), m.rate_limit),
+        tokenizer,
+        log_payloads: m.log_payloads,
+    })
+}
+
+/// Weights and priority groups of targets sorted by priority.
+fn pool(resolved: &[ResolvedTarget], compiled: &[Arc<Target>], routing: &RoutingPolicy) -> Pool {
+    let mut groups: Vec<Range<usize>> = Vec::new();
+    for (i, t) in resolved.iter().enumerate() {
+        match groups.last_mut() {
+            Some(g) if resolved.get(g.start).map(|s| s.priority) == Some(t.priority) => {
+                g.end = i + 1
+            }
+            _ => groups.push(i..i + 1),
+        }
+    }
+    Pool {
+        health: compiled.iter().map(|t| t.health.clone()).collect(),
+        weights: resolved.iter().map(|t| t.weight.max(1)).collect(),
+        groups,
+        strategy: routing.strategy,
+        rr: AtomicUsize::new(0),
+        cooldown: routing.cooldown.map_or(DEFAULT_COOLDOWN, |d| d.0),
+    }
+}
+
+/// Compiles each (provider key, deployment) once per snapshot, however many
+/// models route to it, and each provider key's credential and CA once.
+struct TargetBuilder<'a> {
+    snapshot: &'a ConfigSnapshot,
+    with: CompileWith<'a>,
+    targets: HashMap<(String, String), Arc<Target>>,
+    /// Clients trusting a provider key's extra CA, by PEM.
+    clients: HashMap<String, HttpClient>,
+    token_providers: HashMap<String, Arc<TokenProvider>>,
+}
+
+impl<'a> TargetBuilder<'a> {
+    fn new(snapshot: &'a ConfigSnapshot, with: CompileWith<'a>) -> Self {
+        Self {
+            snapshot,
+            with,
+            targets: HashMap::new(),
+            clients: HashMap::new(),
+            token_providers: HashMap::new(),
+        }
+    }
+
+    fn target(&mut self, model_id: &str, t: &ResolvedTarget) -> Result<Arc<Target>, String> {
+        let key = (t.provider_key_id.clone(), t.model_name.clone());
+        if let Some(u) = self.targets.get(&key) {
+            return Ok(u.clone());
+        }
+        let snapshot = self.snapshot;
+        let pk = snapshot
+            .provider_keys
+            .get(&t.provider_key_id)
+            .ok_or_else(|| {
+                format!(
+                    "model {model_id}: provider key {} is missing",
+                    t.provider_key_id
+                )
+            })?;
+        let uris = uris(model_id, t, pk)?;
+        let host = uris
+            .iter()
+            .flatten()
+            .next()
+            .and_then(Uri::host)
+            .unwrap_or_default()
+            .to_string();
+        let served_by = HeaderValue::from_str(&format!("{}/{}", pk.display_name, t.model_name))
+            .unwrap_or_else(|_| HeaderValue::from_static("upstream"));
+        let target = Arc::new(Target {
+            provider_key_id: t.provider_key_id.clone(),
+            provider_name: pk.display_name.clone(),
+            deployment: t.model_name.clone(),
+            served_by,
+            auth: self.auth(&t.provider_key_id, pk)?,
+            host,
+            client: self.client(pk)?,
+            health: self.health(t),
+            uris,
+        });
+        self.targets.insert(key, target.clone());
+        Ok(target)
+    }
+
+    fn health(&self, t: &ResolvedTarget) -> Arc<TargetHealth> {
+        self.with.health.get(&t.provider_key_id, &t.model_name)
+    }
+
+    fn auth(&mut self, provider_key_id: &str, pk: &ProviderKey) -> Result<TargetAuth, String> {
+        match &pk.credential {
+            Credential::ApiKey { key } => {
+                let mut v = HeaderValue::from_str(key).map_err(|_| {
+                    format!(
+                        "provider key {}: the API key is not a valid header value",
+                        pk.display_name
+                    )
+                })?;
+                v.set_sensitive(true);
+                Ok(TargetAuth::ApiKey(v))
+            }
+            Credential::ClientSecret { .. }
+            | Credential::ManagedIdentity { .. }
+            | Credential::WorkloadIdentity => {
+                if let Some(p) = self.token_providers.get(provider_key_id) {
+                    return Ok(TargetAuth::Entra(p.clone()));
+                }
+                let p = self.with.credentials.resolve(provider_key_id, pk)?;
+                self.token_providers
+                    .insert(provider_key_id.to_string(), p.clone());
+                Ok(TargetAuth::Entra(p))
+            }
+        }
+    }
+
+    /// A client trusting the key's extra CA; `None`: the node's own client.
+    fn client(&mut self, pk: &ProviderKey) -> Result<Option<HttpClient>, String> {
+        let Some(pem) = &pk.ca_pem else {
+            return Ok(None);
+        };
+        if let Some(c) = self.clients.get(pem) {
+            return Ok(Some(c.clone()));
+        }
+        let ders = aigw_shared::domain::parse_ca_pem(pem)
+            .map_err(|e| format!("provider key {}: ca_pem {e}", pk.display_name))?;
+        let c =
+            HttpClient::new(&ders).map_err(|e| format!("provider key {}: {e}", pk.display_name))?;
+        self.clients.insert(pem.clone(), c.clone());
+        Ok(Some(c))
+    }
+}
+
+/// The target's URL for every operation Azure serves.
+fn uris(model_id: &str, t: &ResolvedTarget, pk: &ProviderKey) -> Result<Vec<Option<Uri>>, String> {
+    let base = resolve_api_base(&pk.api_base)
+        .map_err(|e| format!("provider key {}: {e}", t.provider_key_id))?;
+    OPERATIONS
+        .iter()
+        .map(|row| {
+            row.azure_path
+                .map(|path| {
+                    format!(
+                        "{base}/openai/deployments/{}/{path}?api-version={}",
+                        t.model_name, pk.api_version
+                    )
+                    .parse::<Uri>()
+                    .map_err(|e| format!("model {model_id}: bad upstream URL: {e}"))
+                })
+                .transpose()
+        })
+        .collect()
 }

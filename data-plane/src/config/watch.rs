@@ -1,6 +1,5 @@
-use super::{ConfigHandle, Runtime, SnapshotCacheFile};
+use super::SnapshotFile;
 use aigw_shared::proto::config::v1 as pb;
-use aigw_shared::snapshot::ConfigSnapshot;
 use pb::config_service_client::ConfigServiceClient;
 use pb::watch_request::Kind;
 use rand::Rng;
@@ -20,62 +19,56 @@ pub struct WatchSettings {
     pub address: String,
 }
 
-/// Applies a snapshot: decode, validate and compile it whole, then swap.
-/// On error the node keeps its previous snapshot.
-pub fn apply(handle: &ConfigHandle, body: &[u8]) -> Result<u64, String> {
-    let snapshot: ConfigSnapshot =
-        serde_json::from_slice(body).map_err(|e| format!("undecodable snapshot: {e}"))?;
-    let runtime = Runtime::compile_with(
-        snapshot,
-        handle.credentials(),
-        handle.health(),
-        handle.limiter(),
-    )?;
-    let version = runtime.version;
-    handle.store(runtime);
-    Ok(version)
+/// Where snapshots from the stream go (the node: compile, swap, tidy up).
+pub trait Apply: Send + Sync + 'static {
+    /// Decodes, validates and compiles a snapshot whole, then swaps it in;
+    /// on error the node keeps its previous snapshot.
+    fn apply(&self, body: &[u8]) -> Result<u64, String>;
+
+    /// Version of the applied snapshot, 0 before the first.
+    fn version(&self) -> u64;
 }
 
-/// Boots from the cache file if there is no snapshot yet.
-pub fn boot_from_cache(handle: &ConfigHandle, cache: &SnapshotCacheFile) {
-    match cache.load() {
-        Ok(Some(body)) => match apply(handle, &body) {
+/// Boots from the snapshot file if there is one.
+pub fn boot_from_file(node: &dyn Apply, file: &SnapshotFile) {
+    match file.load() {
+        Ok(Some(body)) => match node.apply(&body) {
             Ok(v) => {
-                info!(version = v, path = %cache.path().display(), "booted from the snapshot cache")
+                info!(version = v, path = %file.path().display(), "booted from the snapshot file")
             }
-            Err(e) => warn!(error = %e, "the snapshot cache holds an unusable snapshot"),
+            Err(e) => warn!(error = %e, "the snapshot file holds an unusable snapshot"),
         },
         Ok(None) => {}
-        Err(e) => warn!(error = %e, "cannot read the snapshot cache"),
+        Err(e) => warn!(error = %e, "cannot read the snapshot file"),
     }
 }
 
 /// Keeps the node's configuration in step with the control plane until
-/// `stop` flips: the stream becomes swaps of `handle`, with reconnects and
+/// `stop` flips: the stream becomes snapshots applied to the node, with reconnects and
 /// jittered exponential backoff when it breaks. While away, the node keeps
 /// serving its last snapshot.
 #[instrument(skip_all, fields(node_id = %settings.node_id))]
 pub async fn watch_control_plane(
     settings: WatchSettings,
-    handle: Arc<ConfigHandle>,
-    cache: Arc<SnapshotCacheFile>,
+    node: Arc<dyn Apply>,
+    file: Arc<SnapshotFile>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut backoff = BACKOFF_MIN;
     loop {
-        let session = session(&settings, &handle, &cache, &mut backoff);
+        let session = session(&settings, &*node, &file, &mut backoff);
         tokio::select! {
             r = session => {
                 if let Err(e) = r {
                     warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "config stream unavailable; serving the last snapshot");
                 }
             }
-            _ = crate::server::stopped(&mut stop) => return,
+            _ = crate::shutdown::stopped(&mut stop) => return,
         }
         let jittered = backoff.mul_f64(rand::thread_rng().gen_range(0.5..1.0));
         tokio::select! {
             _ = tokio::time::sleep(jittered) => {}
-            _ = crate::server::stopped(&mut stop) => return,
+            _ = crate::shutdown::stopped(&mut stop) => return,
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
@@ -83,8 +76,8 @@ pub async fn watch_control_plane(
 
 async fn session(
     settings: &WatchSettings,
-    handle: &ConfigHandle,
-    cache: &Arc<SnapshotCacheFile>,
+    node: &dyn Apply,
+    file: &Arc<SnapshotFile>,
     backoff: &mut Duration,
 ) -> Result<(), String> {
     let endpoint = tonic::transport::Endpoint::from_shared(settings.control_plane_url.clone())
@@ -102,7 +95,7 @@ async fn session(
         kind: Some(Kind::Hello(pb::Hello {
             node_id: settings.node_id.clone(),
             token: settings.token.clone(),
-            version: handle.version(),
+            version: node.version(),
             address: settings.address.clone(),
         })),
     };
@@ -121,14 +114,14 @@ async fn session(
         .map_err(|s| format!("stream: {}", s.message()))?
     {
         *backoff = BACKOFF_MIN;
-        let reply = match apply(handle, &snap.body) {
+        let reply = match node.apply(&snap.body) {
             Ok(version) => {
                 info!(version, "applied config snapshot");
-                let (cache, body) = (cache.clone(), snap.body);
-                match tokio::task::spawn_blocking(move || cache.store(version, &body)).await {
+                let (file, body) = (file.clone(), snap.body);
+                match tokio::task::spawn_blocking(move || file.store(version, &body)).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => warn!(error = %e, "cannot write the snapshot cache"),
-                    Err(e) => warn!(error = %e, "snapshot cache task failed"),
+                    Ok(Err(e)) => warn!(error = %e, "cannot write the snapshot file"),
+                    Err(e) => warn!(error = %e, "snapshot file task failed"),
                 }
                 Kind::Ack(pb::Ack { version })
             }

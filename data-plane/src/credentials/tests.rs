@@ -3,7 +3,7 @@
 
 use super::provider::BACKOFF_MIN;
 use super::*;
-use crate::config::{Runtime, UpstreamAuth};
+use crate::config::{Runtime, TargetAuth};
 use aigw_shared::snapshot::ConfigSnapshot;
 use serde_json::json;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -274,7 +274,7 @@ fn snapshot(version: u64, client_secret: Option<&str>) -> ConfigSnapshot {
 
 fn entra_provider(rt: &Runtime) -> Arc<TokenProvider> {
     match &rt.route("gpt-aad").unwrap().targets[0].auth {
-        UpstreamAuth::Entra(p) => p.clone(),
+        TargetAuth::Entra(p) => p.clone(),
         other => panic!("expected Entra auth, got {other:?}"),
     }
 }
@@ -288,12 +288,16 @@ async fn the_cache_survives_snapshots_until_the_credential_changes_or_goes() {
         made.lock().unwrap().push(st.clone());
         Ok(Arc::new(FakeSource(st)) as Arc<dyn TokenSource>)
     });
-    let handle = crate::config::ConfigHandle::new(Arc::new(registry));
-    let registry = handle.credentials().clone();
+    let mut services = crate::node::Services::new(Arc::default()).unwrap();
+    services.credentials = Arc::new(registry);
+    let node = crate::node::Node {
+        services: Arc::new(services),
+        config: Arc::default(),
+    };
+    let registry = node.services.credentials.clone();
     let apply = |snap| {
-        let rt = Runtime::compile(snap, &registry).unwrap();
-        handle.store(rt);
-        handle.load().unwrap()
+        node.install(snap).unwrap();
+        node.config.load().unwrap()
     };
 
     let v1 = apply(snapshot(1, Some("secret-1")));
@@ -314,7 +318,7 @@ async fn the_cache_survives_snapshots_until_the_credential_changes_or_goes() {
     // A rejected snapshot changes nothing.
     let mut bad = snapshot(3, Some("secret-2"));
     bad.format = 999;
-    assert!(Runtime::compile(bad, &registry).is_err());
+    assert!(Runtime::compile(bad, node.services.compile_with()).is_err());
     assert!(Arc::ptr_eq(&p1, &registry.get("pk-entra").unwrap()));
 
     // New client secret: a new cache, which fetches anew.

@@ -9,7 +9,7 @@
 //! good before: an outage of the JWKS endpoint keeps callers working.
 
 use super::{JwksSource, JwtAuth, Provider};
-use crate::error::error_chain;
+use crate::http_client::error_chain;
 use aigw_shared::domain::check_endpoint;
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde_json::Value;

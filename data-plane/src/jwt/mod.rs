@@ -18,9 +18,9 @@ mod keys;
 mod verify;
 
 pub use keys::{JwksCache, JwksRegistry, JwksSettings};
-pub use verify::{looks_like_jwt, verify, Identity, JwtError};
+pub use verify::{looks_like_jwt, verify, Identity, JwtError, Refusal};
 
-use crate::config::Caller;
+use crate::caller::Caller;
 use aigw_shared::domain::{ApiKey, JwtProvider};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};

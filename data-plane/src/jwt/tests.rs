@@ -259,8 +259,8 @@ async fn setup(keys: &[&TestKey]) -> Setup {
     }
 }
 
-fn jwt_code(r: Result<Identity, Error>) -> String {
-    match r {
+fn jwt_code(r: Result<Identity, Refusal>) -> String {
+    match r.map_err(Error::from) {
         Err(Error::Jwt(e)) => e.code().to_string(),
         Err(Error::InvalidApiKey(m)) => format!("invalid_api_key: {m}"),
         Err(e) => format!("other: {e}"),

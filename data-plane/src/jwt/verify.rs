@@ -2,8 +2,7 @@
 //! window, then finds the api key bound to the identity.
 
 use super::{JwksRegistry, JwtAuth};
-use crate::config::Caller;
-use crate::error::Error;
+use crate::caller::Caller;
 use base64::Engine as _;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, Validation};
@@ -44,6 +43,22 @@ impl JwtError {
     }
 }
 
+/// Why `verify` refused a bearer: a JWT-specific reason, or one that answers
+/// like a bad api key (`crate::Error` makes both 401s).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Jwt(JwtError),
+    /// Well-signed but unusable, or bound to no api key.
+    NotAllowed,
+    Malformed,
+}
+
+impl From<JwtError> for Refusal {
+    fn from(e: JwtError) -> Self {
+        Self::Jwt(e)
+    }
+}
+
 /// A verified caller: the api key its identity is bound to, and its id.
 #[derive(Debug, Clone)]
 pub struct Identity {
@@ -54,8 +69,8 @@ pub struct Identity {
 
 /// The same answer for every token that is well-signed but unusable, as
 /// for an unknown API key: it tells nothing about which keys exist.
-const NOT_ALLOWED: Error = Error::InvalidApiKey("invalid API key or token");
-const MALFORMED: Error = Error::InvalidApiKey("malformed token");
+const NOT_ALLOWED: Refusal = Refusal::NotAllowed;
+const MALFORMED: Refusal = Refusal::Malformed;
 
 fn segments(token: &str) -> Option<(&str, &str, &str)> {
     let mut parts = token.split('.');
@@ -83,7 +98,7 @@ pub fn looks_like_jwt(bearer: &str) -> bool {
 
 /// Verifies `token` against the snapshot's providers and their keys, and
 /// returns the identity with the api key bound to it.
-pub async fn verify(auth: &JwtAuth, keys: &JwksRegistry, token: &str) -> Result<Identity, Error> {
+pub async fn verify(auth: &JwtAuth, keys: &JwksRegistry, token: &str) -> Result<Identity, Refusal> {
     let (h, p, _) = segments(token).ok_or(MALFORMED)?;
     let header = json_segment(h).ok_or(MALFORMED)?;
     // `none`, HS* (e.g. HS256 keyed with the issuer's public key) and anything
@@ -91,20 +106,20 @@ pub async fn verify(auth: &JwtAuth, keys: &JwksRegistry, token: &str) -> Result<
     let alg = match header.get("alg").and_then(Value::as_str) {
         Some("RS256") => Algorithm::RS256,
         Some("ES256") => Algorithm::ES256,
-        _ => return Err(Error::Jwt(JwtError::AlgorithmNotAllowed)),
+        _ => return Err(Refusal::Jwt(JwtError::AlgorithmNotAllowed)),
     };
     let kid = header.get("kid").and_then(Value::as_str);
     let unverified = json_segment(p).ok_or(MALFORMED)?;
     let iss = unverified
         .get("iss")
         .and_then(Value::as_str)
-        .ok_or(Error::Jwt(JwtError::UnknownIssuer))?;
+        .ok_or(Refusal::Jwt(JwtError::UnknownIssuer))?;
     let provider = auth
         .provider(iss)
-        .ok_or(Error::Jwt(JwtError::UnknownIssuer))?;
+        .ok_or(Refusal::Jwt(JwtError::UnknownIssuer))?;
     let candidates = keys.cache(provider).keys_for(kid, alg).await;
     if candidates.is_empty() {
-        return Err(Error::Jwt(JwtError::InvalidSignature));
+        return Err(Refusal::Jwt(JwtError::InvalidSignature));
     }
     let mut validation = Validation::new(alg);
     validation.leeway = provider.leeway;
@@ -144,18 +159,18 @@ pub async fn verify(auth: &JwtAuth, keys: &JwksRegistry, token: &str) -> Result<
     })
 }
 
-fn rejection(kind: &ErrorKind) -> Error {
+fn rejection(kind: &ErrorKind) -> Refusal {
     match kind {
-        ErrorKind::ExpiredSignature => Error::Jwt(JwtError::Expired),
-        ErrorKind::ImmatureSignature => Error::Jwt(JwtError::NotYetValid),
-        ErrorKind::InvalidAudience => Error::Jwt(JwtError::WrongAudience),
-        ErrorKind::MissingRequiredClaim(c) if c == "aud" => Error::Jwt(JwtError::WrongAudience),
-        ErrorKind::InvalidIssuer => Error::Jwt(JwtError::UnknownIssuer),
+        ErrorKind::ExpiredSignature => Refusal::Jwt(JwtError::Expired),
+        ErrorKind::ImmatureSignature => Refusal::Jwt(JwtError::NotYetValid),
+        ErrorKind::InvalidAudience => Refusal::Jwt(JwtError::WrongAudience),
+        ErrorKind::MissingRequiredClaim(c) if c == "aud" => Refusal::Jwt(JwtError::WrongAudience),
+        ErrorKind::InvalidIssuer => Refusal::Jwt(JwtError::UnknownIssuer),
         ErrorKind::MissingRequiredClaim(_) | ErrorKind::InvalidClaimFormat(_) => MALFORMED,
         ErrorKind::Json(_)
         | ErrorKind::Utf8(_)
         | ErrorKind::Base64(_)
         | ErrorKind::InvalidToken => MALFORMED,
-        _ => Error::Jwt(JwtError::InvalidSignature),
+        _ => Refusal::Jwt(JwtError::InvalidSignature),
     }
 }

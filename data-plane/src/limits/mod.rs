@@ -62,10 +62,25 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+/// A scope's rate limits and the fleet-wide counters they are checked on.
+#[derive(Debug)]
+pub struct Limits {
+    pub rate: RateLimit,
+    pub scope: Arc<Scope>,
+}
+
+impl Limits {
+    pub fn new(limiter: &Limiter, scope: String, rate: Option<RateLimit>) -> Option<Self> {
+        let rate = rate.filter(|r| *r != RateLimit::default())?;
+        Some(Self {
+            scope: limiter.scope(&scope, &rate),
+            rate,
+        })
+    }
+
+    pub fn counts_tokens(&self) -> bool {
+        self.rate.tpm.is_some() || self.rate.tpd.is_some()
+    }
 }
 
 /// What this node knows of the fleet.
@@ -187,7 +202,7 @@ impl Limiter {
     /// every limit of every scope in `checks`, or says which limit refused it
     /// and when to retry. Nothing is counted unless everything passes.
     pub fn acquire(&self, checks: &[Check<'_>], tokens: u64) -> Result<Permit, Rejection> {
-        self.acquire_at(checks, tokens, now_ms())
+        self.acquire_at(checks, tokens, crate::clock::unix_ms_now())
     }
 
     fn acquire_at(&self, checks: &[Check<'_>], tokens: u64, now: u64) -> Result<Permit, Rejection> {
@@ -519,7 +534,7 @@ impl std::fmt::Display for Rejection {
             self.value,
             unit,
             self.limit,
-            crate::error::retry_after_secs(self.retry_after)
+            crate::clock::retry_after_secs(self.retry_after)
         )
     }
 }

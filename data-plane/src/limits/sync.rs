@@ -30,7 +30,7 @@ impl Limiter {
     pub(crate) fn collect(&self, full: bool) -> (Vec<WindowCounts>, Vec<InFlight>) {
         let mut windows = Vec::new();
         let mut in_flight = Vec::new();
-        let now = super::now_ms();
+        let now = crate::clock::unix_ms_now();
         for scope in self.all() {
             let mut st = lock(&scope.state);
             for w in st.windows.iter_mut().flatten() {
@@ -239,7 +239,7 @@ pub async fn run_sync(
                     let msg = LimitSync {
                         node_id: node_id.clone(),
                         session: session.clone(),
-                        sent_unix_ms: super::now_ms(),
+                        sent_unix_ms: crate::clock::unix_ms_now(),
                         full,
                         hello,
                         windows,
@@ -253,7 +253,7 @@ pub async fn run_sync(
                     if full {
                         last_full = now;
                         asked_full = false;
-                        limiter.prune(&|p| peers.contains_key(p), super::now_ms());
+                        limiter.prune(&|p| peers.contains_key(p), crate::clock::unix_ms_now());
                     }
                     if hello {
                         hello = false;

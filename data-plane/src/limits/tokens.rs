@@ -2,7 +2,7 @@
 //! its own token limits: the prompt counted with the model's tokenizer, plus
 //! the completion the caller allows (`max_tokens` × `n`).
 
-use crate::config::Operation;
+use crate::openai::Operation;
 use serde_json::{Map, Value};
 use tiktoken_rs::tokenizer::{get_tokenizer, Tokenizer};
 use tiktoken_rs::CoreBPE;
@@ -43,9 +43,10 @@ pub fn estimate(op: Operation, body: &Map<String, Value>, tokenizer: Tokenizer) 
         Operation::ChatCompletions => chat_prompt(body, &count),
         Operation::Completions => input_tokens(body.get("prompt"), &count),
         Operation::Embeddings => input_tokens(body.get("input"), &count),
+        Operation::ListModels => 0,
     };
     let completion = match op {
-        Operation::Embeddings => 0,
+        Operation::Embeddings | Operation::ListModels => 0,
         _ => {
             let max = ["max_completion_tokens", "max_tokens"]
                 .iter()

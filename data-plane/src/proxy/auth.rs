@@ -4,7 +4,8 @@
 //! looked up among the snapshot's api keys, of which only hashes are held.
 //! Either way the same allowlists, limits and budgets apply.
 
-use crate::config::{Caller, Runtime};
+use crate::caller::Caller;
+use crate::config::Runtime;
 use crate::error::Error;
 use crate::jwt::JwksRegistry;
 use http::{header, HeaderMap, HeaderName, HeaderValue};

@@ -1,11 +1,50 @@
 //! The one place data-plane errors become HTTP answers: the OpenAI error
 //! envelope `{"error":{"message","type","param","code"}}`.
 
-use super::ProxyBody;
-use crate::error::{retry_after_secs, Error};
+use super::call::Call;
+use super::{Proxy, ProxyBody, REQUEST_ID};
+use crate::clock::retry_after_secs;
+use crate::error::Error;
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use serde_json::{json, Value};
+
+impl Proxy {
+    /// The call's answer: the error envelope if it failed, rate-limit
+    /// headers, the request id; and the call ends (unless a stream took
+    /// its end along).
+    pub(super) fn respond(
+        &self,
+        result: Result<Response<ProxyBody>, Error>,
+        mut call: Call,
+    ) -> Response<ProxyBody> {
+        let metrics = &self.services.metrics;
+        let (mut resp, code) = match result {
+            Ok(r) => (r, None),
+            Err(e) => {
+                match &e {
+                    Error::RateLimited(_) => metrics.record_rejection("rate_limit"),
+                    Error::BudgetExceeded => metrics.record_rejection("budget"),
+                    Error::UpstreamRateLimited { .. } => {
+                        metrics.record_rejection("upstream_rate_limit")
+                    }
+                    _ => {}
+                }
+                let code = e.code();
+                (e.into_response(), code)
+            }
+        };
+        if let Some(r) = call.rate.take() {
+            r.apply(resp.headers_mut());
+        }
+        let status = resp.status().as_u16();
+        call.end.close(status, code);
+        metrics.record_status(status);
+        resp.headers_mut()
+            .insert(REQUEST_ID.clone(), call.request_id.clone());
+        resp
+    }
+}
 
 impl Error {
     /// Status, OpenAI `type` and `code`.
@@ -42,7 +81,7 @@ impl Error {
                 "invalid_request_error",
                 Some("request_too_large"),
             ),
-            RouteNotFound(_) => (
+            UnknownPath(_) => (
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
                 Some("unknown_url"),
@@ -87,7 +126,7 @@ impl Error {
                 "upstream_error",
                 Some("upstream_auth_error"),
             ),
-            UpstreamRoute(_) => (
+            TargetMisconfigured(_) => (
                 StatusCode::BAD_GATEWAY,
                 "upstream_error",
                 Some("upstream_route_error"),
@@ -98,7 +137,7 @@ impl Error {
                 Some("upstream_error"),
             ),
             Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout", Some("timeout")),
-            Config(_) | Cache(_) | Io(_) | Shared(_) => (
+            Config(_) | SnapshotFile(_) | Io(_) | Shared(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
                 Some("internal_error"),
@@ -142,7 +181,7 @@ impl Error {
                 retry_after: *retry_after,
             },
             UpstreamAuth(m) => UpstreamAuth(m.clone()),
-            UpstreamRoute(m) => UpstreamRoute(m.clone()),
+            TargetMisconfigured(m) => TargetMisconfigured(m.clone()),
             UpstreamConnect(m) => UpstreamConnect(m.clone()),
             Timeout(m) => Timeout(m.clone()),
             other => Upstream(other.to_string()),

@@ -4,12 +4,12 @@
 //! chunk forwarded only if the caller asked, and the stream always ends with
 //! `data: [DONE]`.
 
-use super::upstream::{strip_azure_fields, usage_tokens};
+use super::call::CallEnd;
 use super::BoxError;
-use crate::usage::Accounting;
-use bytes::{Buf, Bytes, BytesMut};
+use crate::openai::azure::{self, ChunkKind};
+use crate::openai::{Answer, ChoiceText};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http_body::{Body, Frame};
-use serde_json::Value;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -31,8 +31,9 @@ pub struct SseAdapter<B> {
     idle_timer: Pin<Box<Sleep>>,
     upstream_done: bool,
     sent_done: bool,
-    /// Records the call when the stream ends, or when the caller goes away.
-    acct: Option<Accounting>,
+    /// Ends the call (usage, span, permit) when the stream ends, or when the
+    /// caller goes away (dropped).
+    end: CallEnd,
 }
 
 impl<B> SseAdapter<B> {
@@ -41,7 +42,7 @@ impl<B> SseAdapter<B> {
         alias: Arc<str>,
         forward_usage: bool,
         idle: Duration,
-        acct: Option<Accounting>,
+        end: CallEnd,
     ) -> Self {
         Self {
             upstream,
@@ -53,7 +54,7 @@ impl<B> SseAdapter<B> {
             idle_timer: Box::pin(tokio::time::sleep(idle)),
             upstream_done: false,
             sent_done: false,
-            acct,
+            end,
         }
     }
 
@@ -100,105 +101,77 @@ impl<B> SseAdapter<B> {
             self.finish();
             return;
         }
-        let Ok(Value::Object(mut chunk)) = serde_json::from_str::<Value>(data) else {
+        let Ok(mut chunk) = Answer::parse(data.as_bytes()) else {
             tracing::debug!("dropping an unparseable stream event");
             return;
         };
-        let choices_empty = chunk
-            .get("choices")
-            .and_then(Value::as_array)
-            .is_none_or(Vec::is_empty);
-        let usage = chunk.get("usage").filter(|u| !u.is_null()).cloned();
-        if choices_empty {
-            match usage {
-                // The usage chunk Azure sends because the gateway asked.
-                Some(u) => {
-                    if let (Some(a), Some((p, c))) = (self.acct.as_mut(), usage_tokens(&u)) {
-                        a.set_usage(p, c);
-                    }
-                    if !self.forward_usage {
-                        return;
-                    }
+        match azure::chunk_kind(&chunk) {
+            ChunkKind::PromptFilter | ChunkKind::Annotation => return,
+            ChunkKind::Usage => {
+                if let (Some(a), Some(u)) = (self.end.usage(), chunk.usage()) {
+                    a.set_usage(u.tokens());
                 }
-                // The prompt-filter chunk.
-                None => return,
-            }
-        } else if chunk
-            .get("id")
-            .and_then(Value::as_str)
-            .is_some_and(str::is_empty)
-        {
-            // Annotation-only chunk (asynchronous content filter).
-            return;
-        }
-        if let Some(a) = self.acct.as_mut() {
-            if let Some(m) = chunk
-                .get("model")
-                .and_then(Value::as_str)
-                .filter(|m| !m.is_empty())
-            {
-                a.set_response_model(m);
-            }
-            a.mark_first_byte();
-            if let Some(Value::Array(choices)) = chunk.get("choices") {
-                let chars: usize = choices
-                    .iter()
-                    .filter_map(|c| c.get("delta").or_else(|| c.get("text")))
-                    .map(super::request::text_chars)
-                    .sum();
-                a.add_completion_chars(chars);
-                if a.wants_completion() {
-                    for t in choices.iter().filter_map(super::upstream::choice_text) {
-                        a.add_completion_text(t);
-                    }
+                if !self.forward_usage {
+                    return;
                 }
             }
+            ChunkKind::Content => {}
         }
-        strip_azure_fields(&mut chunk);
+        self.account(&mut chunk);
+        azure::strip_fields(&mut chunk);
         if !self.forward_usage {
-            chunk.remove("usage");
+            chunk.remove_usage();
         }
-        chunk.insert("model".into(), Value::from(&*self.alias));
+        chunk.set_model(&self.alias);
+        let before = self.out.len();
         self.out.extend_from_slice(b"data: ");
-        if serde_json::to_writer(BufWriter(&mut self.out), &chunk).is_err() {
+        if chunk.write_to((&mut self.out).writer()).is_err() {
+            self.out.truncate(before);
             return;
         }
         self.out.extend_from_slice(b"\n\n");
+    }
+
+    /// What a chunk tells the call's record: the model, the first byte's
+    /// time, the characters (and, when logged, the text) generated.
+    fn account(&mut self, chunk: &mut Answer<'_>) {
+        let Some(a) = self.end.usage() else { return };
+        if let Some(m) = chunk.model() {
+            a.set_response_model(&m);
+        }
+        a.mark_first_byte();
+        let wants_text = a.wants_completion();
+        let Some(choices) = chunk.choices_mut() else {
+            return;
+        };
+        for c in choices.iter() {
+            let text = ChoiceText::of(c);
+            a.completion_chars += text.streamed_chars();
+            if wants_text {
+                if let Some(t) = text.text() {
+                    a.add_completion_text(t);
+                }
+            }
+        }
     }
 
     fn finish(&mut self) {
         if !self.sent_done {
             self.out.extend_from_slice(DONE);
             self.sent_done = true;
-            if let Some(a) = self.acct.take() {
-                a.finish(200, None);
-            }
+            self.end.close(200, None);
         }
     }
 
     /// Tells the caller the stream broke, then ends it properly.
     fn fail(&mut self, message: &str) {
-        if let Some(a) = self.acct.take() {
-            // The caller got a 200 and then a broken stream.
-            a.finish(200, Some("upstream_stream_error"));
-        }
+        // The caller got a 200 and then a broken stream.
+        self.end.close(200, Some("upstream_stream_error"));
         let ev = serde_json::json!({"error": {"message": message, "type": "upstream_error", "param": null, "code": "upstream_error"}});
         self.out.extend_from_slice(b"data: ");
         self.out.extend_from_slice(ev.to_string().as_bytes());
         self.out.extend_from_slice(b"\n\n");
         self.finish();
-    }
-}
-
-struct BufWriter<'a>(&'a mut BytesMut);
-
-impl std::io::Write for BufWriter<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 
@@ -250,7 +223,7 @@ where
                         this.pending.extend_from_slice(&data);
                         this.drain_events(false);
                     }
-                    let next = tokio::time::Instant::now() + this.idle;
+                    let next = crate::clock::deadline_after(tokio::time::Instant::now(), this.idle);
                     this.idle_timer.as_mut().reset(next);
                 }
                 Poll::Ready(Some(Err(e))) => {
@@ -294,7 +267,7 @@ mod tests {
                 Arc::from("alias"),
                 forward_usage,
                 Duration::from_secs(5),
-                None,
+                CallEnd::detached(),
             );
             body.collect().await.unwrap().to_bytes()
         });

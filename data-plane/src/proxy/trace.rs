@@ -33,21 +33,9 @@ impl Extractor for Extract<'_> {
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
-/// `gen_ai.operation.name` for a proxy path.
-pub fn operation_name(path: &str) -> &'static str {
-    match path {
-        "/v1/chat/completions" => "chat",
-        "/v1/completions" => "text_completion",
-        "/v1/embeddings" => "embeddings",
-        "/v1/models" => "list_models",
-        _ => "http",
-    }
-}
-
 /// The server span of one call (`{operation} {alias}`), or nothing when
-/// traces are not exported. Ended once, by [`CallSpan::end`]: by the call's
-/// `usage::Accounting` (a stream's with its last chunk) or, for a call
-/// refused before accounting began, by the proxy's edge.
+/// traces are not exported. Ended once, by [`CallSpan::end`], when the call
+/// ends (`call::CallEnd`; a stream's with its last chunk).
 pub struct CallSpan {
     cx: Option<Context>,
 }
@@ -86,12 +74,12 @@ impl CallSpan {
         } else {
             Context::new()
         };
-        let op = operation_name(path);
+        let op = crate::openai::operation::span_name(path);
         // The span keeps this vector: room for what `end` adds, without regrowing.
         let mut attributes = Vec::with_capacity(14);
         attributes.push(KeyValue::new("gen_ai.operation.name", op));
         attributes.push(KeyValue::new("gen_ai.system", "az.ai.openai"));
-        if op == "http" || *method != http::Method::POST {
+        if op == crate::openai::operation::UNKNOWN_NAME || *method != http::Method::POST {
             // Not a GenAI call (a 404 or 405): say what was asked for.
             attributes.push(KeyValue::new("http.request.method", method.to_string()));
             attributes.push(KeyValue::new("url.path", path.to_string()));

@@ -23,7 +23,7 @@ pub enum Availability {
     Ready,
     /// Circuit half-open: one probe may go.
     Probe,
-    /// Not before this time (`now_ms` clock).
+    /// Not before this time (`clock::monotonic_ms`).
     Until(u64),
 }
 

@@ -11,14 +11,4 @@ mod health;
 mod pick;
 
 pub use health::{HealthRegistry, Outcome, TargetHealth};
-pub use pick::{pick, Choice, Unavailable};
-
-use std::sync::OnceLock;
-use std::time::Instant;
-
-/// Milliseconds since the first call in this process: a monotonic clock that
-/// fits in an atomic.
-pub fn now_ms() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
-}
+pub use pick::{pick, Choice, Pool, Unavailable};

@@ -1,9 +1,25 @@
-use super::health::Availability;
-use crate::config::Route;
+use super::health::{Availability, TargetHealth};
 use aigw_shared::domain::RoutingStrategy;
 use rand::Rng;
-use std::sync::atomic::Ordering::Relaxed;
+use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Duration;
+
+/// A model's targets as routing sees them: their health, weights and
+/// priority groups; index `i` is the model route's target `i`.
+#[derive(Debug)]
+pub struct Pool {
+    pub health: Vec<Arc<TargetHealth>>,
+    /// `weights[i]` is target `i`'s weight.
+    pub weights: Vec<u32>,
+    /// Index ranges of targets with equal priority, in priority order.
+    pub groups: Vec<Range<usize>>,
+    pub strategy: RoutingStrategy,
+    pub rr: AtomicUsize,
+    /// How long a 429'd target rests without a hint, and a circuit stays open.
+    pub cooldown: Duration,
+}
 
 /// The target for the next attempt; `probe` when it is the half-open probe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,16 +36,16 @@ pub struct Unavailable {
 
 /// Picks a target that has not been `tried` in this call: the first priority
 /// group with an available target wins; inside it, the route's strategy.
-pub fn pick(route: &Route, tried: &[usize], now: u64) -> Result<Choice, Unavailable> {
+pub fn pick(route: &Pool, tried: &[usize], now: u64) -> Result<Choice, Unavailable> {
     let mut soonest: Option<u64> = None;
-    let mut candidates: Vec<usize> = Vec::with_capacity(route.targets.len());
+    let mut candidates: Vec<usize> = Vec::with_capacity(route.health.len());
     for group in &route.groups {
         candidates.clear();
         for i in group.clone() {
             if tried.contains(&i) {
                 continue;
             }
-            let health = &route.targets[i].health;
+            let health = &route.health[i];
             match health.availability(now) {
                 Availability::Ready => candidates.push(i),
                 Availability::Probe if health.claim_probe() => {
@@ -51,14 +67,18 @@ pub fn pick(route: &Route, tried: &[usize], now: u64) -> Result<Choice, Unavaila
     }
     Err(Unavailable {
         retry_after: Duration::from_millis(
-            soonest.map_or(route.cooldown.as_millis() as u64, |t| t.saturating_sub(now)),
+            soonest.map_or(millis(route.cooldown), |t| t.saturating_sub(now)),
         ),
     })
 }
 
-fn choose(route: &Route, candidates: &[usize]) -> usize {
-    if candidates.len() == 1 {
-        return candidates[0];
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn choose(route: &Pool, candidates: &[usize]) -> usize {
+    if let [only] = candidates {
+        return *only;
     }
     match route.strategy {
         RoutingStrategy::Weighted => {
@@ -74,7 +94,7 @@ fn choose(route: &Route, candidates: &[usize]) -> usize {
                 }
                 r -= w;
             }
-            candidates[candidates.len() - 1]
+            candidates.last().copied().unwrap_or_default()
         }
         RoutingStrategy::RoundRobin => {
             candidates[route.rr.fetch_add(1, Relaxed) % candidates.len()]
@@ -88,7 +108,7 @@ fn choose(route: &Route, candidates: &[usize]) -> usize {
                 b += 1;
             }
             let (a, b) = (candidates[a], candidates[b]);
-            if route.targets[a].health.score() <= route.targets[b].health.score() {
+            if route.health[a].score() <= route.health[b].score() {
                 a
             } else {
                 b

@@ -28,7 +28,7 @@ pub async fn run_publisher(
         batch.clear();
         let stopping = tokio::select! {
             n = rx.recv_many(&mut batch, BATCH) => n == 0,
-            _ = crate::server::stopped(&mut stop) => true,
+            _ = crate::shutdown::stopped(&mut stop) => true,
             // Wake up to retry the spool even when no new events come.
             _ = tokio::time::sleep_until(next_try), if !spool.is_empty() => false,
         };

@@ -1,6 +1,5 @@
 use super::{estimate_tokens, CacheStatus, UsageEvent};
 use crate::metrics::{CallRecord, Metrics};
-use crate::proxy::{CallAttributes, CallSpan};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
@@ -22,15 +21,8 @@ impl UsageRecorder {
         })
     }
 
-    /// Starts accounting for one call by `api_key_id`. The call's server span
-    /// is kept until the call ends, a stream's last chunk included, so the
-    /// span's end and token counts are the call's own.
-    pub fn begin(
-        self: &Arc<Self>,
-        api_key_id: &str,
-        operation: &'static str,
-        trace: CallSpan,
-    ) -> Accounting {
+    /// Starts accounting for one call by `api_key_id`.
+    pub fn begin(self: &Arc<Self>, api_key_id: &str, operation: &'static str) -> Accounting {
         let now = time::OffsetDateTime::now_utc();
         Accounting {
             recorder: self.clone(),
@@ -38,7 +30,8 @@ impl UsageRecorder {
             first_byte: None,
             event: UsageEvent {
                 id: uuid::Uuid::now_v7().to_string(),
-                time_unix_ms: (now.unix_timestamp_nanos() / 1_000_000) as i64,
+                time_unix_ms: i64::try_from(now.unix_timestamp_nanos() / 1_000_000)
+                    .unwrap_or_default(),
                 node_id: self.node_id.to_string(),
                 api_key_id: api_key_id.to_string(),
                 operation: operation.to_string(),
@@ -48,13 +41,8 @@ impl UsageRecorder {
             prompt_chars: 0,
             completion_chars: 0,
             usage_known: false,
-            finished: false,
-            trace,
-            max_tokens: None,
-            server_address: String::new(),
             request_id: String::new(),
             response_model: String::new(),
-            permit: None,
             payload: None,
         }
     }
@@ -70,28 +58,27 @@ impl UsageRecorder {
     }
 }
 
-/// One call's usage, filled in as the call goes. Dropped unfinished (the
-/// caller went away), it still records the call, with status 499.
+/// One call's usage record, filled in as the call goes: the call writes the
+/// event's fields as it learns them; [`Accounting::settle`] completes the
+/// counts and [`Accounting::emit`] hands the event on (metrics, access log,
+/// the bus). Ending the call exactly once is the caller's job
+/// (`proxy::call::CallEnd`), with the span and the rate-limit permit.
 pub struct Accounting {
     recorder: Arc<UsageRecorder>,
     started: Instant,
     first_byte: Option<Instant>,
-    event: UsageEvent,
-    prompt_chars: usize,
-    completion_chars: usize,
+    /// The usage event; model, deployment, caller and cache status are set
+    /// straight on it.
+    pub event: UsageEvent,
+    /// Characters of prompt text, for estimating when Azure reports no usage.
+    pub prompt_chars: usize,
+    /// Characters streamed back, likewise.
+    pub completion_chars: usize,
     usage_known: bool,
-    finished: bool,
-    /// The call's server span: everything below goes on it at the end.
-    trace: CallSpan,
-    max_tokens: Option<u64>,
-    /// The Azure host that answered (kept only when the span records).
-    server_address: String,
-    request_id: String,
+    /// The call's `x-request-id`, for the access log.
+    pub request_id: String,
     /// `model` as Azure answered (the deployment's model version).
-    response_model: String,
-    /// The call's hold on its rate limits: settled with the real token count
-    /// when the call ends, and released (concurrency) when this is dropped.
-    permit: Option<crate::limits::Permit>,
+    pub response_model: String,
     /// Prompt and completion, kept only for models that opt in (`log_payloads`).
     payload: Option<Payload>,
 }
@@ -102,45 +89,6 @@ struct Payload {
 }
 
 impl Accounting {
-    pub fn set_route(&mut self, alias: &str, deployment: &str, provider_key_id: &str) {
-        self.event.model = alias.to_string();
-        self.event.deployment = deployment.to_string();
-        self.event.provider_key_id = provider_key_id.to_string();
-    }
-
-    /// The call's server span, parent of its upstream attempts.
-    pub fn trace(&self) -> &CallSpan {
-        &self.trace
-    }
-
-    /// The request's `max_tokens` (or `max_completion_tokens`), for the span.
-    pub fn set_max_tokens(&mut self, max_tokens: Option<u64>) {
-        self.max_tokens = max_tokens;
-    }
-
-    /// The host of the deployment tried last, for the span.
-    pub fn set_server_address(&mut self, host: &str) {
-        if self.trace.is_recording() {
-            host.clone_into(&mut self.server_address);
-        }
-    }
-
-    pub fn set_cache_status(&mut self, status: CacheStatus) {
-        self.event.cache_status = status as i32;
-    }
-
-    /// The JWT caller's id (empty for API-key callers).
-    pub fn set_caller_id(&mut self, caller_id: &str) {
-        self.event.caller_id = caller_id.to_string();
-    }
-
-    /// The call's `x-request-id`, for the access log.
-    pub fn set_request_id(&mut self, id: &http::HeaderValue) {
-        if self.request_id.is_empty() {
-            self.request_id = id.to_str().unwrap_or_default().to_string();
-        }
-    }
-
     /// `model` as Azure reported it (first one wins).
     pub fn set_response_model(&mut self, model: &str) {
         if self.response_model.is_empty() {
@@ -167,72 +115,43 @@ impl Accounting {
         }
     }
 
-    pub fn set_permit(&mut self, permit: crate::limits::Permit) {
-        self.permit = Some(permit);
-    }
-
-    pub fn set_stream(&mut self, stream: bool) {
-        self.event.stream = stream;
-    }
-
-    /// Characters of prompt text, for estimating when Azure reports no usage.
-    pub fn set_prompt_chars(&mut self, chars: usize) {
-        self.prompt_chars = chars;
-    }
-
-    pub fn add_completion_chars(&mut self, chars: usize) {
-        self.completion_chars += chars;
-    }
-
     pub fn mark_first_byte(&mut self) {
         self.first_byte.get_or_insert_with(Instant::now);
     }
 
     /// Usage as Azure reported it.
-    pub fn set_usage(&mut self, prompt: u64, completion: u64) {
+    pub fn set_usage(&mut self, (prompt, completion): (u64, u64)) {
         self.event.prompt_tokens = prompt;
         self.event.completion_tokens = completion;
         self.usage_known = true;
     }
 
-    /// Records the call as answered with `status` (and `error_code` if it failed).
-    pub fn finish(mut self, status: u16, error_code: Option<&str>) {
-        self.event.status = u32::from(status);
-        self.event.error_code = error_code.unwrap_or_default().to_string();
-        self.complete();
-    }
-
-    fn complete(&mut self) {
-        if self.finished {
-            return;
+    /// Completes the event for a call answered with `status` (and
+    /// `error_code` if it failed): token counts (estimated if Azure reported
+    /// none), latencies.
+    pub fn settle(&mut self, status: u16, error_code: Option<&str>) -> &UsageEvent {
+        let e = &mut self.event;
+        e.status = u32::from(status);
+        e.error_code = error_code.unwrap_or_default().to_string();
+        let succeeded = (200..300).contains(&e.status);
+        // No usage from Azure (e.g. a stream without the usage chunk), or
+        // cut off mid-stream (what was streamed was still generated): count.
+        if !self.usage_known && (succeeded || self.completion_chars > 0) {
+            e.prompt_tokens = estimate_tokens(self.prompt_chars);
+            e.completion_tokens = estimate_tokens(self.completion_chars);
+            e.estimated = true;
         }
-        self.finished = true;
-        let succeeded = (200..300).contains(&self.event.status);
-        if !self.usage_known && succeeded {
-            // Azure sent no usage (e.g. a stream without the usage chunk): count ourselves.
-            self.event.prompt_tokens = estimate_tokens(self.prompt_chars);
-            self.event.completion_tokens = estimate_tokens(self.completion_chars);
-            self.event.estimated = true;
-        } else if !self.usage_known && self.completion_chars > 0 {
-            // Cut off mid-stream: what was streamed was still generated.
-            self.event.prompt_tokens = estimate_tokens(self.prompt_chars);
-            self.event.completion_tokens = estimate_tokens(self.completion_chars);
-            self.event.estimated = true;
-        }
-        self.event.total_tokens = self.event.prompt_tokens + self.event.completion_tokens;
-        if let Some(p) = self.permit.as_mut() {
-            p.settle(self.event.total_tokens);
-        }
-        self.event.latency_ms = self.started.elapsed().as_millis() as u64;
-        self.event.ttft_ms = self
+        e.total_tokens = e.prompt_tokens.saturating_add(e.completion_tokens);
+        e.latency_ms = millis(self.started.elapsed());
+        e.ttft_ms = self
             .first_byte
-            .map_or(0, |t| t.duration_since(self.started).as_millis() as u64);
-        self.observe();
-        self.recorder.emit(std::mem::take(&mut self.event));
+            .map_or(0, |t| millis(t.duration_since(self.started)));
+        &self.event
     }
 
-    /// Metrics, span attributes and the access-log line for the finished call.
-    fn observe(&mut self) {
+    /// Metrics, the access-log line (with the call's `trace_id`) and the
+    /// payload line for a settled call; then the event goes to the bus.
+    pub fn emit(self, trace_id: &str) {
         let e = &self.event;
         let cache = match CacheStatus::try_from(e.cache_status) {
             Ok(CacheStatus::Hit) => "hit",
@@ -240,28 +159,13 @@ impl Accounting {
             Ok(CacheStatus::Bypass) => "bypass",
             _ => "",
         };
-        let latency = self.started.elapsed();
         self.recorder.metrics.record_call(&CallRecord {
             model: &e.model,
-            status: e.status as u16,
-            latency,
+            status: u16::try_from(e.status).unwrap_or(u16::MAX),
+            latency: self.started.elapsed(),
             input_tokens: e.prompt_tokens,
             output_tokens: e.completion_tokens,
             cache,
-        });
-        let trace_id = self.trace.trace_id();
-        self.trace.end(&CallAttributes {
-            operation: &e.operation,
-            alias: &e.model,
-            status: e.status as u16,
-            error_code: &e.error_code,
-            api_key_id: &e.api_key_id,
-            caller_id: &e.caller_id,
-            response_model: &self.response_model,
-            max_tokens: self.max_tokens,
-            stream: e.stream,
-            usage: Some((e.prompt_tokens, e.completion_tokens)),
-            server_address: &self.server_address,
         });
         // Never the prompt or the completion: sizes and counts only.
         tracing::info!(
@@ -296,19 +200,15 @@ impl Accounting {
                 "payload"
             );
         }
+        let Self {
+            recorder, event, ..
+        } = self;
+        recorder.emit(event);
     }
 }
 
-impl Drop for Accounting {
-    fn drop(&mut self) {
-        if !self.finished {
-            if self.event.status == 0 {
-                self.event.status = 499;
-                self.event.error_code = "client_closed_request".into();
-            }
-            self.complete();
-        }
-    }
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
@@ -325,15 +225,22 @@ mod tests {
         )
     }
 
+    fn finish(mut a: Accounting, status: u16, code: Option<&str>) {
+        a.settle(status, code);
+        a.emit("");
+    }
+
     #[test]
     fn reported_usage_wins_and_ids_are_unique() {
         let (r, mut rx, _) = recorder(8);
-        let mut a = r.begin("key-1", "chat", CallSpan::none());
-        a.set_route("alias", "dep", "pk");
-        a.set_prompt_chars(400);
-        a.set_usage(7, 5);
-        a.finish(200, None);
-        r.begin("key-1", "chat", CallSpan::none()).finish(200, None);
+        let mut a = r.begin("key-1", "chat");
+        a.event.model = "alias".into();
+        a.event.deployment = "dep".into();
+        a.event.provider_key_id = "pk".into();
+        a.prompt_chars = 400;
+        a.set_usage((7, 5));
+        finish(a, 200, None);
+        finish(r.begin("key-1", "chat"), 200, None);
         let e = rx.try_recv().unwrap();
         assert_eq!(
             (e.prompt_tokens, e.completion_tokens, e.total_tokens),
@@ -350,29 +257,28 @@ mod tests {
     #[test]
     fn missing_usage_is_estimated_and_marked() {
         let (r, mut rx, _) = recorder(8);
-        let mut a = r.begin("key-1", "chat", CallSpan::none());
-        a.set_prompt_chars(10);
-        a.add_completion_chars(9);
-        a.finish(200, None);
+        let mut a = r.begin("key-1", "chat");
+        a.prompt_chars = 10;
+        a.completion_chars += 9;
+        finish(a, 200, None);
         let e = rx.try_recv().unwrap();
         assert!(e.estimated);
         assert_eq!((e.prompt_tokens, e.completion_tokens), (3, 3));
     }
 
     #[test]
-    fn dropped_unfinished_is_a_499_and_errors_carry_their_code() {
+    fn cut_off_streams_and_errors_carry_their_code() {
         let (r, mut rx, _) = recorder(8);
-        let mut a = r.begin("key-1", "chat", CallSpan::none());
-        a.add_completion_chars(8);
-        drop(a);
+        let mut a = r.begin("key-1", "chat");
+        a.completion_chars += 8;
+        finish(a, 499, Some("client_closed_request"));
         let e = rx.try_recv().unwrap();
         assert_eq!(
             (e.status, e.error_code.as_str()),
             (499, "client_closed_request")
         );
         assert_eq!(e.completion_tokens, 2, "streamed text still counts");
-        r.begin("key-1", "chat", CallSpan::none())
-            .finish(502, Some("upstream_error"));
+        finish(r.begin("key-1", "chat"), 502, Some("upstream_error"));
         let e = rx.try_recv().unwrap();
         assert_eq!(
             (e.status, e.error_code.as_str(), e.total_tokens),
@@ -383,8 +289,8 @@ mod tests {
     #[test]
     fn a_full_buffer_is_counted_not_silent() {
         let (r, _rx, metrics) = recorder(1);
-        r.begin("k", "chat", CallSpan::none()).finish(200, None);
-        r.begin("k", "chat", CallSpan::none()).finish(200, None);
+        finish(r.begin("k", "chat"), 200, None);
+        finish(r.begin("k", "chat"), 200, None);
         let text = metrics.render(0, true);
         assert!(text.contains("aigw_usage_dropped_total 1"), "{text}");
         assert!(text.contains("aigw_usage_buffer_depth 1"), "{text}");

@@ -4,23 +4,24 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
-/// The last applied snapshot on disk, so a node can boot while the control
+/// The last applied snapshot on disk (`data_plane.snapshot_cache`; the key
+/// and the sealing labels below keep their old names: the file format), so a node can boot while the control
 /// plane is unreachable. It holds decrypted provider secrets, so it is sealed
 /// with a key derived from the node token and written with mode 0600.
-pub struct SnapshotCacheFile {
+pub struct SnapshotFile {
     path: PathBuf,
     cipher: Cipher,
 }
 
 #[derive(Serialize, Deserialize)]
-struct CacheDoc {
+struct SnapshotDoc {
     version: u64,
     sealed: Sealed,
 }
 
 const OWNER: &str = "aigw:snapshot-cache";
 
-impl SnapshotCacheFile {
+impl SnapshotFile {
     pub fn new(path: &Path, node_token: &str) -> Self {
         let key: [u8; 32] = Sha256::new()
             .chain_update(b"aigw snapshot cache v1\0")
@@ -39,12 +40,13 @@ impl SnapshotCacheFile {
 
     /// Writes atomically: a temp file, fsync, then rename over the old one.
     pub fn store(&self, version: u64, snapshot_json: &[u8]) -> Result<(), Error> {
-        let text = std::str::from_utf8(snapshot_json).map_err(|e| Error::Cache(e.to_string()))?;
-        let doc = CacheDoc {
+        let text =
+            std::str::from_utf8(snapshot_json).map_err(|e| Error::SnapshotFile(e.to_string()))?;
+        let doc = SnapshotDoc {
             version,
             sealed: self.cipher.seal(OWNER, text)?,
         };
-        let bytes = serde_json::to_vec(&doc).map_err(|e| Error::Cache(e.to_string()))?;
+        let bytes = serde_json::to_vec(&doc).map_err(|e| Error::SnapshotFile(e.to_string()))?;
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
@@ -54,17 +56,17 @@ impl SnapshotCacheFile {
         Ok(())
     }
 
-    /// The cached snapshot JSON, if a readable one exists.
+    /// The stored snapshot JSON, if a readable one exists.
     pub fn load(&self) -> Result<Option<Vec<u8>>, Error> {
         let bytes = match std::fs::read(&self.path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        let doc: CacheDoc = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::Cache(format!("{}: {e}", self.path.display())))?;
+        let doc: SnapshotDoc = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::SnapshotFile(format!("{}: {e}", self.path.display())))?;
         let text = self.cipher.open(OWNER, &doc.sealed).map_err(|_| {
-            Error::Cache(format!(
+            Error::SnapshotFile(format!(
                 "{}: sealed with another node token",
                 self.path.display()
             ))
@@ -95,13 +97,13 @@ mod tests {
     fn round_trip_sealed_and_private() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/cache.json");
-        let cache = SnapshotCacheFile::new(&path, "token-a");
+        let cache = SnapshotFile::new(&path, "token-a");
         assert!(cache.load().unwrap().is_none());
         cache.store(7, br#"{"secret":"sk-plain"}"#).unwrap();
         let raw = std::fs::read_to_string(&path).unwrap();
         assert!(!raw.contains("sk-plain"));
         assert_eq!(cache.load().unwrap().unwrap(), br#"{"secret":"sk-plain"}"#);
-        assert!(SnapshotCacheFile::new(&path, "token-b").load().is_err());
+        assert!(SnapshotFile::new(&path, "token-b").load().is_err());
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

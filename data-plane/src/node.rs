@@ -1,0 +1,106 @@
+//! The node's long-lived services: what outlives any one snapshot and is
+//! shared by every call. Snapshots are compiled against them (`apply`);
+//! the proxy reads them next to the snapshot of the moment.
+
+use crate::cache::ResponseCaches;
+use crate::config::{CompileWith, ConfigHandle, Runtime};
+use crate::credentials::CredentialRegistry;
+use crate::http_client::HttpClient;
+use crate::jwt::JwksRegistry;
+use crate::limits::Limiter;
+use crate::metrics::Metrics;
+use crate::routing::HealthRegistry;
+use aigw_shared::snapshot::ConfigSnapshot;
+use std::collections::HashSet;
+use std::sync::Arc;
+
+pub struct Services {
+    pub metrics: Arc<Metrics>,
+    /// Entra ID token caches of the provider keys.
+    pub credentials: Arc<CredentialRegistry>,
+    /// Per-deployment health: cooldowns, circuits, latency.
+    pub health: HealthRegistry,
+    /// Rate-limit counters, shared with the fleet.
+    pub limiter: Arc<Limiter>,
+    /// Signing keys of the trusted JWT issuers.
+    pub jwks: JwksRegistry,
+    /// Response caches, per model alias.
+    pub caches: ResponseCaches,
+    /// The client for targets without their own CA.
+    pub http: HttpClient,
+}
+
+impl Services {
+    pub fn new(metrics: Arc<Metrics>) -> Result<Self, crate::Error> {
+        Ok(Self {
+            credentials: Arc::new(CredentialRegistry::new(metrics.clone())),
+            metrics,
+            health: HealthRegistry::default(),
+            limiter: Arc::default(),
+            jwks: JwksRegistry::default(),
+            caches: ResponseCaches::default(),
+            http: HttpClient::new(&[]).map_err(crate::Error::Config)?,
+        })
+    }
+
+    /// What a snapshot is compiled against.
+    pub fn compile_with(&self) -> CompileWith<'_> {
+        CompileWith {
+            credentials: &self.credentials,
+            health: &self.health,
+            limiter: &self.limiter,
+        }
+    }
+
+    /// Forgets what the live snapshot no longer uses.
+    fn retain(&self, runtime: &Runtime) {
+        self.credentials
+            .retain_only(runtime.token_providers().clone());
+        self.jwks.retain(runtime.jwt());
+        let live: HashSet<(&str, &str)> = runtime
+            .routes()
+            .flat_map(|r| {
+                r.targets
+                    .iter()
+                    .map(|t| (t.provider_key_id.as_str(), t.deployment.as_str()))
+            })
+            .collect();
+        self.health.retain(&|pk, dep| live.contains(&(pk, dep)));
+        let scopes: HashSet<&str> = runtime
+            .routes()
+            .filter_map(|r| r.limits.as_ref())
+            .chain(runtime.callers().filter_map(|c| c.limits.as_ref()))
+            .map(|l| l.scope.name())
+            .collect();
+        self.limiter.retain(&scopes);
+    }
+}
+
+/// A node: its services and its live snapshot.
+pub struct Node {
+    pub services: Arc<Services>,
+    pub config: Arc<ConfigHandle>,
+}
+
+impl Node {
+    /// Compiles `snapshot` against the node's services and swaps it in.
+    pub fn install(&self, snapshot: ConfigSnapshot) -> Result<u64, String> {
+        let runtime = Runtime::compile(snapshot, self.services.compile_with())?;
+        let version = runtime.version;
+        self.services.retain(&runtime);
+        self.config.store(Arc::new(runtime));
+        Ok(version)
+    }
+}
+
+impl crate::config::Apply for Node {
+    fn apply(&self, body: &[u8]) -> Result<u64, String> {
+        let snapshot: ConfigSnapshot =
+            serde_json::from_slice(body).map_err(|e| format!("undecodable snapshot: {e}"))?;
+        self.install(snapshot)
+    }
+
+    fn version(&self) -> u64 {
+        self.config.version()
+    }
+}

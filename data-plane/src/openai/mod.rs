@@ -1,0 +1,23 @@
+//! The OpenAI / Azure OpenAI wire format, in one place.
+//!
+//! - `operation` — the operation table: path ↔ operation ↔ span name ↔
+//!   Azure path; proxy routing, tracing and upstream URLs all read it
+//! - `request`   — the request fields the gateway checks or rewrites
+//! - `types`     — answers and stream chunks: the typed fields the gateway
+//!   reads, the rest kept raw (`raw`) so nothing is lost
+//! - `azure`     — what Azure adds (content-filter annotations) and the
+//!   gateway strips
+//!
+//! A new endpoint: a row in `operation`, its required fields in `request`,
+//! and any answer fields it needs in `types`.
+//!
+//! This module depends on nothing else in the crate.
+
+pub mod azure;
+pub mod operation;
+pub mod raw;
+pub mod request;
+pub mod types;
+
+pub use operation::{Operation, Unrouted, OPERATIONS};
+pub use types::{Answer, ChoiceText, Usage};

@@ -1,0 +1,464 @@
+//! A JSON object read without building a tree: each field's value is kept
+//! as the upstream's raw text, in order, so whatever the gateway does not
+//! touch goes on verbatim, and rewriting a field costs only that field.
+//!
+//! The scanner validates the JSON it skips (structure, strings, numbers,
+//! literals; UTF-8 once up front), so a raw value is always valid JSON.
+
+use serde::Deserialize;
+use std::borrow::Cow;
+use std::io::Write;
+
+/// Deepest nesting accepted (serde_json's own limit).
+const MAX_DEPTH: usize = 128;
+
+/// Why a text is not a JSON object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("invalid JSON at byte {at}")]
+pub struct Invalid {
+    pub at: usize,
+}
+
+/// A field's value: as received, or rewritten by the gateway.
+#[derive(Debug, Clone)]
+pub enum Field<'a> {
+    /// Valid JSON text, exactly as received.
+    Raw(&'a str),
+    Str(Cow<'a, str>),
+    Objects(Vec<RawObject<'a>>),
+}
+
+impl<'a> Field<'a> {
+    pub fn raw(&self) -> Option<&'a str> {
+        match self {
+            Field::Raw(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// Whether the value is JSON `null`.
+    pub fn is_null(&self) -> bool {
+        self.raw() == Some("null")
+    }
+
+    fn write_into<W: Write>(&self, out: &mut W) -> Result<(), serde_json::Error> {
+        match self {
+            Field::Raw(r) => out.write_all(r.as_bytes()).map_err(serde_json::Error::io),
+            Field::Str(s) => serde_json::to_writer(out, s.as_ref()),
+            Field::Objects(v) => {
+                out.write_all(b"[").map_err(serde_json::Error::io)?;
+                for (i, o) in v.iter().enumerate() {
+                    if i > 0 {
+                        out.write_all(b",").map_err(serde_json::Error::io)?;
+                    }
+                    o.write_into(out)?;
+                }
+                out.write_all(b"]").map_err(serde_json::Error::io)
+            }
+        }
+    }
+}
+
+/// A JSON object's fields in their order, values unparsed.
+#[derive(Debug, Clone, Default)]
+pub struct RawObject<'a> {
+    fields: Vec<(Cow<'a, str>, Field<'a>)>,
+}
+
+impl<'a> RawObject<'a> {
+    /// Reads a JSON object (and nothing after it but whitespace).
+    pub fn parse(json: &'a [u8]) -> Result<Self, Invalid> {
+        let text = std::str::from_utf8(json).map_err(|e| Invalid {
+            at: e.valid_up_to(),
+        })?;
+        Self::parse_str(text)
+    }
+
+    fn parse_str(text: &'a str) -> Result<Self, Invalid> {
+        let mut s = Scanner { text, at: 0 };
+        let obj = s.object(0)?;
+        s.ws();
+        if s.at != text.len() {
+            return Err(Invalid { at: s.at });
+        }
+        Ok(obj)
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Field<'a>> {
+        self.fields.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    pub fn get_mut(&mut self, key: &str) -> Option<&mut Field<'a>> {
+        self.fields
+            .iter_mut()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v)
+    }
+
+    /// The field parsed as `T` (absent, rewritten, or not a `T`: `None`).
+    pub fn parse_field<T: Deserialize<'a>>(&self, key: &str) -> Option<T> {
+        serde_json::from_str(self.get(key)?.raw()?).ok()
+    }
+
+    /// A string field, borrowed when it has no escapes.
+    pub fn str_field(&self, key: &str) -> Option<Cow<'a, str>> {
+        match self.get(key)? {
+            Field::Raw(r) => serde_json::from_str::<Key<'a>>(r).ok().map(|k| k.0),
+            Field::Str(s) => Some(s.clone()),
+            Field::Objects(_) => None,
+        }
+    }
+
+    /// Sets `key`, in place when present, else at the end.
+    pub fn set(&mut self, key: &'static str, value: Field<'a>) {
+        match self.get_mut(key) {
+            Some(v) => *v = value,
+            None => self.fields.push((Cow::Borrowed(key), value)),
+        }
+    }
+
+    pub fn remove(&mut self, key: &str) {
+        self.fields.retain(|(k, _)| k != key);
+    }
+
+    /// The objects of an array field, parsed for rewriting (and kept so);
+    /// `None` when the field is absent or not an array of objects.
+    pub fn objects_mut(&mut self, key: &str) -> Option<&mut Vec<RawObject<'a>>> {
+        let field = self.get_mut(key)?;
+        if let Field::Raw(r) = field {
+            *field = Field::Objects(object_array(r)?);
+        }
+        match field {
+            Field::Objects(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The objects of an array field, read-only.
+    pub fn objects(&self, key: &str) -> Vec<RawObject<'a>> {
+        match self.get(key) {
+            Some(Field::Objects(v)) => v.clone(),
+            Some(Field::Raw(r)) => object_array(r).unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Writes the object as JSON.
+    pub fn write_to(&self, mut out: impl Write) -> Result<(), serde_json::Error> {
+        self.write_into(&mut out)
+    }
+
+    fn write_into<W: Write>(&self, out: &mut W) -> Result<(), serde_json::Error> {
+        out.write_all(b"{").map_err(serde_json::Error::io)?;
+        for (i, (k, v)) in self.fields.iter().enumerate() {
+            if i > 0 {
+                out.write_all(b",").map_err(serde_json::Error::io)?;
+            }
+            serde_json::to_writer(&mut *out, k.as_ref())?;
+            out.write_all(b":").map_err(serde_json::Error::io)?;
+            v.write_into(out)?;
+        }
+        out.write_all(b"}").map_err(serde_json::Error::io)
+    }
+}
+
+/// An array of objects, each read raw; `None` if it is anything else.
+fn object_array(text: &str) -> Option<Vec<RawObject<'_>>> {
+    let mut s = Scanner { text, at: 0 };
+    s.ws();
+    s.eat(b'[').ok()?;
+    let mut out = Vec::new();
+    s.ws();
+    if s.eat(b']').is_ok() {
+        return Some(out);
+    }
+    loop {
+        s.ws();
+        out.push(s.object(1).ok()?);
+        s.ws();
+        match s.next().ok()? {
+            b',' => continue,
+            b']' => return Some(out),
+            _ => return None,
+        }
+    }
+}
+
+/// A string borrowed from the input unless it has escapes.
+#[derive(Deserialize)]
+struct Key<'a>(#[serde(borrow)] Cow<'a, str>);
+
+struct Scanner<'a> {
+    text: &'a str,
+    at: usize,
+}
+
+impl<'a> Scanner<'a> {
+    fn bytes(&self) -> &'a [u8] {
+        self.text.as_bytes()
+    }
+
+    fn fail<T>(&self) -> Result<T, Invalid> {
+        Err(Invalid { at: self.at })
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.bytes().get(self.at).copied()
+    }
+
+    fn next(&mut self) -> Result<u8, Invalid> {
+        let b = self.peek().ok_or(Invalid { at: self.at })?;
+        self.at += 1;
+        Ok(b)
+    }
+
+    fn eat(&mut self, want: u8) -> Result<(), Invalid> {
+        if self.peek() == Some(want) {
+            self.at += 1;
+            Ok(())
+        } else {
+            self.fail()
+        }
+    }
+
+    fn ws(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\n' | b'\r' | b'\t')) {
+            self.at += 1;
+        }
+    }
+
+    fn slice(&self, from: usize) -> Result<&'a str, Invalid> {
+        self.text.get(from..self.at).ok_or(Invalid { at: from })
+    }
+
+    /// `{ "key": value, ... }`, the values kept raw.
+    fn object(&mut self, depth: usize) -> Result<RawObject<'a>, Invalid> {
+        self.ws();
+        self.eat(b'{')?;
+        let mut fields = Vec::with_capacity(8);
+        self.ws();
+        if self.eat(b'}').is_ok() {
+            return Ok(RawObject { fields });
+        }
+        loop {
+            self.ws();
+            let key = self.key()?;
+            self.ws();
+            self.eat(b':')?;
+            self.ws();
+            let from = self.at;
+            self.value(depth + 1)?;
+            fields.push((key, Field::Raw(self.slice(from)?)));
+            self.ws();
+            match self.next()? {
+                b',' => continue,
+                b'}' => return Ok(RawObject { fields }),
+                _ => return Err(Invalid { at: self.at - 1 }),
+            }
+        }
+    }
+
+    fn key(&mut self) -> Result<Cow<'a, str>, Invalid> {
+        let from = self.at;
+        let escaped = self.string()?;
+        let raw = self.slice(from)?;
+        if !escaped {
+            // Without escapes the key is the text between the quotes.
+            return raw
+                .get(1..raw.len().saturating_sub(1))
+                .map(Cow::Borrowed)
+                .ok_or(Invalid { at: from });
+        }
+        serde_json::from_str::<String>(raw)
+            .map(Cow::Owned)
+            .map_err(|_| Invalid { at: from })
+    }
+
+    /// Skips one value, checking it.
+    fn value(&mut self, depth: usize) -> Result<(), Invalid> {
+        if depth > MAX_DEPTH {
+            return self.fail();
+        }
+        match self.peek() {
+            Some(b'{') => self.skip_object(depth),
+            Some(b'[') => self.skip_array(depth),
+            Some(b'"') => self.string().map(drop),
+            Some(b't') => self.literal("true"),
+            Some(b'f') => self.literal("false"),
+            Some(b'n') => self.literal("null"),
+            Some(b'-' | b'0'..=b'9') => self.number(),
+            _ => self.fail(),
+        }
+    }
+
+    fn skip_object(&mut self, depth: usize) -> Result<(), Invalid> {
+        self.eat(b'{')?;
+        self.ws();
+        if self.eat(b'}').is_ok() {
+            return Ok(());
+        }
+        loop {
+            self.ws();
+            self.string()?;
+            self.ws();
+            self.eat(b':')?;
+            self.ws();
+            self.value(depth + 1)?;
+            self.ws();
+            match self.next()? {
+                b',' => continue,
+                b'}' => return Ok(()),
+                _ => return Err(Invalid { at: self.at - 1 }),
+            }
+        }
+    }
+
+    fn skip_array(&mut self, depth: usize) -> Result<(), Invalid> {
+        self.eat(b'[')?;
+        self.ws();
+        if self.eat(b']').is_ok() {
+            return Ok(());
+        }
+        loop {
+            self.ws();
+            self.value(depth + 1)?;
+            self.ws();
+            match self.next()? {
+                b',' => continue,
+                b']' => return Ok(()),
+                _ => return Err(Invalid { at: self.at - 1 }),
+            }
+        }
+    }
+
+    /// Skips a string; whether it had escapes.
+    fn string(&mut self) -> Result<bool, Invalid> {
+        self.eat(b'"')?;
+        let mut escaped = false;
+        loop {
+            match self.next()? {
+                b'"' => return Ok(escaped),
+                b'\\' => {
+                    escaped = true;
+                    match self.next()? {
+                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {}
+                        b'u' => {
+                            for _ in 0..4 {
+                                if !self.next()?.is_ascii_hexdigit() {
+                                    return Err(Invalid { at: self.at - 1 });
+                                }
+                            }
+                        }
+                        _ => return Err(Invalid { at: self.at - 1 }),
+                    }
+                }
+                0x00..=0x1f => return Err(Invalid { at: self.at - 1 }),
+                _ => {}
+            }
+        }
+    }
+
+    fn literal(&mut self, word: &str) -> Result<(), Invalid> {
+        if self
+            .text
+            .get(self.at..)
+            .is_some_and(|t| t.starts_with(word))
+        {
+            self.at += word.len();
+            Ok(())
+        } else {
+            self.fail()
+        }
+    }
+
+    fn digits(&mut self) -> Result<(), Invalid> {
+        let from = self.at;
+        while self.peek().is_some_and(|b| b.is_ascii_digit()) {
+            self.at += 1;
+        }
+        if self.at == from {
+            self.fail()
+        } else {
+            Ok(())
+        }
+    }
+
+    fn number(&mut self) -> Result<(), Invalid> {
+        let _ = self.eat(b'-');
+        if self.eat(b'0').is_err() {
+            self.digits()?;
+        }
+        if self.eat(b'.').is_ok() {
+            self.digits()?;
+        }
+        if matches!(self.peek(), Some(b'e' | b'E')) {
+            self.at += 1;
+            if matches!(self.peek(), Some(b'+' | b'-')) {
+                self.at += 1;
+            }
+            self.digits()?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn written(o: &RawObject<'_>) -> String {
+        let mut out = Vec::new();
+        o.write_to(&mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn untouched_fields_go_on_verbatim_and_in_order() {
+        let json = br#"{"z":1.50,"a":{"deep":[1, 2]},"s":"x\"y","n":null, "k\u0041":-0.5e+3}"#;
+        let mut o = RawObject::parse(json).unwrap();
+        assert_eq!(o.str_field("s").as_deref(), Some("x\"y"));
+        assert!(o.get("n").unwrap().is_null());
+        assert!(o.get("kA").is_some(), "escaped keys are decoded");
+        o.set("s", Field::Str("new".into()));
+        o.remove("n");
+        assert_eq!(
+            written(&o),
+            r#"{"z":1.50,"a":{"deep":[1, 2]},"s":"new","kA":-0.5e+3}"#
+        );
+    }
+
+    #[test]
+    fn array_objects_are_rewritten_in_place() {
+        let json = br#"{"choices":[{"i":0,"drop":{}},{"i":1}],"x":true}"#;
+        let mut o = RawObject::parse(json).unwrap();
+        for c in o.objects_mut("choices").unwrap() {
+            c.remove("drop");
+        }
+        assert_eq!(written(&o), r#"{"choices":[{"i":0},{"i":1}],"x":true}"#);
+    }
+
+    #[test]
+    fn invalid_json_is_refused() {
+        for bad in [
+            &b"[1]"[..],
+            b"{",
+            b"{\"a\":}",
+            b"{\"a\":tru}",
+            b"{\"a\":1,}",
+            b"{\"a\":\"\x01\"}",
+            b"{\"a\":01}",
+            b"{\"a\":1} x",
+            b"{\"a\":\"\\q\"}",
+            b"{\"a\":\xff}",
+        ] {
+            assert!(
+                RawObject::parse(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let deep = format!("{{\"a\":{}{}}}", "[".repeat(200), "]".repeat(200));
+        assert!(RawObject::parse(deep.as_bytes()).is_err());
+        assert!(RawObject::parse(b" {\"a\" : [ {} , \"\\u00e9\" ] } ").is_ok());
+    }
+}

@@ -1,0 +1,1 @@
+//! In-process pipeline tests (filled below).
