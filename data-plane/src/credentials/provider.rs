@@ -61,7 +61,7 @@ impl Bearer {
             })?;
         header.set_sensitive(true);
         let life = fetched.expires_in;
-        let expires_at = now + life;
+        let expires_at = crate::clock::deadline_after(now, life);
         Ok(Self(Arc::new(TokenInner {
             id,
             header,
@@ -145,7 +145,10 @@ impl Shared {
     }
 
     fn last_used(&self) -> Instant {
-        self.epoch + Duration::from_millis(self.last_used.load(Ordering::Relaxed))
+        crate::clock::deadline_after(
+            self.epoch,
+            Duration::from_millis(self.last_used.load(Ordering::Relaxed)),
+        )
     }
 
     fn want(&self) {
@@ -386,7 +389,7 @@ async fn drive(sh: Arc<Shared>) {
                     retry_in_ms = wait.as_millis() as u64,
                     "Entra ID token request failed"
                 );
-                retry_at = Some(now + wait);
+                retry_at = Some(crate::clock::deadline_after(now, wait));
                 backoff = (backoff * 2).min(BACKOFF_MAX);
                 sh.slot.send_modify(|s| {
                     s.generation = id;

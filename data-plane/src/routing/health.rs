@@ -27,6 +27,10 @@ pub enum Availability {
     Until(u64),
 }
 
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 #[derive(Debug, Default)]
 pub struct TargetHealth {
     cooldown_until: AtomicU64,
@@ -51,7 +55,7 @@ impl TargetHealth {
         match self.open_until.load(Acquire) {
             0 => Availability::Ready,
             t if t > now => Availability::Until(t),
-            _ if self.probing.load(Acquire) => Availability::Until(now + 1),
+            _ if self.probing.load(Acquire) => Availability::Until(now.saturating_add(1)),
             _ => Availability::Probe,
         }
     }
@@ -89,7 +93,7 @@ impl TargetHealth {
             }
             Outcome::RateLimited(wait) => {
                 self.attempts_rate_limited.fetch_add(1, Relaxed);
-                let until = now + wait.unwrap_or(cooldown).as_millis() as u64;
+                let until = now.saturating_add(millis(wait.unwrap_or(cooldown)));
                 self.cooldown_until.fetch_max(until, AcqRel);
                 // Whatever the probe found, the target answered.
                 self.probing.store(false, Release);
@@ -103,7 +107,7 @@ impl TargetHealth {
                         self.circuit_opened.fetch_add(1, Relaxed);
                     }
                     self.open_until
-                        .store(now + cooldown.as_millis().max(1) as u64, Release);
+                        .store(now.saturating_add(millis(cooldown).max(1)), Release);
                 }
             }
         }

@@ -54,7 +54,10 @@ pub fn pick(route: &Pool, tried: &[usize], now: u64) -> Result<Choice, Unavailab
                         probe: true,
                     })
                 }
-                Availability::Probe => soonest = Some(soonest.map_or(now + 1, |s| s.min(now + 1))),
+                Availability::Probe => {
+                    let next = now.saturating_add(1);
+                    soonest = Some(soonest.map_or(next, |s| s.min(next)));
+                }
                 Availability::Until(t) => soonest = Some(soonest.map_or(t, |s| s.min(t))),
             }
         }

@@ -59,7 +59,7 @@ pub async fn run_publisher(
                     }
                     Err(e) => {
                         warn!(error = %e, retry_in_ms = retry.as_millis() as u64, "usage bus still unavailable");
-                        next_try = Instant::now() + retry;
+                        next_try = crate::clock::deadline_after(Instant::now(), retry);
                         retry = (retry * 2).min(RETRY_MAX);
                     }
                 }
@@ -72,7 +72,7 @@ pub async fn run_publisher(
         if let Err(e) = bus.publish(&batch).await {
             warn!(error = %e, events = batch.len(), "usage bus unavailable: spooling events to disk");
             spool_batch(&spool, &batch, &metrics);
-            next_try = Instant::now() + retry;
+            next_try = crate::clock::deadline_after(Instant::now(), retry);
         } else {
             metrics.usage_published(batch.len());
         }
