@@ -7,6 +7,13 @@
 //!
 //! Run: `cargo bench -p aigw-data-plane --bench limiter`.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a benchmark is a test: a failed setup step should stop it loudly"
+)]
+
 use aigw_data_plane::config::Operation;
 use aigw_data_plane::limits::{tokens, Check, Limiter};
 use aigw_shared::domain::RateLimit;
