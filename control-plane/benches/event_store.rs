@@ -10,6 +10,13 @@
 //! Data lives under cargo's target tmp dir (a real disk, not a tmpfs).
 //! Run: `cargo bench -p aigw-control-plane --bench event_store`
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a benchmark is a test: a failed setup step should stop it loudly"
+)]
+
 use aigw_control_plane::engine::{replay, Engine};
 use aigw_control_plane::events::{Command, DomainEvent, ResourceValue, StoredEvent};
 use aigw_control_plane::secrets::Cipher;

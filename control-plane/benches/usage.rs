@@ -2,6 +2,13 @@
 //! (dedup check, aggregate update, one sled flush per batch).
 //! Run: `cargo bench -p aigw-control-plane --bench usage`.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a benchmark is a test: a failed setup step should stop it loudly"
+)]
+
 use aigw_control_plane::engine::Engine;
 use aigw_control_plane::secrets::Cipher;
 use aigw_control_plane::store::SledStore;

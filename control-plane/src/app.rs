@@ -3,13 +3,14 @@
 //! (`control_plane.grpc_listen`).
 
 use crate::admin::{self, auth::AdminKeys, Admin};
+use crate::config::Config;
 use crate::config_stream::{ConfigStreamService, SnapshotCache};
 use crate::engine::Engine;
 use crate::error::Error;
 use crate::nodes::NodeRegistry;
 use crate::secrets::KeySource;
 use crate::store::SledStore;
-use aigw_shared::config::Config;
+use aigw_shared::usage_bus::UsageBus;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,8 +26,8 @@ pub struct ControlPlane {
     tasks: tokio::task::JoinSet<Result<(), Error>>,
     background: tokio_util::task::TaskTracker,
     stop: watch::Sender<bool>,
-    /// The in-process node in standalone mode.
-    pub data_plane: Option<aigw_data_plane::DataPlane>,
+    node_token: String,
+    in_process_bus: Option<Arc<crate::usage::InProcessBus>>,
 }
 
 impl ControlPlane {
@@ -36,7 +37,7 @@ impl ControlPlane {
         let (cipher, source) = crate::secrets::load_master_key(
             config.secrets.master_key.as_deref(),
             &cp.data_dir,
-            config.standalone,
+            config.embedded_node,
         )?;
         match source {
             KeySource::GeneratedFile(path) => warn!(
@@ -147,10 +148,14 @@ impl ControlPlane {
                 ));
                 None
             }
-            None => Some(crate::usage::InProcessBus::start(
+            None if config.embedded_node => Some(crate::usage::InProcessBus::start(
                 usage.clone(),
                 &background,
             )),
+            None => {
+                warn!("no nats.url: usage events from data planes are not aggregated");
+                None
+            }
         };
         let config_service = ConfigStreamService::new(
             cache,
@@ -180,27 +185,6 @@ impl ControlPlane {
         let version = engine.read().version;
         info!(%admin_addr, %grpc_addr, version, "control plane ready");
 
-        // Standalone: one data plane in this process, fed through the same stream.
-        let data_plane = if config.standalone {
-            let mut settings =
-                aigw_data_plane::Settings::from_config(&aigw_shared::config::Config {
-                    nodes: aigw_shared::config::NodesConfig {
-                        token: Some(node_token),
-                    },
-                    ..config.clone()
-                })
-                .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
-            settings.control_plane_url = format!("http://{grpc_addr}");
-            settings.usage_bus =
-                in_process_bus.map(|b| b as Arc<dyn aigw_data_plane::usage::UsageBus>);
-            Some(
-                aigw_data_plane::DataPlane::start(settings)
-                    .await
-                    .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?,
-            )
-        } else {
-            None
-        };
         Ok(Self {
             admin_addr,
             grpc_addr,
@@ -208,8 +192,20 @@ impl ControlPlane {
             tasks,
             background,
             stop,
-            data_plane,
+            node_token,
+            in_process_bus,
         })
+    }
+
+    /// The token nodes present on the config stream (generated in the data
+    /// dir when none is configured), for a node in this process.
+    pub fn node_token(&self) -> &str {
+        &self.node_token
+    }
+
+    /// The bus an in-process node publishes usage to when there is no NATS.
+    pub fn in_process_bus(&self) -> Option<Arc<dyn UsageBus>> {
+        self.in_process_bus.clone().map(|b| b as Arc<dyn UsageBus>)
     }
 
     /// Serves until `shutdown` resolves or a server fails, then drains.
@@ -222,12 +218,11 @@ impl ControlPlane {
                 Err(e) => Err(Error::Io(std::io::Error::other(format!("server task: {e}")))),
             },
         };
-        if let Some(dp) = self.data_plane.take() {
-            dp.stop().await;
-        }
         info!("shutting down: draining admin connections");
         self.stop.send_replace(true);
         self.background.close();
+        // The in-process bus's feeder ends with its last sender.
+        self.in_process_bus = None;
         while let Some(done) = self.tasks.join_next().await {
             if let Ok(Err(e)) = done {
                 warn!(error = %e, "server stopped with an error");

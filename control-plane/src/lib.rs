@@ -10,10 +10,16 @@
 //! - `nodes`    — data-plane nodes seen on the config stream
 //! - `metrics`  — `/metrics` on the admin port (Prometheus text)
 //! - `usage`    — usage events in, aggregates, cost and budgets out
+//! - `config`   — the process's config file (its sections, validation)
 //! - `app`      — wiring and serving
+//!
+//! The control plane does not depend on the data plane: what crosses between
+//! them (snapshot document, usage bus, node identity) is in `aigw_shared`.
+//! Standalone mode composes both in the `aigw` binary.
 
 pub mod admin;
 pub mod app;
+pub mod config;
 pub mod config_stream;
 pub mod engine;
 pub mod error;
@@ -25,4 +31,5 @@ pub mod store;
 pub mod usage;
 
 pub use app::ControlPlane;
+pub use config::Config;
 pub use error::Error;

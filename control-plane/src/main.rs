@@ -1,4 +1,5 @@
-use aigw_shared::config::Config;
+use aigw_control_plane::{Config, ControlPlane};
+use aigw_shared::config::ProcessConfig;
 use clap::Parser;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,17 +14,21 @@ struct Args {
     /// YAML config file; every key can be overridden with AIGW__SECTION__KEY.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Also run one data plane in this process.
-    #[arg(long)]
+    /// Standalone mode moved to the `aigw` binary; refused with that hint.
+    #[arg(long, hide = true)]
     standalone: bool,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let config = match Config::load(args.config.as_deref(), std::env::vars()).and_then(|mut c| {
-        c.standalone |= args.standalone;
-        c.validate().map(|()| c)
-    }) {
+    if args.standalone {
+        eprintln!(
+            "aigw-control-plane: --standalone: standalone mode (control plane and one data plane \
+             in one process) is the `aigw` binary: run `aigw --config FILE` (cargo run -p aigw)"
+        );
+        return ExitCode::from(2);
+    }
+    let config = match Config::load(args.config.as_deref(), std::env::vars()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("aigw-control-plane: {e}");
@@ -37,19 +42,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // Flushed before the process exits; a standalone control plane's
-    // in-process data plane shares it.
-    let node_id = config
-        .data_plane
-        .node_id
-        .clone()
-        .unwrap_or_else(aigw_data_plane::hostname);
-    let mut telemetry =
-        aigw_shared::telemetry::init(&config.telemetry, "aigw-control-plane", &node_id);
+    // Flushed before the process exits.
+    let mut telemetry = aigw_shared::telemetry::init(
+        &config.telemetry,
+        "aigw-control-plane",
+        &aigw_shared::node::hostname(),
+    );
     let result = runtime.block_on(async {
-        aigw_control_plane::ControlPlane::start(config)
+        ControlPlane::start(config)
             .await?
-            .run_until(shutdown_signal())
+            .run_until(aigw_shared::telemetry::shutdown_signal())
             .await
     });
     telemetry.shutdown();
@@ -60,22 +62,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return ctrl_c.await.unwrap_or(()),
-            };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

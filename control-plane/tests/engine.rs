@@ -1,6 +1,13 @@
 //! The engine over a real sled store in a temporary directory: replay after a
 //! reopen, compacted snapshots, the master-key check and gap detection.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "integration tests: helpers outside #[test] fail the test by panicking"
+)]
+
 use aigw_control_plane::engine::{replay, Engine};
 use aigw_control_plane::events::{
     Command, DomainEvent, ResourceValue, State, StoredEvent, StoredProviderKey,

@@ -1,6 +1,13 @@
 //! The OpenAPI document served at `/admin/openapi.json` stays in step with the
 //! REST routes and is internally consistent. No server is started.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "integration tests: helpers outside #[test] fail the test by panicking"
+)]
+
 use aigw_control_plane::admin::rest::OPENAPI;
 use serde_json::Value;
 use std::collections::BTreeSet;

@@ -7,6 +7,13 @@
 //!
 //! Run: `cargo bench -p aigw-data-plane --bench limiter`.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a benchmark is a test: a failed setup step should stop it loudly"
+)]
+
 use aigw_data_plane::limits::{tokens, Check, Limiter};
 use aigw_data_plane::openai::Operation;
 use aigw_shared::domain::RateLimit;
@@ -88,6 +95,10 @@ fn main() {
     for i in 0..total {
         let due = start + Duration::from_nanos(i * 1_000_000_000 / RATE);
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            #[allow(
+                clippy::disallowed_methods,
+                reason = "pacing the benchmark's own thread, not a runtime worker"
+            )]
             std::thread::sleep(wait);
         }
         let t = Instant::now();

@@ -24,7 +24,7 @@ impl HttpClient {
     /// A client trusting the system roots (or, without any, the bundled web
     /// PKI roots) plus `extra_roots` (DER).
     pub fn new(extra_roots: &[Vec<u8>]) -> Result<Self, String> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let mut roots = rustls::RootCertStore::empty();
         let native = rustls_native_certs::load_native_certs();
         let (added, _) = roots.add_parsable_certificates(native.certs);

@@ -39,76 +39,21 @@ pub mod openai;
 pub mod proxy;
 pub mod routing;
 pub mod server;
+pub mod settings;
 pub mod shutdown;
 pub mod usage;
 
 pub use error::Error;
+pub use settings::{Config, Settings};
 
-use aigw_shared::config::Config;
 use config::{ConfigHandle, SnapshotFile, WatchSettings};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
-
-/// What a data-plane node needs to run.
-#[derive(Clone)]
-pub struct Settings {
-    pub listen: SocketAddr,
-    pub metrics_listen: SocketAddr,
-    pub control_plane_url: String,
-    pub node_id: String,
-    pub token: String,
-    pub snapshot_cache: PathBuf,
-    pub max_body_bytes: usize,
-    /// How long in-flight calls may take to finish at shutdown.
-    pub drain: Duration,
-    /// NATS server for usage events (JetStream).
-    pub nats_url: Option<String>,
-    pub usage_spool: PathBuf,
-    /// An in-process usage bus (standalone), used instead of NATS.
-    pub usage_bus: Option<Arc<dyn usage::UsageBus>>,
-}
-
-impl Settings {
-    pub fn from_config(cfg: &Config) -> Result<Self, Error> {
-        let token = cfg.nodes.token.clone().ok_or_else(|| {
-            Error::Config("nodes.token: required to join the control plane".into())
-        })?;
-        Ok(Self {
-            listen: cfg.data_plane.listen,
-            metrics_listen: cfg.data_plane.metrics_listen,
-            control_plane_url: cfg.data_plane.control_plane_url.clone(),
-            node_id: cfg.data_plane.node_id.clone().unwrap_or_else(hostname),
-            token,
-            snapshot_cache: cfg.data_plane.snapshot_cache.clone(),
-            max_body_bytes: cfg.data_plane.max_body_bytes,
-            drain: Duration::from_secs(30),
-            nats_url: cfg.nats.url.clone(),
-            usage_spool: cfg.data_plane.usage_spool.clone().unwrap_or_else(|| {
-                cfg.data_plane
-                    .snapshot_cache
-                    .with_file_name("usage-spool.bin")
-            }),
-            usage_bus: None,
-        })
-    }
-}
-
-/// The host name, the default node id.
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "aigw-node".into())
-}
 
 /// Usage events buffered in memory before the publisher takes them.
 const USAGE_BUFFER: usize = 65_536;

@@ -1,4 +1,5 @@
-use aigw_shared::config::Config;
+use aigw_data_plane::{Config, DataPlane, Settings};
+use aigw_shared::config::ProcessConfig;
 use clap::Parser;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,14 +19,9 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     let loaded = Config::load(args.config.as_deref(), std::env::vars())
-        .map_err(|e| e.to_string())
-        .and_then(|c| c.validate().map(|()| c).map_err(|e| e.to_string()))
-        .and_then(|c| {
-            aigw_data_plane::Settings::from_config(&c)
-                .map(|s| (c, s))
-                .map_err(|e| e.to_string())
-        });
-    let (config, settings) = match loaded {
+        .map_err(anyhow::Error::from)
+        .and_then(|c| Ok((Settings::new(&c, None)?, c)));
+    let (settings, config) = match loaded {
         Ok(v) => v,
         Err(e) => {
             eprintln!("aigw-data-plane: {e}");
@@ -43,7 +39,7 @@ fn main() -> ExitCode {
     let mut telemetry =
         aigw_shared::telemetry::init(&config.telemetry, "aigw-data-plane", &settings.node_id);
     let result = runtime.block_on(async {
-        let dp = aigw_data_plane::DataPlane::start(settings).await?;
+        let dp = DataPlane::start(settings).await?;
         dp.run_until(aigw_shared::telemetry::shutdown_signal())
             .await;
         Ok::<_, aigw_data_plane::Error>(())

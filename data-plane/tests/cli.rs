@@ -1,6 +1,13 @@
 //! The `aigw-data-plane` binary refuses bad configuration with one line
 //! naming the key, before binding anything.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "integration tests: helpers outside #[test] fail the test by panicking"
+)]
+
 use std::process::Command;
 
 fn run(yaml: &str, env: &[(&str, &str)]) -> (i32, String) {

@@ -1,9 +1,14 @@
 //! Process configuration: one YAML file, then `AIGW__SECTION__KEY` environment
-//! overrides, deserialized into one struct with unknown keys rejected, then
-//! `validate()`d before anything starts.
+//! overrides, deserialized into the process's own struct with unknown keys
+//! rejected, then `validate()`d before anything starts.
+//!
+//! The sections are defined here, once; each process names the sections it
+//! takes in its own [`ProcessConfig`] (control plane, data plane, and the
+//! standalone binary, whose file is the union of the two).
 
 use crate::error::Error;
 use base64::Engine;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_yaml::{Mapping, Value};
 use std::net::SocketAddr;
@@ -13,20 +18,6 @@ use std::path::{Path, PathBuf};
 pub const ENV_PREFIX: &str = "AIGW__";
 /// Environment variable that may carry `secrets.master_key`.
 pub const MASTER_KEY_ENV: &str = "AIGW_MASTER_KEY";
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Config {
-    /// Run one data plane inside the control-plane process.
-    pub standalone: bool,
-    pub admin: AdminConfig,
-    pub secrets: SecretsConfig,
-    pub control_plane: ControlPlaneConfig,
-    pub data_plane: DataPlaneConfig,
-    pub nodes: NodesConfig,
-    pub nats: NatsConfig,
-    pub telemetry: TelemetryConfig,
-}
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -137,146 +128,223 @@ pub enum LogFormat {
     Text,
 }
 
-impl Config {
-    /// Reads `path` (if given), applies environment overrides from `env`, and
-    /// deserializes. Call [`Config::validate`] before using the result.
-    pub fn load(
+/// A top-level key a process no longer takes, with the one line that says
+/// what to do instead (e.g. `admin` on a data plane).
+#[derive(Debug, Clone, Copy)]
+pub struct Retired {
+    pub key: &'static str,
+    pub instead: &'static str,
+}
+
+/// A process's configuration file: one serde struct with unknown keys
+/// rejected, checked by [`ProcessConfig::validate`] before anything starts.
+pub trait ProcessConfig: DeserializeOwned {
+    /// Top-level keys that belong to another process, each with its hint.
+    const RETIRED: &'static [Retired] = &[];
+
+    /// Cross-field rules serde cannot express.
+    fn validate(&self) -> Result<(), Error>;
+
+    /// Reads `path` (if given), applies environment overrides from `env`,
+    /// deserializes and validates.
+    fn load(
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, Error> {
-        let mut root = match path {
-            Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|e| Error::ConfigRead {
-                    path: p.display().to_string(),
-                    source: e,
-                })?;
-                if text.trim().is_empty() {
-                    Value::Mapping(Mapping::new())
-                } else {
-                    serde_yaml::from_str(&text).map_err(|e| Error::ConfigSyntax {
-                        path: p.display().to_string(),
-                        message: e.to_string(),
-                    })?
-                }
-            }
-            None => Value::Mapping(Mapping::new()),
-        };
-        if root.is_null() {
-            root = Value::Mapping(Mapping::new());
-        }
-        let mut overrides = Vec::new();
-        for (name, raw) in env {
-            if name == MASTER_KEY_ENV {
-                overrides.push((vec!["secrets".into(), "master_key".into()], raw));
-                continue;
-            }
-            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
-                continue;
+        let config: Self = load(path, env, Self::RETIRED)?;
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// Reads `path` (if given), applies environment overrides from `env`, and
+/// deserializes into `T`; a key listed in `retired` is refused with its hint.
+/// Validation is the caller's (see [`ProcessConfig::load`]).
+pub fn load<T: DeserializeOwned>(
+    path: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+    retired: &[Retired],
+) -> Result<T, Error> {
+    let root = read_file(path)?;
+    let overrides = env_overrides(env)?;
+    // Env values are YAML scalars (so `true`, `8080`, `[a, b]` work), except
+    // where the target is a string: those paths are retried as plain text.
+    let mut as_text: Vec<bool> = vec![false; overrides.len()];
+    loop {
+        let mut doc = root.clone();
+        for ((path, raw), text) in overrides.iter().zip(&as_text) {
+            let value = if *text {
+                Value::String(raw.clone())
+            } else {
+                serde_yaml::from_str(raw).unwrap_or_else(|_| Value::String(raw.clone()))
             };
-            let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
-            if path.iter().any(String::is_empty) {
-                return Err(Error::ConfigInvalid {
-                    key: name,
-                    message: "malformed environment override".into(),
-                });
-            }
-            overrides.push((path, raw));
+            set_path(&mut doc, path, value).map_err(|message| Error::ConfigInvalid {
+                key: path.join("."),
+                message,
+            })?;
         }
-        // Env values are YAML scalars (so `true`, `8080`, `[a, b]` work), except
-        // where the target is a string: those paths are retried as plain text.
-        let mut as_text: Vec<bool> = vec![false; overrides.len()];
-        loop {
-            let mut doc = root.clone();
-            for ((path, raw), text) in overrides.iter().zip(&as_text) {
-                let value = if *text {
-                    Value::String(raw.clone())
-                } else {
-                    serde_yaml::from_str(raw).unwrap_or_else(|_| Value::String(raw.clone()))
-                };
-                set_path(&mut doc, path, value).map_err(|message| Error::ConfigInvalid {
-                    key: path.join("."),
-                    message,
-                })?;
-            }
-            match serde_path_to_error::deserialize::<_, Config>(doc) {
-                Ok(cfg) => return Ok(cfg),
-                Err(err) => {
-                    let key = err.path().to_string();
-                    let retry =
-                        overrides
-                            .iter()
-                            .zip(as_text.iter_mut())
-                            .find(|((p, raw), text)| {
-                                !**text
-                                    && p.join(".") == key
-                                    && !matches!(
-                                        serde_yaml::from_str::<Value>(raw),
-                                        Ok(Value::String(_))
-                                    )
-                            });
-                    if let Some((_, text)) = retry {
-                        *text = true;
-                        continue;
-                    }
-                    return Err(Error::ConfigInvalid {
-                        key: if key == "." { "config".into() } else { key },
-                        message: err.into_inner().to_string(),
+        if let Some(r) = retired
+            .iter()
+            .find(|r| doc.as_mapping().is_some_and(|m| m.contains_key(r.key)))
+        {
+            return Err(Error::ConfigInvalid {
+                key: r.key.into(),
+                message: r.instead.into(),
+            });
+        }
+        match serde_path_to_error::deserialize::<_, T>(doc) {
+            Ok(cfg) => return Ok(cfg),
+            Err(err) => {
+                let key = err.path().to_string();
+                let retry = overrides
+                    .iter()
+                    .zip(as_text.iter_mut())
+                    .find(|((p, raw), text)| {
+                        !**text
+                            && p.join(".") == key
+                            && !matches!(serde_yaml::from_str::<Value>(raw), Ok(Value::String(_)))
                     });
+                if let Some((_, text)) = retry {
+                    *text = true;
+                    continue;
                 }
+                return Err(Error::ConfigInvalid {
+                    key: if key == "." { "config".into() } else { key },
+                    message: err.into_inner().to_string(),
+                });
             }
         }
     }
+}
 
-    /// Checks cross-field rules serde cannot express.
-    pub fn validate(&self) -> Result<(), Error> {
-        let invalid = |key: &str, message: &str| Error::ConfigInvalid {
-            key: key.into(),
-            message: message.into(),
+fn read_file(path: Option<&Path>) -> Result<Value, Error> {
+    let Some(p) = path else {
+        return Ok(Value::Mapping(Mapping::new()));
+    };
+    let text = std::fs::read_to_string(p).map_err(|e| Error::ConfigRead {
+        path: p.display().to_string(),
+        source: e,
+    })?;
+    if text.trim().is_empty() {
+        return Ok(Value::Mapping(Mapping::new()));
+    }
+    let root: Value = serde_yaml::from_str(&text).map_err(|e| Error::ConfigSyntax {
+        path: p.display().to_string(),
+        message: e.to_string(),
+    })?;
+    Ok(if root.is_null() {
+        Value::Mapping(Mapping::new())
+    } else {
+        root
+    })
+}
+
+/// `AIGW__SECTION__KEY=value` (and `AIGW_MASTER_KEY`) as key paths.
+fn env_overrides(
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Vec<(Vec<String>, String)>, Error> {
+    let mut overrides = Vec::new();
+    for (name, raw) in env {
+        if name == MASTER_KEY_ENV {
+            overrides.push((vec!["secrets".into(), "master_key".into()], raw));
+            continue;
+        }
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
         };
-        if self.admin.keys.is_empty() {
+        let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+        if path.iter().any(String::is_empty) {
+            return Err(Error::ConfigInvalid {
+                key: name,
+                message: "malformed environment override".into(),
+            });
+        }
+        overrides.push((path, raw));
+    }
+    Ok(overrides)
+}
+
+fn invalid(key: &str, message: &str) -> Error {
+    Error::ConfigInvalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+impl AdminConfig {
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.keys.is_empty() {
             return Err(invalid("admin.keys", "list at least one admin key"));
         }
-        if self.admin.keys.iter().any(|k| k.trim().is_empty()) {
+        if self.keys.iter().any(|k| k.trim().is_empty()) {
             return Err(invalid("admin.keys", "admin keys must not be empty"));
         }
-        if let Some(k) = &self.secrets.master_key {
+        Ok(())
+    }
+}
+
+impl SecretsConfig {
+    pub fn validate(&self) -> Result<(), Error> {
+        if let Some(k) = &self.master_key {
             decode_master_key(k).map_err(|m| invalid("secrets.master_key", &m))?;
         }
-        if !(0.0..=1.0).contains(&self.telemetry.sample_ratio) {
-            return Err(invalid("telemetry.sample_ratio", "must be between 0 and 1"));
-        }
-        if self.control_plane.snapshot_every == 0 {
+        Ok(())
+    }
+}
+
+impl ControlPlaneConfig {
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.snapshot_every == 0 {
             return Err(invalid(
                 "control_plane.snapshot_every",
                 "must be at least 1",
             ));
         }
-        if self.control_plane.max_body_bytes == 0 {
+        if self.max_body_bytes == 0 {
             return Err(invalid(
                 "control_plane.max_body_bytes",
                 "must be at least 1",
             ));
         }
-        if self.data_plane.max_body_bytes == 0 {
+        Ok(())
+    }
+}
+
+impl DataPlaneConfig {
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.max_body_bytes == 0 {
             return Err(invalid("data_plane.max_body_bytes", "must be at least 1"));
         }
-        if let Some(t) = &self.nodes.token {
-            if t.trim().is_empty() {
-                return Err(invalid("nodes.token", "must not be empty"));
-            }
-        }
-        if !self.standalone && self.nodes.token.is_none() {
-            return Err(invalid(
-                "nodes.token",
-                "required unless standalone: data planes present it on the config stream",
-            ));
-        }
-        let url = &self.data_plane.control_plane_url;
+        let url = &self.control_plane_url;
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(invalid(
                 "data_plane.control_plane_url",
                 "must be an http(s) URL",
             ));
+        }
+        Ok(())
+    }
+}
+
+impl NodesConfig {
+    /// `required`: data planes present the token, so only a process that
+    /// generates its own (standalone) may go without one.
+    pub fn validate(&self, required: bool) -> Result<(), Error> {
+        match &self.token {
+            Some(t) if t.trim().is_empty() => Err(invalid("nodes.token", "must not be empty")),
+            None if required => Err(invalid(
+                "nodes.token",
+                "required unless standalone: data planes present it on the config stream",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl TelemetryConfig {
+    pub fn validate(&self) -> Result<(), Error> {
+        if !(0.0..=1.0).contains(&self.sample_ratio) {
+            return Err(invalid("telemetry.sample_ratio", "must be between 0 and 1"));
         }
         Ok(())
     }
@@ -315,26 +383,69 @@ fn set_path(doc: &mut Value, path: &[String], value: Value) -> Result<(), String
 mod tests {
     use super::*;
 
-    fn load(yaml: &str, env: &[(&str, &str)]) -> Result<Config, Error> {
-        let dir = std::env::temp_dir().join(format!("aigw-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join(format!("{:x}.yaml", sha2_hash(yaml)));
-        std::fs::write(&file, yaml).unwrap();
-        Config::load(
-            Some(&file),
-            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
-        )
+    /// Every section, as the standalone binary takes them.
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    struct Union {
+        standalone: bool,
+        admin: AdminConfig,
+        secrets: SecretsConfig,
+        control_plane: ControlPlaneConfig,
+        data_plane: DataPlaneConfig,
+        nodes: NodesConfig,
+        nats: NatsConfig,
+        telemetry: TelemetryConfig,
     }
 
-    fn sha2_hash(s: &str) -> u64 {
-        use sha2::Digest;
-        let d = sha2::Sha256::digest(s.as_bytes());
-        u64::from_be_bytes(d[..8].try_into().unwrap())
+    impl ProcessConfig for Union {
+        fn validate(&self) -> Result<(), Error> {
+            self.admin.validate()?;
+            self.secrets.validate()?;
+            self.control_plane.validate()?;
+            self.data_plane.validate()?;
+            self.nodes.validate(!self.standalone)?;
+            self.telemetry.validate()
+        }
+    }
+
+    /// Only the data plane's sections, with `admin` retired.
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    struct Node {
+        data_plane: DataPlaneConfig,
+        nodes: NodesConfig,
+    }
+
+    impl ProcessConfig for Node {
+        const RETIRED: &'static [Retired] = &[Retired {
+            key: "admin",
+            instead: "a data plane takes no admin keys; remove this section",
+        }];
+        fn validate(&self) -> Result<(), Error> {
+            self.data_plane.validate()?;
+            self.nodes.validate(true)
+        }
+    }
+
+    fn write(yaml: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config.yaml");
+        std::fs::write(&file, yaml).unwrap();
+        (dir, file)
+    }
+
+    fn load<T: ProcessConfig>(yaml: &str, env: &[(&str, &str)]) -> Result<T, Error> {
+        let (_dir, file) = write(yaml);
+        super::load(
+            Some(&file),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+            T::RETIRED,
+        )
     }
 
     #[test]
     fn defaults_fill_missing_sections() {
-        let cfg = load("admin:\n  keys: [k]\nstandalone: true\n", &[]).unwrap();
+        let cfg: Union = load("admin:\n  keys: [k]\nstandalone: true\n", &[]).unwrap();
         cfg.validate().unwrap();
         assert_eq!(cfg.control_plane.admin_listen.port(), 3001);
         assert_eq!(cfg.control_plane.grpc_listen.port(), 50051);
@@ -344,13 +455,15 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let err = load("admin:\n  kyes: [k]\n", &[]).unwrap_err().to_string();
+        let err = load::<Union>("admin:\n  kyes: [k]\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("admin") && err.contains("kyes"), "{err}");
     }
 
     #[test]
     fn wrong_type_is_named() {
-        let err = load("control_plane:\n  admin_listen: nope\n", &[])
+        let err = load::<Union>("control_plane:\n  admin_listen: nope\n", &[])
             .unwrap_err()
             .to_string();
         assert!(err.contains("control_plane.admin_listen"), "{err}");
@@ -358,7 +471,7 @@ mod tests {
 
     #[test]
     fn env_overrides_file() {
-        let cfg = load(
+        let cfg: Union = load(
             "admin:\n  keys: [k]\nnodes:\n  token: fromfile\n",
             &[
                 ("AIGW__CONTROL_PLANE__ADMIN_LISTEN", "127.0.0.1:4001"),
@@ -378,7 +491,7 @@ mod tests {
 
     #[test]
     fn env_unknown_key_is_rejected() {
-        let err = load("admin:\n  keys: [k]\n", &[("AIGW__ADMIN__NOPE", "1")])
+        let err = load::<Union>("admin:\n  keys: [k]\n", &[("AIGW__ADMIN__NOPE", "1")])
             .unwrap_err()
             .to_string();
         assert!(err.contains("nope"), "{err}");
@@ -386,13 +499,13 @@ mod tests {
 
     #[test]
     fn validate_rejects_bad_master_key_and_missing_admin_keys() {
-        let cfg = load("standalone: true\n", &[]).unwrap();
+        let cfg: Union = load("standalone: true\n", &[]).unwrap();
         assert!(cfg
             .validate()
             .unwrap_err()
             .to_string()
             .contains("admin.keys"));
-        let cfg = load(
+        let cfg: Union = load(
             "standalone: true\nadmin: {keys: [k]}\nsecrets: {master_key: c2hvcnQ=}\n",
             &[],
         )
@@ -406,11 +519,38 @@ mod tests {
 
     #[test]
     fn token_required_without_standalone() {
-        let cfg = load("admin: {keys: [k]}\n", &[]).unwrap();
+        let cfg: Union = load("admin: {keys: [k]}\n", &[]).unwrap();
         assert!(cfg
             .validate()
             .unwrap_err()
             .to_string()
             .contains("nodes.token"));
+    }
+
+    #[test]
+    fn a_process_takes_only_its_sections() {
+        let (_dir, file) = write("nodes: {token: t}\n");
+        let node = Node::load(Some(&file), Vec::new()).unwrap();
+        assert_eq!(node.nodes.token.as_deref(), Some("t"));
+
+        // A retired section, from the file or the environment, gets its hint.
+        for (yaml, env) in [
+            ("nodes: {token: t}\nadmin: {keys: [k]}\n", vec![]),
+            (
+                "nodes: {token: t}\n",
+                vec![("AIGW__ADMIN__KEYS".to_string(), "[k]".to_string())],
+            ),
+        ] {
+            let (_dir, file) = write(yaml);
+            let err = Node::load(Some(&file), env).unwrap_err().to_string();
+            assert_eq!(
+                err,
+                "config: admin: a data plane takes no admin keys; remove this section"
+            );
+        }
+        // Any other foreign section is an unknown key.
+        let (_dir, file) = write("nodes: {token: t}\ncontrol_plane: {}\n");
+        let err = Node::load(Some(&file), Vec::new()).unwrap_err().to_string();
+        assert!(err.contains("control_plane"), "{err}");
     }
 }

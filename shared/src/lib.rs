@@ -1,13 +1,17 @@
-//! Code both planes share: generated protobuf types, configuration, and the
-//! admin resources with their validation rules.
+//! Code both planes share: generated protobuf types, configuration sections,
+//! the admin resources with their validation rules, the snapshot document, the
+//! usage bus contract and node identity. Neither plane depends on the other:
+//! what crosses between them is defined here.
 
 pub mod body;
 pub mod config;
 pub mod crypto;
 pub mod domain;
 pub mod error;
+pub mod node;
 pub mod proto;
 pub mod snapshot;
 pub mod telemetry;
+pub mod usage_bus;
 
 pub use error::Error;

@@ -3,10 +3,10 @@
 //!
 //! Build the release binary first, then run the bench (benches build in the
 //! release profile, so the binary is found next to the bench executable, in
-//! `target/release/`; `AIGW_CONTROL_PLANE_BIN` overrides the location):
+//! `target/release/`; `AIGW_BIN` overrides the location):
 //!
 //! ```sh
-//! cargo build --release -p aigw-control-plane
+//! cargo build --release -p aigw
 //! cargo bench -p aigw-tests --bench proxy
 //! ```
 //!

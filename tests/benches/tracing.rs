@@ -4,7 +4,7 @@
 //! spread drift; the report gives each round and the median ratio.
 //!
 //! ```sh
-//! cargo build --release -p aigw-control-plane
+//! cargo build --release -p aigw
 //! cargo bench -p aigw-tests --bench tracing
 //! ```
 //!

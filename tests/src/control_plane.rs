@@ -1,5 +1,6 @@
-//! Starts the real `aigw-control-plane` binary on free ports with its own
-//! data dir, waits until it is ready, and can kill -9 and restart it.
+//! Starts the real `aigw-control-plane` binary (or, standalone, the `aigw`
+//! binary: control plane plus one node) on free ports with its own data dir,
+//! waits until it is ready, and can kill -9 and restart it.
 
 use crate::grpc::{self, AdminGrpc};
 use crate::process::{binary, free_addr, wait_healthy, Process};
@@ -15,6 +16,8 @@ use tempfile::TempDir;
 
 /// Name of the control-plane binary in `target/<profile>/`.
 pub const BINARY: &str = "aigw-control-plane";
+/// Name of the standalone binary (control plane and one data plane).
+pub const STANDALONE_BINARY: &str = "aigw";
 
 /// Starts retried when a picked port was taken by someone else meanwhile.
 const BIND_RETRIES: u32 = 3;
@@ -36,7 +39,8 @@ pub fn random_master_key() -> String {
 /// How to start a control plane.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// `standalone: true` (then no node token or master key is required).
+    /// Run the standalone `aigw` binary (then no node token or master key
+    /// is required, and the file has a `data_plane` section).
     pub standalone: bool,
     pub admin_keys: Vec<String>,
     /// `secrets.master_key`; `None` leaves it out of the file.
@@ -48,7 +52,7 @@ pub struct Options {
     pub config: Value,
     /// Extra environment for the process (`AIGW__…` overrides and the like).
     pub env: Vec<(String, String)>,
-    /// Extra command-line arguments after `--config FILE` (e.g. `--standalone`).
+    /// Extra command-line arguments after `--config FILE`.
     pub args: Vec<String>,
 }
 
@@ -94,22 +98,23 @@ impl Options {
         let data_dir = root.join("data");
         let grpc = free_addr();
         let mut cfg = json!({
-            "standalone": self.standalone,
             "admin": { "keys": self.admin_keys },
             "control_plane": {
                 "data_dir": data_dir,
                 "admin_listen": free_addr().to_string(),
                 "grpc_listen": grpc.to_string(),
             },
-            // Only used in standalone mode; never the default public ports.
-            "data_plane": {
+            "telemetry": { "log_format": "json", "log_level": "info" },
+        });
+        if self.standalone {
+            // The in-process node; never the default public ports.
+            cfg["data_plane"] = json!({
                 "listen": free_addr().to_string(),
                 "metrics_listen": free_addr().to_string(),
                 "control_plane_url": format!("http://{grpc}"),
                 "snapshot_cache": root.join("snapshot-cache.json"),
-            },
-            "telemetry": { "log_format": "json", "log_level": "info" },
-        });
+            });
+        }
         if let Some(k) = &self.master_key {
             cfg["secrets"] = json!({ "master_key": k });
         }
@@ -141,10 +146,20 @@ pub struct Exited {
     pub stderr: String,
 }
 
-/// Runs the binary with `config_yaml` (written to a temp file) and `env`, and
-/// waits for it to exit. Fails if it is still running after ~20 s (it was
-/// expected to reject its configuration).
+/// Runs the control-plane binary with `config_yaml` (written to a temp file)
+/// and `env`, and waits for it to exit. Fails if it is still running after
+/// ~20 s (it was expected to reject its configuration).
 pub async fn run_until_exit(
+    config_yaml: &str,
+    args: &[&str],
+    env: &[(String, String)],
+) -> Result<Exited> {
+    run_binary_until_exit(BINARY, config_yaml, args, env).await
+}
+
+/// [`run_until_exit`] for any workspace binary (`aigw`, `aigw-data-plane`).
+pub async fn run_binary_until_exit(
+    name: &str,
     config_yaml: &str,
     args: &[&str],
     env: &[(String, String)],
@@ -152,7 +167,7 @@ pub async fn run_until_exit(
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("config.yaml");
     std::fs::write(&path, config_yaml)?;
-    let mut cmd = Command::new(binary(BINARY));
+    let mut cmd = Command::new(binary(name));
     cmd.arg("--config")
         .arg(&path)
         .args(args)
@@ -356,7 +371,12 @@ impl ControlPlane {
 
         // Drop (and so kill) the previous run's process before starting anew.
         self.process = None;
-        let mut cmd = Command::new(binary(BINARY));
+        let name = if self.opts.standalone {
+            STANDALONE_BINARY
+        } else {
+            BINARY
+        };
+        let mut cmd = Command::new(binary(name));
         cmd.arg("--config")
             .arg(&self.config_path)
             .args(&self.opts.args)

@@ -67,8 +67,6 @@ impl DataPlaneOptions {
     /// on free loopback ports.
     pub fn render(&self, root: &Path) -> Value {
         let mut cfg = json!({
-            // Required by config validation on every process; unused here.
-            "admin": { "keys": ["unused-on-data-planes"] },
             "data_plane": {
                 "listen": free_addr().to_string(),
                 "metrics_listen": free_addr().to_string(),

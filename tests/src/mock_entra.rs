@@ -78,7 +78,7 @@ impl TestCa {
         let key = KeyPair::generate().expect("server key");
         let cert = params.signed_by(&key, &ca).expect("server certificate");
 
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut server = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .expect("TLS versions")

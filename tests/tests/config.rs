@@ -1,7 +1,8 @@
 //! Configuration: a bad file or override makes the binary exit non-zero with
 //! one clear line naming the key; good overrides take effect.
 
-use aigw_tests::control_plane::{run_until_exit, Exited};
+use aigw_tests::control_plane::{run_binary_until_exit, run_until_exit, Exited, STANDALONE_BINARY};
+use aigw_tests::data_plane::{DataPlane, DataPlaneOptions};
 use aigw_tests::{AdminClient, ControlPlane, Options};
 use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
@@ -244,23 +245,78 @@ async fn environment_overrides_take_effect() -> Result<()> {
 }
 
 #[tokio::test]
-async fn standalone_flag_on_the_command_line() -> Result<()> {
-    // No node token, no master key, `standalone: false` in the file: only
-    // `--standalone` makes this a valid configuration.
-    let mut opts = Options::standalone().with_config(json!({"standalone": false}));
-    opts.args = vec!["--standalone".into()];
-    let cp = ControlPlane::start_with(opts).await?;
+async fn standalone_files_and_flags_point_at_the_aigw_binary() -> Result<()> {
+    // A standalone file (no node token, no master key, a data_plane section)
+    // runs under `aigw`, which generates the master key and node token.
+    let cp = ControlPlane::start_with(Options::standalone()).await?;
     assert!(cp.data_dir().join("master.key").is_file());
+    assert!(cp.data_dir().join("node.token").is_file());
     cp.rest()
         .get("/admin/v1/provider_keys")
         .await?
         .expect(200)?;
 
-    // Without the flag the same file is rejected.
+    // The control-plane binary refuses it with one line naming `aigw`:
+    // for the file's `data_plane` section, `standalone: true`, and the flag.
     let dir = tempfile::tempdir()?;
-    let mut cfg = Options::standalone().render(dir.path());
-    cfg["standalone"] = json!(false);
-    let out = run(&serde_yaml::to_string(&cfg)?, &[]).await?;
-    assert_rejected(&out, &["nodes.token"])?;
+    let cfg = Options::standalone().render(dir.path());
+    let yaml = serde_yaml::to_string(&cfg)?;
+    assert_rejected(&run(&yaml, &[]).await?, &["data_plane", "`aigw"])?;
+    let mut with_key = cfg.clone();
+    with_key["standalone"] = json!(true);
+    assert_rejected(
+        &run(&serde_yaml::to_string(&with_key)?, &[]).await?,
+        &["standalone", "`aigw"],
+    )?;
+    let plain = config_with(&dir, |_| {})?;
+    assert_rejected(
+        &run_until_exit(&plain, &["--standalone"], &[]).await?,
+        &["--standalone", "`aigw"],
+    )?;
+
+    // `aigw` takes an old file's `standalone: true`, and names `false`.
+    let mut off = cfg;
+    off["standalone"] = json!(false);
+    let out =
+        run_binary_until_exit(STANDALONE_BINARY, &serde_yaml::to_string(&off)?, &[], &[]).await?;
+    assert_rejected(&out, &["standalone", "aigw-control-plane"])?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_data_plane_needs_no_admin_section() -> Result<()> {
+    // The documented node file (data_plane, nodes, telemetry) joins a
+    // control plane and applies its snapshot.
+    let dir = tempfile::tempdir()?;
+    let cp = ControlPlane::start_with(Options::default()).await?;
+    let opts = DataPlaneOptions::for_control_plane(&cp, "dp-noadmin");
+    let node = DataPlane::start_ready(opts.clone()).await?;
+    ensure!(
+        !node
+            .config()
+            .as_object()
+            .is_some_and(|o| o.contains_key("admin")),
+        "the harness's node file has an admin section"
+    );
+
+    // A control plane's section on a node is named with what to do instead.
+    let base = opts.render(dir.path());
+    for (section, value, needle) in [
+        ("admin", json!({"keys": ["k"]}), "no admin keys"),
+        ("secrets", json!({"master_key": "x"}), "no master key"),
+        ("control_plane", json!({}), "control_plane_url"),
+        ("standalone", json!(true), "`aigw`"),
+    ] {
+        let mut cfg = base.clone();
+        cfg[section] = value;
+        let out = run_binary_until_exit(
+            aigw_tests::data_plane::BINARY,
+            &serde_yaml::to_string(&cfg)?,
+            &[],
+            &[],
+        )
+        .await?;
+        assert_rejected(&out, &[section, needle]).with_context(|| section.to_string())?;
+    }
     Ok(())
 }

@@ -60,7 +60,7 @@ async fn offer(
     t0: Instant,
     log: Arc<Mutex<Vec<(f64, u16, u64)>>>,
 ) {
-    let period = Duration::from_secs_f64(60.0 / per_minute as f64);
+    let period = Duration::from_micros(60_000_000 / per_minute.max(1));
     let total = per_minute * MINUTES;
     let mut tasks = Vec::with_capacity(total as usize);
     for i in 0..total {

@@ -53,48 +53,53 @@ fn actor<T>(req: &Request<T>) -> Result<String, Status> {
         .ok_or_else(|| Status::from(Error::Unauthenticated))
 }
 
-fn pk_record(r: RecordView) -> pb::ProviderKeyRecord {
+/// A record of another kind where one was asked for: a bug, reported as one.
+fn wrong_kind(what: &str) -> Status {
+    Status::internal(format!("internal error: expected a {what} record"))
+}
+
+fn pk_record(r: RecordView) -> Result<pb::ProviderKeyRecord, Status> {
     let View::ProviderKey(v) = r.value else {
-        unreachable!("provider key view")
+        return Err(wrong_kind("provider key"));
     };
-    pb::ProviderKeyRecord {
+    Ok(pb::ProviderKeyRecord {
         id: r.id,
         value: Some(provider_key_out(v)),
         revision: r.revision,
-    }
+    })
 }
 
-fn model_record(r: RecordView) -> pb::ModelRecord {
+fn model_record(r: RecordView) -> Result<pb::ModelRecord, Status> {
     let View::Model(v) = r.value else {
-        unreachable!("model view")
+        return Err(wrong_kind("model"));
     };
-    pb::ModelRecord {
+    Ok(pb::ModelRecord {
         id: r.id,
         value: Some(model_out(v)),
         revision: r.revision,
-    }
+    })
 }
 
-fn api_key_record(r: RecordView) -> pb::ApiKeyRecord {
+fn api_key_record(r: RecordView) -> Result<pb::ApiKeyRecord, Status> {
     let View::ApiKey(v) = r.value else {
-        unreachable!("api key view")
+        return Err(wrong_kind("api key"));
     };
-    pb::ApiKeyRecord {
+    Ok(pb::ApiKeyRecord {
         id: r.id,
         value: Some(api_key_out(v)),
         revision: r.revision,
-    }
+    })
 }
 
-fn jwt_provider_record(r: RecordView) -> pb::JwtProviderRecord {
+fn jwt_provider_record(r: RecordView) -> Result<pb::JwtProviderRecord, Status> {
     let View::JwtProvider(v) = r.value else {
-        unreachable!("jwt provider view")
+        return Err(wrong_kind("jwt provider"));
     };
-    pb::JwtProviderRecord {
+    Ok(pb::JwtProviderRecord {
         id: r.id,
         value: Some(jwt_provider_out(v)),
         revision: r.revision,
-    }
+    })
 }
 
 type R<T> = Result<Response<T>, Status>;
@@ -141,7 +146,7 @@ impl AdminService for GrpcAdmin {
     ) -> R<pb::ProviderKeyRecord> {
         let a = actor(&req)?;
         let input = provider_key_in(req.into_inner().value).map(Input::ProviderKey);
-        Ok(Response::new(pk_record(self.create(&a, input).await?)))
+        Ok(Response::new(pk_record(self.create(&a, input).await?)?))
     }
 
     async fn get_provider_key(
@@ -151,7 +156,7 @@ impl AdminService for GrpcAdmin {
         let rec = self
             .admin
             .get(ResourceKind::ProviderKey, &req.into_inner().id)?;
-        Ok(Response::new(pk_record(rec)))
+        Ok(Response::new(pk_record(rec)?))
     }
 
     async fn list_provider_keys(
@@ -162,7 +167,7 @@ impl AdminService for GrpcAdmin {
             .list(ResourceKind::ProviderKey)
             .into_iter()
             .map(pk_record)
-            .collect();
+            .collect::<Result<_, _>>()?;
         Ok(Response::new(pb::ListProviderKeysResponse {
             total: list.len() as u64,
             list,
@@ -178,7 +183,7 @@ impl AdminService for GrpcAdmin {
         let input = provider_key_in(r.value).map(Input::ProviderKey);
         Ok(Response::new(pk_record(
             self.update(&a, &r.id, input, r.expected_revision).await?,
-        )))
+        )?))
     }
 
     async fn delete_provider_key(
@@ -198,12 +203,12 @@ impl AdminService for GrpcAdmin {
     async fn create_model(&self, req: Request<pb::CreateModelRequest>) -> R<pb::ModelRecord> {
         let a = actor(&req)?;
         let input = model_in(req.into_inner().value).map(Input::Model);
-        Ok(Response::new(model_record(self.create(&a, input).await?)))
+        Ok(Response::new(model_record(self.create(&a, input).await?)?))
     }
 
     async fn get_model(&self, req: Request<pb::GetModelRequest>) -> R<pb::ModelRecord> {
         let rec = self.admin.get(ResourceKind::Model, &req.into_inner().id)?;
-        Ok(Response::new(model_record(rec)))
+        Ok(Response::new(model_record(rec)?))
     }
 
     async fn list_models(&self, _: Request<pb::ListModelsRequest>) -> R<pb::ListModelsResponse> {
@@ -211,7 +216,7 @@ impl AdminService for GrpcAdmin {
             .list(ResourceKind::Model)
             .into_iter()
             .map(model_record)
-            .collect();
+            .collect::<Result<_, _>>()?;
         Ok(Response::new(pb::ListModelsResponse {
             total: list.len() as u64,
             list,
@@ -224,7 +229,7 @@ impl AdminService for GrpcAdmin {
         let input = model_in(r.value).map(Input::Model);
         Ok(Response::new(model_record(
             self.update(&a, &r.id, input, r.expected_revision).await?,
-        )))
+        )?))
     }
 
     async fn delete_model(
@@ -244,12 +249,14 @@ impl AdminService for GrpcAdmin {
     async fn create_api_key(&self, req: Request<pb::CreateApiKeyRequest>) -> R<pb::ApiKeyRecord> {
         let a = actor(&req)?;
         let input = api_key_in(req.into_inner().value).map(Input::ApiKey);
-        Ok(Response::new(api_key_record(self.create(&a, input).await?)))
+        Ok(Response::new(api_key_record(
+            self.create(&a, input).await?,
+        )?))
     }
 
     async fn get_api_key(&self, req: Request<pb::GetApiKeyRequest>) -> R<pb::ApiKeyRecord> {
         let rec = self.admin.get(ResourceKind::ApiKey, &req.into_inner().id)?;
-        Ok(Response::new(api_key_record(rec)))
+        Ok(Response::new(api_key_record(rec)?))
     }
 
     async fn list_api_keys(
@@ -260,7 +267,7 @@ impl AdminService for GrpcAdmin {
             .list(ResourceKind::ApiKey)
             .into_iter()
             .map(api_key_record)
-            .collect();
+            .collect::<Result<_, _>>()?;
         Ok(Response::new(pb::ListApiKeysResponse {
             total: list.len() as u64,
             list,
@@ -273,7 +280,7 @@ impl AdminService for GrpcAdmin {
         let input = api_key_in(r.value).map(Input::ApiKey);
         Ok(Response::new(api_key_record(
             self.update(&a, &r.id, input, r.expected_revision).await?,
-        )))
+        )?))
     }
 
     async fn delete_api_key(
@@ -298,7 +305,7 @@ impl AdminService for GrpcAdmin {
         let input = jwt_provider_in(req.into_inner().value).map(Input::JwtProvider);
         Ok(Response::new(jwt_provider_record(
             self.create(&a, input).await?,
-        )))
+        )?))
     }
 
     async fn get_jwt_provider(
@@ -308,7 +315,7 @@ impl AdminService for GrpcAdmin {
         let rec = self
             .admin
             .get(ResourceKind::JwtProvider, &req.into_inner().id)?;
-        Ok(Response::new(jwt_provider_record(rec)))
+        Ok(Response::new(jwt_provider_record(rec)?))
     }
 
     async fn list_jwt_providers(
@@ -319,7 +326,7 @@ impl AdminService for GrpcAdmin {
             .list(ResourceKind::JwtProvider)
             .into_iter()
             .map(jwt_provider_record)
-            .collect();
+            .collect::<Result<_, _>>()?;
         Ok(Response::new(pb::ListJwtProvidersResponse {
             total: list.len() as u64,
             list,
@@ -335,7 +342,7 @@ impl AdminService for GrpcAdmin {
         let input = jwt_provider_in(r.value).map(Input::JwtProvider);
         Ok(Response::new(jwt_provider_record(
             self.update(&a, &r.id, input, r.expected_revision).await?,
-        )))
+        )?))
     }
 
     async fn delete_jwt_provider(

@@ -22,15 +22,19 @@ const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// thread shortly after the last handle drops, so a reopen in the same
 /// process (a restart, a test) waits for it, briefly; a database that stays
 /// locked (another control plane on the same data_dir) is a clear error.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "synchronous open at start-up (or in spawn_blocking): a short sleep between lock attempts is the point"
+)]
 pub fn open_sled(config: sled::Config, path: &Path) -> Result<sled::Db, Error> {
-    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let started = std::time::Instant::now();
     loop {
         match config.open() {
             Ok(db) => return Ok(db),
             // sled reports it as `ErrorKind::Other` with this message.
             Err(sled::Error::Io(e))
                 if e.to_string().contains("could not acquire lock")
-                    && std::time::Instant::now() < deadline =>
+                    && started.elapsed() < LOCK_WAIT =>
             {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
@@ -142,6 +146,10 @@ mod lock_tests {
     use super::*;
 
     #[test]
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "the lock must be released from another thread while the open waits"
+    )]
     fn a_reopen_waits_for_the_lock_and_a_held_lock_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.sled");

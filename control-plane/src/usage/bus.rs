@@ -1,5 +1,6 @@
 use super::Aggregator;
-use aigw_data_plane::usage::{UsageBus, UsageEvent};
+use aigw_shared::proto::usage::v1::UsageEvent;
+use aigw_shared::usage_bus::UsageBus;
 use futures::future::BoxFuture;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};

@@ -1,5 +1,6 @@
 use super::Aggregator;
-use aigw_data_plane::usage::{NatsBus, UsageEvent, STREAM_NAME};
+use aigw_shared::proto::usage::v1::UsageEvent;
+use aigw_shared::usage_bus::{ensure_stream, STREAM_NAME};
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy, AckKind};
 use futures::StreamExt;
 use prost::Message;
@@ -43,7 +44,7 @@ async fn consume(url: &str, aggregator: &Arc<Aggregator>) -> Result<(), String> 
         .await
         .map_err(|e| format!("connect {url}: {e}"))?;
     let js = jetstream::new(client);
-    NatsBus::ensure_stream(&js).await?;
+    ensure_stream(&js).await?;
     let stream = js
         .get_stream(STREAM_NAME)
         .await

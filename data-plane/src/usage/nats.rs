@@ -1,15 +1,10 @@
-use super::{UsageBus, UsageEvent};
-use async_nats::jetstream::{self, message::PublishMessage, stream};
+use super::UsageEvent;
+use aigw_shared::usage_bus::{ensure_stream, UsageBus, SUBJECT};
+use async_nats::jetstream::{self, message::PublishMessage};
 use futures::future::{join_all, BoxFuture};
 use prost::Message;
 use std::future::IntoFuture;
 use std::time::Duration;
-
-pub const STREAM_NAME: &str = "AIGW_USAGE";
-pub const SUBJECT: &str = "aigw.usage.v1";
-/// JetStream drops a re-published event with the same `Nats-Msg-Id` inside
-/// this window; the control plane deduplicates beyond it.
-const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
 /// Publishes to JetStream with `Nats-Msg-Id` = event id, awaiting every ack.
 pub struct NatsBus {
@@ -37,21 +32,6 @@ impl NatsBus {
         self.js.client()
     }
 
-    /// Creates the usage stream if it is missing.
-    pub async fn ensure_stream(js: &jetstream::Context) -> Result<(), String> {
-        js.get_or_create_stream(stream::Config {
-            name: STREAM_NAME.into(),
-            subjects: vec![SUBJECT.into()],
-            storage: stream::StorageType::File,
-            duplicate_window: DUPLICATE_WINDOW,
-            max_age: Duration::from_secs(7 * 24 * 3600),
-            ..Default::default()
-        })
-        .await
-        .map(|_| ())
-        .map_err(|e| format!("creating stream {STREAM_NAME}: {e}"))
-    }
-
     async fn publish_batch(&self, batch: &[UsageEvent]) -> Result<(), String> {
         let mut acks = Vec::with_capacity(batch.len());
         for ev in batch {
@@ -61,7 +41,7 @@ impl NatsBus {
             match self.js.send_publish(SUBJECT, msg).await {
                 Ok(ack) => acks.push(ack),
                 Err(e) if e.to_string().contains("no responders") => {
-                    Self::ensure_stream(&self.js).await?;
+                    ensure_stream(&self.js).await?;
                     return Err("the usage stream was missing; created it".into());
                 }
                 Err(e) => return Err(format!("publish: {e}")),
