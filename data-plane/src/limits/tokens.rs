@@ -2,7 +2,7 @@
 //! its own token limits: the prompt counted with the model's tokenizer, plus
 //! the completion the caller allows (`max_tokens` × `n`).
 
-use crate::openai::Operation;
+use crate::openai::{request, Operation};
 use serde_json::{Map, Value};
 use tiktoken_rs::tokenizer::{get_tokenizer, Tokenizer};
 use tiktoken_rs::CoreBPE;
@@ -41,18 +41,23 @@ pub fn estimate(op: Operation, body: &Map<String, Value>, tokenizer: Tokenizer) 
     let count = |s: &str| bpe.count_ordinary(s) as u64;
     let prompt = match op {
         Operation::ChatCompletions => chat_prompt(body, &count),
-        Operation::Completions => input_tokens(body.get("prompt"), &count),
-        Operation::Embeddings => input_tokens(body.get("input"), &count),
+        Operation::Completions | Operation::Embeddings => {
+            input_tokens(op.prompt_field().and_then(|f| body.get(f)), &count)
+        }
         Operation::ListModels => 0,
     };
     let completion = match op {
         Operation::Embeddings | Operation::ListModels => 0,
         _ => {
-            let max = ["max_completion_tokens", "max_tokens"]
+            let max = [request::MAX_COMPLETION_TOKENS, request::MAX_TOKENS]
                 .iter()
                 .find_map(|k| body.get(*k).and_then(Value::as_u64))
                 .unwrap_or(0);
-            let n = body.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
+            let n = body
+                .get(request::N)
+                .and_then(Value::as_u64)
+                .unwrap_or(1)
+                .max(1);
             max.saturating_mul(n)
         }
     };
@@ -62,7 +67,11 @@ pub fn estimate(op: Operation, body: &Map<String, Value>, tokenizer: Tokenizer) 
 fn chat_prompt(body: &Map<String, Value>, count: &impl Fn(&str) -> u64) -> u64 {
     let mut total = REPLY_PRIMING;
     for m in body
-        .get("messages")
+        .get(
+            Operation::ChatCompletions
+                .prompt_field()
+                .unwrap_or_default(),
+        )
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
