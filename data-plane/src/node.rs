@@ -73,6 +73,7 @@ impl Services {
             .map(|l| l.scope.name())
             .collect();
         self.limiter.retain(&scopes);
+        self.caches.retain(&|alias| runtime.route(alias).is_some());
     }
 }
 

@@ -31,7 +31,7 @@ fn run(yaml: &str, env: &[(&str, &str)]) -> (i32, String) {
 
 #[test]
 fn missing_node_token_is_named() {
-    let (code, err) = run("admin: {keys: [k]}\n", &[]);
+    let (code, err) = run("", &[]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("nodes.token"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
@@ -40,13 +40,13 @@ fn missing_node_token_is_named() {
 #[test]
 fn unknown_and_mistyped_keys_are_named() {
     let (code, err) = run(
-        "admin: {keys: [k]}\nnodes: {token: t}\ndata_plane: {lisen: 1}\n",
+        "nodes: {token: t}\ndata_plane: {lisen: 1}\n",
         &[],
     );
     assert_eq!(code, 2);
     assert!(err.contains("data_plane") && err.contains("lisen"), "{err}");
     let (code, err) = run(
-        "admin: {keys: [k]}\nnodes: {token: t}\n",
+        "nodes: {token: t}\n",
         &[("AIGW__DATA_PLANE__MAX_BODY_BYTES", "lots")],
     );
     assert_eq!(code, 2);
@@ -56,7 +56,7 @@ fn unknown_and_mistyped_keys_are_named() {
 #[test]
 fn bad_control_plane_url_is_named() {
     let (code, err) = run(
-        "admin: {keys: [k]}\nnodes: {token: t}\ndata_plane: {control_plane_url: 'ftp://x'}\n",
+        "nodes: {token: t}\ndata_plane: {control_plane_url: 'ftp://x'}\n",
         &[],
     );
     assert_eq!(code, 2);
