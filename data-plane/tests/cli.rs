@@ -39,10 +39,7 @@ fn missing_node_token_is_named() {
 
 #[test]
 fn unknown_and_mistyped_keys_are_named() {
-    let (code, err) = run(
-        "nodes: {token: t}\ndata_plane: {lisen: 1}\n",
-        &[],
-    );
+    let (code, err) = run("nodes: {token: t}\ndata_plane: {lisen: 1}\n", &[]);
     assert_eq!(code, 2);
     assert!(err.contains("data_plane") && err.contains("lisen"), "{err}");
     let (code, err) = run(
