@@ -1,5 +1,6 @@
 use aigw_control_plane::{Config, ControlPlane};
 use aigw_shared::config::ProcessConfig;
+use aigw_shared::process::Binary;
 use clap::Parser;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,38 +29,18 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    let config = match Config::load(args.config.as_deref(), std::env::vars()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("aigw-control-plane: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("aigw-control-plane: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    // Flushed before the process exits.
-    let mut telemetry = aigw_shared::telemetry::init(
-        &config.telemetry,
-        "aigw-control-plane",
-        &aigw_shared::node::hostname(),
-    );
-    let result = runtime.block_on(async {
-        ControlPlane::start(config)
-            .await?
-            .run_until(aigw_shared::telemetry::shutdown_signal())
-            .await
-    });
-    telemetry.shutdown();
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("aigw-control-plane: {e}");
-            ExitCode::FAILURE
-        }
+    Binary {
+        name: "aigw-control-plane",
+        service: "aigw-control-plane",
     }
+    .run(
+        Config::load(args.config.as_deref(), std::env::vars()),
+        |c| (&c.telemetry, aigw_shared::node::hostname()),
+        |config| async {
+            ControlPlane::start(config)
+                .await?
+                .run_until(aigw_shared::telemetry::shutdown_signal())
+                .await
+        },
+    )
 }

@@ -1,6 +1,7 @@
 //! Code both planes share: generated protobuf types, configuration sections,
 //! the admin resources with their validation rules, the snapshot document, the
-//! usage bus contract and node identity. Neither plane depends on the other:
+//! usage bus contract, node identity and the life of a binary
+//! (`process`). Neither plane depends on the other:
 //! what crosses between them is defined here.
 
 pub mod body;
@@ -9,6 +10,7 @@ pub mod crypto;
 pub mod domain;
 pub mod error;
 pub mod node;
+pub mod process;
 pub mod proto;
 pub mod snapshot;
 pub mod telemetry;

@@ -5,6 +5,7 @@
 
 mod config;
 
+use aigw_shared::process::Binary;
 use anyhow::Context;
 use clap::Parser;
 use config::Config;
@@ -29,35 +30,16 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let (control_plane, data_plane) = match Config::load_parts(args.config.as_deref()) {
-        Ok(parts) => parts,
-        Err(e) => {
-            eprintln!("aigw: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("aigw: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    // One exporter for both planes, flushed before the process exits.
-    let mut telemetry = aigw_shared::telemetry::init(
-        &control_plane.telemetry,
-        "aigw-control-plane",
-        &data_plane.node_id(),
-    );
-    let result = runtime.block_on(run(control_plane, data_plane));
-    telemetry.shutdown();
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("aigw: {e:#}");
-            ExitCode::FAILURE
-        }
+    // One exporter for both planes.
+    Binary {
+        name: "aigw",
+        service: "aigw-control-plane",
     }
+    .run(
+        Config::load_parts(args.config.as_deref()),
+        |(control_plane, data_plane)| (&control_plane.telemetry, data_plane.node_id()),
+        |(control_plane, data_plane)| run(control_plane, data_plane),
+    )
 }
 
 /// Starts the control plane, then the node against its gRPC address; on a

@@ -28,17 +28,17 @@ pub struct AzureTokenSource {
 impl AzureTokenSource {
     /// The HTTP transport trusts the system roots plus the key's `ca_pem`.
     pub fn new(pk: &SnapshotProviderKey) -> Result<Self, String> {
-        let mut builder = reqwest013::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(Duration::from_secs(30))
-            .redirect(reqwest013::redirect::Policy::none());
+            .redirect(reqwest::redirect::Policy::none());
         if let Some(pem) = &pk.ca_pem {
             let ders = parse_ca_pem(pem)
                 .map_err(|e| format!("provider key {}: ca_pem {e}", pk.display_name))?;
             let mut certs = Vec::with_capacity(ders.len());
             for der in ders {
                 certs.push(
-                    reqwest013::Certificate::from_der(&der)
+                    reqwest::Certificate::from_der(&der)
                         .map_err(|e| format!("provider key {}: ca_pem: {e}", pk.display_name))?,
                 );
             }

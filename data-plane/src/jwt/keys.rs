@@ -112,7 +112,7 @@ pub struct JwksCache {
     provider_id: String,
     fingerprint: [u8; 32],
     source: JwksSource,
-    http: reqwest013::Client,
+    http: reqwest::Client,
     settings: JwksSettings,
     keys: RwLock<Arc<KeySet>>,
     /// Held by whoever fetches: one fetch at a time.
@@ -137,7 +137,7 @@ impl JwksCache {
     /// cache is dropped; without, keys are fetched when a token needs them.
     fn new(
         provider: &Provider,
-        http: reqwest013::Client,
+        http: reqwest::Client,
         settings: JwksSettings,
         background: bool,
     ) -> Arc<Self> {
@@ -385,7 +385,7 @@ async fn refresh_loop(
 /// Key caches by provider id, shared by successive snapshots.
 pub struct JwksRegistry {
     caches: Mutex<HashMap<String, Arc<JwksCache>>>,
-    http: reqwest013::Client,
+    http: reqwest::Client,
     settings: JwksSettings,
 }
 
@@ -405,14 +405,14 @@ impl Default for JwksRegistry {
 
 impl JwksRegistry {
     pub fn new(settings: JwksSettings) -> Self {
-        let http = reqwest013::Client::builder()
+        let http = reqwest::Client::builder()
             .connect_timeout(settings.fetch_timeout)
             .read_timeout(settings.fetch_timeout)
-            .redirect(reqwest013::redirect::Policy::limited(3))
+            .redirect(reqwest::redirect::Policy::limited(3))
             .build()
             .unwrap_or_else(|e| {
                 warn!(error = %e, "cannot build the JWKS HTTP client with its settings; using defaults");
-                reqwest013::Client::new()
+                reqwest::Client::new()
             });
         Self {
             caches: Mutex::new(HashMap::new()),
