@@ -140,9 +140,9 @@ impl ControlPlane {
             });
         }
         let in_process_bus = match &config.nats.url {
-            Some(url) => {
+            Some(_) => {
                 background.spawn(crate::usage::run_nats_consumer(
-                    url.clone(),
+                    config.nats.clone(),
                     usage.clone(),
                     stopped.clone(),
                 ));

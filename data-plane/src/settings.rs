@@ -46,6 +46,7 @@ impl ProcessConfig for Config {
     fn validate(&self) -> Result<(), aigw_shared::Error> {
         self.data_plane.validate()?;
         self.nodes.validate(true)?;
+        self.nats.validate()?;
         self.telemetry.validate()
     }
 }
@@ -72,8 +73,8 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// How long in-flight calls may take to finish at shutdown.
     pub drain: Duration,
-    /// NATS server for usage events (JetStream).
-    pub nats_url: Option<String>,
+    /// NATS for usage events (JetStream) and rate-limit sync, when `nats.url` is set.
+    pub nats: Option<NatsConfig>,
     pub usage_spool: PathBuf,
     /// An in-process usage bus (standalone), used instead of NATS.
     pub usage_bus: Option<Arc<dyn UsageBus>>,
@@ -96,7 +97,7 @@ impl Settings {
             snapshot_cache: dp.snapshot_cache.clone(),
             max_body_bytes: dp.max_body_bytes,
             drain: Duration::from_secs(30),
-            nats_url: cfg.nats.url.clone(),
+            nats: cfg.nats.url.is_some().then(|| cfg.nats.clone()),
             usage_spool: dp
                 .usage_spool
                 .clone()

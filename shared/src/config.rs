@@ -93,10 +93,49 @@ pub struct NodesConfig {
     pub token: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// The NATS connection both planes use (usage events, rate-limit sync).
+/// At most one way to authenticate; see `nats::connect`.
+#[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
     pub url: Option<String>,
+    /// User and password (both or neither).
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// A server token.
+    pub token: Option<String>,
+    /// An NKey seed (`SU…`).
+    pub nkey_seed: Option<String>,
+    /// A `.creds` file (user JWT and NKey seed), as `nsc` writes them.
+    pub creds_file: Option<PathBuf>,
+    pub tls: NatsTlsConfig,
+}
+
+/// Secrets stay out of `Debug` output (config dumps, panics, logs).
+impl std::fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = |o: &Option<String>| o.as_ref().map(|_| "<set>");
+        f.debug_struct("NatsConfig")
+            .field("url", &self.url)
+            .field("user", &self.user)
+            .field("password", &set(&self.password))
+            .field("token", &set(&self.token))
+            .field("nkey_seed", &set(&self.nkey_seed))
+            .field("creds_file", &self.creds_file)
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+/// TLS to NATS: on when `ca_file` is set or the URL is `tls://`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsTlsConfig {
+    /// PEM CA bundle the server's certificate must chain to (system roots otherwise).
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM), for servers that verify clients.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -338,6 +377,60 @@ impl NodesConfig {
             )),
             _ => Ok(()),
         }
+    }
+}
+
+impl NatsConfig {
+    pub fn validate(&self) -> Result<(), Error> {
+        if let Some(url) = &self.url {
+            let ok = url.split(',').all(|u| {
+                let u = u.trim();
+                ["nats://", "tls://", "ws://", "wss://"]
+                    .iter()
+                    .any(|p| u.starts_with(p))
+                    || (!u.is_empty() && !u.contains("://"))
+            });
+            if !ok {
+                return Err(invalid(
+                    "nats.url",
+                    "must be nats://, tls://, ws:// or wss:// URLs, comma-separated",
+                ));
+            }
+        }
+        if self.user.is_some() != self.password.is_some() {
+            return Err(invalid(
+                "nats.password",
+                "nats.user and nats.password go together",
+            ));
+        }
+        let methods = [
+            self.user.is_some(),
+            self.token.is_some(),
+            self.nkey_seed.is_some(),
+            self.creds_file.is_some(),
+        ];
+        if methods.iter().filter(|m| **m).count() > 1 {
+            return Err(invalid(
+                "nats",
+                "set one of user/password, token, nkey_seed or creds_file",
+            ));
+        }
+        for (key, v) in [
+            ("nats.password", &self.password),
+            ("nats.token", &self.token),
+            ("nats.nkey_seed", &self.nkey_seed),
+        ] {
+            if v.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                return Err(invalid(key, "must not be empty"));
+            }
+        }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return Err(invalid(
+                "nats.tls.key_file",
+                "nats.tls.cert_file and nats.tls.key_file go together",
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -92,6 +92,8 @@ pub struct Fleet {
     nodes: AtomicU64,
     /// Bumped after every broadcast: admissions before it are visible to peers.
     epoch: AtomicU64,
+    /// Reason → peers' messages refused (see `sync::refuse_reason`).
+    rejected: Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
 impl Default for Fleet {
@@ -100,6 +102,7 @@ impl Default for Fleet {
             synced: AtomicBool::new(false),
             nodes: AtomicU64::new(1),
             epoch: AtomicU64::new(0),
+            rejected: Mutex::default(),
         }
     }
 }
@@ -119,6 +122,15 @@ impl Fleet {
 
     pub(crate) fn set_nodes(&self, n: u64) {
         self.nodes.store(n.max(1), Relaxed);
+    }
+
+    pub(crate) fn rejected(&self, reason: &'static str) {
+        *lock(&self.rejected).entry(reason).or_default() += 1;
+    }
+
+    /// Messages refused so far, by reason.
+    pub fn rejected_counts(&self) -> Vec<(&'static str, u64)> {
+        lock(&self.rejected).iter().map(|(r, n)| (*r, *n)).collect()
     }
 
     pub(crate) fn next_epoch(&self) {
