@@ -85,7 +85,8 @@ mod tests {
 
     #[test]
     fn forged_or_broken_events_are_refused_with_their_reason() {
-        let cases: Vec<(fn(&mut UsageEvent), &str)> = vec![
+        type Forge = fn(&mut UsageEvent);
+        let cases: Vec<(Forge, &str)> = vec![
             (|e| e.id.clear(), "missing_id"),
             (|e| e.api_key_id = "k".repeat(257), "field_too_long"),
             (|e| e.prompt_tokens = 5_000_000_000, "tokens_out_of_bounds"),
