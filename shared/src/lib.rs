@@ -8,6 +8,7 @@ pub mod body;
 pub mod config;
 pub mod crypto;
 pub mod domain;
+pub mod listener;
 pub mod error;
 pub mod node;
 pub mod process;
