@@ -4,7 +4,8 @@
 use crate::error::Error;
 use crate::usage::UsageBus;
 use aigw_shared::config::{
-    DataPlaneConfig, NatsConfig, NodesConfig, ProcessConfig, Retired, TelemetryConfig,
+    ConnectionsConfig, DataPlaneConfig, NatsConfig, NodesConfig, ProcessConfig, Retired,
+    TelemetryConfig,
 };
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -70,6 +71,8 @@ pub struct Settings {
     pub token: String,
     pub snapshot_cache: PathBuf,
     pub max_body_bytes: usize,
+    /// Bounds on the proxy and metrics listeners.
+    pub connections: ConnectionsConfig,
     /// How long in-flight calls may take to finish at shutdown.
     pub drain: Duration,
     /// NATS server for usage events (JetStream).
@@ -95,6 +98,7 @@ impl Settings {
             token,
             snapshot_cache: dp.snapshot_cache.clone(),
             max_body_bytes: dp.max_body_bytes,
+            connections: dp.connections,
             drain: Duration::from_secs(30),
             nats_url: cfg.nats.url.clone(),
             usage_spool: dp

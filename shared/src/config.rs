@@ -592,16 +592,34 @@ mod tests {
             std::time::Duration::from_secs(5)
         );
         for (yaml, key) in [
-            ("data_plane: {connections: {max_per_listener: 0}}", "data_plane.connections.max_per_listener"),
-            ("data_plane: {connections: {header_read_timeout: 0s}}", "data_plane.connections.header_read_timeout"),
-            ("control_plane: {connections: {idle_timeout: 300000000000years}}", "control_plane.connections.idle_timeout"),
-            ("control_plane: {connections: {http2_max_concurrent_streams: 0}}", "control_plane.connections.http2_max_concurrent_streams"),
-            ("data_plane: {connections: {max_header_bytes: 100}}", "data_plane.connections.max_header_bytes"),
+            (
+                "data_plane: {connections: {max_per_listener: 0}}",
+                "data_plane.connections.max_per_listener",
+            ),
+            (
+                "data_plane: {connections: {header_read_timeout: 0s}}",
+                "data_plane.connections.header_read_timeout",
+            ),
+            (
+                "control_plane: {connections: {idle_timeout: 300000000000years}}",
+                "control_plane.connections.idle_timeout",
+            ),
+            (
+                "control_plane: {connections: {http2_max_concurrent_streams: 0}}",
+                "control_plane.connections.http2_max_concurrent_streams",
+            ),
+            (
+                "data_plane: {connections: {max_header_bytes: 100}}",
+                "data_plane.connections.max_header_bytes",
+            ),
         ] {
-            let err = load::<Union>(&format!("admin: {{keys: [k]}}\nstandalone: true\n{yaml}\n"), &[])
-                .and_then(|c| c.validate().map(|_| c))
-                .unwrap_err()
-                .to_string();
+            let err = load::<Union>(
+                &format!("admin: {{keys: [k]}}\nstandalone: true\n{yaml}\n"),
+                &[],
+            )
+            .and_then(|c| c.validate().map(|_| c))
+            .unwrap_err()
+            .to_string();
             assert!(err.contains(key), "{yaml}: {err}");
         }
         let err = load::<Union>("data_plane: {connections: {max_conections: 5}}\n", &[])

@@ -305,12 +305,12 @@ pub async fn serve<S, B>(
             inner: service.clone(),
             conn: conn.clone(),
             gate: gate.clone(),
-            connect_info: protocol
-                .tonic_connect_info
-                .then_some(tonic::transport::server::TcpConnectInfo {
+            connect_info: protocol.tonic_connect_info.then_some(
+                tonic::transport::server::TcpConnectInfo {
                     local_addr: local,
                     remote_addr: Some(peer),
-                }),
+                },
+            ),
         };
         let connection = builder
             .serve_connection(TokioIo::new(stream), svc)
@@ -434,7 +434,9 @@ impl Conn {
     fn deadline(&self, gate: &Gate, t: Timeouts) -> Instant {
         let since = gate.at(self.idle_since_ms.load(Relaxed));
         let wait = if self.in_flight.load(Relaxed) > 0 {
-            return Instant::now().checked_add(t.idle).unwrap_or_else(Instant::now);
+            return Instant::now()
+                .checked_add(t.idle)
+                .unwrap_or_else(Instant::now);
         } else if self.served.load(Relaxed) {
             t.idle
         } else {
@@ -512,9 +514,7 @@ struct InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         // Idle-since first, so a reader seeing zero in flight sees a fresh time.
-        self.conn
-            .idle_since_ms
-            .store(self.gate.now_ms(), Relaxed);
+        self.conn.idle_since_ms.store(self.gate.now_ms(), Relaxed);
         self.conn.in_flight.fetch_sub(1, Relaxed);
     }
 }
