@@ -48,7 +48,7 @@ pub async fn serve_proxy(
     listener::serve(
         listener,
         gate,
-        &connections,
+        connections,
         Protocol::default(),
         svc,
         stop,
@@ -110,7 +110,7 @@ pub async fn serve_health(
     listener::serve(
         listener,
         gate,
-        &connections,
+        connections,
         Protocol::default(),
         svc,
         stop,

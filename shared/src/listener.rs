@@ -252,7 +252,7 @@ pub struct Protocol {
 pub async fn serve<S, B>(
     listener: TcpListener,
     gate: Arc<Gate>,
-    config: &ConnectionsConfig,
+    config: ConnectionsConfig,
     protocol: Protocol,
     service: S,
     mut stop: watch::Receiver<bool>,
@@ -264,7 +264,7 @@ pub async fn serve<S, B>(
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let builder = builder(config, protocol);
+    let builder = builder(&config, protocol);
     let timeouts = Timeouts {
         header: config.header_read_timeout.0,
         idle: config.idle_timeout.0,
