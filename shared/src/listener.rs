@@ -380,32 +380,30 @@ async fn drive<S, B>(
     let mut stopping = false;
     // Set once a graceful close has begun: the connection is dropped then.
     let mut close_by: Option<Instant> = None;
+    // Counted once, whether hyper's header timer or ours saw it first.
+    let mut timed_out = false;
     loop {
         let wake = close_by.unwrap_or_else(|| conn.deadline(gate, timeouts));
         tokio::select! {
             done = connection.as_mut() => {
-                if let Err(e) = done {
-                    if is_timeout(&*e) {
-                        gate.timed_out.fetch_add(1, Relaxed);
-                    }
-                }
-                return;
+                timed_out |= done.is_err_and(|e| is_timeout(&*e));
+                break;
             }
             _ = tokio::time::sleep_until(wake) => {
                 if close_by.is_some() {
                     if !stopping {
-                        return;
+                        break;
                     }
                     // At shutdown the listener's drain limit decides.
                     close_by = None;
                     continue;
                 }
                 if conn.in_flight.load(Relaxed) == 0 && Instant::now() >= conn.deadline(gate, timeouts) {
-                    gate.timed_out.fetch_add(1, Relaxed);
+                    timed_out = true;
                     connection.as_mut().graceful_shutdown();
                     close_by = Instant::now().checked_add(CLOSE_GRACE);
                     if close_by.is_none() {
-                        return;
+                        break;
                     }
                 }
             }
@@ -424,6 +422,9 @@ async fn drive<S, B>(
                 close_by = Instant::now().checked_add(Duration::from_secs(3600));
             }
         }
+    }
+    if timed_out {
+        gate.timed_out.fetch_add(1, Relaxed);
     }
 }
 
