@@ -211,10 +211,9 @@ async fn five_thousand_idle_sockets_leave_every_listener_answering() -> Result<(
     Ok(())
 }
 
-/// Reads from `s` until the peer closes; the time that took, or an error
-/// past `limit`.
-async fn time_to_close(s: &mut TcpStream, limit: Duration) -> Result<Duration> {
-    let started = Instant::now();
+/// Reads from `s` until the peer closes; the time since `started` that took,
+/// or an error past `limit`.
+async fn time_to_close(s: &mut TcpStream, started: Instant, limit: Duration) -> Result<Duration> {
     let mut buf = [0u8; 4096];
     loop {
         match tokio::time::timeout(limit, s.read(&mut buf)).await {
@@ -236,6 +235,7 @@ async fn silent_and_partial_header_sockets_are_closed_after_the_header_timeout()
             .with_config(json!({"data_plane": bounds.clone(), "control_plane": bounds})),
     )
     .await?;
+    wait_standalone_synced(&cp).await?;
     let listeners = [
         ("proxy", addr_of(&cp.proxy_url())?),
         ("metrics", addr_of(&cp.data_plane_metrics_url())?),
@@ -250,11 +250,12 @@ async fn silent_and_partial_header_sockets_are_closed_after_the_header_timeout()
         } else {
             b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Slow: "
         };
+        let started = Instant::now();
         let mut silent = TcpStream::connect(addr).await?;
         let mut slow = TcpStream::connect(addr).await?;
         slow.write_all(partial).await?;
         for (what, s) in [("silent", &mut silent), ("partial headers", &mut slow)] {
-            let took = time_to_close(s, limit)
+            let took = time_to_close(s, started, limit)
                 .await
                 .with_context(|| format!("{name}: {what} socket"))?;
             // Closed by the timeout, not at once for some other reason.
@@ -276,7 +277,7 @@ async fn silent_and_partial_header_sockets_are_closed_after_the_header_timeout()
         "admin /livez: {}",
         String::from_utf8_lossy(&buf[..n])
     );
-    time_to_close(&mut s, limit)
+    time_to_close(&mut s, Instant::now(), limit)
         .await
         .context("admin: kept-alive connection after its response")?;
 
