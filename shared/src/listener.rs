@@ -187,11 +187,14 @@ impl Gate {
     }
 }
 
+/// A metric family: name, type, help, and its value for one gate.
+type Family = (&'static str, &'static str, &'static str, fn(&Gate) -> u64);
+
 /// Prometheus text for `gates`: open connections, the cap, and how often it
 /// was met, with what it cost (idle connections closed, timeouts).
 pub fn render_metrics(gates: &[&Gate]) -> String {
     let mut out = String::new();
-    let families: [(&str, &str, &str, fn(&Gate) -> u64); 6] = [
+    let families: [Family; 6] = [
         (
             "aigw_listener_connections",
             "gauge",
