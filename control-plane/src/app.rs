@@ -7,6 +7,7 @@ use crate::config::Config;
 use crate::config_stream::{ConfigStreamService, SnapshotCache};
 use crate::engine::Engine;
 use crate::error::Error;
+use crate::metrics::Listeners;
 use crate::nodes::NodeRegistry;
 use crate::secrets::KeySource;
 use crate::store::SledStore;
@@ -22,13 +23,6 @@ use tracing::{info, warn};
 
 /// How long open admin and gRPC connections get to finish at shutdown.
 const ADMIN_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// The control plane's listeners' gates, for `/metrics`.
-#[derive(Clone)]
-pub struct Listeners {
-    pub admin: Arc<Gate>,
-    pub grpc: Arc<Gate>,
-}
 
 /// A running control plane.
 pub struct ControlPlane {

@@ -20,7 +20,7 @@ struct Ctx {
     admin: Admin,
     keys: AdminKeys,
     max_body: usize,
-    listeners: crate::app::Listeners,
+    listeners: crate::metrics::Listeners,
 }
 
 /// Who made the request, for the event's `actor`.
@@ -35,7 +35,7 @@ pub fn router(
     admin: Admin,
     keys: AdminKeys,
     max_body: usize,
-    listeners: crate::app::Listeners,
+    listeners: crate::metrics::Listeners,
 ) -> Router {
     let ctx = Ctx {
         admin,
