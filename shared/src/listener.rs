@@ -41,6 +41,8 @@ pub const LOG_EVERY: Duration = Duration::from_secs(10);
 /// How long a connection closed for idling may take to say goodbye (GOAWAY)
 /// before it is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// At the cap with nothing evictable, how often to look again.
+const EVICT_RETRY: Duration = Duration::from_millis(50);
 /// HTTP/2 pings find dead peers (long gRPC streams, pooled clients).
 const HTTP2_KEEPALIVE: Duration = Duration::from_secs(20);
 
@@ -57,9 +59,35 @@ pub struct Gate {
     evicted: AtomicU64,
     timed_out: AtomicU64,
     accept_errors: AtomicU64,
-    /// Milliseconds since `epoch` of the last cap warning, plus one (0: never).
-    last_log_ms: AtomicU64,
-    unlogged: AtomicU64,
+    limit_log: Throttle,
+    accept_log: Throttle,
+}
+
+/// At most one log line per [`LOG_EVERY`]; the rest are counted.
+#[derive(Default)]
+struct Throttle {
+    /// Milliseconds since the gate's epoch of the last line, plus one (0: never).
+    last_ms: AtomicU64,
+    skipped: AtomicU64,
+}
+
+impl Throttle {
+    /// `Some(lines skipped since the last one)` when a line is due now.
+    fn due(&self, now_ms: u64) -> Option<u64> {
+        let now = now_ms.saturating_add(1);
+        let last = self.last_ms.load(Relaxed);
+        let every = u64::try_from(LOG_EVERY.as_millis()).unwrap_or(u64::MAX);
+        if (last == 0 || now.saturating_sub(last) >= every)
+            && self
+                .last_ms
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+        {
+            return Some(self.skipped.swap(0, Relaxed));
+        }
+        self.skipped.fetch_add(1, Relaxed);
+        None
+    }
 }
 
 /// One connection's state, shared by its task, its requests and the gate.
@@ -88,8 +116,8 @@ impl Gate {
             evicted: AtomicU64::new(0),
             timed_out: AtomicU64::new(0),
             accept_errors: AtomicU64::new(0),
-            last_log_ms: AtomicU64::new(0),
-            unlogged: AtomicU64::new(0),
+            limit_log: Throttle::default(),
+            accept_log: Throttle::default(),
         })
     }
 
@@ -140,12 +168,17 @@ impl Gate {
             .remove(&id);
     }
 
-    /// The cap is met: count it, warn (rate-limited), and ask the
-    /// longest-idle connection to close. False when every connection has a
-    /// request in flight.
-    fn make_room(&self) -> bool {
+    /// The cap is met: count it, warn (throttled), and ask the longest-idle
+    /// connection to close.
+    fn make_room(&self) {
         self.limit_reached.fetch_add(1, Relaxed);
         self.log_limit_reached();
+        self.evict_idle();
+    }
+
+    /// Asks the longest-idle connection to close; false when every
+    /// connection has a request in flight (or is closing already).
+    fn evict_idle(&self) -> bool {
         let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let victim = conns
             .values()
@@ -163,25 +196,27 @@ impl Gate {
     }
 
     fn log_limit_reached(&self) {
-        let now = self.now_ms().saturating_add(1);
-        let last = self.last_log_ms.load(Relaxed);
-        let every = u64::try_from(LOG_EVERY.as_millis()).unwrap_or(u64::MAX);
-        if last != 0 && now.saturating_sub(last) < every {
-            self.unlogged.fetch_add(1, Relaxed);
-            return;
-        }
-        if self
-            .last_log_ms
-            .compare_exchange(last, now, Relaxed, Relaxed)
-            .is_ok()
-        {
+        if let Some(skipped) = self.limit_log.due(self.now_ms()) {
             warn!(
                 listener = self.name,
                 max_connections = self.max,
-                not_logged_since_last = self.unlogged.swap(0, Relaxed),
+                not_logged_since_last = skipped,
                 "connection limit reached: closing the longest-idle connection to make room \
                  (counted in aigw_listener_limit_reached_total; logged at most every {}s)",
                 LOG_EVERY.as_secs()
+            );
+        }
+    }
+
+    /// Out of file descriptors and the like: counted, logged (throttled).
+    fn accept_failed(&self, e: &std::io::Error) {
+        self.accept_errors.fetch_add(1, Relaxed);
+        if let Some(skipped) = self.accept_log.due(self.now_ms()) {
+            warn!(
+                listener = self.name,
+                error = %e,
+                not_logged_since_last = skipped,
+                "accept failed (counted in aigw_listener_accept_errors_total)"
             );
         }
     }
@@ -282,8 +317,7 @@ pub async fn serve<S, B>(
             Ok(s) => s,
             Err(e) => {
                 // Out of file descriptors and the like: back off briefly, keep serving.
-                gate.accept_errors.fetch_add(1, Relaxed);
-                warn!(listener = what, error = %e, "accept failed");
+                gate.accept_failed(&e);
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }
@@ -292,12 +326,19 @@ pub async fn serve<S, B>(
             Ok(p) => p,
             Err(_) => {
                 gate.make_room();
-                tokio::select! {
-                    p = gate.permits.clone().acquire_owned() => match p {
-                        Ok(p) => p,
-                        Err(_) => break,
-                    },
-                    _ = stop.wait_for(|s| *s) => break,
+                let mut retry = tokio::time::interval(EVICT_RETRY);
+                retry.tick().await;
+                let waited = loop {
+                    tokio::select! {
+                        p = gate.permits.clone().acquire_owned() => break p.ok(),
+                        // The chosen connection got a request meanwhile: try another.
+                        _ = retry.tick() => { gate.evict_idle(); }
+                        _ = stop.wait_for(|s| *s) => break None,
+                    }
+                };
+                match waited {
+                    Some(p) => p,
+                    None => break,
                 }
             }
         };
