@@ -167,8 +167,10 @@ async fn five_thousand_idle_sockets_leave_every_listener_answering() -> Result<(
         .await
         .context("data plane /livez during the flood")?;
     ensure!(s == 200, "data plane /livez: {s}");
+    // Each request has its own 10 s timeout; together they stay well inside
+    // what a client would wait, on a loaded CI box too.
     ensure!(
-        started.elapsed() < Duration::from_secs(10),
+        started.elapsed() < Duration::from_secs(20),
         "answers took {:?} during the flood",
         started.elapsed()
     );
