@@ -7,16 +7,22 @@ use crate::config::Config;
 use crate::config_stream::{ConfigStreamService, SnapshotCache};
 use crate::engine::Engine;
 use crate::error::Error;
+use crate::metrics::Listeners;
 use crate::nodes::NodeRegistry;
 use crate::secrets::KeySource;
 use crate::store::SledStore;
+use aigw_shared::listener::{self, Gate, Protocol};
 use aigw_shared::usage_bus::UsageBus;
+use futures::FutureExt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
+
+/// How long open admin and gRPC connections get to finish at shutdown.
+const ADMIN_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A running control plane.
 pub struct ControlPlane {
@@ -72,16 +78,29 @@ impl ControlPlane {
         let (stop, stopped) = watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
 
-        let router = admin::rest::router(admin.clone(), keys.clone(), cp.max_body_bytes);
-        let mut rest_stop = stopped.clone();
-        tasks.spawn(async move {
-            axum::serve(rest_listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = rest_stop.wait_for(|s| *s).await;
-                })
-                .await
-                .map_err(Error::Io)
-        });
+        // Both listeners' gates show on the admin port's `/metrics`.
+        let gates = Listeners {
+            admin: Gate::new("admin", &cp.connections),
+            grpc: Gate::new("grpc", &cp.connections),
+        };
+        let router = admin::rest::router(
+            admin.clone(),
+            keys.clone(),
+            cp.max_body_bytes,
+            gates.clone(),
+        );
+        tasks.spawn(
+            listener::serve(
+                rest_listener,
+                gates.admin.clone(),
+                cp.connections,
+                Protocol::default(),
+                hyper_util::service::TowerToHyperService::new(router),
+                stopped.clone(),
+                ADMIN_DRAIN,
+            )
+            .map(Ok),
+        );
 
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(aigw_shared::proto::FILE_DESCRIPTOR_SET)
@@ -164,23 +183,29 @@ impl ControlPlane {
             background.clone(),
             stopped.clone(),
         );
-        let grpc = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
-            .add_service(admin::grpc::service(admin, keys, cp.max_body_bytes))
-            .add_service(config_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha);
-        let mut grpc_stop = stopped.clone();
-        tasks.spawn(async move {
-            grpc.serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-                async move {
-                    let _ = grpc_stop.wait_for(|s| *s).await;
+        // Served by the same accept loop as REST (one set of connection
+        // bounds), HTTP/2 only, with tonic's peer address on each request.
+        let grpc =
+            tonic::service::Routes::new(admin::grpc::service(admin, keys, cp.max_body_bytes))
+                .add_service(config_service)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha)
+                .prepare();
+        tasks.spawn(
+            listener::serve(
+                grpc_listener,
+                gates.grpc.clone(),
+                cp.connections,
+                Protocol {
+                    http2_only: true,
+                    tonic_connect_info: true,
                 },
+                hyper_util::service::TowerToHyperService::new(grpc),
+                stopped.clone(),
+                ADMIN_DRAIN,
             )
-            .await
-            .map_err(|e| Error::Io(std::io::Error::other(format!("gRPC server: {e}"))))
-        });
+            .map(Ok),
+        );
 
         let version = engine.read().version;
         info!(%admin_addr, %grpc_addr, version, "control plane ready");

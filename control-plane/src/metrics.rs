@@ -8,6 +8,13 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{LazyLock, Mutex};
 
+/// The control plane's listeners' gates, for `/metrics`.
+#[derive(Clone)]
+pub struct Listeners {
+    pub admin: std::sync::Arc<aigw_shared::listener::Gate>,
+    pub grpc: std::sync::Arc<aigw_shared::listener::Gate>,
+}
+
 #[derive(Default)]
 pub struct CpMetrics {
     /// (resource collection, operation) → admin mutations applied.

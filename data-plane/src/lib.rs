@@ -164,14 +164,19 @@ impl DataPlane {
             snapshot_file,
             stopped.clone(),
         ));
+        let gates = server::Gates::new(&settings.connections);
         tasks.spawn(server::serve_proxy(
             proxy_listener,
+            gates.proxy.clone(),
+            settings.connections,
             proxy,
             stopped.clone(),
             settings.drain,
         ));
         tasks.spawn(server::serve_health(
             health_listener,
+            gates,
+            settings.connections,
             config.clone(),
             services,
             stopped,

@@ -1,83 +1,58 @@
-//! Accept loops for the proxy and the health/metrics listener, with graceful
-//! drain: on stop, no new connections; in-flight calls get `drain` to finish.
+//! The proxy and the health/metrics listener, each behind the shared
+//! listener bounds (connection cap, header and idle timeouts, HTTP/2 limits),
+//! with graceful drain: on stop, no new connections; in-flight calls get
+//! `drain` to finish.
 
 use crate::config::ConfigHandle;
 use crate::node::Services;
 use crate::proxy::{full, Proxy};
+use aigw_shared::config::ConnectionsConfig;
+use aigw_shared::listener::{self, Gate, Protocol};
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use std::convert::Infallible;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{info, warn};
 
-async fn accept_loop<F, Fut>(
-    listener: TcpListener,
-    handler: F,
-    mut stop: watch::Receiver<bool>,
-    drain: Duration,
-    what: &'static str,
-) where
-    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<crate::proxy::ProxyBody>> + Send + 'static,
-{
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, _) = match accepted {
-                    Ok(s) => s,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off briefly, keep serving.
-                        warn!(error = %e, "{what}: accept failed");
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let handler = handler.clone();
-                let svc = service_fn(move |req| {
-                    let handler = handler.clone();
-                    async move { Ok::<_, Infallible>(handler(req).await) }
-                });
-                let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-            }
-            _ = crate::shutdown::stopped(&mut stop) => break,
+/// The node's two listeners' gates, for `/metrics`.
+#[derive(Clone)]
+pub struct Gates {
+    pub proxy: Arc<Gate>,
+    pub metrics: Arc<Gate>,
+}
+
+impl Gates {
+    pub fn new(config: &ConnectionsConfig) -> Self {
+        Self {
+            proxy: Gate::new("proxy", config),
+            metrics: Gate::new("metrics", config),
         }
-    }
-    drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => info!("{what}: all connections drained"),
-        _ = tokio::time::sleep(drain) => warn!("{what}: drain limit reached; closing the remaining connections"),
     }
 }
 
 pub async fn serve_proxy(
     listener: TcpListener,
+    gate: Arc<Gate>,
+    connections: ConnectionsConfig,
     proxy: Arc<Proxy>,
     stop: watch::Receiver<bool>,
     drain: Duration,
 ) {
-    accept_loop(
+    let svc = service_fn(move |req| {
+        let proxy = proxy.clone();
+        async move { Ok::<_, Infallible>(proxy.serve(req).await) }
+    });
+    listener::serve(
         listener,
-        move |req| {
-            let proxy = proxy.clone();
-            async move { proxy.serve(req).await }
-        },
+        gate,
+        connections,
+        Protocol::default(),
+        svc,
         stop,
         drain,
-        "proxy",
     )
     .await
 }
@@ -85,54 +60,61 @@ pub async fn serve_proxy(
 /// `/livez`, `/readyz` (ready once a snapshot is applied) and `/metrics`.
 pub async fn serve_health(
     listener: TcpListener,
+    gates: Gates,
+    connections: ConnectionsConfig,
     config: Arc<ConfigHandle>,
     services: Arc<Services>,
     stop: watch::Receiver<bool>,
 ) {
-    accept_loop(
+    let gate = gates.metrics.clone();
+    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let (config, services, gates) = (config.clone(), services.clone(), gates.clone());
+        async move {
+            let (status, ctype, body) = match req.uri().path() {
+                "/livez" => (
+                    StatusCode::OK,
+                    "application/json",
+                    r#"{"status":"ok"}"#.to_string(),
+                ),
+                "/readyz" if config.is_ready() => (
+                    StatusCode::OK,
+                    "application/json",
+                    format!(r#"{{"status":"ready","version":{}}}"#, config.version()),
+                ),
+                "/readyz" => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "application/json",
+                    r#"{"status":"waiting for a config snapshot"}"#.to_string(),
+                ),
+                "/metrics" => (
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4",
+                    services.metrics.render(config.version(), config.is_ready())
+                        + &services.health.render_metrics()
+                        + &services.limiter.render_metrics()
+                        + &listener::render_metrics(&[&gates.proxy, &gates.metrics]),
+                ),
+                _ => (
+                    StatusCode::NOT_FOUND,
+                    "application/json",
+                    r#"{"error":"not found"}"#.to_string(),
+                ),
+            };
+            let mut r = Response::new(full(Bytes::from(body)));
+            *r.status_mut() = status;
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+            Ok::<_, Infallible>(r)
+        }
+    });
+    listener::serve(
         listener,
-        move |req: http::Request<hyper::body::Incoming>| {
-            let (config, services) = (config.clone(), services.clone());
-            async move {
-                let (status, ctype, body) = match req.uri().path() {
-                    "/livez" => (
-                        StatusCode::OK,
-                        "application/json",
-                        r#"{"status":"ok"}"#.to_string(),
-                    ),
-                    "/readyz" if config.is_ready() => (
-                        StatusCode::OK,
-                        "application/json",
-                        format!(r#"{{"status":"ready","version":{}}}"#, config.version()),
-                    ),
-                    "/readyz" => (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "application/json",
-                        r#"{"status":"waiting for a config snapshot"}"#.to_string(),
-                    ),
-                    "/metrics" => (
-                        StatusCode::OK,
-                        "text/plain; version=0.0.4",
-                        services.metrics.render(config.version(), config.is_ready())
-                            + &services.health.render_metrics()
-                            + &services.limiter.render_metrics(),
-                    ),
-                    _ => (
-                        StatusCode::NOT_FOUND,
-                        "application/json",
-                        r#"{"error":"not found"}"#.to_string(),
-                    ),
-                };
-                let mut r = Response::new(full(Bytes::from(body)));
-                *r.status_mut() = status;
-                r.headers_mut()
-                    .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
-                r
-            }
-        },
+        gate,
+        connections,
+        Protocol::default(),
+        svc,
         stop,
         Duration::from_secs(1),
-        "health",
     )
     .await
 }

@@ -4,7 +4,8 @@
 use crate::error::Error;
 use crate::usage::UsageBus;
 use aigw_shared::config::{
-    DataPlaneConfig, NatsConfig, NodesConfig, ProcessConfig, Retired, TelemetryConfig,
+    ConnectionsConfig, DataPlaneConfig, NatsConfig, NodesConfig, ProcessConfig, Retired,
+    TelemetryConfig,
 };
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -71,6 +72,8 @@ pub struct Settings {
     pub token: String,
     pub snapshot_cache: PathBuf,
     pub max_body_bytes: usize,
+    /// Bounds on the proxy and metrics listeners.
+    pub connections: ConnectionsConfig,
     /// How long in-flight calls may take to finish at shutdown.
     pub drain: Duration,
     /// NATS for usage events (JetStream) and rate-limit sync, when `nats.url` is set.
@@ -96,6 +99,7 @@ impl Settings {
             token,
             snapshot_cache: dp.snapshot_cache.clone(),
             max_body_bytes: dp.max_body_bytes,
+            connections: dp.connections,
             drain: Duration::from_secs(30),
             nats: cfg.nats.url.is_some().then(|| cfg.nats.clone()),
             usage_spool: dp

@@ -6,6 +6,7 @@
 //! takes in its own [`ProcessConfig`] (control plane, data plane, and the
 //! standalone binary, whose file is the union of the two).
 
+use crate::domain::HumanDuration;
 use crate::error::Error;
 use base64::Engine;
 use serde::de::DeserializeOwned;
@@ -43,6 +44,8 @@ pub struct ControlPlaneConfig {
     pub snapshot_every: u64,
     /// Largest admin request body accepted.
     pub max_body_bytes: usize,
+    /// Bounds on the admin REST and gRPC listeners (each its own cap).
+    pub connections: ConnectionsConfig,
 }
 
 impl Default for ControlPlaneConfig {
@@ -53,6 +56,7 @@ impl Default for ControlPlaneConfig {
             admin_listen: ([127, 0, 0, 1], 3001).into(),
             snapshot_every: 10_000,
             max_body_bytes: 1024 * 1024,
+            connections: ConnectionsConfig::default(),
         }
     }
 }
@@ -70,6 +74,8 @@ pub struct DataPlaneConfig {
     /// to `usage-spool.bin` beside the snapshot cache.
     pub usage_spool: Option<PathBuf>,
     pub max_body_bytes: usize,
+    /// Bounds on the proxy and metrics listeners (each its own cap).
+    pub connections: ConnectionsConfig,
 }
 
 impl Default for DataPlaneConfig {
@@ -82,7 +88,120 @@ impl Default for DataPlaneConfig {
             snapshot_cache: PathBuf::from("./data/snapshot-cache.json"),
             usage_spool: None,
             max_body_bytes: 32 * 1024 * 1024,
+            connections: ConnectionsConfig::default(),
         }
+    }
+}
+
+/// What one client may hold on a listener: every listener of a plane gets
+/// these bounds, each with its own connection cap, so a flood on one port
+/// leaves the others answering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectionsConfig {
+    /// Open connections per listener. At the cap, a new connection closes
+    /// the longest-idle one (no request in flight); when every connection
+    /// has a request in flight, new ones wait in the kernel's backlog.
+    pub max_per_listener: usize,
+    /// Time a client has to send a request's complete headers: counted from
+    /// accept for the first request, and on HTTP/1.1 from the end of the
+    /// previous response (hyper's header timer also bounds keep-alive waits).
+    pub header_read_timeout: HumanDuration,
+    /// An HTTP/2 connection (or one that already served a request) with no
+    /// request in flight for this long is closed (GOAWAY on HTTP/2).
+    pub idle_timeout: HumanDuration,
+    /// Streams one HTTP/2 connection may have open at once.
+    pub http2_max_concurrent_streams: u32,
+    /// Largest request head (request line and headers) on HTTP/1.1 and
+    /// largest header list on HTTP/2.
+    pub max_header_bytes: u32,
+}
+
+/// Bounds of [`ConnectionsConfig`]: below them a listener is unusable,
+/// above them the bound protects nothing.
+pub const MAX_PER_LISTENER: std::ops::RangeInclusive<usize> = 1..=1_000_000;
+pub const HEADER_READ_TIMEOUT: std::ops::RangeInclusive<std::time::Duration> =
+    std::time::Duration::from_millis(100)..=std::time::Duration::from_secs(600);
+pub const IDLE_TIMEOUT: std::ops::RangeInclusive<std::time::Duration> =
+    std::time::Duration::from_millis(100)..=std::time::Duration::from_secs(3600);
+pub const HTTP2_MAX_CONCURRENT_STREAMS: std::ops::RangeInclusive<u32> = 1..=10_000;
+/// hyper refuses an HTTP/1.1 read buffer under 8 KiB.
+pub const MAX_HEADER_BYTES: std::ops::RangeInclusive<u32> = 8192..=1024 * 1024;
+
+impl Default for ConnectionsConfig {
+    fn default() -> Self {
+        Self {
+            max_per_listener: 10_000,
+            header_read_timeout: HumanDuration(std::time::Duration::from_secs(10)),
+            idle_timeout: HumanDuration(std::time::Duration::from_secs(60)),
+            http2_max_concurrent_streams: 128,
+            max_header_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl ConnectionsConfig {
+    /// `section`: where the block sits (`data_plane`, `control_plane`), for
+    /// the error's key.
+    pub fn validate(&self, section: &str) -> Result<(), Error> {
+        fn check<T: PartialOrd + std::fmt::Debug>(
+            section: &str,
+            key: &str,
+            value: T,
+            range: std::ops::RangeInclusive<T>,
+            show: impl Fn(&T) -> String,
+        ) -> Result<(), Error> {
+            if range.contains(&value) {
+                return Ok(());
+            }
+            Err(invalid(
+                &format!("{section}.connections.{key}"),
+                &format!(
+                    "must be between {} and {}, got {}",
+                    show(range.start()),
+                    show(range.end()),
+                    show(&value)
+                ),
+            ))
+        }
+        let n = |v: &usize| v.to_string();
+        let d = |v: &std::time::Duration| HumanDuration(*v).to_string();
+        let u = |v: &u32| v.to_string();
+        check(
+            section,
+            "max_per_listener",
+            self.max_per_listener,
+            MAX_PER_LISTENER,
+            n,
+        )?;
+        check(
+            section,
+            "header_read_timeout",
+            self.header_read_timeout.0,
+            HEADER_READ_TIMEOUT,
+            d,
+        )?;
+        check(
+            section,
+            "idle_timeout",
+            self.idle_timeout.0,
+            IDLE_TIMEOUT,
+            d,
+        )?;
+        check(
+            section,
+            "http2_max_concurrent_streams",
+            self.http2_max_concurrent_streams,
+            HTTP2_MAX_CONCURRENT_STREAMS,
+            u,
+        )?;
+        check(
+            section,
+            "max_header_bytes",
+            self.max_header_bytes,
+            MAX_HEADER_BYTES,
+            u,
+        )
     }
 }
 
@@ -345,7 +464,7 @@ impl ControlPlaneConfig {
                 "must be at least 1",
             ));
         }
-        Ok(())
+        self.connections.validate("control_plane")
     }
 }
 
@@ -361,7 +480,7 @@ impl DataPlaneConfig {
                 "must be an http(s) URL",
             ));
         }
-        Ok(())
+        self.connections.validate("data_plane")
     }
 }
 
@@ -544,6 +663,62 @@ mod tests {
         assert_eq!(cfg.control_plane.grpc_listen.port(), 50051);
         assert_eq!(cfg.data_plane.listen.port(), 3000);
         assert_eq!(cfg.data_plane.max_body_bytes, 32 * 1024 * 1024);
+    }
+
+    #[test]
+    fn connection_bounds_are_validated_with_their_key() {
+        let cfg: Union = load(
+            "admin: {keys: [k]}\nstandalone: true\ndata_plane:\n  connections:\n    max_per_listener: 512\n    header_read_timeout: 750ms\n",
+            &[("AIGW__CONTROL_PLANE__CONNECTIONS__IDLE_TIMEOUT", "5s")],
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.data_plane.connections.max_per_listener, 512);
+        assert_eq!(
+            cfg.data_plane.connections.header_read_timeout.0,
+            std::time::Duration::from_millis(750)
+        );
+        // Unset keys keep their production defaults.
+        assert_eq!(cfg.data_plane.connections.max_header_bytes, 64 * 1024);
+        assert_eq!(
+            cfg.control_plane.connections.idle_timeout.0,
+            std::time::Duration::from_secs(5)
+        );
+        for (yaml, key) in [
+            (
+                "data_plane: {connections: {max_per_listener: 0}}",
+                "data_plane.connections.max_per_listener",
+            ),
+            (
+                "data_plane: {connections: {header_read_timeout: 0s}}",
+                "data_plane.connections.header_read_timeout",
+            ),
+            (
+                "control_plane: {connections: {idle_timeout: 300000000000years}}",
+                "control_plane.connections.idle_timeout",
+            ),
+            (
+                "control_plane: {connections: {http2_max_concurrent_streams: 0}}",
+                "control_plane.connections.http2_max_concurrent_streams",
+            ),
+            (
+                "data_plane: {connections: {max_header_bytes: 100}}",
+                "data_plane.connections.max_header_bytes",
+            ),
+        ] {
+            let err = load::<Union>(
+                &format!("admin: {{keys: [k]}}\nstandalone: true\n{yaml}\n"),
+                &[],
+            )
+            .and_then(|c| c.validate().map(|_| c))
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(key), "{yaml}: {err}");
+        }
+        let err = load::<Union>("data_plane: {connections: {max_conections: 5}}\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_conections"), "{err}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod config;
 pub mod crypto;
 pub mod domain;
 pub mod error;
+pub mod listener;
 pub mod nats;
 pub mod node;
 pub mod process;

@@ -54,6 +54,10 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// Extra command-line arguments after `--config FILE`.
     pub args: Vec<String>,
+    /// `RLIMIT_NOFILE` (soft and hard) for the process, set by `prlimit`:
+    /// a test can then exhaust the binary's descriptors without exhausting
+    /// its own.
+    pub max_open_files: Option<u64>,
 }
 
 impl Default for Options {
@@ -67,6 +71,7 @@ impl Default for Options {
             config: json!({}),
             env: Vec::new(),
             args: Vec::new(),
+            max_open_files: None,
         }
     }
 }
@@ -376,7 +381,16 @@ impl ControlPlane {
         } else {
             BINARY
         };
-        let mut cmd = Command::new(binary(name));
+        let mut cmd = match self.opts.max_open_files {
+            Some(n) => {
+                let mut cmd = Command::new("prlimit");
+                cmd.arg(format!("--nofile={n}:{n}"))
+                    .arg("--")
+                    .arg(binary(name));
+                cmd
+            }
+            None => Command::new(binary(name)),
+        };
         cmd.arg("--config")
             .arg(&self.config_path)
             .args(&self.opts.args)

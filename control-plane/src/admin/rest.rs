@@ -20,6 +20,7 @@ struct Ctx {
     admin: Admin,
     keys: AdminKeys,
     max_body: usize,
+    listeners: crate::metrics::Listeners,
 }
 
 /// Who made the request, for the event's `actor`.
@@ -30,11 +31,17 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 
 /// Routes: health and the OpenAPI document are open; everything under
 /// `/admin/v1` requires an admin key.
-pub fn router(admin: Admin, keys: AdminKeys, max_body: usize) -> Router {
+pub fn router(
+    admin: Admin,
+    keys: AdminKeys,
+    max_body: usize,
+    listeners: crate::metrics::Listeners,
+) -> Router {
     let ctx = Ctx {
         admin,
         keys,
         max_body,
+        listeners,
     };
     let api = Router::new()
         .route("/admin/v1/events", get(list_events))
@@ -72,7 +79,9 @@ pub fn router(admin: Admin, keys: AdminKeys, max_body: usize) -> Router {
 /// Prometheus text, open like `/livez`.
 async fn metrics(State(ctx): State<Ctx>) -> Response {
     let version = ctx.admin.engine().read().version;
-    let text = crate::metrics::METRICS.render(ctx.admin.nodes(), version);
+    let l = &ctx.listeners;
+    let text = crate::metrics::METRICS.render(ctx.admin.nodes(), version)
+        + &aigw_shared::listener::render_metrics(&[&l.admin, &l.grpc]);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

@@ -245,18 +245,16 @@ impl JwksCache {
             }
         };
         let jwks = self.get_json(&jwks_url).await?;
-        let entries = jwks
-            .get("keys")
-            .and_then(Value::as_array)
-            .ok_or_else(|| format!("{jwks_url} is not a JWKS (no `keys` array)"))?;
-        let keys: Vec<Arc<SigningKey>> =
-            entries.iter().filter_map(parse_jwk).map(Arc::new).collect();
-        if keys.is_empty() {
-            return Err(format!("{jwks_url} holds no RS256 or ES256 signing key"));
-        }
+        self.install(&jwks, &jwks_url)
+    }
+
+    /// Swaps in the usable keys of the JWKS `jwks` (fetched from `jwks_url`)
+    /// if there is at least one.
+    pub(super) fn install(&self, jwks: &Value, jwks_url: &str) -> Result<usize, String> {
+        let keys = parse_jwks(jwks, jwks_url)?;
         let n = keys.len();
         let mut slot = self.keys.write().unwrap_or_else(|e| e.into_inner());
-        let generation = slot.generation + 1;
+        let generation = slot.generation.saturating_add(1);
         *slot = Arc::new(KeySet { generation, keys });
         drop(slot);
         info!(provider = %self.provider_id, keys = n, generation, "JWKS loaded");
@@ -297,6 +295,20 @@ impl JwksCache {
                 )
             })?
     }
+}
+
+/// The usable keys of a JWKS document (fetched from `jwks_url`); an error
+/// when it holds none.
+pub(super) fn parse_jwks(jwks: &Value, jwks_url: &str) -> Result<Vec<Arc<SigningKey>>, String> {
+    let entries = jwks
+        .get("keys")
+        .and_then(Value::as_array)
+        .ok_or_else(|| format!("{jwks_url} is not a JWKS (no `keys` array)"))?;
+    let keys: Vec<Arc<SigningKey>> = entries.iter().filter_map(parse_jwk).map(Arc::new).collect();
+    if keys.is_empty() {
+        return Err(format!("{jwks_url} holds no RS256 or ES256 signing key"));
+    }
+    Ok(keys)
 }
 
 /// A JWK we can verify RS256 or ES256 with; anything else (encryption keys,

@@ -14,6 +14,8 @@
 //!   refused before any key is looked at), issuer, signature, `aud`, `exp`
 //!   and `nbf` with the provider's clock skew, then the identity → api key.
 
+#[cfg(feature = "fuzz")]
+pub mod fuzz;
 mod keys;
 mod verify;
 

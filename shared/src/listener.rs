@@ -1,0 +1,627 @@
+//! One accept loop for every listener (proxy, metrics, admin REST, gRPC), so
+//! one unauthenticated client cannot take a port, or the process's file
+//! descriptors, for itself: a cap on open connections per listener, a
+//! header-read timeout, an idle timeout, and HTTP/2 stream and header limits
+//! ([`ConnectionsConfig`]).
+//!
+//! At the cap the loop closes the connection that has been idle longest (no
+//! request in flight: a socket that sent nothing, partial headers, or a
+//! kept-alive connection between requests) to make room, so a flood of idle
+//! sockets cannot lock a real caller out; if every connection has a request
+//! in flight, new connections wait in the kernel's backlog. Each time the cap
+//! is met it is counted (`aigw_listener_limit_reached_total`) and logged at
+//! most once per [`LOG_EVERY`].
+
+use crate::config::ConnectionsConfig;
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::service::Service;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The cap-reached warning is logged at most this often per listener; the
+/// counter has every occurrence.
+pub const LOG_EVERY: Duration = Duration::from_secs(10);
+/// How long a connection closed for idling may take to say goodbye (GOAWAY)
+/// before it is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// At the cap with nothing evictable, how often to look again.
+const EVICT_RETRY: Duration = Duration::from_millis(50);
+/// HTTP/2 pings find dead peers (long gRPC streams, pooled clients).
+const HTTP2_KEEPALIVE: Duration = Duration::from_secs(20);
+
+/// One listener's connection cap and counters. Create it before serving and
+/// keep it for `/metrics` ([`render_metrics`]).
+pub struct Gate {
+    name: &'static str,
+    max: usize,
+    permits: Arc<Semaphore>,
+    conns: Mutex<HashMap<u64, Arc<Conn>>>,
+    next_id: AtomicU64,
+    epoch: Instant,
+    limit_reached: AtomicU64,
+    evicted: AtomicU64,
+    timed_out: AtomicU64,
+    accept_errors: AtomicU64,
+    limit_log: Throttle,
+    accept_log: Throttle,
+}
+
+/// At most one log line per [`LOG_EVERY`]; the rest are counted.
+#[derive(Default)]
+struct Throttle {
+    /// Milliseconds since the gate's epoch of the last line, plus one (0: never).
+    last_ms: AtomicU64,
+    skipped: AtomicU64,
+}
+
+impl Throttle {
+    /// `Some(lines skipped since the last one)` when a line is due now.
+    fn due(&self, now_ms: u64) -> Option<u64> {
+        let now = now_ms.saturating_add(1);
+        let last = self.last_ms.load(Relaxed);
+        let every = u64::try_from(LOG_EVERY.as_millis()).unwrap_or(u64::MAX);
+        if (last == 0 || now.saturating_sub(last) >= every)
+            && self
+                .last_ms
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+        {
+            return Some(self.skipped.swap(0, Relaxed));
+        }
+        self.skipped.fetch_add(1, Relaxed);
+        None
+    }
+}
+
+/// One connection's state, shared by its task, its requests and the gate.
+struct Conn {
+    in_flight: AtomicUsize,
+    served: AtomicBool,
+    /// Milliseconds since the gate's epoch when the connection last had no
+    /// request in flight (accept time at first).
+    idle_since_ms: AtomicU64,
+    evicting: AtomicBool,
+    evict: Notify,
+}
+
+impl Gate {
+    /// `name`: the listener's label in metrics and logs (`proxy`, `admin`).
+    pub fn new(name: &'static str, config: &ConnectionsConfig) -> Arc<Self> {
+        let max = config.max_per_listener.clamp(1, Semaphore::MAX_PERMITS);
+        Arc::new(Self {
+            name,
+            max,
+            permits: Arc::new(Semaphore::new(max)),
+            conns: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            epoch: Instant::now(),
+            limit_reached: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
+            timed_out: AtomicU64::new(0),
+            accept_errors: AtomicU64::new(0),
+            limit_log: Throttle::default(),
+            accept_log: Throttle::default(),
+        })
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.max.saturating_sub(self.permits.available_permits())
+    }
+
+    /// Times a new connection found the listener full.
+    pub fn limit_reached(&self) -> u64 {
+        self.limit_reached.load(Relaxed)
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.epoch
+            .checked_add(Duration::from_millis(ms))
+            .unwrap_or(self.epoch)
+    }
+
+    fn register(&self) -> (u64, Arc<Conn>) {
+        let conn = Arc::new(Conn {
+            in_flight: AtomicUsize::new(0),
+            served: AtomicBool::new(false),
+            idle_since_ms: AtomicU64::new(self.now_ms()),
+            evicting: AtomicBool::new(false),
+            evict: Notify::new(),
+        });
+        let id = self.next_id.fetch_add(1, Relaxed);
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, conn.clone());
+        (id, conn)
+    }
+
+    fn unregister(&self, id: u64) {
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+
+    /// The cap is met: count it, warn (throttled), and ask the longest-idle
+    /// connection to close.
+    fn make_room(&self) {
+        self.limit_reached.fetch_add(1, Relaxed);
+        self.log_limit_reached();
+        self.evict_idle();
+    }
+
+    /// Asks the longest-idle connection to close; false when every
+    /// connection has a request in flight (or is closing already).
+    fn evict_idle(&self) -> bool {
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let victim = conns
+            .values()
+            .filter(|c| c.in_flight.load(Relaxed) == 0 && !c.evicting.load(Relaxed))
+            .min_by_key(|c| c.idle_since_ms.load(Relaxed));
+        match victim {
+            Some(c) => {
+                c.evicting.store(true, Relaxed);
+                // notify_one keeps the wake-up if the task is not waiting yet.
+                c.evict.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn log_limit_reached(&self) {
+        if let Some(skipped) = self.limit_log.due(self.now_ms()) {
+            warn!(
+                listener = self.name,
+                max_connections = self.max,
+                not_logged_since_last = skipped,
+                "connection limit reached: closing the longest-idle connection to make room \
+                 (counted in aigw_listener_limit_reached_total; logged at most every {}s)",
+                LOG_EVERY.as_secs()
+            );
+        }
+    }
+
+    /// Out of file descriptors and the like: counted, logged (throttled).
+    fn accept_failed(&self, e: &std::io::Error) {
+        self.accept_errors.fetch_add(1, Relaxed);
+        if let Some(skipped) = self.accept_log.due(self.now_ms()) {
+            warn!(
+                listener = self.name,
+                error = %e,
+                not_logged_since_last = skipped,
+                "accept failed (counted in aigw_listener_accept_errors_total)"
+            );
+        }
+    }
+}
+
+/// A metric family: name, type, help, and its value for one gate.
+type Family = (&'static str, &'static str, &'static str, fn(&Gate) -> u64);
+
+/// Prometheus text for `gates`: open connections, the cap, and how often it
+/// was met, with what it cost (idle connections closed, timeouts).
+pub fn render_metrics(gates: &[&Gate]) -> String {
+    let mut out = String::new();
+    let families: [Family; 6] = [
+        (
+            "aigw_listener_connections",
+            "gauge",
+            "Connections open on the listener.",
+            |g| u64::try_from(g.open()).unwrap_or(u64::MAX),
+        ),
+        (
+            "aigw_listener_connections_max",
+            "gauge",
+            "The listener's connection cap (connections.max_per_listener).",
+            |g| u64::try_from(g.max).unwrap_or(u64::MAX),
+        ),
+        (
+            "aigw_listener_limit_reached_total",
+            "counter",
+            "New connections that found the listener at its connection cap.",
+            |g| g.limit_reached.load(Relaxed),
+        ),
+        (
+            "aigw_listener_evicted_total",
+            "counter",
+            "Idle connections closed to make room for a new one at the cap.",
+            |g| g.evicted.load(Relaxed),
+        ),
+        (
+            "aigw_listener_timed_out_total",
+            "counter",
+            "Connections closed for not sending headers in time or idling.",
+            |g| g.timed_out.load(Relaxed),
+        ),
+        (
+            "aigw_listener_accept_errors_total",
+            "counter",
+            "accept() failures (e.g. out of file descriptors).",
+            |g| g.accept_errors.load(Relaxed),
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for g in gates {
+            let _ = writeln!(out, "{name}{{listener=\"{}\"}} {}", g.name, value(g));
+        }
+    }
+    out
+}
+
+/// How a listener speaks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Protocol {
+    /// gRPC: HTTP/2 only.
+    pub http2_only: bool,
+    /// Puts tonic's `TcpConnectInfo` on each request, for `remote_addr()`.
+    pub tonic_connect_info: bool,
+}
+
+/// Serves `service` on `listener` under `config`'s bounds until `stop` turns
+/// true; then stops accepting and gives open connections `drain` to finish.
+pub async fn serve<S, B>(
+    listener: TcpListener,
+    gate: Arc<Gate>,
+    config: ConnectionsConfig,
+    protocol: Protocol,
+    service: S,
+    mut stop: watch::Receiver<bool>,
+    drain: Duration,
+) where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let builder = builder(&config, protocol);
+    let timeouts = Timeouts {
+        header: config.header_read_timeout.0,
+        idle: config.idle_timeout.0,
+    };
+    let what = gate.name;
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of file descriptors and the like: back off briefly, keep serving.
+                gate.accept_failed(&e);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let permit = match gate.permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                gate.make_room();
+                let mut retry = tokio::time::interval(EVICT_RETRY);
+                retry.tick().await;
+                let waited = loop {
+                    tokio::select! {
+                        p = gate.permits.clone().acquire_owned() => break p.ok(),
+                        // The chosen connection got a request meanwhile: try another.
+                        _ = retry.tick() => { gate.evict_idle(); }
+                        _ = stop.wait_for(|s| *s) => break None,
+                    }
+                };
+                match waited {
+                    Some(p) => p,
+                    None => break,
+                }
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().ok();
+        let (id, conn) = gate.register();
+        let svc = Tracked {
+            inner: service.clone(),
+            conn: conn.clone(),
+            gate: gate.clone(),
+            connect_info: protocol.tonic_connect_info.then_some(
+                tonic::transport::server::TcpConnectInfo {
+                    local_addr: local,
+                    remote_addr: Some(peer),
+                },
+            ),
+        };
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), svc)
+            .into_owned();
+        let (gate, stop) = (gate.clone(), stop.clone());
+        tokio::spawn(async move {
+            drive(connection, &gate, &conn, timeouts, stop).await;
+            gate.unregister(id);
+            drop(permit);
+        });
+    }
+    drop(listener);
+    // Every permit back means every connection closed.
+    let all = u32::try_from(gate.max).unwrap_or(u32::MAX);
+    match tokio::time::timeout(drain, gate.permits.acquire_many(all)).await {
+        Ok(_) => info!(listener = what, "all connections drained"),
+        Err(_) => warn!(
+            listener = what,
+            open = gate.open(),
+            "drain limit reached; closing the remaining connections"
+        ),
+    }
+}
+
+fn builder(config: &ConnectionsConfig, protocol: Protocol) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout.0)
+        .max_buf_size(usize::try_from(config.max_header_bytes).unwrap_or(usize::MAX));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(config.http2_max_concurrent_streams)
+        .max_header_list_size(config.max_header_bytes)
+        .keep_alive_interval(HTTP2_KEEPALIVE)
+        .keep_alive_timeout(HTTP2_KEEPALIVE);
+    if protocol.http2_only {
+        builder = builder.http2_only();
+    }
+    builder
+}
+
+#[derive(Clone, Copy)]
+struct Timeouts {
+    header: Duration,
+    idle: Duration,
+}
+
+/// Runs one connection to its end, closing it when it idles past its
+/// deadline, when the gate evicts it, or (gracefully) at shutdown.
+async fn drive<S, B>(
+    connection: auto::Connection<'static, TokioIo<TcpStream>, Tracked<S>, TokioExecutor>,
+    gate: &Gate,
+    conn: &Conn,
+    timeouts: Timeouts,
+    mut stop: watch::Receiver<bool>,
+) where
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let mut connection = std::pin::pin!(connection);
+    let mut stopping = false;
+    // Set once a graceful close has begun: the connection is dropped then.
+    let mut close_by: Option<Instant> = None;
+    // Counted once, whether hyper's header timer or ours saw it first.
+    let mut timed_out = false;
+    loop {
+        let wake = close_by.unwrap_or_else(|| conn.deadline(gate, timeouts));
+        tokio::select! {
+            done = connection.as_mut() => {
+                timed_out |= done.is_err_and(|e| is_timeout(&*e));
+                break;
+            }
+            _ = tokio::time::sleep_until(wake) => {
+                if close_by.is_some() {
+                    if !stopping {
+                        break;
+                    }
+                    // At shutdown the listener's drain limit decides.
+                    close_by = None;
+                    continue;
+                }
+                if conn.in_flight.load(Relaxed) == 0 && Instant::now() >= conn.deadline(gate, timeouts) {
+                    timed_out = true;
+                    connection.as_mut().graceful_shutdown();
+                    close_by = Instant::now().checked_add(CLOSE_GRACE);
+                    if close_by.is_none() {
+                        break;
+                    }
+                }
+            }
+            _ = conn.evict.notified() => {
+                // Nothing in flight (the gate checked): nothing to lose.
+                if conn.in_flight.load(Relaxed) == 0 {
+                    gate.evicted.fetch_add(1, Relaxed);
+                    return;
+                }
+                conn.evicting.store(false, Relaxed);
+            }
+            _ = stop.wait_for(|s| *s), if !stopping => {
+                stopping = true;
+                connection.as_mut().graceful_shutdown();
+                // Re-checked on wake; the drain limit is the listener's.
+                close_by = Instant::now().checked_add(Duration::from_secs(3600));
+            }
+        }
+    }
+    if timed_out {
+        gate.timed_out.fetch_add(1, Relaxed);
+    }
+}
+
+impl Conn {
+    /// When the connection will have idled too long if nothing happens: the
+    /// header timeout before its first request, the idle timeout after;
+    /// with a request in flight, the next time worth looking again.
+    fn deadline(&self, gate: &Gate, t: Timeouts) -> Instant {
+        let since = gate.at(self.idle_since_ms.load(Relaxed));
+        let wait = if self.in_flight.load(Relaxed) > 0 {
+            return Instant::now()
+                .checked_add(t.idle)
+                .unwrap_or_else(Instant::now);
+        } else if self.served.load(Relaxed) {
+            t.idle
+        } else {
+            t.header
+        };
+        since.checked_add(wait).unwrap_or(since)
+    }
+}
+
+fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(e) = cur {
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            if h.is_timeout() {
+                return true;
+            }
+        }
+        cur = e.source();
+    }
+    false
+}
+
+/// Counts a connection's requests in flight: from the call until the
+/// response body is done or dropped.
+struct Tracked<S> {
+    inner: S,
+    conn: Arc<Conn>,
+    gate: Arc<Gate>,
+    connect_info: Option<tonic::transport::server::TcpConnectInfo>,
+}
+
+impl<S: Clone> Clone for Tracked<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            conn: self.conn.clone(),
+            gate: self.gate.clone(),
+            connect_info: self.connect_info.clone(),
+        }
+    }
+}
+
+impl<S, B> Service<Request<Incoming>> for Tracked<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<TrackedBody<B>>;
+    type Error = S::Error;
+    type Future = TrackedFuture<S::Future>;
+
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        self.conn.served.store(true, Relaxed);
+        self.conn.in_flight.fetch_add(1, Relaxed);
+        if let Some(info) = &self.connect_info {
+            req.extensions_mut().insert(info.clone());
+        }
+        TrackedFuture {
+            inner: self.inner.call(req),
+            guard: Some(InFlight {
+                conn: self.conn.clone(),
+                gate: self.gate.clone(),
+            }),
+        }
+    }
+}
+
+/// One request in flight; dropping it marks the connection idle if it was
+/// the last.
+struct InFlight {
+    conn: Arc<Conn>,
+    gate: Arc<Gate>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        // Idle-since first, so a reader seeing zero in flight sees a fresh time.
+        self.conn.idle_since_ms.store(self.gate.now_ms(), Relaxed);
+        self.conn.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+pin_project_lite::pin_project! {
+    pub struct TrackedFuture<F> {
+        #[pin]
+        inner: F,
+        guard: Option<InFlight>,
+    }
+}
+
+impl<F, B, E> Future for TrackedFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<TrackedBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        match this.inner.poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(e)) => {
+                this.guard.take();
+                Poll::Ready(Err(e))
+            }
+            Poll::Ready(Ok(resp)) => {
+                let guard = this.guard.take();
+                Poll::Ready(Ok(resp.map(|inner| TrackedBody {
+                    inner,
+                    _guard: guard,
+                })))
+            }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request counted until it is done.
+    pub struct TrackedBody<B> {
+        #[pin]
+        inner: B,
+        _guard: Option<InFlight>,
+    }
+}
+
+impl<B: Body> Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
