@@ -30,14 +30,26 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// Saturating: an upstream reporting absurd token counts pins a row at
+    /// `u64::MAX` rather than wrapping it to a small number.
     fn add(&mut self, o: &Counters) {
-        self.requests += o.requests;
-        self.errors += o.errors;
-        self.prompt_tokens += o.prompt_tokens;
-        self.completion_tokens += o.completion_tokens;
-        self.cost_nanos += o.cost_nanos;
-        self.cache_hits += o.cache_hits;
+        self.requests = self.requests.saturating_add(o.requests);
+        self.errors = self.errors.saturating_add(o.errors);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(o.prompt_tokens);
+        self.completion_tokens = self.completion_tokens.saturating_add(o.completion_tokens);
+        self.cost_nanos = self.cost_nanos.saturating_add(o.cost_nanos);
+        self.cache_hits = self.cache_hits.saturating_add(o.cache_hits);
     }
+}
+
+/// Adds `cost` to a day's spend, saturating.
+fn add_spend(spend: &mut HashMap<String, BTreeMap<String, u64>>, key: &RowKey, cost: u64) {
+    let day = spend
+        .entry(key.api_key.clone())
+        .or_default()
+        .entry(key.day.clone())
+        .or_default();
+    *day = day.saturating_add(cost);
 }
 
 /// Aggregation key: UTC day, api key, model alias, deployment.
@@ -161,11 +173,7 @@ impl Aggregator {
                 .ok_or_else(|| Error::Storage("malformed usage row key".into()))?;
             let c: Counters =
                 serde_json::from_slice(&v).map_err(|e| Error::Storage(e.to_string()))?;
-            *mem.spend
-                .entry(key.api_key.clone())
-                .or_default()
-                .entry(key.day.clone())
-                .or_default() += c.cost_nanos;
+            add_spend(&mut mem.spend, &key, c.cost_nanos);
             mem.rows.insert(key, c);
         }
         let agg = Arc::new(Self {
@@ -244,7 +252,7 @@ impl Aggregator {
                         .and_then(|m| m.value.cost);
                     cost.map_or(0, |c| {
                         nanos(e.prompt_tokens, c.input_per_1k)
-                            + nanos(e.completion_tokens, c.output_per_1k)
+                            .saturating_add(nanos(e.completion_tokens, c.output_per_1k))
                     })
                 };
                 let add = Counters {
@@ -281,11 +289,7 @@ impl Aggregator {
         self.db.flush()?;
         for (key, c, cost) in updated {
             crate::metrics::METRICS.cost(&key.model, cost);
-            *mem.spend
-                .entry(key.api_key.clone())
-                .or_default()
-                .entry(key.day.clone())
-                .or_default() += cost;
+            add_spend(&mut mem.spend, &key, cost);
             mem.rows.insert(key, c);
         }
         drop(mem);
@@ -321,10 +325,11 @@ impl Aggregator {
                     BudgetPeriod::Day => days.and_then(|d| d.get(&today)).copied().unwrap_or(0),
                     BudgetPeriod::Month => days.map_or(0, |d| {
                         d.range(format!("{month}-00")..=format!("{month}-99"))
-                            .map(|(_, v)| v)
-                            .sum()
+                            .fold(0u64, |a, (_, v)| a.saturating_add(*v))
                     }),
-                    BudgetPeriod::Total => days.map_or(0, |d| d.values().sum()),
+                    BudgetPeriod::Total => {
+                        days.map_or(0, |d| d.values().fold(0u64, |a, v| a.saturating_add(*v)))
+                    }
                 };
                 if spent as f64 >= budget.max_usd * NANOS_PER_USD {
                     over.insert(id.clone());
@@ -375,7 +380,7 @@ impl Aggregator {
                 errors: c.errors,
                 prompt_tokens: c.prompt_tokens,
                 completion_tokens: c.completion_tokens,
-                total_tokens: c.prompt_tokens + c.completion_tokens,
+                total_tokens: c.prompt_tokens.saturating_add(c.completion_tokens),
                 cost_usd: c.cost_nanos as f64 / NANOS_PER_USD,
                 cache_hits: c.cache_hits,
             })
@@ -383,7 +388,8 @@ impl Aggregator {
     }
 }
 
-/// Cost of `tokens` at `per_1k` USD per 1,000 tokens, in nano-USD.
+/// Cost of `tokens` at `per_1k` USD per 1,000 tokens, in nano-USD. The
+/// float-to-int cast saturates (and maps NaN to 0), so no input wraps.
 fn nanos(tokens: u64, per_1k: f64) -> u64 {
     (tokens as f64 * per_1k * 1e6).round() as u64
 }

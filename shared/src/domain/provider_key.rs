@@ -49,17 +49,7 @@ impl ProviderKey {
         non_empty("secret", &self.secret)?;
         Credential::parse(&self.secret)?;
         resolve_api_base(&self.api_base)?;
-        non_empty("api_version", &self.api_version)?;
-        if !self
-            .api_version
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
-        {
-            return Err(Error::validation(
-                "api_version",
-                "may hold only letters, digits, `-` and `.`",
-            ));
-        }
+        check_api_version(&self.api_version)?;
         if let Some(pem) = &self.ca_pem {
             parse_ca_pem(pem).map_err(|m| Error::validation("ca_pem", m))?;
         }
@@ -106,9 +96,78 @@ impl std::fmt::Debug for Credential {
     }
 }
 
+/// Longest secret part (an API key, a client secret, an id).
+pub const MAX_SECRET_LEN: usize = 4096;
+
 impl Credential {
     /// A secret that starts with `{` is Entra ID JSON; anything else is an API key.
     pub fn parse(secret: &str) -> Result<Self, Error> {
+        let c = Self::parse_shape(secret)?;
+        c.check()?;
+        Ok(c)
+    }
+
+    /// Every part can go where it is sent: an API key into a header, ids and
+    /// secrets into a token request's form and URL. The data plane runs this
+    /// too before it compiles a snapshot.
+    pub fn check(&self) -> Result<(), Error> {
+        fn text(field: &str, v: &str, allowed: fn(u8) -> bool, what: &str) -> Result<(), Error> {
+            if v.is_empty() || v.len() > MAX_SECRET_LEN || !v.bytes().all(allowed) {
+                return Err(Error::validation(
+                    field,
+                    format!("must be 1 to {MAX_SECRET_LEN} {what}"),
+                ));
+            }
+            Ok(())
+        }
+        let visible = |b: u8| b.is_ascii_graphic();
+        let no_control = |b: u8| !b.is_ascii_control();
+        let id_chars = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.');
+        match self {
+            Self::ApiKey { key } => text(
+                "secret",
+                key,
+                visible,
+                "visible ASCII characters (an API key goes into a header)",
+            ),
+            Self::ClientSecret {
+                tenant_id,
+                client_id,
+                client_secret,
+                ..
+            } => {
+                text(
+                    "secret.tenant_id",
+                    tenant_id,
+                    id_chars,
+                    "letters, digits, `-`, `_` or `.`",
+                )?;
+                text(
+                    "secret.client_id",
+                    client_id,
+                    no_control,
+                    "characters, none a control character",
+                )?;
+                text(
+                    "secret.client_secret",
+                    client_secret,
+                    no_control,
+                    "characters, none a control character",
+                )
+            }
+            Self::ManagedIdentity {
+                client_id: Some(id),
+            } => text(
+                "secret.managed_identity.client_id",
+                id,
+                no_control,
+                "characters, none a control character",
+            ),
+            Self::ManagedIdentity { client_id: None } | Self::WorkloadIdentity => Ok(()),
+        }
+    }
+
+    fn parse_shape(secret: &str) -> Result<Self, Error> {
         let trimmed = secret.trim();
         if !trimmed.starts_with('{') {
             return Ok(Self::ApiKey {
@@ -187,6 +246,22 @@ impl Credential {
             authority_host,
         })
     }
+}
+
+/// `api_version` goes into every upstream URL's query.
+pub fn check_api_version(v: &str) -> Result<(), Error> {
+    non_empty("api_version", v)?;
+    if v.len() > 64
+        || !v
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.'))
+    {
+        return Err(Error::validation(
+            "api_version",
+            "may hold only letters, digits, `-` and `.` (at most 64)",
+        ));
+    }
+    Ok(())
 }
 
 /// DER certificates from PEM text; at least one, nothing else allowed.
