@@ -442,6 +442,166 @@ mod tests {
         Aggregator::open(dir, engine).unwrap()
     }
 
+    /// An aggregator whose engine holds model `m` priced at `cost`.
+    async fn priced(dir: &Path, cost: aigw_shared::domain::Cost) -> Arc<Aggregator> {
+        use crate::events::{Command, ResourceValue, StoredProviderKey};
+        use aigw_shared::domain::{Model, ProviderKey};
+        let store = Arc::new(SledStore::open(dir).unwrap());
+        let engine = Engine::open(store, Cipher::new(&[9; 32]), 1_000)
+            .await
+            .unwrap();
+        let pk = ProviderKey {
+            display_name: "pk".into(),
+            provider: String::new(),
+            adapter: "azure-openai".into(),
+            secret: "k".into(),
+            api_base: "https://acme.openai.azure.com".into(),
+            api_version: "2024-10-21".into(),
+            ca_pem: None,
+        };
+        let sealed = engine.cipher().seal("pk", "k").unwrap();
+        let model = Model {
+            display_name: "m".into(),
+            provider: String::new(),
+            model_name: Some("d".into()),
+            provider_key_id: Some("pk".into()),
+            targets: vec![],
+            routing: None,
+            rate_limit: None,
+            cost: Some(cost),
+            cache: None,
+            log_payloads: false,
+        };
+        for (id, value) in [
+            (
+                "pk",
+                ResourceValue::ProviderKey(StoredProviderKey::new(pk, sealed)),
+            ),
+            ("m", ResourceValue::Model(model)),
+        ] {
+            let id = id.to_string();
+            engine
+                .execute(Command::Create { id, value }, "test")
+                .await
+                .unwrap();
+        }
+        Aggregator::open(dir, engine).unwrap()
+    }
+
+    #[tokio::test]
+    async fn absurd_token_counts_saturate_instead_of_wrapping() {
+        // Given a priced model,
+        let dir = tempfile::tempdir().unwrap();
+        let agg = priced(
+            dir.path(),
+            aigw_shared::domain::Cost {
+                input_per_1k: 0.01,
+                output_per_1k: 0.03,
+            },
+        )
+        .await;
+        // when the upstream reports u64::MAX tokens on two calls,
+        let now = unix_ms_now();
+        let huge = |id: String| UsageEvent {
+            prompt_tokens: u64::MAX,
+            completion_tokens: u64::MAX,
+            total_tokens: u64::MAX,
+            ..event(id, now)
+        };
+        let s = agg
+            .ingest(&[huge(uuid_v7_floor(now)), huge(uuid_v7_floor(now + 1))])
+            .unwrap();
+        assert_eq!(s.counted, 2);
+
+        // then the aggregates and the cost stay pinned at the top, not wrapped
+        // to a small number (which would also reopen a spent budget).
+        let rows = agg.query(&UsageQuery::default());
+        let row = &rows[0];
+        assert_eq!(row.requests, 2);
+        assert_eq!(row.prompt_tokens, u64::MAX);
+        assert_eq!(row.completion_tokens, u64::MAX);
+        assert_eq!(row.total_tokens, u64::MAX);
+        assert_eq!(row.cost_usd, u64::MAX as f64 / NANOS_PER_USD);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 24,
+            ..Default::default()
+        })]
+
+        /// Whatever the token counts, every group's sums are the exact sums
+        /// capped at u64::MAX, grouped or not.
+        #[test]
+        fn aggregates_are_exact_sums_capped_at_the_top(
+            calls in proptest::collection::vec(
+                (
+                    0u8..3,
+                    proptest::prop_oneof![0u64..1_000_000, (u64::MAX - 1_000_000)..=u64::MAX],
+                    proptest::prop_oneof![0u64..1_000_000, (u64::MAX - 1_000_000)..=u64::MAX],
+                    200u16..600,
+                ),
+                1..24,
+            )
+        ) {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let agg = rt.block_on(priced(
+                dir.path(),
+                aigw_shared::domain::Cost { input_per_1k: 0.5, output_per_1k: 2.0 },
+            ));
+            let now = unix_ms_now();
+            let events: Vec<UsageEvent> = calls
+                .iter()
+                .enumerate()
+                .map(|(i, (key, p, c, status))| UsageEvent {
+                    api_key_id: format!("k{key}"),
+                    prompt_tokens: *p,
+                    completion_tokens: *c,
+                    status: u32::from(*status),
+                    ..event(uuid_v7_floor(now + i as i64), now)
+                })
+                .collect();
+            // Ingested in two batches, as JetStream may deliver them.
+            let (a, b) = events.split_at(events.len() / 2);
+            agg.ingest(a).unwrap();
+            agg.ingest(b).unwrap();
+
+            let capped = |v: u128| u64::try_from(v).unwrap_or(u64::MAX);
+            let expect = |filter: &dyn Fn(u8) -> bool| {
+                let picked: Vec<_> = calls.iter().filter(|c| filter(c.0)).collect();
+                let sum = |f: &dyn Fn(&&(u8, u64, u64, u16)) -> u128| {
+                    capped(picked.iter().map(f).sum())
+                };
+                (
+                    picked.len() as u64,
+                    sum(&|c| u128::from(u16::from(c.3 >= 400))),
+                    sum(&|c| u128::from(c.1)),
+                    sum(&|c| u128::from(c.2)),
+                )
+            };
+            let got = |r: &UsageRow| (r.requests, r.errors, r.prompt_tokens, r.completion_tokens);
+
+            let total = agg.query(&UsageQuery::default());
+            proptest::prop_assert_eq!(total.len(), 1);
+            proptest::prop_assert_eq!(got(&total[0]), expect(&|_| true));
+            proptest::prop_assert_eq!(
+                total[0].total_tokens,
+                total[0].prompt_tokens.saturating_add(total[0].completion_tokens)
+            );
+            let by_key = agg.query(&UsageQuery {
+                group_by: vec![Dimension::ApiKey],
+                ..Default::default()
+            });
+            for row in &by_key {
+                let key: u8 = row.group["api_key"][1..].parse().unwrap();
+                proptest::prop_assert_eq!(got(row), expect(&|k| k == key));
+                proptest::prop_assert!(row.cost_usd <= total[0].cost_usd);
+                proptest::prop_assert!(row.cost_usd.is_finite() && row.cost_usd >= 0.0);
+            }
+        }
+    }
+
     #[test]
     fn v7_floor_sorts_with_real_ids_of_the_same_millisecond() {
         let ms = 1_800_000_000_123;
