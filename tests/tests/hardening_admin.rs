@@ -95,6 +95,20 @@ async fn the_masked_secret_does_not_follow_a_new_destination() -> Result<()> {
     new_ca["ca_pem"] = json!(aigw_tests::mock_entra::TestCa::new().pem());
     gw.refused(gw.admin.put(&path, &new_ca).await, &["secret", "ca_pem"])
         .await?;
+    // Nor can the mask follow a switch to (or from) plain http.
+    let mut insecure = pk.clone();
+    insecure["allow_insecure_upstream"] = json!(false);
+    insecure["api_base"] = json!("https://acme-west.openai.azure.com");
+    gw.refused(gw.admin.put(&path, &insecure).await, &["secret"])
+        .await?;
+    // Plain http needs the explicit opt-in, whatever the secret.
+    let mut http = fixtures::provider_key("plain-http", "sk-1");
+    http["api_base"] = json!(attacker.base_url());
+    gw.refused(
+        gw.admin.post(PROVIDER_KEYS, &http).await,
+        &["api_base", "allow_insecure_upstream"],
+    )
+    .await?;
     // A new key cannot be created with the mask as its secret.
     let fresh = fixtures::provider_key_at("fresh", "***", &attacker.base_url());
     gw.refused(gw.admin.post(PROVIDER_KEYS, &fresh).await, &["secret"])

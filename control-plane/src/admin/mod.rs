@@ -320,6 +320,10 @@ fn kept_secret(
     let moved = [
         ("api_base", base(&stored.api_base) != base(&pk.api_base)),
         ("ca_pem", stored.ca_pem != pk.ca_pem),
+        (
+            "allow_insecure_upstream",
+            stored.allow_insecure_upstream != pk.allow_insecure_upstream,
+        ),
     ]
     .into_iter()
     .find_map(|(field, changed)| changed.then_some(field));

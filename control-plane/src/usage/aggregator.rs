@@ -458,6 +458,7 @@ mod tests {
             api_base: "https://acme.openai.azure.com".into(),
             api_version: "2024-10-21".into(),
             ca_pem: None,
+            allow_insecure_upstream: false,
         };
         let sealed = engine.cipher().seal("pk", "k").unwrap();
         let model = Model {

@@ -197,6 +197,7 @@ mod tests {
                 api_base: "https://acme.openai.azure.com".into(),
                 api_version: "2024-10-21".into(),
                 ca_pem: None,
+                allow_insecure_upstream: false,
                 credential: aigw_shared::domain::Credential::ApiKey { key: "k".into() },
             },
         );

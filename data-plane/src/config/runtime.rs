@@ -9,7 +9,7 @@ use crate::limits::{Limiter, Limits};
 use crate::openai::{Operation, OPERATIONS};
 use crate::routing::{HealthRegistry, Pool, TargetHealth};
 use aigw_shared::domain::{
-    check_api_version, resolve_api_base, Credential, Model, Routing as RoutingPolicy,
+    check_api_version, check_upstream, Credential, Model, Routing as RoutingPolicy,
     Target as ResolvedTarget,
 };
 use aigw_shared::snapshot::{ConfigSnapshot, SnapshotProviderKey as ProviderKey, SNAPSHOT_FORMAT};
@@ -390,7 +390,7 @@ impl<'a> TargetBuilder<'a> {
 
 /// The target's URL for every operation Azure serves.
 fn uris(model_id: &str, t: &ResolvedTarget, pk: &ProviderKey) -> Result<Vec<Option<Uri>>, String> {
-    let base = resolve_api_base(&pk.api_base)
+    let base = check_upstream(&pk.api_base, pk.allow_insecure_upstream)
         .map_err(|e| format!("provider key {}: {e}", t.provider_key_id))?;
     OPERATIONS
         .iter()

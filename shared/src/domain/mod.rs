@@ -19,7 +19,7 @@ pub use model::{
     MAX_DEPLOYMENT_NAME, MAX_RATE_LIMIT, MAX_RETRIES, MAX_RETRY_BACKOFF, MAX_STREAM_IDLE_TIMEOUT,
 };
 pub use provider_key::{
-    check_api_version, parse_ca_pem, resolve_api_base, Credential, ProviderKey,
+    check_api_version, check_upstream, parse_ca_pem, resolve_api_base, Credential, ProviderKey,
     DEFAULT_API_VERSION, MASKED, MAX_SECRET_LEN,
 };
 

@@ -23,6 +23,10 @@ pub struct ProviderKey {
     /// Extra trust anchors (PEM) for the upstream's TLS, besides the system roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_pem: Option<String>,
+    /// Allows a plain-http `api_base` (local tests and simulators only): the
+    /// secret then crosses the network in clear.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_insecure_upstream: bool,
 }
 
 fn default_adapter() -> String {
@@ -48,7 +52,7 @@ impl ProviderKey {
         }
         non_empty("secret", &self.secret)?;
         Credential::parse(&self.secret)?;
-        resolve_api_base(&self.api_base)?;
+        check_upstream(&self.api_base, self.allow_insecure_upstream)?;
         check_api_version(&self.api_version)?;
         if let Some(pem) = &self.ca_pem {
             parse_ca_pem(pem).map_err(|m| Error::validation("ca_pem", m))?;
@@ -102,7 +106,7 @@ pub const MAX_SECRET_LEN: usize = 4096;
 impl Credential {
     /// A secret that starts with `{` is Entra ID JSON; anything else is an API key.
     pub fn parse(secret: &str) -> Result<Self, Error> {
-        let c = Self::parse_shape(secret)?;
+        let c = Self::parse_stored(secret)?;
         c.check()?;
         Ok(c)
     }
@@ -167,7 +171,9 @@ impl Credential {
         }
     }
 
-    fn parse_shape(secret: &str) -> Result<Self, Error> {
+    /// Parses without [`Credential::check`]: for a secret stored before a
+    /// check existed, which the data plane then refuses with its reason.
+    pub fn parse_stored(secret: &str) -> Result<Self, Error> {
         let trimmed = secret.trim();
         if !trimmed.starts_with('{') {
             return Ok(Self::ApiKey {
@@ -246,6 +252,20 @@ impl Credential {
             authority_host,
         })
     }
+}
+
+/// The upstream origin of `api_base`, refused when it is plain http and the
+/// key does not say `allow_insecure_upstream`.
+pub fn check_upstream(api_base: &str, allow_insecure: bool) -> Result<String, Error> {
+    let base = resolve_api_base(api_base)?;
+    if !allow_insecure && base.starts_with("http://") {
+        return Err(Error::validation(
+            "api_base",
+            "plain http would send the secret in clear; use https, or set \
+             allow_insecure_upstream: true (local tests only)",
+        ));
+    }
+    Ok(base)
 }
 
 /// `api_version` goes into every upstream URL's query.
