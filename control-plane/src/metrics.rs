@@ -75,12 +75,9 @@ impl CpMetrics {
     /// Cost added to `model`'s usage, in nano-USD.
     pub fn cost(&self, model: &str, nanos: u64) {
         if nanos > 0 {
-            *self
-                .cost_nanos
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(model.to_string())
-                .or_default() += nanos;
+            let mut costs = self.cost_nanos.lock().unwrap_or_else(|p| p.into_inner());
+            let c = costs.entry(model.to_string()).or_default();
+            *c = c.saturating_add(nanos);
         }
     }
 

@@ -27,6 +27,10 @@ pub trait Apply: Send + Sync + 'static {
 
     /// Version of the applied snapshot, 0 before the first.
     fn version(&self) -> u64;
+
+    /// The control plane's `version` could not be applied (`reason`): the
+    /// node keeps its previous snapshot and reports how far behind it is.
+    fn rejected(&self, version: u64, reason: &str);
 }
 
 /// Boots from the snapshot file if there is one.
@@ -126,7 +130,8 @@ async fn session(
                 Kind::Ack(pb::Ack { version })
             }
             Err(reason) => {
-                warn!(version = snap.version, %reason, "rejected config snapshot");
+                warn!(version = snap.version, %reason, "rejected config snapshot; serving the last good one");
+                node.rejected(snap.version, &reason);
                 Kind::Nack(pb::Nack {
                     version: snap.version,
                     reason,
