@@ -14,6 +14,14 @@ pub const MAX_COMPLETION_TOKENS: &str = "max_completion_tokens";
 pub const TEMPERATURE: &str = "temperature";
 pub const N: &str = "n";
 
+/// Largest `max_tokens` / `max_completion_tokens` accepted: above every
+/// deployment's output limit (the largest today is 128k), so a bigger value
+/// can only be a mistake or an attempt to overflow the token estimate; it is
+/// refused with a 400 rather than clamped, as Azure would refuse it.
+pub const MAX_COMPLETION_TOKENS_LIMIT: u64 = 1 << 20;
+/// Largest `n` (choices per call), as the OpenAI API documents it.
+pub const MAX_N: u64 = 128;
+
 /// A request body that breaks the API: the OpenAI error's message, `param`
 /// and `code`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,8 +47,11 @@ pub struct Fields {
     pub stream: bool,
     /// The caller asked for the usage chunk (`stream_options.include_usage`).
     pub caller_wants_usage: bool,
-    /// `max_completion_tokens`, else `max_tokens`.
+    /// `max_completion_tokens`, else `max_tokens`; at most
+    /// [`MAX_COMPLETION_TOKENS_LIMIT`].
     pub max_tokens: Option<u64>,
+    /// `n`, 1 when absent; at most [`MAX_N`].
+    pub n: u64,
     /// Characters of prompt text, for counting tokens ourselves if need be.
     pub prompt_chars: usize,
 }
@@ -55,7 +66,8 @@ pub fn read_fields(op: Operation, body: &Map<String, Value>) -> Result<Fields, I
         alias,
         stream,
         caller_wants_usage,
-        max_tokens: max_tokens(body),
+        max_tokens: max_tokens(body)?,
+        n: choices(body)?,
         prompt_chars: prompt.map_or(0, text_chars),
     })
 }
@@ -131,10 +143,33 @@ fn caller_wants_usage(body: &Map<String, Value>) -> Result<bool, Invalid> {
     }
 }
 
-fn max_tokens(body: &Map<String, Value>) -> Option<u64> {
-    body.get(MAX_COMPLETION_TOKENS)
-        .or_else(|| body.get(MAX_TOKENS))
-        .and_then(Value::as_u64)
+/// An optional integer field within `1..=max` (`null` is absent).
+fn bounded(
+    body: &Map<String, Value>,
+    field: &'static str,
+    max: u64,
+) -> Result<Option<u64>, Invalid> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => match v.as_u64() {
+            Some(n) if (1..=max).contains(&n) => Ok(Some(n)),
+            _ => Err(invalid(
+                format!("`{field}` must be an integer from 1 to {max}"),
+                field,
+                "invalid_value",
+            )),
+        },
+    }
+}
+
+fn max_tokens(body: &Map<String, Value>) -> Result<Option<u64>, Invalid> {
+    let completion = bounded(body, MAX_COMPLETION_TOKENS, MAX_COMPLETION_TOKENS_LIMIT)?;
+    let max = bounded(body, MAX_TOKENS, MAX_COMPLETION_TOKENS_LIMIT)?;
+    Ok(completion.or(max))
+}
+
+fn choices(body: &Map<String, Value>) -> Result<u64, Invalid> {
+    Ok(bounded(body, N, MAX_N)?.unwrap_or(1))
 }
 
 /// Azure sends token usage in streams only when asked: the gateway always
@@ -229,6 +264,39 @@ mod tests {
         )
         .unwrap();
         assert!(!f.stream, "embeddings never stream");
+    }
+
+    #[test]
+    fn max_tokens_and_n_are_bounded() {
+        let chat = |extra: Value| {
+            let mut b = obj(json!({"model": "m", "messages": [{"role": "user", "content": "x"}]}));
+            b.extend(obj(extra));
+            read_fields(Operation::ChatCompletions, &b)
+        };
+        for (field, v) in [
+            ("max_tokens", json!(9_223_372_036_854_775_808u64)),
+            ("max_tokens", json!(MAX_COMPLETION_TOKENS_LIMIT + 1)),
+            ("max_completion_tokens", json!(-1)),
+            ("max_tokens", json!(1.5)),
+            ("max_tokens", json!("100")),
+            ("max_tokens", json!(0)),
+            ("n", json!(MAX_N + 1)),
+            ("n", json!(0)),
+        ] {
+            let e = chat(json!({ field: v })).unwrap_err();
+            assert_eq!(
+                (e.param, e.code),
+                (Some(field), Some("invalid_value")),
+                "{field}: {v}"
+            );
+        }
+        let f = chat(json!({"max_tokens": MAX_COMPLETION_TOKENS_LIMIT, "n": MAX_N})).unwrap();
+        assert_eq!(
+            (f.max_tokens, f.n),
+            (Some(MAX_COMPLETION_TOKENS_LIMIT), MAX_N)
+        );
+        let f = chat(json!({"max_tokens": null, "max_completion_tokens": 7})).unwrap();
+        assert_eq!((f.max_tokens, f.n), (Some(7), 1));
     }
 
     #[test]
