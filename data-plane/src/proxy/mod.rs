@@ -332,10 +332,11 @@ fn json_response(body: Bytes) -> Response<ProxyBody> {
     r
 }
 
-/// The caller's `x-request-id` if it is reasonable, else a fresh one.
+/// The caller's `x-request-id` if it is short and plain (it is echoed and
+/// sent to Azure), else a fresh one.
 fn request_id(headers: &http::HeaderMap) -> HeaderValue {
     if let Some(v) = headers.get(&REQUEST_ID) {
-        if !v.is_empty() && v.len() <= 128 {
+        if trace::request_id_ok(v) {
             return v.clone();
         }
     }
