@@ -48,7 +48,7 @@ fn invalid(message: impl Into<String>, param: &'static str, code: &'static str) 
 /// Reads the body's top level: a JSON object of at most [`MAX_FIELDS`]
 /// fields, every value checked but kept as text.
 pub fn parse(body: &[u8]) -> Result<RawObject<'_>, Invalid> {
-    RawObject::parse_bounded(body, MAX_FIELDS).map_err(|e| Invalid {
+    let object = RawObject::parse_bounded(body, MAX_FIELDS).map_err(|e| Invalid {
         message: match e {
             raw::Invalid::Json { .. } if !body.trim_ascii_start().starts_with(b"{") => {
                 "the request body must be a JSON object".to_string()
@@ -62,7 +62,20 @@ pub fn parse(body: &[u8]) -> Result<RawObject<'_>, Invalid> {
         },
         param: None,
         code: Some("invalid_json"),
-    })
+    })?;
+    // The gateway and Azure must read the same value: a repeated field
+    // (first wins here, last in most JSON readers) could hide a large
+    // `max_tokens` from the limits.
+    let mut keys: Vec<&str> = object.fields().map(|(k, _)| k).collect();
+    keys.sort_unstable();
+    if let Some(w) = keys.windows(2).find(|w| w[0] == w[1]) {
+        return Err(Invalid {
+            message: format!("the request body repeats the field `{}`", w[0]),
+            param: None,
+            code: Some("invalid_json"),
+        });
+    }
+    Ok(object)
 }
 
 /// The fields of a request the gateway acts on.
@@ -344,6 +357,12 @@ mod tests {
             .message
             .contains("byte"));
         assert!(parse(b"[1]").is_err());
+        let e = parse(br#"{"model":"m","max_tokens":1,"max_tokens":900000}"#).unwrap_err();
+        assert!(
+            e.message.contains("repeats the field `max_tokens`"),
+            "{}",
+            e.message
+        );
         // Nested width costs nothing and is fine.
         let nested = format!(
             "{{\"model\":\"m\",\"messages\":[{{\"content\":\"hi\"}}],\"x\":{{{}\"y\":1}}}}",
