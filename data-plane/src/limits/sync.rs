@@ -148,7 +148,11 @@ impl Limiter {
                 *ring = Ring::new(kind);
             }
             for (i, &c) in wc.counts.iter().enumerate() {
-                ring.set(wc.first_bucket + i as u64, c);
+                // A peer's bucket numbers are not trusted to stay in range.
+                let Some(bucket) = wc.first_bucket.checked_add(i as u64) else {
+                    break;
+                };
+                ring.set(bucket, c);
             }
         }
         let mut seen: Vec<&str> = Vec::with_capacity(msg.in_flight.len());

@@ -24,12 +24,15 @@ impl Proxy {
         request: Request,
         call: &mut Call,
     ) -> Result<Response<ProxyBody>, Error> {
-        let key = crate::cache::key(&route.alias, &request.parsed);
-        let (stream, include_usage) = (request.fields.stream, request.fields.caller_wants_usage);
-        let mut fetch = Request {
-            body: crate::cache::json_body(&request.parsed),
-            ..request
+        let (key, body) = {
+            let object = request.object()?;
+            (
+                crate::cache::key(&route.alias, &object),
+                crate::cache::json_body(&object),
+            )
         };
+        let (stream, include_usage) = (request.fields.stream, request.fields.caller_wants_usage);
+        let mut fetch = Request { body, ..request };
         fetch.fields.stream = false;
         let entry = store
             .entry(key)
