@@ -571,7 +571,8 @@ mod tests {
             let capped = |v: u128| u64::try_from(v).unwrap_or(u64::MAX);
             let expect = |filter: &dyn Fn(u8) -> bool| {
                 let picked: Vec<_> = calls.iter().filter(|c| filter(c.0)).collect();
-                let sum = |f: &dyn Fn(&&(u8, u64, u64, u16)) -> u128| {
+                type Call = (u8, u64, u64, u16);
+                let sum = |f: &dyn Fn(&&Call) -> u128| {
                     capped(picked.iter().map(f).sum())
                 };
                 (
