@@ -159,6 +159,8 @@ impl DataPlane {
                 node_id: settings.node_id.clone(),
                 token: settings.token.clone(),
                 address: proxy_addr.to_string(),
+                tls: settings.control_plane_tls.clone(),
+                max_snapshot_bytes: settings.max_snapshot_bytes,
             },
             node,
             snapshot_file,

@@ -16,6 +16,7 @@ pub mod process;
 pub mod proto;
 pub mod snapshot;
 pub mod telemetry;
+pub mod tls;
 pub mod usage_bus;
 
 pub use error::Error;

@@ -15,6 +15,7 @@
 //!   RSA/EC keys) and token signing, for caller JWTs.
 //! - [`nats`]: a real `nats-server` with JetStream on a free port.
 //! - [`metrics`]: reading Prometheus text.
+//! - [`pki`]: a throwaway CA issuing server and client certificates.
 //! - [`usage`]: usage totals from the admin API, exact comparison.
 //! - [`otlp_receiver`]: a real OTLP/gRPC trace receiver collecting exported spans.
 //!
@@ -30,6 +31,7 @@ pub mod mock_entra;
 pub mod mock_oidc;
 pub mod nats;
 pub mod otlp_receiver;
+pub mod pki;
 pub mod process;
 pub mod rest;
 pub mod usage;
