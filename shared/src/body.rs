@@ -12,6 +12,8 @@ use std::time::Duration;
 /// so a slow or endless upload cannot hold the connection.
 pub const DRAIN_BYTES: usize = 64 * 1024 * 1024;
 pub const DRAIN_TIME: Duration = Duration::from_secs(10);
+/// Most of a declared body length reserved before any of it arrives.
+const PREALLOC: usize = 8 * 1024 * 1024;
 
 /// Reads the whole body if it fits in `max` bytes; otherwise drains a bounded
 /// amount more and returns [`Error::BodyTooLarge`].
@@ -20,10 +22,14 @@ where
     B: Body<Data = Bytes>,
     B::Error: std::fmt::Display,
 {
-    // A declared length sizes the buffer once: growing it by doubling
-    // would briefly hold up to three times the body.
-    let declared = usize::try_from(body.size_hint().lower()).unwrap_or(usize::MAX);
-    let mut buf = BytesMut::with_capacity(declared.min(max));
+    // A declared length sizes the buffer in at most two steps (growing by
+    // doubling would briefly hold up to three times the body): [`PREALLOC`]
+    // at first, the whole length once that much has come, so a length a
+    // client declares but never sends costs at most [`PREALLOC`].
+    let declared = usize::try_from(body.size_hint().lower())
+        .unwrap_or(usize::MAX)
+        .min(max);
+    let mut buf = BytesMut::with_capacity(declared.min(PREALLOC));
     let mut body = std::pin::pin!(body);
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| Error::BodyRead(e.to_string()))?;
@@ -33,6 +39,10 @@ where
         if buf.len() + data.len() > max {
             drain(body).await;
             return Err(Error::BodyTooLarge { limit: max });
+        }
+        if buf.capacity() - buf.len() < data.len() {
+            let want = declared.max(buf.len() + data.len());
+            buf.reserve(want - buf.len());
         }
         buf.extend_from_slice(&data);
     }

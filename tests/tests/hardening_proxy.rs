@@ -367,7 +367,8 @@ async fn row11_an_oversized_upload_sent_whole_gets_a_readable_413() -> Result<()
 
 /// Row 3: four concurrent 30 MB bodies used to be parsed into a JSON tree
 /// first (≈33× the bytes: 4.25 GB) and stall the admin API.
-#[tokio::test]
+// Several threads: the test's own uploads must not delay its /livez probes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn row3_four_30_mb_bodies_keep_peak_rss_under_600_mib() -> Result<()> {
     let gw = Gateway::start(json!({}), None).await?;
     gw.model("m", Behaviour::Normal, json!({})).await?;

@@ -24,13 +24,15 @@ impl Proxy {
         request: Request,
         call: &mut Call,
     ) -> Result<Response<ProxyBody>, Error> {
-        let (key, body) = {
-            let object = request.object()?;
-            (
-                crate::cache::key(&route.alias, &object),
-                crate::cache::json_body(&object),
-            )
-        };
+        let alias = route.alias.clone();
+        let (key, body) = request
+            .with_object(move |object, _| {
+                (
+                    crate::cache::key(&alias, object),
+                    crate::cache::json_body(object),
+                )
+            })
+            .await?;
         let (stream, include_usage) = (request.fields.stream, request.fields.caller_wants_usage);
         let mut fetch = Request { body, ..request };
         fetch.fields.stream = false;

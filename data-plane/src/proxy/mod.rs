@@ -115,7 +115,8 @@ static SERVED_BY: HeaderName = HeaderName::from_static("x-aigw-served-by");
 static CACHE_STATUS: HeaderName = HeaderName::from_static("x-aigw-cache");
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Prompts shorter than this (in characters) are tokenized on the reactor.
+/// Prompts shorter than this (in characters, and bodies in bytes) are
+/// tokenized on the reactor.
 const TOKENIZE_INLINE: usize = 16 * 1024;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -351,11 +352,11 @@ async fn estimate_tokens(
         return Ok(0);
     }
     let tokenizer = route.tokenizer;
-    if request.fields.prompt_chars < TOKENIZE_INLINE {
+    // Long prompts take milliseconds to tokenize: not on the reactor.
+    if request.fields.prompt_chars < TOKENIZE_INLINE && request.body.len() < TOKENIZE_INLINE {
         let body = request.object()?;
         return Ok(tokens::estimate(op, &body, &request.fields, tokenizer));
     }
-    // Long prompts take milliseconds to tokenize: not on the reactor.
     let request = request.clone();
     tokio::task::spawn_blocking(move || -> Result<u64, Error> {
         let body = request.object()?;

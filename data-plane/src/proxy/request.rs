@@ -31,6 +31,23 @@ impl Request {
     pub fn object(&self) -> Result<RawObject<'_>, Error> {
         Ok(wire::parse(&self.body)?)
     }
+
+    /// `f` of the body's top level: here for a small body, on the blocking
+    /// pool for a large one (reading it again and walking it takes as long
+    /// as checking it did).
+    pub async fn with_object<T, F>(&self, f: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(&RawObject<'_>, &Fields) -> T + Send + 'static,
+    {
+        if self.body.len() < CHECK_INLINE {
+            return Ok(f(&self.object()?, &self.fields));
+        }
+        let request = self.clone();
+        tokio::task::spawn_blocking(move || Ok(f(&request.object()?, &request.fields)))
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(format!("reading the request: {e}"))))?
+    }
 }
 
 impl From<Invalid> for Error {
@@ -135,5 +152,39 @@ where
             param: None,
             code: None,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(content_len: usize) -> Bytes {
+        Bytes::from(format!(
+            r#"{{"model":"m","temperature":0,"stream":true,"messages":[{{"role":"user","content":"{}"}}]}}"#,
+            "x".repeat(content_len)
+        ))
+    }
+
+    #[tokio::test]
+    async fn large_bodies_are_read_the_same_off_the_workers() {
+        for len in [10, CHECK_INLINE * 2] {
+            let r = check(Operation::ChatCompletions, chat(len)).unwrap();
+            assert!(r.fields.stream && r.fields.deterministic && r.fields.prompt_chars == len);
+            let inline = crate::cache::key("a", &r.object().unwrap());
+            let got = r
+                .with_object(|o, f| (crate::cache::key("a", o), f.prompt_chars))
+                .await
+                .unwrap();
+            assert_eq!(got, (inline, len));
+            // The stream rewrite asked for usage and kept the caller's fields.
+            let o = r.object().unwrap();
+            let opts = o.raw("stream_options").unwrap();
+            assert_eq!(
+                crate::openai::raw::lookup(opts, "include_usage"),
+                Some("true")
+            );
+            assert_eq!(o.raw("temperature"), Some("0"));
+        }
     }
 }
