@@ -569,18 +569,16 @@ mod tests {
             agg.ingest(b).unwrap();
 
             let capped = |v: u128| u64::try_from(v).unwrap_or(u64::MAX);
+            // Exact sums in u128 (requests, errors, prompt, completion), capped.
             let expect = |filter: &dyn Fn(u8) -> bool| {
-                let picked: Vec<_> = calls.iter().filter(|c| filter(c.0)).collect();
-                type Call = (u8, u64, u64, u16);
-                let sum = |f: &dyn Fn(&&Call) -> u128| {
-                    capped(picked.iter().map(f).sum())
-                };
-                (
-                    picked.len() as u64,
-                    sum(&|c| u128::from(u16::from(c.3 >= 400))),
-                    sum(&|c| u128::from(c.1)),
-                    sum(&|c| u128::from(c.2)),
-                )
+                let mut sums = [0u128; 4];
+                for &(_, p, c, status) in calls.iter().filter(|c| filter(c.0)) {
+                    sums[0] += 1;
+                    sums[1] += u128::from(status >= 400);
+                    sums[2] += u128::from(p);
+                    sums[3] += u128::from(c);
+                }
+                (capped(sums[0]), capped(sums[1]), capped(sums[2]), capped(sums[3]))
             };
             let got = |r: &UsageRow| (r.requests, r.errors, r.prompt_tokens, r.completion_tokens);
 

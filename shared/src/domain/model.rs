@@ -306,3 +306,106 @@ pub fn check_deployment_name(field: &str, name: &str) -> Result<(), Error> {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model() -> Model {
+        serde_json::from_value(serde_json::json!({
+            "display_name": "m", "model_name": "gpt-4o", "provider_key_id": "pk",
+        }))
+        .unwrap()
+    }
+
+    fn field_of(m: &Model) -> Option<String> {
+        match m.validate() {
+            Err(Error::Validation { field, .. }) => Some(field),
+            Err(e) => panic!("{e}"),
+            Ok(()) => None,
+        }
+    }
+
+    #[test]
+    fn every_bound_is_inclusive_and_one_past_it_is_named() {
+        let d = |d: Duration| Some(HumanDuration(d));
+        let one = Duration::from_millis(1);
+        type Set = fn(&mut Model, bool);
+        let cases: [(&str, Set); 9] = [
+            ("routing.timeout", |m, past| {
+                m.routing.get_or_insert_default().timeout = Some(HumanDuration(
+                    MAX_CALL_TIMEOUT + Duration::from_millis(past.into()),
+                ))
+            }),
+            ("routing.stream_idle_timeout", |m, past| {
+                m.routing.get_or_insert_default().stream_idle_timeout = Some(HumanDuration(
+                    MAX_STREAM_IDLE_TIMEOUT + Duration::from_millis(past.into()),
+                ))
+            }),
+            ("routing.retry_backoff", |m, past| {
+                m.routing.get_or_insert_default().retry_backoff = Some(HumanDuration(
+                    MAX_RETRY_BACKOFF + Duration::from_millis(past.into()),
+                ))
+            }),
+            ("routing.cooldown", |m, past| {
+                m.routing.get_or_insert_default().cooldown = Some(HumanDuration(
+                    MAX_COOLDOWN + Duration::from_millis(past.into()),
+                ))
+            }),
+            ("routing.retries", |m, past| {
+                m.routing.get_or_insert_default().retries = Some(MAX_RETRIES + u32::from(past))
+            }),
+            ("cache.ttl_seconds", |m, past| {
+                m.cache.get_or_insert_default().ttl_seconds =
+                    Some(MAX_CACHE_TTL_SECONDS + u64::from(past))
+            }),
+            ("cache.max_entries", |m, past| {
+                m.cache.get_or_insert_default().max_entries =
+                    Some(MAX_CACHE_ENTRIES + u64::from(past))
+            }),
+            ("rate_limit.tpm", |m, past| {
+                m.rate_limit.get_or_insert_default().tpm = Some(MAX_RATE_LIMIT + u64::from(past))
+            }),
+            ("model_name", |m, past| {
+                m.model_name = Some("d".repeat(MAX_DEPLOYMENT_NAME + usize::from(past)))
+            }),
+        ];
+        for (field, set) in cases {
+            let mut at = model();
+            set(&mut at, false);
+            assert_eq!(field_of(&at), None, "{field} at its bound");
+            let mut past = model();
+            set(&mut past, true);
+            assert_eq!(
+                field_of(&past).as_deref(),
+                Some(field),
+                "{field} past its bound"
+            );
+        }
+        // Zero durations where a zero would stop every call.
+        let mut m = model();
+        m.routing = Some(Routing {
+            timeout: d(Duration::ZERO),
+            ..Default::default()
+        });
+        assert_eq!(field_of(&m).as_deref(), Some("routing.timeout"));
+        m.routing = Some(Routing {
+            timeout: d(one),
+            retry_backoff: d(Duration::ZERO),
+            ..Default::default()
+        });
+        assert_eq!(field_of(&m), None);
+    }
+
+    #[test]
+    fn deployment_names_are_what_azure_allows() {
+        for ok in ["gpt-4o", "gpt4o_prod.v2", "A", "..a", "a.."] {
+            assert!(check_deployment_name("model_name", ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "", "gpt 4o", ".", "..", "a/b", "a?b", "a#b", "a%2F", "é", "a\u{1}",
+        ] {
+            assert!(check_deployment_name("model_name", bad).is_err(), "{bad:?}");
+        }
+    }
+}
