@@ -180,12 +180,13 @@ impl Gate {
     /// connection has a request in flight (or is closing already).
     fn evict_idle(&self) -> bool {
         let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        // Idle longest first; at equal times, the older connection.
         let victim = conns
-            .values()
-            .filter(|c| c.in_flight.load(Relaxed) == 0 && !c.evicting.load(Relaxed))
-            .min_by_key(|c| c.idle_since_ms.load(Relaxed));
+            .iter()
+            .filter(|(_, c)| c.in_flight.load(Relaxed) == 0 && !c.evicting.load(Relaxed))
+            .min_by_key(|(id, c)| (c.idle_since_ms.load(Relaxed), **id));
         match victim {
-            Some(c) => {
+            Some((_, c)) => {
                 c.evicting.store(true, Relaxed);
                 // notify_one keeps the wake-up if the task is not waiting yet.
                 c.evict.notify_one();
@@ -660,5 +661,162 @@ impl<B: Body> Body for TrackedBody<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::HumanDuration;
+    use http_body_util::{BodyExt, Empty, Full};
+    use hyper_util::rt::TokioExecutor;
+    use std::convert::Infallible;
+    use std::net::SocketAddr;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn small() -> ConnectionsConfig {
+        ConnectionsConfig {
+            max_per_listener: 4,
+            header_read_timeout: HumanDuration(Duration::from_secs(5)),
+            idle_timeout: HumanDuration(Duration::from_secs(5)),
+            http2_max_concurrent_streams: 1,
+            max_header_bytes: 8192,
+        }
+    }
+
+    /// Serves `small()` with a handler that holds each request until a
+    /// second one is in at the same time (or 500 ms pass), recording the
+    /// most seen at once.
+    async fn start() -> (SocketAddr, Arc<Gate>, Arc<AtomicUsize>, watch::Sender<bool>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let gate = Gate::new("test", &small());
+        let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let arrived = Arc::new(Notify::new());
+        let (m, n) = (most.clone(), now.clone());
+        let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
+            let (now, most, arrived) = (n.clone(), m.clone(), arrived.clone());
+            async move {
+                let at_once = now.fetch_add(1, Relaxed) + 1;
+                most.fetch_max(at_once, Relaxed);
+                arrived.notify_waiters();
+                if at_once < 2 {
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(500), arrived.notified()).await;
+                }
+                now.fetch_sub(1, Relaxed);
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+            }
+        });
+        let (stop, stopped) = watch::channel(false);
+        tokio::spawn(serve(
+            listener,
+            gate.clone(),
+            small(),
+            Protocol::default(),
+            svc,
+            stopped,
+            Duration::from_secs(1),
+        ));
+        (addr, gate, most, stop)
+    }
+
+    #[tokio::test]
+    async fn http2_streams_per_connection_are_capped() {
+        let (addr, _gate, most, _stop) = start().await;
+        let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+        let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let calls = (0..3).map(|_| {
+            let mut send = send.clone();
+            async move {
+                let req = Request::get("http://x/")
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                match send.send_request(req).await {
+                    Ok(r) => r.status().as_u16(),
+                    Err(_) => 0,
+                }
+            }
+        });
+        let statuses = futures::future::join_all(calls).await;
+        assert!(statuses.contains(&200), "{statuses:?}");
+        assert_eq!(
+            most.load(Relaxed),
+            1,
+            "streams served at once on one connection"
+        );
+    }
+
+    #[tokio::test]
+    async fn oversized_request_heads_are_refused_on_http1_and_http2() {
+        let (addr, _gate, _most, _stop) = start().await;
+        let big = "a".repeat(16 * 1024);
+        // HTTP/1.1: hyper answers 431 once the head outgrows the buffer.
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut head = vec![0u8; 64];
+        let n = s.read(&mut head).await.unwrap();
+        let head = String::from_utf8_lossy(&head[..n]);
+        assert!(head.starts_with("HTTP/1.1 431"), "{head}");
+        // HTTP/2: the header list is over SETTINGS_MAX_HEADER_LIST_SIZE.
+        let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+        let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get("http://x/")
+            .header("x-big", big)
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        // Or refused outright (stream reset) before any handler ran.
+        if let Ok(r) = send.send_request(req).await {
+            assert_eq!(r.status(), 431);
+        }
+        // Small heads still go through on both.
+        let req = Request::get("http://x/")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let r = send.send_request(req).await.unwrap();
+        assert_eq!(r.into_body().collect().await.unwrap().to_bytes(), "ok");
+    }
+
+    #[tokio::test]
+    async fn at_the_cap_the_longest_idle_connection_makes_room() {
+        let (addr, gate, _most, _stop) = start().await;
+        let mut idle = Vec::new();
+        for _ in 0..small().max_per_listener {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // The fifth connection gets served; the first (longest idle) is closed.
+        let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+        let (mut send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        let req = Request::get("http://x/")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        // Well before the 5 s header timeout could have closed it.
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(2), idle[0].read(&mut buf))
+            .await
+            .expect("the longest-idle connection is still open")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "the longest-idle connection was closed");
+        assert_eq!(gate.limit_reached(), 1);
+        assert!(gate.open() <= small().max_per_listener);
+        let text = render_metrics(&[&gate]);
+        assert!(
+            text.contains("aigw_listener_evicted_total{listener=\"test\"} 1"),
+            "{text}"
+        );
     }
 }
