@@ -673,6 +673,7 @@ mod tests {
     use std::convert::Infallible;
     use std::net::SocketAddr;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
 
     fn small() -> ConnectionsConfig {
         ConnectionsConfig {
