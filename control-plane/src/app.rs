@@ -92,13 +92,18 @@ impl ControlPlane {
             keys.clone(),
             cp.max_body_bytes,
             gates.clone(),
+            cp.metrics_auth.clone(),
         );
         tasks.spawn(
             listener::serve(
                 rest_listener,
                 gates.admin.clone(),
                 cp.connections,
-                Protocol::default(),
+                // The peer's address decides who may read /metrics without a token.
+                Protocol {
+                    tonic_connect_info: true,
+                    ..Protocol::default()
+                },
                 hyper_util::service::TowerToHyperService::new(router),
                 stopped.clone(),
                 ADMIN_DRAIN,

@@ -3,8 +3,8 @@
 //! the `aigw` binary, whose file adds the data plane's sections.
 
 use aigw_shared::config::{
-    AdminConfig, ControlPlaneConfig, NatsConfig, NodesConfig, ProcessConfig, Retired,
-    SecretsConfig, TelemetryConfig,
+    refuse_well_known, AdminConfig, ControlPlaneConfig, NatsConfig, NodesConfig, ProcessConfig,
+    Retired, SecretsConfig, TelemetryConfig,
 };
 use aigw_shared::Error;
 use serde::Deserialize;
@@ -48,7 +48,61 @@ impl ProcessConfig for Config {
         self.secrets.validate()?;
         self.control_plane.validate()?;
         self.nodes.validate(!self.embedded_node)?;
+        let cp = &self.control_plane;
+        for key in &self.admin.keys {
+            refuse_well_known("admin.keys", key, cp.admin_listen)?;
+            refuse_well_known("admin.keys", key, cp.grpc_listen)?;
+        }
+        if let Some(token) = &self.nodes.token {
+            refuse_well_known("nodes.token", token, cp.grpc_listen)?;
+        }
         self.nats.validate()?;
         self.telemetry.validate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(admin_listen: &str, key: &str, token: &str) -> Config {
+        let mut cfg = Config::default();
+        cfg.admin.keys = vec![key.into()];
+        cfg.nodes.token = Some(token.into());
+        cfg.control_plane.admin_listen = admin_listen.parse().unwrap();
+        cfg.control_plane.grpc_tls.insecure = true;
+        cfg
+    }
+
+    #[test]
+    fn published_defaults_are_refused_beyond_loopback() {
+        let err = config("0.0.0.0:3001", "admin-local-only-change-me", "t0k3n-x")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("admin.keys") && err.contains("published default"),
+            "{err}"
+        );
+        // On loopback they stay usable for a local try-out.
+        config("127.0.0.1:3001", "admin-local-only-change-me", "t0k3n-x")
+            .validate()
+            .unwrap();
+        // Own secrets are fine anywhere.
+        config("0.0.0.0:3001", "0f9a8e7d6c5b4a39", "t0k3n-x")
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
+    fn a_published_node_token_is_refused_on_a_public_grpc_listener() {
+        let mut cfg = config(
+            "127.0.0.1:3001",
+            "own-key-123",
+            "compose-node-token-change-me",
+        );
+        cfg.control_plane.grpc_listen = ([0, 0, 0, 0], 50051).into();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("nodes.token"), "{err}");
     }
 }

@@ -1,5 +1,5 @@
 //! Counters the control plane exposes on its admin port's `/metrics`
-//! (Prometheus text, unauthenticated like `/livez`). None of these is on a
+//! (Prometheus text, behind `control_plane.metrics_auth`). None of these is on a
 //! hot path: labelled series sit behind a mutex.
 
 use crate::nodes::NodeRegistry;
@@ -22,6 +22,7 @@ pub struct CpMetrics {
     /// Model alias → cost of counted usage, in nano-USD.
     cost_nanos: Mutex<BTreeMap<String, u64>>,
     snapshot_pushes: AtomicU64,
+    snapshot_bytes: AtomicU64,
     usage_counted: AtomicU64,
     usage_duplicates: AtomicU64,
     usage_too_old: AtomicU64,
@@ -47,6 +48,12 @@ impl CpMetrics {
             .unwrap_or_else(|p| p.into_inner())
             .entry((resource.to_string(), op))
             .or_default() += 1;
+    }
+
+    /// The newest config snapshot was encoded into `bytes`.
+    pub fn snapshot_bytes(&self, bytes: usize) {
+        self.snapshot_bytes
+            .store(u64::try_from(bytes).unwrap_or(u64::MAX), Relaxed);
     }
 
     /// A config snapshot was sent to a data-plane node.
@@ -159,6 +166,13 @@ impl CpMetrics {
         );
         let _ = writeln!(s, "# TYPE aigw_cp_nodes_connected gauge");
         let _ = writeln!(s, "aigw_cp_nodes_connected {connected}");
+        let _ = writeln!(s, "# HELP aigw_cp_snapshot_bytes Size of the newest config snapshot (the config stream's message body).");
+        let _ = writeln!(s, "# TYPE aigw_cp_snapshot_bytes gauge");
+        let _ = writeln!(
+            s,
+            "aigw_cp_snapshot_bytes {}",
+            self.snapshot_bytes.load(Relaxed)
+        );
         let _ = writeln!(s, "# HELP aigw_cp_snapshot_version Config version (event sequence) of the control plane's state.");
         let _ = writeln!(s, "# TYPE aigw_cp_snapshot_version gauge");
         let _ = writeln!(s, "aigw_cp_snapshot_version {state_version}");

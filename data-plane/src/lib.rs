@@ -179,6 +179,7 @@ impl DataPlane {
             health_listener,
             gates,
             settings.connections,
+            settings.metrics_auth.clone(),
             config.clone(),
             services,
             stopped,

@@ -6,7 +6,7 @@
 use crate::config::ConfigHandle;
 use crate::node::Services;
 use crate::proxy::{full, Proxy};
-use aigw_shared::config::ConnectionsConfig;
+use aigw_shared::config::{ConnectionsConfig, MetricsAuth};
 use aigw_shared::listener::{self, Gate, Protocol};
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
@@ -102,15 +102,32 @@ pub async fn serve_health(
     listener: TcpListener,
     gates: Gates,
     connections: ConnectionsConfig,
+    metrics_auth: MetricsAuth,
     config: Arc<ConfigHandle>,
     services: Arc<Services>,
     stop: watch::Receiver<bool>,
 ) {
     let gate = gates.metrics.clone();
+    let metrics_auth = Arc::new(metrics_auth);
     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let (config, services, gates) = (config.clone(), services.clone(), gates.clone());
+        let metrics_auth = metrics_auth.clone();
         async move {
+            let peer = req
+                .extensions()
+                .get::<tonic::transport::server::TcpConnectInfo>()
+                .and_then(|i| i.remote_addr)
+                .map(|a| a.ip());
+            let authorization = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok());
             let (status, ctype, body) = match req.uri().path() {
+                "/metrics" if !metrics_auth.allows(peer, authorization) => (
+                    StatusCode::UNAUTHORIZED,
+                    "application/json",
+                    r#"{"error":"/metrics needs data_plane.metrics_auth.token as a bearer token (or a scrape from this machine)"}"#.to_string(),
+                ),
                 "/livez" => (
                     StatusCode::OK,
                     "application/json",
@@ -143,7 +160,11 @@ pub async fn serve_health(
         listener,
         gate,
         connections,
-        Protocol::default(),
+        // The peer's address decides who may read /metrics without a token.
+        Protocol {
+            tonic_connect_info: true,
+            ..Protocol::default()
+        },
         svc,
         stop,
         Duration::from_secs(1),

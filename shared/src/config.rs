@@ -49,6 +49,8 @@ pub struct ControlPlaneConfig {
     /// TLS on the gRPC listener (admin API and the config stream, which
     /// carries provider secrets).
     pub grpc_tls: GrpcServerTls,
+    /// Who may read the admin port's `/metrics` (admin keys always may).
+    pub metrics_auth: MetricsAuth,
 }
 
 /// The control plane's gRPC TLS. Without a certificate the listener speaks
@@ -83,6 +85,74 @@ pub struct GrpcClientTls {
     pub insecure: bool,
 }
 
+/// Who may read `/metrics` (it names aliases, key ids and cost). With a
+/// token, every scrape presents it (`Authorization: Bearer …`; Prometheus:
+/// `authorization: {credentials: …}`); without one, only this machine may
+/// scrape unless `public` says the network is trusted.
+#[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsAuth {
+    pub token: Option<String>,
+    pub public: bool,
+}
+
+impl std::fmt::Debug for MetricsAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsAuth")
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .field("public", &self.public)
+            .finish()
+    }
+}
+
+impl MetricsAuth {
+    /// Whether a scrape from `peer` with this `Authorization` header may read.
+    pub fn allows(&self, peer: Option<std::net::IpAddr>, authorization: Option<&str>) -> bool {
+        use sha2::{Digest, Sha256};
+        match &self.token {
+            // Compared as digests, so the time taken says nothing of the token.
+            Some(token) => authorization
+                .and_then(|h| h.strip_prefix("Bearer "))
+                .is_some_and(|t| Sha256::digest(t.trim()) == Sha256::digest(token.as_str())),
+            None => self.public || peer.is_some_and(|p| p.is_loopback()),
+        }
+    }
+
+    fn validate(&self, key: &str) -> Result<(), Error> {
+        if self.token.as_deref().is_some_and(|t| t.trim().len() < 16) {
+            return Err(invalid(key, "a metrics token has at least 16 characters"));
+        }
+        Ok(())
+    }
+}
+
+/// Secrets that appear in shipped files and docs (local-only defaults and
+/// placeholders): refused on any listener beyond loopback, where anyone who
+/// read the repository could use them.
+pub const WELL_KNOWN_SECRETS: &[&str] = &[
+    "admin-local-only-change-me",
+    "compose-node-token-change-me",
+    "change-me",
+    "unused-on-data-planes",
+    "REPLACE-ME-admin-key",
+    "REPLACE-ME-node-token",
+];
+
+/// Refuses a well-known secret at `key` when `listen` is reachable from
+/// other machines.
+pub fn refuse_well_known(key: &str, secret: &str, listen: SocketAddr) -> Result<(), Error> {
+    if !listen.ip().is_loopback() && WELL_KNOWN_SECRETS.contains(&secret.trim()) {
+        return Err(invalid(
+            key,
+            &format!(
+                "{secret:?} is a published default; set your own (e.g. `openssl rand -hex 32`) \
+                 before listening on {listen}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Whether `host` (a URL host or a listen address) stays on this machine.
 pub fn is_loopback_host(host: &str) -> bool {
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -102,6 +172,7 @@ impl Default for ControlPlaneConfig {
             max_body_bytes: 1024 * 1024,
             connections: ConnectionsConfig::default(),
             grpc_tls: GrpcServerTls::default(),
+            metrics_auth: MetricsAuth::default(),
         }
     }
 }
@@ -125,6 +196,9 @@ pub struct DataPlaneConfig {
     pub control_plane_tls: GrpcClientTls,
     /// Largest config snapshot this node accepts from the stream.
     pub max_snapshot_bytes: usize,
+    /// Who may read `/metrics` on `metrics_listen` (`/livez` and `/readyz`
+    /// stay open for probes).
+    pub metrics_auth: MetricsAuth,
 }
 
 /// Default [`DataPlaneConfig::max_snapshot_bytes`]: far above a large
@@ -146,6 +220,7 @@ impl Default for DataPlaneConfig {
             connections: ConnectionsConfig::default(),
             control_plane_tls: GrpcClientTls::default(),
             max_snapshot_bytes: DEFAULT_MAX_SNAPSHOT_BYTES,
+            metrics_auth: MetricsAuth::default(),
         }
     }
 }
@@ -522,6 +597,8 @@ impl ControlPlaneConfig {
             ));
         }
         self.grpc_tls.validate(self.grpc_listen)?;
+        self.metrics_auth
+            .validate("control_plane.metrics_auth.token")?;
         self.connections.validate("control_plane")
     }
 }
@@ -570,6 +647,8 @@ impl DataPlaneConfig {
                 "must be at least 65536",
             ));
         }
+        self.metrics_auth
+            .validate("data_plane.metrics_auth.token")?;
         let tls = &self.control_plane_tls;
         if tls.cert_file.is_some() != tls.key_file.is_some() {
             return Err(invalid(
@@ -770,6 +849,29 @@ mod tests {
             env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
             T::RETIRED,
         )
+    }
+
+    #[test]
+    fn metrics_need_the_token_or_a_local_peer() {
+        let local = Some(std::net::IpAddr::from([127, 0, 0, 1]));
+        let remote = Some(std::net::IpAddr::from([10, 1, 2, 3]));
+        let default = MetricsAuth::default();
+        assert!(default.allows(local, None));
+        assert!(!default.allows(remote, None));
+        assert!(!default.allows(None, None));
+        let public = MetricsAuth {
+            token: None,
+            public: true,
+        };
+        assert!(public.allows(remote, None));
+        let token = MetricsAuth {
+            token: Some("scrape-0123456789abcdef".into()),
+            public: false,
+        };
+        assert!(token.allows(remote, Some("Bearer scrape-0123456789abcdef")));
+        assert!(!token.allows(local, None));
+        assert!(!token.allows(remote, Some("Bearer wrong")));
+        assert!(!token.allows(remote, Some("scrape-0123456789abcdef")));
     }
 
     #[test]

@@ -207,3 +207,88 @@ async fn tls_and_node_certificates_guard_the_config_stream() -> Result<()> {
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
+
+/// A configuration of over 20 MiB (200 models, 1,800 api keys each allowed
+/// every model) reaches three nodes: tonic's default 4 MiB message limit
+/// would have kept it from every node for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_twenty_mib_configuration_reaches_three_nodes() -> Result<()> {
+    use aigw_tests::fixtures::{api_key, model_on};
+    use aigw_tests::metrics::scrape_value;
+    use futures::StreamExt;
+
+    let cp = ControlPlane::start().await?;
+    let admin = cp.rest();
+    let pk = admin
+        .create_id(
+            "provider_keys",
+            &provider_key_at("azure-prod", "k", "https://example.openai.azure.com"),
+        )
+        .await?;
+    let aliases: Vec<String> = (0..200)
+        .map(|i| format!("team-{i:03}-gpt-4o-with-a-long-descriptive-alias-name-for-routing"))
+        .collect();
+    futures::stream::iter(aliases.iter())
+        .map(|a| {
+            let (admin, pk) = (admin.clone(), pk.clone());
+            async move {
+                admin
+                    .create("models", &model_on(a, "gpt4o-prod", &pk))
+                    .await
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    let allowed: Vec<&str> = aliases.iter().map(String::as_str).collect();
+    futures::stream::iter(0..1800)
+        .map(|i| {
+            let (admin, body) = (admin.clone(), api_key(&format!("sk-bulk-{i}"), &allowed));
+            async move { admin.create("apikeys", &body).await }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    let version = control_plane_version(&admin).await?;
+    let metrics = format!("{}/metrics", cp.admin_url());
+    let bytes = poll_until(
+        "the snapshot of the last write",
+        600,
+        Duration::from_millis(100),
+        || async {
+            let b = scrape_value(&metrics, "aigw_cp_snapshot_bytes").await?;
+            Ok((b >= 20.0 * 1024.0 * 1024.0).then_some(b))
+        },
+    )
+    .await?;
+
+    let started = std::time::Instant::now();
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        nodes.push(
+            DataPlane::start(DataPlaneOptions::for_control_plane(
+                &cp,
+                &format!("node-{i}"),
+            ))
+            .await?,
+        );
+    }
+    for dp in &nodes {
+        dp.wait_version(version).await?;
+    }
+    let took = started.elapsed();
+    eprintln!(
+        "a {:.1} MiB configuration (v{version}) reached 3 nodes {} ms after they started",
+        bytes / 1024.0 / 1024.0,
+        took.as_millis()
+    );
+    // The nodes serve it: the last key may call the last alias.
+    let resp = nodes[2].client(Some("sk-bulk-1799")).models().await?;
+    ensure!(resp.status == 200, "{}", resp.text);
+    ensure!(resp.text.contains(&aliases[199]), "last alias missing");
+    Ok(())
+}

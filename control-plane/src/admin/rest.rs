@@ -21,6 +21,7 @@ struct Ctx {
     keys: AdminKeys,
     max_body: usize,
     listeners: crate::metrics::Listeners,
+    metrics_auth: std::sync::Arc<aigw_shared::config::MetricsAuth>,
 }
 
 /// Who made the request, for the event's `actor`.
@@ -36,12 +37,14 @@ pub fn router(
     keys: AdminKeys,
     max_body: usize,
     listeners: crate::metrics::Listeners,
+    metrics_auth: aigw_shared::config::MetricsAuth,
 ) -> Router {
     let ctx = Ctx {
         admin,
         keys,
         max_body,
         listeners,
+        metrics_auth: std::sync::Arc::new(metrics_auth),
     };
     let api = Router::new()
         .route("/admin/v1/events", get(list_events))
@@ -76,8 +79,28 @@ pub fn router(
         .with_state(ctx)
 }
 
-/// Prometheus text, open like `/livez`.
-async fn metrics(State(ctx): State<Ctx>) -> Response {
+/// Prometheus text, for an admin key, the metrics token, or (without a
+/// token) a scrape from this machine; see `control_plane.metrics_auth`.
+async fn metrics(State(ctx): State<Ctx>, req: Request) -> Response {
+    let peer = req
+        .extensions()
+        .get::<tonic::transport::server::TcpConnectInfo>()
+        .and_then(|i| i.remote_addr)
+        .map(|a| a.ip());
+    let h = req.headers();
+    let authorization = h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let admin = AdminKeys::from_headers(
+        authorization,
+        h.get("x-api-key").and_then(|v| v.to_str().ok()),
+    )
+    .and_then(|k| ctx.keys.check(k))
+    .is_some();
+    if !admin && !ctx.metrics_auth.allows(peer, authorization) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "/metrics needs an admin key or control_plane.metrics_auth.token as a bearer token",
+        );
+    }
     let version = ctx.admin.engine().read().version;
     let l = &ctx.listeners;
     let text = crate::metrics::METRICS.render(ctx.admin.nodes(), version)

@@ -85,6 +85,7 @@ fn encode(
     };
     tracing::Span::current().record("version", snapshot.version);
     let body = serde_json::to_vec(&snapshot).map_err(|e| Error::Storage(e.to_string()))?;
+    crate::metrics::METRICS.snapshot_bytes(body.len());
     Ok(pb::Snapshot {
         version: snapshot.version,
         body,
