@@ -61,6 +61,11 @@ impl ControlPlane {
         let usage = crate::usage::Aggregator::open(&cp.data_dir, engine.clone())?;
         let admin = Admin::new(engine.clone(), nodes, usage.clone());
         let keys = AdminKeys::new(&config.admin.keys);
+        // Before any listener answers: /readyz means the data dir is complete.
+        let node_token = match &config.nodes.token {
+            Some(t) => t.clone(),
+            None => crate::secrets::load_or_generate_token(&cp.data_dir)?,
+        };
 
         let bind = |addr: SocketAddr, what: &'static str| async move {
             TcpListener::bind(addr).await.map_err(|e| {
@@ -120,10 +125,6 @@ impl ControlPlane {
             .build_v1alpha()
             .map_err(|e| Error::Storage(format!("reflection: {e}")))?;
         let background = tokio_util::task::TaskTracker::new();
-        let node_token = match &config.nodes.token {
-            Some(t) => t.clone(),
-            None => crate::secrets::load_or_generate_token(&cp.data_dir)?,
-        };
         let cache = SnapshotCache::spawn(
             engine.clone(),
             usage.exceeded(),
