@@ -284,3 +284,61 @@ async fn path_like_deployment_names_are_refused() -> Result<()> {
     );
     Ok(())
 }
+
+/// Row 10: an upstream reporting `u64::MAX` tokens on two calls leaves the
+/// usage aggregates and the cost pinned at the top, not wrapped to a small
+/// number (which would also reopen a spent budget).
+#[tokio::test]
+async fn absurd_upstream_token_counts_saturate_the_aggregates() -> Result<()> {
+    let gw = gateway().await?;
+    let mut priced = gw.model("priced", "huge-usage");
+    priced["cost"] = json!({"input_per_1k": 0.01, "output_per_1k": 0.03});
+    gw.admin.create_id("models", &priced).await?;
+    gw.mock.add_deployment("huge-usage", "gpt-4o-2024-08-06");
+    let max = u64::MAX;
+    gw.mock.set_behaviour(
+        "huge-usage",
+        aigw_tests::mock_azure::Behaviour::Fail {
+            status: 200,
+            body: json!({
+                "id": "chatcmpl-1", "object": "chat.completion", "created": 1,
+                "model": "gpt-4o-2024-08-06",
+                "choices": [{"index": 0, "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": "hi"}}],
+                "usage": {"prompt_tokens": max, "completion_tokens": max, "total_tokens": max},
+            })
+            .to_string(),
+        },
+    );
+    wait_standalone_synced(&gw.cp).await?;
+    for _ in 0..2 {
+        gw.proxy
+            .chat(&chat_body("priced", "hello"))
+            .await?
+            .expect(200)?;
+    }
+    let row = aigw_tests::process::poll_until(
+        "both calls in the usage aggregates",
+        100,
+        std::time::Duration::from_millis(100),
+        || async {
+            let v = gw
+                .admin
+                .get("/admin/v1/usage?group_by=model")
+                .await?
+                .expect(200)?;
+            let row = v["rows"]
+                .as_array()
+                .and_then(|rows| rows.iter().find(|r| r["group"]["model"] == "priced"))
+                .cloned();
+            Ok(row.filter(|r| r["requests"] == 2))
+        },
+    )
+    .await?;
+    assert_eq!(row["prompt_tokens"].as_u64(), Some(max), "{row}");
+    assert_eq!(row["completion_tokens"].as_u64(), Some(max), "{row}");
+    assert_eq!(row["total_tokens"].as_u64(), Some(max), "{row}");
+    let cost = row["cost_usd"].as_f64().context("cost_usd")?;
+    assert!(cost >= max as f64 / 1e9 * 0.999, "cost wrapped: {row}");
+    Ok(())
+}

@@ -323,7 +323,14 @@ pub fn resolve_api_base(api_base: &str) -> Result<String, Error> {
         ));
     }
     let url = check_origin(text, field, &["http", "https"])?;
-    Ok(url.as_str().trim_end_matches('/').to_string())
+    let base = url.as_str().trim_end_matches('/').to_string();
+    // The URL parser accepts hosts and paths (a backtick, say) that the HTTP
+    // client's URI type refuses: check with the type the data plane builds,
+    // or every node would refuse the snapshot instead of this write.
+    format!("{base}/openai/deployments/d/chat/completions?api-version=v")
+        .parse::<http::Uri>()
+        .map_err(|e| Error::validation(field, format!("is not usable in a request URL: {e}")))?;
+    Ok(base)
 }
 
 fn check_origin(text: &str, field: &str, schemes: &[&str]) -> Result<url::Url, Error> {
@@ -383,6 +390,9 @@ mod tests {
             "https://x.openai.azure.com/#frag",
             "https://user:pw@x.openai.azure.com",
             "ftp://x.openai.azure.com",
+            // Found by fuzzing (admin_json): accepted by the URL parser,
+            // refused by `http::Uri`, so no node could compile it.
+            "http://`126.0.01.,:8080/prefi`",
             "not a host",
             "",
         ] {
