@@ -403,18 +403,19 @@ pub async fn serve<S, B>(
             }
         };
         let _ = stream.set_nodelay(true);
-        let local = stream.local_addr().ok();
+        let connect_info =
+            protocol
+                .tonic_connect_info
+                .then(|| tonic::transport::server::TcpConnectInfo {
+                    local_addr: stream.local_addr().ok(),
+                    remote_addr: Some(peer),
+                });
         let (id, conn) = gate.register();
         let svc = Tracked {
             inner: service.clone(),
             conn: conn.clone(),
             gate: gate.clone(),
-            connect_info: protocol.tonic_connect_info.then_some(
-                tonic::transport::server::TcpConnectInfo {
-                    local_addr: local,
-                    remote_addr: Some(peer),
-                },
-            ),
+            connect_info,
         };
         let connection = builder
             .serve_connection(TokioIo::new(stream), svc)
