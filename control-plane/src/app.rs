@@ -70,6 +70,10 @@ impl ControlPlane {
                 ))
             })
         };
+        let grpc_tls = aigw_shared::tls::grpc_server_config(&cp.grpc_tls)?;
+        if grpc_tls.is_none() && !cp.grpc_listen.ip().is_loopback() {
+            warn!(grpc_listen = %cp.grpc_listen, "control_plane.grpc_tls.insecure: the config stream, which carries provider secrets, is served without TLS");
+        }
         let rest_listener = bind(cp.admin_listen, "control_plane.admin_listen").await?;
         let grpc_listener = bind(cp.grpc_listen, "control_plane.grpc_listen").await?;
         let admin_addr = rest_listener.local_addr()?;
@@ -160,9 +164,9 @@ impl ControlPlane {
             });
         }
         let in_process_bus = match &config.nats.url {
-            Some(url) => {
+            Some(_) => {
                 background.spawn(crate::usage::run_nats_consumer(
-                    url.clone(),
+                    config.nats.clone(),
                     usage.clone(),
                     stopped.clone(),
                 ));
@@ -181,6 +185,7 @@ impl ControlPlane {
             cache,
             admin.nodes().clone(),
             &node_token,
+            cp.grpc_tls.client_ca_file.is_some(),
             background.clone(),
             stopped.clone(),
         );
@@ -200,6 +205,7 @@ impl ControlPlane {
                 Protocol {
                     http2_only: true,
                     tonic_connect_info: true,
+                    tls: grpc_tls,
                 },
                 hyper_util::service::TowerToHyperService::new(grpc),
                 stopped.clone(),

@@ -48,6 +48,7 @@ impl ProcessConfig for Config {
         self.secrets.validate()?;
         self.control_plane.validate()?;
         self.nodes.validate(!self.embedded_node)?;
+        self.nats.validate()?;
         self.telemetry.validate()
     }
 }

@@ -25,6 +25,8 @@ pub struct CpMetrics {
     usage_counted: AtomicU64,
     usage_duplicates: AtomicU64,
     usage_too_old: AtomicU64,
+    /// Refusal reason → usage events from the bus refused as implausible.
+    usage_rejected: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 /// The process's control-plane metrics.
@@ -60,15 +62,22 @@ impl CpMetrics {
         self.usage_too_old.fetch_add(too_old, Relaxed);
     }
 
+    /// A usage event from the bus failed the bounds in `usage::check`.
+    pub fn usage_rejected(&self, reason: &'static str) {
+        *self
+            .usage_rejected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(reason)
+            .or_default() += 1;
+    }
+
     /// Cost added to `model`'s usage, in nano-USD.
     pub fn cost(&self, model: &str, nanos: u64) {
         if nanos > 0 {
-            *self
-                .cost_nanos
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(model.to_string())
-                .or_default() += nanos;
+            let mut costs = self.cost_nanos.lock().unwrap_or_else(|p| p.into_inner());
+            let c = costs.entry(model.to_string()).or_default();
+            *c = c.saturating_add(nanos);
         }
     }
 
@@ -131,6 +140,16 @@ impl CpMetrics {
             let _ = writeln!(s, "# HELP {name} {help}");
             let _ = writeln!(s, "# TYPE {name} counter");
             let _ = writeln!(s, "{name} {}", v.load(Relaxed));
+        }
+        let _ = writeln!(s, "# HELP aigw_cp_usage_rejected_total Usage events from the bus refused as implausible (forged or corrupt), by reason.");
+        let _ = writeln!(s, "# TYPE aigw_cp_usage_rejected_total counter");
+        for (reason, n) in self
+            .usage_rejected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(s, "aigw_cp_usage_rejected_total{{reason=\"{reason}\"}} {n}");
         }
         let list = nodes.list();
         let connected = list.iter().filter(|n| n.connected).count();

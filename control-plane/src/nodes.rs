@@ -1,8 +1,9 @@
 //! Data-plane nodes seen on the config stream, with the version each applied.
 
 use serde::Serialize;
-use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct NodeStatus {
@@ -19,6 +20,41 @@ pub struct NodeStatus {
 #[derive(Debug, Default)]
 pub struct NodeRegistry {
     nodes: Mutex<BTreeMap<String, NodeStatus>>,
+    /// Node id → the config-stream session holding it.
+    live: Mutex<HashMap<String, u64>>,
+    sessions: AtomicU64,
+}
+
+/// A config-stream session's hold on its node id: while it lives no other
+/// connection may speak for that node, so only the node itself writes its
+/// status. Dropping it (the stream ended) marks the node disconnected.
+#[derive(Debug)]
+pub struct Claim {
+    registry: Arc<NodeRegistry>,
+    node_id: String,
+    session: u64,
+}
+
+impl Claim {
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// Updates the claimed node's status.
+    pub fn update(&self, f: impl FnOnce(&mut NodeStatus)) {
+        self.registry.update(&self.node_id, f);
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut live = self.registry.live.lock().unwrap_or_else(|p| p.into_inner());
+        if live.get(&self.node_id) == Some(&self.session) {
+            live.remove(&self.node_id);
+            drop(live);
+            self.registry.update(&self.node_id, |n| n.connected = false);
+        }
+    }
 }
 
 impl NodeRegistry {
@@ -26,7 +62,24 @@ impl NodeRegistry {
         self.lock().values().cloned().collect()
     }
 
-    pub fn update(&self, node_id: &str, f: impl FnOnce(&mut NodeStatus)) {
+    /// Takes `node_id` for a new config-stream session; `None` while another
+    /// live session holds it (a second process, or someone with a stolen
+    /// token, claiming to be that node).
+    pub fn claim(self: &Arc<Self>, node_id: &str) -> Option<Claim> {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        if live.contains_key(node_id) {
+            return None;
+        }
+        let session = self.sessions.fetch_add(1, Ordering::Relaxed);
+        live.insert(node_id.to_string(), session);
+        Some(Claim {
+            registry: self.clone(),
+            node_id: node_id.to_string(),
+            session,
+        })
+    }
+
+    fn update(&self, node_id: &str, f: impl FnOnce(&mut NodeStatus)) {
         let mut nodes = self.lock();
         let entry = nodes
             .entry(node_id.to_string())
@@ -44,5 +97,30 @@ impl NodeRegistry {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, NodeStatus>> {
         self.nodes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_live_node_id_cannot_be_claimed_twice() {
+        let registry = Arc::new(NodeRegistry::default());
+        let first = registry.claim("node-a").unwrap();
+        first.update(|n| {
+            n.connected = true;
+            n.applied_version = 7;
+        });
+        assert!(registry.claim("node-a").is_none());
+        assert!(registry.claim("node-b").is_some());
+        let shown = registry.list();
+        assert_eq!((shown[0].applied_version, shown[0].connected), (7, true));
+
+        // Once the holder's stream ends the id is free again.
+        drop(first);
+        assert!(!registry.list()[0].connected);
+        let again = registry.claim("node-a").unwrap();
+        assert_eq!(again.node_id(), "node-a");
     }
 }

@@ -112,6 +112,7 @@ fn provider_key(engine: &Engine, id: &str, name: &str, secret: &str) -> Resource
         api_base: "https://example.openai.azure.com".into(),
         api_version: "2024-10-21".into(),
         ca_pem: None,
+        allow_insecure_upstream: false,
     };
     let sealed = engine.cipher().seal(id, secret).unwrap();
     ResourceValue::ProviderKey(StoredProviderKey::new(value, sealed))

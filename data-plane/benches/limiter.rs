@@ -15,6 +15,8 @@
 )]
 
 use aigw_data_plane::limits::{tokens, Check, Limiter};
+use aigw_data_plane::openai::raw::RawObject;
+use aigw_data_plane::openai::request::{self, Fields};
 use aigw_data_plane::openai::Operation;
 use aigw_shared::domain::RateLimit;
 use serde_json::json;
@@ -40,11 +42,17 @@ fn limits() -> RateLimit {
 fn one_call(
     limiter: &Limiter,
     checks: &[Check<'_>],
-    body: &serde_json::Map<String, serde_json::Value>,
+    body: &RawObject<'_>,
+    fields: &Fields,
 ) -> Duration {
     let t = Instant::now();
     // The route picked its tokenizer when the snapshot was compiled.
-    let estimate = tokens::estimate(Operation::ChatCompletions, body, Tokenizer::O200kBase);
+    let estimate = tokens::estimate(
+        Operation::ChatCompletions,
+        body,
+        fields,
+        Tokenizer::O200kBase,
+    );
     let estimating = t.elapsed();
     let mut permit = limiter.acquire(checks, estimate).expect("never refused");
     permit.settle(estimate / 2);
@@ -71,7 +79,9 @@ fn main() {
         ],
         "max_tokens": 64
     });
-    let body = body.as_object().unwrap().clone();
+    let text = body.to_string();
+    let body = request::parse(text.as_bytes()).unwrap();
+    let fields = request::read_fields(Operation::ChatCompletions, &body).unwrap();
     let checks = [
         Check {
             scope: &key,
@@ -102,7 +112,7 @@ fn main() {
             std::thread::sleep(wait);
         }
         let t = Instant::now();
-        est.push(one_call(&limiter, &checks, &body));
+        est.push(one_call(&limiter, &checks, &body, &fields));
         lat.push(t.elapsed());
     }
     lat.sort();
@@ -127,7 +137,8 @@ fn main() {
     let done: u64 = std::thread::scope(|s| {
         let handles: Vec<_> = (0..THREADS)
             .map(|_| {
-                let (limiter, rl, key, model, body) = (&limiter, &rl, &key, &model, &body);
+                let (limiter, rl, key, model, body, fields) =
+                    (&limiter, &rl, &key, &model, &body, &fields);
                 s.spawn(move || {
                     let checks = [
                         Check {
@@ -145,7 +156,7 @@ fn main() {
                     ];
                     let mut n = 0u64;
                     while Instant::now() < until {
-                        let _ = one_call(limiter, &checks, body);
+                        let _ = one_call(limiter, &checks, body, fields);
                         n += 1;
                     }
                     n

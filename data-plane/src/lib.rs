@@ -114,10 +114,10 @@ impl DataPlane {
         // Tokenizer tables load in the background: the first limited call
         // should not wait for them.
         tokio::task::spawn_blocking(limits::tokens::warm_up);
-        let bus: Arc<dyn usage::UsageBus> = match (&settings.usage_bus, &settings.nats_url) {
+        let bus: Arc<dyn usage::UsageBus> = match (&settings.usage_bus, &settings.nats) {
             (Some(bus), _) => bus.clone(),
-            (None, Some(url)) => {
-                let nats = usage::NatsBus::connect(url).await.map_err(Error::Config)?;
+            (None, Some(nats)) => {
+                let nats = usage::NatsBus::connect(nats).await?;
                 tasks.spawn(limits::run_sync(
                     services.limiter.clone(),
                     nats.client(),
@@ -159,6 +159,8 @@ impl DataPlane {
                 node_id: settings.node_id.clone(),
                 token: settings.token.clone(),
                 address: proxy_addr.to_string(),
+                tls: settings.control_plane_tls.clone(),
+                max_snapshot_bytes: settings.max_snapshot_bytes,
             },
             node,
             snapshot_file,

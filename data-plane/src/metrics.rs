@@ -148,6 +148,7 @@ pub struct Metrics {
     usage_published: AtomicU64,
     usage_spooled: AtomicU64,
     usage_dropped: AtomicU64,
+    usage_spool_damaged: AtomicU64,
     labelled: Labelled,
 }
 
@@ -162,6 +163,7 @@ impl Default for Metrics {
             usage_published: AtomicU64::new(0),
             usage_spooled: AtomicU64::new(0),
             usage_dropped: AtomicU64::new(0),
+            usage_spool_damaged: AtomicU64::new(0),
             labelled: Labelled::default(),
         }
     }
@@ -205,6 +207,11 @@ impl Metrics {
 
     pub fn usage_dropped_n(&self, n: usize) {
         self.usage_dropped.fetch_add(n as u64, Relaxed);
+    }
+
+    /// Damaged records skipped while replaying the usage spool.
+    pub fn usage_spool_damaged(&self, n: usize) {
+        self.usage_spool_damaged.fetch_add(n as u64, Relaxed);
     }
 
     pub fn record_status(&self, status: u16) {
@@ -387,6 +394,11 @@ impl Metrics {
                 "aigw_usage_dropped_total",
                 "Usage events lost because buffer and spool were both unavailable.",
                 &self.usage_dropped,
+            ),
+            (
+                "aigw_usage_spool_damaged_total",
+                "Damaged usage spool records skipped on replay (each logged with its offset).",
+                &self.usage_spool_damaged,
             ),
         ] {
             let kind = if name.ends_with("_total") {

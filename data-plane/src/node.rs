@@ -104,4 +104,8 @@ impl crate::config::Apply for Node {
     fn version(&self) -> u64 {
         self.config.version()
     }
+
+    fn rejected(&self, version: u64, reason: &str) {
+        self.config.rejected(version, reason);
+    }
 }

@@ -57,6 +57,46 @@ pub async fn serve_proxy(
     .await
 }
 
+/// `/readyz`: ready once a snapshot is applied, and not while the node has
+/// been unable to apply the control plane's newer ones for too long.
+fn readyz(config: &ConfigHandle) -> (StatusCode, &'static str, String) {
+    use crate::config::{Readiness, MAX_TIME_BEHIND, MAX_VERSIONS_BEHIND};
+    let json = "application/json";
+    match config.readiness(
+        std::time::Instant::now(),
+        MAX_VERSIONS_BEHIND,
+        MAX_TIME_BEHIND,
+    ) {
+        Readiness::Ready { version } => (
+            StatusCode::OK,
+            json,
+            format!(r#"{{"status":"ready","version":{version}}}"#),
+        ),
+        Readiness::Waiting => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json,
+            r#"{"status":"waiting for a config snapshot"}"#.to_string(),
+        ),
+        Readiness::Stale {
+            version,
+            offered,
+            secs,
+            reason,
+        } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json,
+            serde_json::json!({
+                "status": "behind the control plane",
+                "version": version,
+                "offered_version": offered,
+                "seconds_behind": secs,
+                "last_error": reason,
+            })
+            .to_string(),
+        ),
+    }
+}
+
 /// `/livez`, `/readyz` (ready once a snapshot is applied) and `/metrics`.
 pub async fn serve_health(
     listener: TcpListener,
@@ -76,20 +116,12 @@ pub async fn serve_health(
                     "application/json",
                     r#"{"status":"ok"}"#.to_string(),
                 ),
-                "/readyz" if config.is_ready() => (
-                    StatusCode::OK,
-                    "application/json",
-                    format!(r#"{{"status":"ready","version":{}}}"#, config.version()),
-                ),
-                "/readyz" => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "application/json",
-                    r#"{"status":"waiting for a config snapshot"}"#.to_string(),
-                ),
+                "/readyz" => readyz(&config),
                 "/metrics" => (
                     StatusCode::OK,
                     "text/plain; version=0.0.4",
                     services.metrics.render(config.version(), config.is_ready())
+                        + &config.render_metrics()
                         + &services.health.render_metrics()
                         + &services.limiter.render_metrics()
                         + &listener::render_metrics(&[&gates.proxy, &gates.metrics]),

@@ -47,6 +47,7 @@ impl ProcessConfig for Config {
     fn validate(&self) -> Result<(), aigw_shared::Error> {
         self.data_plane.validate()?;
         self.nodes.validate(true)?;
+        self.nats.validate()?;
         self.telemetry.validate()
     }
 }
@@ -67,6 +68,8 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub metrics_listen: SocketAddr,
     pub control_plane_url: String,
+    pub control_plane_tls: aigw_shared::config::GrpcClientTls,
+    pub max_snapshot_bytes: usize,
     pub node_id: String,
     pub token: String,
     pub snapshot_cache: PathBuf,
@@ -75,8 +78,8 @@ pub struct Settings {
     pub connections: ConnectionsConfig,
     /// How long in-flight calls may take to finish at shutdown.
     pub drain: Duration,
-    /// NATS server for usage events (JetStream).
-    pub nats_url: Option<String>,
+    /// NATS for usage events (JetStream) and rate-limit sync, when `nats.url` is set.
+    pub nats: Option<NatsConfig>,
     pub usage_spool: PathBuf,
     /// An in-process usage bus (standalone), used instead of NATS.
     pub usage_bus: Option<Arc<dyn UsageBus>>,
@@ -94,13 +97,15 @@ impl Settings {
             listen: dp.listen,
             metrics_listen: dp.metrics_listen,
             control_plane_url: dp.control_plane_url.clone(),
+            control_plane_tls: dp.control_plane_tls.clone(),
+            max_snapshot_bytes: dp.max_snapshot_bytes,
             node_id: cfg.node_id(),
             token,
             snapshot_cache: dp.snapshot_cache.clone(),
             max_body_bytes: dp.max_body_bytes,
             connections: dp.connections,
             drain: Duration::from_secs(30),
-            nats_url: cfg.nats.url.clone(),
+            nats: cfg.nats.url.is_some().then(|| cfg.nats.clone()),
             usage_spool: dp
                 .usage_spool
                 .clone()

@@ -7,9 +7,13 @@ use http_body_util::BodyExt;
 use std::time::Duration;
 
 /// How much of an oversized body is read and thrown away so the client, still
-/// uploading, can read the 413 instead of hitting a reset connection.
-const DRAIN_BYTES: usize = 16 * 1024 * 1024;
-const DRAIN_TIME: Duration = Duration::from_secs(2);
+/// uploading, can read the 413 instead of hitting a reset connection (many
+/// clients send the whole body before reading). Bounded in bytes and time,
+/// so a slow or endless upload cannot hold the connection.
+pub const DRAIN_BYTES: usize = 64 * 1024 * 1024;
+pub const DRAIN_TIME: Duration = Duration::from_secs(10);
+/// Most of a declared body length reserved before any of it arrives.
+const PREALLOC: usize = 8 * 1024 * 1024;
 
 /// Reads the whole body if it fits in `max` bytes; otherwise drains a bounded
 /// amount more and returns [`Error::BodyTooLarge`].
@@ -18,29 +22,51 @@ where
     B: Body<Data = Bytes>,
     B::Error: std::fmt::Display,
 {
+    // A declared length sizes the buffer in at most two steps (growing by
+    // doubling would briefly hold up to three times the body): [`PREALLOC`]
+    // at first, the whole length once that much has come, so a length a
+    // client declares but never sends costs at most [`PREALLOC`].
+    let declared = usize::try_from(body.size_hint().lower())
+        .unwrap_or(usize::MAX)
+        .min(max);
+    let mut buf = BytesMut::with_capacity(declared.min(PREALLOC));
     let mut body = std::pin::pin!(body);
-    let mut buf = BytesMut::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| Error::BodyRead(e.to_string()))?;
         let Ok(data) = frame.into_data() else {
             continue;
         };
         if buf.len() + data.len() > max {
-            let mut drained = 0usize;
-            let drain = async {
-                while let Some(Ok(f)) = body.frame().await {
-                    drained += f.data_ref().map_or(0, |d| d.len());
-                    if drained > DRAIN_BYTES {
-                        break;
-                    }
-                }
-            };
-            let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+            drain(body).await;
             return Err(Error::BodyTooLarge { limit: max });
+        }
+        if buf.capacity() - buf.len() < data.len() {
+            let want = declared.max(buf.len() + data.len());
+            buf.reserve(want - buf.len());
         }
         buf.extend_from_slice(&data);
     }
     Ok(buf.freeze())
+}
+
+/// Reads and discards what is left of a refused body, at most
+/// [`DRAIN_BYTES`] within [`DRAIN_TIME`]; whatever remains then is the
+/// client's problem (the connection closes).
+pub async fn drain<B>(body: B)
+where
+    B: Body<Data = Bytes>,
+{
+    let mut body = std::pin::pin!(body);
+    let mut drained = 0usize;
+    let drain = async {
+        while let Some(Ok(f)) = body.frame().await {
+            drained = drained.saturating_add(f.data_ref().map_or(0, |d| d.len()));
+            if drained > DRAIN_BYTES {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
 }
 
 #[cfg(test)]

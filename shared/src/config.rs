@@ -46,6 +46,50 @@ pub struct ControlPlaneConfig {
     pub max_body_bytes: usize,
     /// Bounds on the admin REST and gRPC listeners (each its own cap).
     pub connections: ConnectionsConfig,
+    /// TLS on the gRPC listener (admin API and the config stream, which
+    /// carries provider secrets).
+    pub grpc_tls: GrpcServerTls,
+}
+
+/// The control plane's gRPC TLS. Without a certificate the listener speaks
+/// plaintext, which is refused on a non-loopback address unless `insecure`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcServerTls {
+    /// PEM certificate chain and private key.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// Mutual TLS: every client presents a certificate signed by this CA
+    /// (PEM), and a data plane may only claim a node id its certificate is
+    /// valid for (a DNS name in its subject alternative names).
+    pub client_ca_file: Option<PathBuf>,
+    /// Serve plaintext on a non-loopback address anyway (logged as a warning).
+    pub insecure: bool,
+}
+
+/// How a data plane reaches the control plane's gRPC listener.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcClientTls {
+    /// PEM CA the control plane's certificate must chain to (system roots
+    /// otherwise); with an `https://` control_plane_url.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// Name to verify in the server certificate, when it differs from the URL's host.
+    pub domain: Option<String>,
+    /// Use an `http://` URL to a non-loopback host anyway (logged as a warning).
+    pub insecure: bool,
+}
+
+/// Whether `host` (a URL host or a listen address) stays on this machine.
+pub fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 impl Default for ControlPlaneConfig {
@@ -57,6 +101,7 @@ impl Default for ControlPlaneConfig {
             snapshot_every: 10_000,
             max_body_bytes: 1024 * 1024,
             connections: ConnectionsConfig::default(),
+            grpc_tls: GrpcServerTls::default(),
         }
     }
 }
@@ -76,7 +121,17 @@ pub struct DataPlaneConfig {
     pub max_body_bytes: usize,
     /// Bounds on the proxy and metrics listeners (each its own cap).
     pub connections: ConnectionsConfig,
+    /// TLS to the control plane (`https://` control_plane_url).
+    pub control_plane_tls: GrpcClientTls,
+    /// Largest config snapshot this node accepts from the stream.
+    pub max_snapshot_bytes: usize,
 }
+
+/// Default [`DataPlaneConfig::max_snapshot_bytes`]: far above a large
+/// fleet's configuration (20 MiB holds thousands of keys and hundreds of
+/// models with long prompts), bounded so a broken stream cannot make a node
+/// allocate without limit.
+pub const DEFAULT_MAX_SNAPSHOT_BYTES: usize = 256 * 1024 * 1024;
 
 impl Default for DataPlaneConfig {
     fn default() -> Self {
@@ -89,6 +144,8 @@ impl Default for DataPlaneConfig {
             usage_spool: None,
             max_body_bytes: 32 * 1024 * 1024,
             connections: ConnectionsConfig::default(),
+            control_plane_tls: GrpcClientTls::default(),
+            max_snapshot_bytes: DEFAULT_MAX_SNAPSHOT_BYTES,
         }
     }
 }
@@ -212,10 +269,49 @@ pub struct NodesConfig {
     pub token: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// The NATS connection both planes use (usage events, rate-limit sync).
+/// At most one way to authenticate; see `nats::connect`.
+#[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
     pub url: Option<String>,
+    /// User and password (both or neither).
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// A server token.
+    pub token: Option<String>,
+    /// An NKey seed (`SU…`).
+    pub nkey_seed: Option<String>,
+    /// A `.creds` file (user JWT and NKey seed), as `nsc` writes them.
+    pub creds_file: Option<PathBuf>,
+    pub tls: NatsTlsConfig,
+}
+
+/// Secrets stay out of `Debug` output (config dumps, panics, logs).
+impl std::fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = |o: &Option<String>| o.as_ref().map(|_| "<set>");
+        f.debug_struct("NatsConfig")
+            .field("url", &self.url)
+            .field("user", &self.user)
+            .field("password", &set(&self.password))
+            .field("token", &set(&self.token))
+            .field("nkey_seed", &set(&self.nkey_seed))
+            .field("creds_file", &self.creds_file)
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+/// TLS to NATS: on when `ca_file` is set or the URL is `tls://`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsTlsConfig {
+    /// PEM CA bundle the server's certificate must chain to (system roots otherwise).
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM), for servers that verify clients.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -425,7 +521,34 @@ impl ControlPlaneConfig {
                 "must be at least 1",
             ));
         }
+        self.grpc_tls.validate(self.grpc_listen)?;
         self.connections.validate("control_plane")
+    }
+}
+
+impl GrpcServerTls {
+    fn validate(&self, listen: SocketAddr) -> Result<(), Error> {
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err(invalid(
+                "control_plane.grpc_tls.key_file",
+                "cert_file and key_file go together",
+            ));
+        }
+        if self.client_ca_file.is_some() && self.cert_file.is_none() {
+            return Err(invalid(
+                "control_plane.grpc_tls.client_ca_file",
+                "mutual TLS needs the server's own cert_file and key_file",
+            ));
+        }
+        if self.cert_file.is_none() && !listen.ip().is_loopback() && !self.insecure {
+            return Err(invalid(
+                "control_plane.grpc_tls",
+                "the config stream carries provider secrets: on a non-loopback grpc_listen \
+                 set grpc_tls.cert_file and key_file, or grpc_tls.insecure: true for a \
+                 trusted network",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -440,6 +563,39 @@ impl DataPlaneConfig {
                 "data_plane.control_plane_url",
                 "must be an http(s) URL",
             ));
+        }
+        if self.max_snapshot_bytes < 64 * 1024 {
+            return Err(invalid(
+                "data_plane.max_snapshot_bytes",
+                "must be at least 65536",
+            ));
+        }
+        let tls = &self.control_plane_tls;
+        if tls.cert_file.is_some() != tls.key_file.is_some() {
+            return Err(invalid(
+                "data_plane.control_plane_tls.key_file",
+                "cert_file and key_file go together",
+            ));
+        }
+        if let Some(rest) = url.strip_prefix("http://") {
+            let host = url::Url::parse(url)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_string))
+                .unwrap_or_else(|| rest.to_string());
+            if tls.ca_file.is_some() || tls.cert_file.is_some() {
+                return Err(invalid(
+                    "data_plane.control_plane_tls",
+                    "TLS settings need an https:// control_plane_url",
+                ));
+            }
+            if !is_loopback_host(&host) && !tls.insecure {
+                return Err(invalid(
+                    "data_plane.control_plane_url",
+                    "plaintext to a control plane on another host would carry provider \
+                     secrets in clear: use https:// (with control_plane_tls.ca_file for a \
+                     private CA), or set control_plane_tls.insecure: true for a trusted network",
+                ));
+            }
         }
         self.connections.validate("data_plane")
     }
@@ -457,6 +613,60 @@ impl NodesConfig {
             )),
             _ => Ok(()),
         }
+    }
+}
+
+impl NatsConfig {
+    pub fn validate(&self) -> Result<(), Error> {
+        if let Some(url) = &self.url {
+            let ok = url.split(',').all(|u| {
+                let u = u.trim();
+                ["nats://", "tls://", "ws://", "wss://"]
+                    .iter()
+                    .any(|p| u.starts_with(p))
+                    || (!u.is_empty() && !u.contains("://"))
+            });
+            if !ok {
+                return Err(invalid(
+                    "nats.url",
+                    "must be nats://, tls://, ws:// or wss:// URLs, comma-separated",
+                ));
+            }
+        }
+        if self.user.is_some() != self.password.is_some() {
+            return Err(invalid(
+                "nats.password",
+                "nats.user and nats.password go together",
+            ));
+        }
+        let methods = [
+            self.user.is_some(),
+            self.token.is_some(),
+            self.nkey_seed.is_some(),
+            self.creds_file.is_some(),
+        ];
+        if methods.iter().filter(|m| **m).count() > 1 {
+            return Err(invalid(
+                "nats",
+                "set one of user/password, token, nkey_seed or creds_file",
+            ));
+        }
+        for (key, v) in [
+            ("nats.password", &self.password),
+            ("nats.token", &self.token),
+            ("nats.nkey_seed", &self.nkey_seed),
+        ] {
+            if v.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                return Err(invalid(key, "must not be empty"));
+            }
+        }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return Err(invalid(
+                "nats.tls.key_file",
+                "nats.tls.cert_file and nats.tls.key_file go together",
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -19,6 +19,8 @@ pub enum Error {
     /// Sealing failed, or the key or data are wrong; never says which.
     #[error("{0}")]
     Crypto(String),
+    #[error("nats {url}: {message}")]
+    Nats { url: String, message: String },
     /// A resource value that breaks a rule; `field` names the offending field.
     #[error("{field}: {message}")]
     Validation { field: String, message: String },

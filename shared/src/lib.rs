@@ -10,11 +10,13 @@ pub mod crypto;
 pub mod domain;
 pub mod error;
 pub mod listener;
+pub mod nats;
 pub mod node;
 pub mod process;
 pub mod proto;
 pub mod snapshot;
 pub mod telemetry;
+pub mod tls;
 pub mod usage_bus;
 
 pub use error::Error;

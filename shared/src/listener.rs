@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -337,13 +337,21 @@ pub fn render_metrics(gates: &[&Gate]) -> String {
 }
 
 /// How a listener speaks.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Clone, Default)]
 pub struct Protocol {
     /// gRPC: HTTP/2 only.
     pub http2_only: bool,
     /// Puts tonic's `TcpConnectInfo` on each request, for `remote_addr()`.
     pub tonic_connect_info: bool,
+    /// TLS, handshaken within the header-read timeout; the client's
+    /// certificates (mutual TLS) go on each request as [`PeerCertificates`].
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
+
+/// The certificate chain a TLS client presented (leaf first), on every
+/// request of its connection.
+#[derive(Debug, Clone)]
+pub struct PeerCertificates(pub Arc<Vec<rustls::pki_types::CertificateDer<'static>>>);
 
 /// Serves `service` on `listener` under `config`'s bounds until `stop` turns
 /// true; then stops accepting and gives open connections `drain` to finish.
@@ -362,7 +370,8 @@ pub async fn serve<S, B>(
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let builder = builder(&config, protocol);
+    let builder = Arc::new(builder(&config, &protocol));
+    let tls = protocol.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let timeouts = Timeouts {
         header: config.header_read_timeout.0,
         idle: config.idle_timeout.0,
@@ -411,18 +420,40 @@ pub async fn serve<S, B>(
                     remote_addr: Some(peer),
                 });
         let (id, conn) = gate.register();
-        let svc = Tracked {
+        let mut svc = Tracked {
             inner: service.clone(),
             conn: conn.clone(),
             gate: gate.clone(),
             connect_info,
+            peer_certs: None,
         };
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), svc)
-            .into_owned();
-        let (gate, stop) = (gate.clone(), stop.clone());
+        let (gate, stop, builder, tls) = (gate.clone(), stop.clone(), builder.clone(), tls.clone());
         tokio::spawn(async move {
-            drive(connection, &gate, &conn, timeouts, stop).await;
+            match tls {
+                None => {
+                    let connection = builder.serve_connection(TokioIo::new(stream), svc);
+                    drive(connection, &gate, &conn, timeouts, stop).await;
+                }
+                Some(acceptor) => {
+                    match tokio::time::timeout(timeouts.header, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            svc.peer_certs = stream.get_ref().1.peer_certificates().map(|c| {
+                                PeerCertificates(Arc::new(
+                                    c.iter().map(|c| c.clone().into_owned()).collect(),
+                                ))
+                            });
+                            let connection = builder.serve_connection(TokioIo::new(stream), svc);
+                            drive(connection, &gate, &conn, timeouts, stop).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(listener = gate.name, %peer, error = %e, "TLS handshake failed");
+                        }
+                        Err(_) => {
+                            gate.timed_out.fetch_add(1, Relaxed);
+                        }
+                    }
+                }
+            }
             gate.unregister(id);
             drop(permit);
         });
@@ -440,7 +471,7 @@ pub async fn serve<S, B>(
     }
 }
 
-fn builder(config: &ConnectionsConfig, protocol: Protocol) -> auto::Builder<TokioExecutor> {
+fn builder(config: &ConnectionsConfig, protocol: &Protocol) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -468,13 +499,14 @@ struct Timeouts {
 
 /// Runs one connection to its end, closing it when it idles past its
 /// deadline, when the gate evicts it, or (gracefully) at shutdown.
-async fn drive<S, B>(
-    connection: auto::Connection<'static, TokioIo<TcpStream>, Tracked<S>, TokioExecutor>,
+async fn drive<I, S, B>(
+    connection: auto::Connection<'_, TokioIo<I>, Tracked<S>, TokioExecutor>,
     gate: &Gate,
     conn: &Conn,
     timeouts: Timeouts,
     mut stop: watch::Receiver<bool>,
 ) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
@@ -572,6 +604,7 @@ struct Tracked<S> {
     conn: Arc<Conn>,
     gate: Arc<Gate>,
     connect_info: Option<tonic::transport::server::TcpConnectInfo>,
+    peer_certs: Option<PeerCertificates>,
 }
 
 impl<S: Clone> Clone for Tracked<S> {
@@ -581,6 +614,7 @@ impl<S: Clone> Clone for Tracked<S> {
             conn: self.conn.clone(),
             gate: self.gate.clone(),
             connect_info: self.connect_info.clone(),
+            peer_certs: self.peer_certs.clone(),
         }
     }
 }
@@ -599,6 +633,9 @@ where
         self.conn.in_flight.fetch_add(1, Relaxed);
         if let Some(info) = &self.connect_info {
             req.extensions_mut().insert(info.clone());
+        }
+        if let Some(certs) = &self.peer_certs {
+            req.extensions_mut().insert(certs.clone());
         }
         TrackedFuture {
             inner: self.inner.call(req),
@@ -696,6 +733,7 @@ mod tests {
     use std::convert::Infallible;
     use std::net::SocketAddr;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
 
     fn small() -> ConnectionsConfig {
         ConnectionsConfig {

@@ -35,6 +35,8 @@ pub struct SnapshotProviderKey {
     pub api_version: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_pem: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_insecure_upstream: bool,
     pub credential: Credential,
 }
 

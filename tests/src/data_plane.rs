@@ -362,10 +362,19 @@ pub async fn control_plane_version(admin: &AdminClient) -> Result<u64> {
 /// the other, with usage events on the NATS server at `nats_url`, and waits
 /// until each has applied the control plane's current version.
 pub async fn start_fleet(cp: &ControlPlane, nats_url: &str, n: usize) -> Result<Vec<DataPlane>> {
+    start_fleet_with_nats(cp, json!({"url": nats_url}), n).await
+}
+
+/// [`start_fleet`] with a whole `nats` config section (credentials, TLS).
+pub async fn start_fleet_with_nats(
+    cp: &ControlPlane,
+    nats: Value,
+    n: usize,
+) -> Result<Vec<DataPlane>> {
     let mut nodes = Vec::with_capacity(n);
     for i in 0..n {
         let opts = DataPlaneOptions::for_control_plane(cp, &format!("node-{i}"))
-            .with_config(json!({"nats": {"url": nats_url}}));
+            .with_config(json!({ "nats": nats.clone() }));
         nodes.push(DataPlane::start_ready(opts).await?);
     }
     let version = control_plane_version(&cp.rest()).await?;

@@ -59,11 +59,23 @@ pub const SEED_DEPLOYMENT: &str = "gpt4o-prod";
 pub const SEED_CALLER_KEY: &str = "sk-azure-caller";
 
 /// A provider key with a resource API key at `api_base` (e.g. a mock's
-/// `http://127.0.0.1:PORT`).
+/// `http://127.0.0.1:PORT`, then with `allow_insecure_upstream`).
 pub fn provider_key_at(display_name: &str, secret: &str, api_base: &str) -> Value {
     let mut v = provider_key(display_name, secret);
     v["api_base"] = json!(api_base);
+    allow_http(&mut v);
     v
+}
+
+/// Sets `allow_insecure_upstream` on a provider key whose `api_base` is plain
+/// http (the mocks): the gateway refuses http upstreams otherwise.
+pub fn allow_http(provider_key: &mut Value) {
+    if provider_key["api_base"]
+        .as_str()
+        .is_some_and(|b| b.starts_with("http://"))
+    {
+        provider_key["allow_insecure_upstream"] = json!(true);
+    }
 }
 
 /// Creates provider key `azure` for `mock` (its default `api-key`); returns its id.

@@ -106,3 +106,40 @@ pub async fn file_containing_symbol(
         other => bail!("unexpected reflection answer: {other:?}"),
     }
 }
+
+/// Opens the config stream as a node would: sends a hello with `node_id`
+/// and `token`, and returns the first snapshot, or the status the control
+/// plane refused the stream with.
+pub async fn config_watch_first(
+    channel: Channel,
+    node_id: &str,
+    token: &str,
+) -> Result<Result<aigw_shared::proto::config::v1::Snapshot, Status>> {
+    use aigw_shared::proto::config::v1 as pb;
+    let mut client = pb::config_service_client::ConfigServiceClient::new(channel);
+    let hello = pb::WatchRequest {
+        kind: Some(pb::watch_request::Kind::Hello(pb::Hello {
+            node_id: node_id.into(),
+            token: token.into(),
+            version: 0,
+            address: "test".into(),
+            last_error: String::new(),
+        })),
+    };
+    // The request stream stays open (a node acks on it) until the answer.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(hello).await?;
+    let answer = match client
+        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+    {
+        Ok(resp) => match resp.into_inner().message().await {
+            Ok(Some(snap)) => Ok(snap),
+            Ok(None) => Err(Status::aborted("the stream ended without a snapshot")),
+            Err(s) => Err(s),
+        },
+        Err(s) => Err(s),
+    };
+    drop(tx);
+    Ok(answer)
+}

@@ -14,6 +14,8 @@
 //! - [`mock_oidc`]: a local OpenID issuer (discovery document, JWKS, test
 //!   RSA/EC keys) and token signing, for caller JWTs.
 //! - [`nats`]: a real `nats-server` with JetStream on a free port.
+//! - [`metrics`]: reading Prometheus text.
+//! - [`pki`]: a throwaway CA issuing server and client certificates.
 //! - [`usage`]: usage totals from the admin API, exact comparison.
 //! - [`otlp_receiver`]: a real OTLP/gRPC trace receiver collecting exported spans.
 //!
@@ -23,11 +25,13 @@ pub mod control_plane;
 pub mod data_plane;
 pub mod fixtures;
 pub mod grpc;
+pub mod metrics;
 pub mod mock_azure;
 pub mod mock_entra;
 pub mod mock_oidc;
 pub mod nats;
 pub mod otlp_receiver;
+pub mod pki;
 pub mod process;
 pub mod rest;
 pub mod usage;

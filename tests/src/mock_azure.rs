@@ -136,6 +136,16 @@ pub enum Behaviour {
     /// Stream without the final `data: [DONE]` and without the usage chunk.
     /// Non-streaming requests are answered normally.
     StreamNoDone,
+    /// Answer normally but without a `content-type` header (some
+    /// Azure-compatible proxies and simulators stream so).
+    NoContentType,
+    /// Exactly this status, these headers (no others, not even a content
+    /// type) and these body frames, whatever the request.
+    Raw {
+        status: u16,
+        headers: Vec<(&'static str, String)>,
+        frames: Vec<Bytes>,
+    },
 }
 
 /// A request as the mock received it.
@@ -953,6 +963,7 @@ async fn answer(
 
     let mut chunk_delay = Duration::ZERO;
     let mut no_done = false;
+    let mut no_content_type = false;
     let mut reply = match behaviour {
         Behaviour::Normal => None,
         Behaviour::Delay(d) => {
@@ -994,6 +1005,27 @@ async fn answer(
             no_done = true;
             None
         }
+        Behaviour::NoContentType => {
+            no_content_type = true;
+            None
+        }
+        Behaviour::Raw {
+            status,
+            headers,
+            frames,
+        } => {
+            let frames = futures::stream::iter(
+                frames
+                    .into_iter()
+                    .map(|f| Ok::<_, Infallible>(Frame::data(f))),
+            );
+            let mut r = Response::new(StreamBody::new(frames).boxed_unsync());
+            *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+            for (name, value) in headers {
+                set_header(&mut r, name, value);
+            }
+            return r;
+        }
     };
     if reply.is_none() {
         reply = Some(match body_json {
@@ -1008,6 +1040,9 @@ async fn answer(
         });
     }
     let mut reply = reply.expect("reply set above");
+    if no_content_type {
+        reply.headers_mut().remove(http::header::CONTENT_TYPE);
+    }
     set_header(&mut reply, "x-ms-deployment-name", deployment);
     reply
 }

@@ -55,42 +55,21 @@ pub struct TestCa {
 
 impl TestCa {
     pub fn new() -> TestCa {
-        use rcgen::{
-            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair,
-            KeyUsagePurpose, SanType,
-        };
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "aigw test CA");
-        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("ca key"))
-            .expect("self-signed CA");
-
-        let mut params = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
-        params
-            .subject_alt_names
-            .push(SanType::IpAddress([127, 0, 0, 1].into()));
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "mock entra");
-        let key = KeyPair::generate().expect("server key");
-        let cert = params.signed_by(&key, &ca).expect("server certificate");
-
+        let ca = crate::pki::Pki::new("aigw test CA");
+        let leaf = ca.issue(&["localhost"], &[[127, 0, 0, 1].into()]);
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut server = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .expect("TLS versions")
             .with_no_client_auth()
             .with_single_cert(
-                vec![cert.der().clone(), ca.der().clone()],
-                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+                vec![leaf.cert_der, ca.ca_der()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(leaf.key_der.into()),
             )
             .expect("server TLS config");
         server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         TestCa {
-            ca_pem: ca.pem(),
+            ca_pem: ca.ca_pem(),
             server: Arc::new(server),
         }
     }

@@ -16,6 +16,9 @@ pub struct NatsServer {
     dir: tempfile::TempDir,
     process: Option<Process>,
     starts: u32,
+    /// Extra server configuration (e.g. an `authorization` block), passed
+    /// with `-c`; the command-line flags still set address, port and store.
+    conf: Option<PathBuf>,
 }
 
 /// Path of the `nats-server` binary.
@@ -39,11 +42,27 @@ pub fn nats_server_bin() -> PathBuf {
 
 impl NatsServer {
     pub async fn start() -> Result<Self> {
+        Self::start_with_conf(None).await
+    }
+
+    /// Starts a server with `conf` (nats-server configuration syntax) as
+    /// its config file, e.g. users with permissions.
+    pub async fn start_with_conf(conf: Option<&str>) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let conf = match conf {
+            Some(text) => {
+                let path = dir.path().join("nats.conf");
+                std::fs::write(&path, text)?;
+                Some(path)
+            }
+            None => None,
+        };
         let mut s = Self {
             addr: free_addr(),
-            dir: tempfile::tempdir()?,
+            dir,
             process: None,
             starts: 0,
+            conf,
         };
         s.resume().await?;
         Ok(s)
@@ -66,6 +85,9 @@ impl NatsServer {
             "-sd",
         ])
         .arg(self.dir.path().join("store"));
+        if let Some(conf) = &self.conf {
+            cmd.arg("-c").arg(conf);
+        }
         let label = format!("nats-{}", self.starts);
         self.process = Some(
             Process::spawn(cmd, self.dir.path(), &label, &[]).context("starting nats-server")?,

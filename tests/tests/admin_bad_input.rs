@@ -458,6 +458,7 @@ async fn bad_api_base_is_400_naming_api_base() -> Result<()> {
     {
         let mut body = fixtures::provider_key(&format!("pk-good-{i}"), "sk");
         body["api_base"] = json!(base);
+        fixtures::allow_http(&mut body);
         s.create(PROVIDER_KEYS, &body).await?;
     }
     s.assert_no_partial_writes().await

@@ -16,6 +16,7 @@ fn provider_key(name: &str, secret: &str) -> pb::ProviderKey {
         api_base: "https://acme-west.openai.azure.com".into(),
         api_version: String::new(),
         ca_pem: String::new(),
+        allow_insecure_upstream: false,
     }
 }
 

@@ -137,6 +137,7 @@ fn entra_key(secret: Value, ca_pem: Option<&str>, api_base: &str) -> Value {
     if let Some(pem) = ca_pem {
         v["ca_pem"] = json!(pem);
     }
+    aigw_tests::fixtures::allow_http(&mut v);
     v
 }
 

@@ -33,6 +33,7 @@ pub fn provider_key_in(v: Option<pb::ProviderKey>) -> Result<ProviderKey, Error>
         api_base: v.api_base,
         api_version: opt(v.api_version).unwrap_or_else(|| DEFAULT_API_VERSION.into()),
         ca_pem: opt(v.ca_pem),
+        allow_insecure_upstream: v.allow_insecure_upstream,
     })
 }
 
@@ -45,6 +46,7 @@ pub fn provider_key_out(v: ProviderKey) -> pb::ProviderKey {
         api_base: v.api_base,
         api_version: v.api_version,
         ca_pem: v.ca_pem.unwrap_or_default(),
+        allow_insecure_upstream: v.allow_insecure_upstream,
     }
 }
 

@@ -275,19 +275,15 @@ impl Admin {
         Ok(match input {
             Input::ProviderKey(pk) => {
                 pk.validate()?;
-                // A read-modify-write sends back the mask: keep the stored secret.
-                let kept = (pk.secret == MASKED)
-                    .then(|| {
-                        self.engine
-                            .read()
-                            .provider_keys
-                            .get(id)
-                            .map(|r| r.value.secret.clone())
-                    })
-                    .flatten();
-                let sealed = match kept {
-                    Some(s) => s,
-                    None => self.engine.cipher().seal(id, &pk.secret)?,
+                let sealed = if pk.secret == MASKED {
+                    // A read-modify-write sends back the mask: the stored
+                    // secret is kept, but only for the destination it was
+                    // given for.
+                    let state = self.engine.read();
+                    let stored = state.provider_keys.get(id).map(|r| &r.value);
+                    kept_secret(stored, &pk)?
+                } else {
+                    self.engine.cipher().seal(id, &pk.secret)?
                 };
                 ResourceValue::ProviderKey(StoredProviderKey::new(pk, sealed))
             }
@@ -305,6 +301,39 @@ impl Admin {
             }
         })
     }
+}
+
+/// The stored secret for a write that sent the mask in its place: refused
+/// when there is none, or when the write moves it to another destination
+/// (`api_base`, `ca_pem`), where the old key must not follow unasked.
+fn kept_secret(
+    stored: Option<&StoredProviderKey>,
+    pk: &ProviderKey,
+) -> Result<crate::secrets::Sealed, Error> {
+    let Some(stored) = stored else {
+        return Err(Error::Invalid(format!(
+            "secret: `{MASKED}` stands for a stored secret and this provider key has none; \
+             give the secret"
+        )));
+    };
+    let base = |b: &str| aigw_shared::domain::resolve_api_base(b).unwrap_or_else(|_| b.to_string());
+    let moved = [
+        ("api_base", base(&stored.api_base) != base(&pk.api_base)),
+        ("ca_pem", stored.ca_pem != pk.ca_pem),
+        (
+            "allow_insecure_upstream",
+            stored.allow_insecure_upstream != pk.allow_insecure_upstream,
+        ),
+    ]
+    .into_iter()
+    .find_map(|(field, changed)| changed.then_some(field));
+    if let Some(field) = moved {
+        return Err(Error::Invalid(format!(
+            "secret: changing {field} requires the secret in the same request \
+             (`{MASKED}` would send the stored one to the new destination)"
+        )));
+    }
+    Ok(stored.secret.clone())
 }
 
 fn view(state: &State, kind: ResourceKind, id: &str) -> Option<RecordView> {

@@ -107,7 +107,10 @@ pub fn build_snapshot(
                 api_base: r.value.api_base.clone(),
                 api_version: r.value.api_version.clone(),
                 ca_pem: r.value.ca_pem.clone(),
-                credential: Credential::parse(&secret)?,
+                allow_insecure_upstream: r.value.allow_insecure_upstream,
+                // Unchecked here: a secret stored before a check existed is
+                // refused by the data plane, which reports why (`last_error`).
+                credential: Credential::parse_stored(&secret)?,
             },
         );
     }

@@ -109,6 +109,8 @@ pub fn schema_version(type_name: &str) -> u32 {
     match type_name {
         // v2: `expires_at` is RFC 3339 text (v1 stored epoch seconds).
         "ApiKeyCreated" | "ApiKeyUpdated" => 2,
+        // v2: plain-http `api_base` needs `allow_insecure_upstream`.
+        "ProviderKeyCreated" | "ProviderKeyUpdated" => 2,
         _ => 1,
     }
 }
@@ -131,6 +133,18 @@ pub fn upcast(type_name: &str, mut version: u32, mut payload: Value) -> Result<V
                             Error::Storage(format!("upcasting {type_name} v1: {e}"))
                         })?;
                         *v = Value::String(format_rfc3339(at));
+                    }
+                }
+            }
+            ("ProviderKeyCreated" | "ProviderKeyUpdated", 1) => {
+                // Keys written before the rule keep working as they did.
+                let http = payload
+                    .pointer("/value/api_base")
+                    .and_then(Value::as_str)
+                    .is_some_and(|b| b.trim().to_ascii_lowercase().starts_with("http://"));
+                if let Some(Value::Object(value)) = payload.get_mut("value") {
+                    if http {
+                        value.insert("allow_insecure_upstream".into(), Value::Bool(true));
                     }
                 }
             }

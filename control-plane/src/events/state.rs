@@ -15,6 +15,8 @@ pub struct StoredProviderKey {
     pub api_version: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_pem: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_insecure_upstream: bool,
 }
 
 impl StoredProviderKey {
@@ -27,6 +29,7 @@ impl StoredProviderKey {
             api_base: value.api_base,
             api_version: value.api_version,
             ca_pem: value.ca_pem,
+            allow_insecure_upstream: value.allow_insecure_upstream,
         }
     }
 
@@ -40,6 +43,7 @@ impl StoredProviderKey {
             api_base: self.api_base.clone(),
             api_version: self.api_version.clone(),
             ca_pem: self.ca_pem.clone(),
+            allow_insecure_upstream: self.allow_insecure_upstream,
         }
     }
 }

@@ -117,6 +117,7 @@ fn pk(name: &str) -> StoredProviderKey {
         api_base: "https://example.openai.azure.com".into(),
         api_version: "2024-10-21".into(),
         ca_pem: None,
+        allow_insecure_upstream: false,
     }
 }
 
@@ -1239,8 +1240,10 @@ fn decodes_a_provider_key_event_written_before_ca_pem() {
     });
     let decoded = StoredEvent::decode(&serde_json::to_vec(&env).unwrap()).unwrap();
     assert_eq!(decoded.event, pk_created("pk1", "east"));
-    // And it is written back the same way (no `ca_pem: null`).
-    let again: Value = serde_json::from_slice(&decoded.encode().unwrap()).unwrap();
+    // And it is written back the same way (no `ca_pem: null`), as v2.
+    let mut again: Value = serde_json::from_slice(&decoded.encode().unwrap()).unwrap();
+    assert_eq!(again["version"], 2);
+    again["version"] = 1.into();
     assert_eq!(again, env);
 }
 
@@ -1297,6 +1300,28 @@ fn upcasts_v1_api_key_epoch_seconds_to_rfc3339() {
         panic!()
     };
     assert_eq!(value.expires_at, None);
+}
+
+#[test]
+fn v1_provider_keys_on_plain_http_keep_working_after_the_upcast() {
+    // Given keys stored before plain http needed `allow_insecure_upstream`,
+    for (base, allowed) in [
+        ("http://127.0.0.1:8080", Some(true)),
+        ("HTTP://mock:80", Some(true)),
+        ("https://acme.openai.azure.com", None),
+        ("acme", None),
+    ] {
+        let payload = serde_json::json!({"id": "pk", "value": {"api_base": base}});
+        // when they are read with this build,
+        let up = upcast("ProviderKeyUpdated", 1, payload).unwrap();
+        // then only the http ones are marked as allowed, and nothing else changes.
+        assert_eq!(
+            up["value"]["allow_insecure_upstream"].as_bool(),
+            allowed,
+            "{base}"
+        );
+        assert_eq!(up["value"]["api_base"], base);
+    }
 }
 
 #[test]

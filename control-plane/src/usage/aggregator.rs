@@ -30,14 +30,26 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// Saturating: an upstream reporting absurd token counts pins a row at
+    /// `u64::MAX` rather than wrapping it to a small number.
     fn add(&mut self, o: &Counters) {
-        self.requests += o.requests;
-        self.errors += o.errors;
-        self.prompt_tokens += o.prompt_tokens;
-        self.completion_tokens += o.completion_tokens;
-        self.cost_nanos += o.cost_nanos;
-        self.cache_hits += o.cache_hits;
+        self.requests = self.requests.saturating_add(o.requests);
+        self.errors = self.errors.saturating_add(o.errors);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(o.prompt_tokens);
+        self.completion_tokens = self.completion_tokens.saturating_add(o.completion_tokens);
+        self.cost_nanos = self.cost_nanos.saturating_add(o.cost_nanos);
+        self.cache_hits = self.cache_hits.saturating_add(o.cache_hits);
     }
+}
+
+/// Adds `cost` to a day's spend, saturating.
+fn add_spend(spend: &mut HashMap<String, BTreeMap<String, u64>>, key: &RowKey, cost: u64) {
+    let day = spend
+        .entry(key.api_key.clone())
+        .or_default()
+        .entry(key.day.clone())
+        .or_default();
+    *day = day.saturating_add(cost);
 }
 
 /// Aggregation key: UTC day, api key, model alias, deployment.
@@ -161,11 +173,7 @@ impl Aggregator {
                 .ok_or_else(|| Error::Storage("malformed usage row key".into()))?;
             let c: Counters =
                 serde_json::from_slice(&v).map_err(|e| Error::Storage(e.to_string()))?;
-            *mem.spend
-                .entry(key.api_key.clone())
-                .or_default()
-                .entry(key.day.clone())
-                .or_default() += c.cost_nanos;
+            add_spend(&mut mem.spend, &key, c.cost_nanos);
             mem.rows.insert(key, c);
         }
         let agg = Arc::new(Self {
@@ -244,7 +252,7 @@ impl Aggregator {
                         .and_then(|m| m.value.cost);
                     cost.map_or(0, |c| {
                         nanos(e.prompt_tokens, c.input_per_1k)
-                            + nanos(e.completion_tokens, c.output_per_1k)
+                            .saturating_add(nanos(e.completion_tokens, c.output_per_1k))
                     })
                 };
                 let add = Counters {
@@ -281,11 +289,7 @@ impl Aggregator {
         self.db.flush()?;
         for (key, c, cost) in updated {
             crate::metrics::METRICS.cost(&key.model, cost);
-            *mem.spend
-                .entry(key.api_key.clone())
-                .or_default()
-                .entry(key.day.clone())
-                .or_default() += cost;
+            add_spend(&mut mem.spend, &key, cost);
             mem.rows.insert(key, c);
         }
         drop(mem);
@@ -321,10 +325,11 @@ impl Aggregator {
                     BudgetPeriod::Day => days.and_then(|d| d.get(&today)).copied().unwrap_or(0),
                     BudgetPeriod::Month => days.map_or(0, |d| {
                         d.range(format!("{month}-00")..=format!("{month}-99"))
-                            .map(|(_, v)| v)
-                            .sum()
+                            .fold(0u64, |a, (_, v)| a.saturating_add(*v))
                     }),
-                    BudgetPeriod::Total => days.map_or(0, |d| d.values().sum()),
+                    BudgetPeriod::Total => {
+                        days.map_or(0, |d| d.values().fold(0u64, |a, v| a.saturating_add(*v)))
+                    }
                 };
                 if spent as f64 >= budget.max_usd * NANOS_PER_USD {
                     over.insert(id.clone());
@@ -375,7 +380,7 @@ impl Aggregator {
                 errors: c.errors,
                 prompt_tokens: c.prompt_tokens,
                 completion_tokens: c.completion_tokens,
-                total_tokens: c.prompt_tokens + c.completion_tokens,
+                total_tokens: c.prompt_tokens.saturating_add(c.completion_tokens),
                 cost_usd: c.cost_nanos as f64 / NANOS_PER_USD,
                 cache_hits: c.cache_hits,
             })
@@ -383,7 +388,8 @@ impl Aggregator {
     }
 }
 
-/// Cost of `tokens` at `per_1k` USD per 1,000 tokens, in nano-USD.
+/// Cost of `tokens` at `per_1k` USD per 1,000 tokens, in nano-USD. The
+/// float-to-int cast saturates (and maps NaN to 0), so no input wraps.
 fn nanos(tokens: u64, per_1k: f64) -> u64 {
     (tokens as f64 * per_1k * 1e6).round() as u64
 }
@@ -434,6 +440,166 @@ mod tests {
             .await
             .unwrap();
         Aggregator::open(dir, engine).unwrap()
+    }
+
+    /// An aggregator whose engine holds model `m` priced at `cost`.
+    async fn priced(dir: &Path, cost: aigw_shared::domain::Cost) -> Arc<Aggregator> {
+        use crate::events::{Command, ResourceValue, StoredProviderKey};
+        use aigw_shared::domain::{Model, ProviderKey};
+        let store = Arc::new(SledStore::open(dir).unwrap());
+        let engine = Engine::open(store, Cipher::new(&[9; 32]), 1_000)
+            .await
+            .unwrap();
+        let pk = ProviderKey {
+            display_name: "pk".into(),
+            provider: String::new(),
+            adapter: "azure-openai".into(),
+            secret: "k".into(),
+            api_base: "https://acme.openai.azure.com".into(),
+            api_version: "2024-10-21".into(),
+            ca_pem: None,
+            allow_insecure_upstream: false,
+        };
+        let sealed = engine.cipher().seal("pk", "k").unwrap();
+        let model = Model {
+            display_name: "m".into(),
+            provider: String::new(),
+            model_name: Some("d".into()),
+            provider_key_id: Some("pk".into()),
+            targets: vec![],
+            routing: None,
+            rate_limit: None,
+            cost: Some(cost),
+            cache: None,
+            log_payloads: false,
+        };
+        for (id, value) in [
+            (
+                "pk",
+                ResourceValue::ProviderKey(StoredProviderKey::new(pk, sealed)),
+            ),
+            ("m", ResourceValue::Model(model)),
+        ] {
+            let id = id.to_string();
+            engine
+                .execute(Command::Create { id, value }, "test")
+                .await
+                .unwrap();
+        }
+        Aggregator::open(dir, engine).unwrap()
+    }
+
+    #[tokio::test]
+    async fn absurd_token_counts_saturate_instead_of_wrapping() {
+        // Given a priced model,
+        let dir = tempfile::tempdir().unwrap();
+        let agg = priced(
+            dir.path(),
+            aigw_shared::domain::Cost {
+                input_per_1k: 0.01,
+                output_per_1k: 0.03,
+            },
+        )
+        .await;
+        // when the upstream reports u64::MAX tokens on two calls,
+        let now = unix_ms_now();
+        let huge = |id: String| UsageEvent {
+            prompt_tokens: u64::MAX,
+            completion_tokens: u64::MAX,
+            total_tokens: u64::MAX,
+            ..event(id, now)
+        };
+        let s = agg
+            .ingest(&[huge(uuid_v7_floor(now)), huge(uuid_v7_floor(now + 1))])
+            .unwrap();
+        assert_eq!(s.counted, 2);
+
+        // then the aggregates and the cost stay pinned at the top, not wrapped
+        // to a small number (which would also reopen a spent budget).
+        let rows = agg.query(&UsageQuery::default());
+        let row = &rows[0];
+        assert_eq!(row.requests, 2);
+        assert_eq!(row.prompt_tokens, u64::MAX);
+        assert_eq!(row.completion_tokens, u64::MAX);
+        assert_eq!(row.total_tokens, u64::MAX);
+        assert_eq!(row.cost_usd, u64::MAX as f64 / NANOS_PER_USD);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 24,
+            ..Default::default()
+        })]
+
+        /// Whatever the token counts, every group's sums are the exact sums
+        /// capped at u64::MAX, grouped or not.
+        #[test]
+        fn aggregates_are_exact_sums_capped_at_the_top(
+            calls in proptest::collection::vec(
+                (
+                    0u8..3,
+                    proptest::prop_oneof![0u64..1_000_000, (u64::MAX - 1_000_000)..=u64::MAX],
+                    proptest::prop_oneof![0u64..1_000_000, (u64::MAX - 1_000_000)..=u64::MAX],
+                    200u16..600,
+                ),
+                1..24,
+            )
+        ) {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let agg = rt.block_on(priced(
+                dir.path(),
+                aigw_shared::domain::Cost { input_per_1k: 0.5, output_per_1k: 2.0 },
+            ));
+            let now = unix_ms_now();
+            let events: Vec<UsageEvent> = calls
+                .iter()
+                .enumerate()
+                .map(|(i, (key, p, c, status))| UsageEvent {
+                    api_key_id: format!("k{key}"),
+                    prompt_tokens: *p,
+                    completion_tokens: *c,
+                    status: u32::from(*status),
+                    ..event(uuid_v7_floor(now + i as i64), now)
+                })
+                .collect();
+            // Ingested in two batches, as JetStream may deliver them.
+            let (a, b) = events.split_at(events.len() / 2);
+            agg.ingest(a).unwrap();
+            agg.ingest(b).unwrap();
+
+            let capped = |v: u128| u64::try_from(v).unwrap_or(u64::MAX);
+            // Exact sums in u128 (requests, errors, prompt, completion), capped.
+            let expect = |filter: &dyn Fn(u8) -> bool| {
+                let mut sums = [0u128; 4];
+                for &(_, p, c, status) in calls.iter().filter(|c| filter(c.0)) {
+                    sums[0] += 1;
+                    sums[1] += u128::from(status >= 400);
+                    sums[2] += u128::from(p);
+                    sums[3] += u128::from(c);
+                }
+                (capped(sums[0]), capped(sums[1]), capped(sums[2]), capped(sums[3]))
+            };
+            let got = |r: &UsageRow| (r.requests, r.errors, r.prompt_tokens, r.completion_tokens);
+
+            let total = agg.query(&UsageQuery::default());
+            proptest::prop_assert_eq!(total.len(), 1);
+            proptest::prop_assert_eq!(got(&total[0]), expect(&|_| true));
+            proptest::prop_assert_eq!(
+                total[0].total_tokens,
+                total[0].prompt_tokens.saturating_add(total[0].completion_tokens)
+            );
+            let by_key = agg.query(&UsageQuery {
+                group_by: vec![Dimension::ApiKey],
+                ..Default::default()
+            });
+            for row in &by_key {
+                let key: u8 = row.group["api_key"][1..].parse().unwrap();
+                proptest::prop_assert_eq!(got(row), expect(&|k| k == key));
+                proptest::prop_assert!(row.cost_usd <= total[0].cost_usd);
+                proptest::prop_assert!(row.cost_usd.is_finite() && row.cost_usd >= 0.0);
+            }
+        }
     }
 
     #[test]

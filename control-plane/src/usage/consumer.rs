@@ -1,4 +1,5 @@
 use super::Aggregator;
+use aigw_shared::config::NatsConfig;
 use aigw_shared::proto::usage::v1::UsageEvent;
 use aigw_shared::usage_bus::{ensure_stream, STREAM_NAME};
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy, AckKind};
@@ -14,14 +15,14 @@ const BATCH: usize = 1000;
 /// Consumes usage events with a durable pull consumer and acks each message
 /// only after its batch is durably aggregated; reconnects with backoff.
 pub async fn run_nats_consumer(
-    url: String,
+    nats: NatsConfig,
     aggregator: Arc<Aggregator>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(200);
     loop {
         tokio::select! {
-            r = consume(&url, &aggregator) => {
+            r = consume(&nats, &aggregator) => {
                 if let Err(e) = r {
                     warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "usage consumer interrupted");
                 }
@@ -36,13 +37,11 @@ pub async fn run_nats_consumer(
     }
 }
 
-async fn consume(url: &str, aggregator: &Arc<Aggregator>) -> Result<(), String> {
-    let client = async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(2))
-        .name("aigw-control-plane")
-        .connect(url)
-        .await
-        .map_err(|e| format!("connect {url}: {e}"))?;
+async fn consume(nats: &NatsConfig, aggregator: &Arc<Aggregator>) -> Result<(), String> {
+    let client =
+        aigw_shared::nats::connect(nats, "aigw-control-plane", aigw_shared::nats::Start::Now)
+            .await
+            .map_err(|e| e.to_string())?;
     let js = jetstream::new(client);
     ensure_stream(&js).await?;
     let stream = js
@@ -77,10 +76,20 @@ async fn consume(url: &str, aggregator: &Arc<Aggregator>) -> Result<(), String> 
         for m in chunk {
             let m = m.map_err(|e| format!("message: {e}"))?;
             match UsageEvent::decode(m.payload.as_ref()) {
-                Ok(e) => {
-                    events.push(e);
-                    msgs.push(m);
-                }
+                Ok(e) => match super::check::refuse_reason(&e, super::unix_ms_now()) {
+                    None => {
+                        events.push(e);
+                        msgs.push(m);
+                    }
+                    Some(reason) => {
+                        // Never counted, never redelivered; the log says who sent it.
+                        error!(%reason, event_id = %e.id.escape_debug(), node_id = %e.node_id.escape_debug(),
+                            api_key_id = %e.api_key_id.escape_debug(), prompt_tokens = e.prompt_tokens,
+                            completion_tokens = e.completion_tokens, "implausible usage event refused");
+                        crate::metrics::METRICS.usage_rejected(reason);
+                        let _ = m.ack_with(AckKind::Term).await;
+                    }
+                },
                 Err(e) => {
                     // Not ours to count; terminate it so it is not redelivered forever.
                     error!(error = %e, subject = %m.subject, "undecodable usage event terminated");

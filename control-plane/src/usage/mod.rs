@@ -6,9 +6,11 @@
 //! - `aggregator` — dedup, aggregates, cost, budgets, queries
 //! - `consumer`   — the durable JetStream consumer
 //! - `bus`        — the in-process bus for standalone
+//! - `check`      — bounds an event from the bus must meet to be counted
 
 mod aggregator;
 mod bus;
+pub mod check;
 mod consumer;
 
 pub use aggregator::{

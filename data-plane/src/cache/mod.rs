@@ -8,11 +8,11 @@ mod replay;
 
 pub use replay::sse_from_json;
 
-use crate::openai::request::{STREAM, STREAM_OPTIONS};
+use crate::openai::raw::{self, Field, RawObject};
+use crate::openai::request::{self, STREAM, STREAM_OPTIONS};
 use aigw_shared::domain::CacheConfig;
 use bytes::Bytes;
 use http::HeaderValue;
-use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -76,121 +76,135 @@ fn build(cfg: &CacheConfig) -> Store {
     }
 }
 
-/// Whether a request body is deterministic enough to cache: `temperature`
-/// exactly 0 and `n` absent or 1.
-pub fn cacheable(body: &Map<String, Value>) -> bool {
-    crate::openai::request::deterministic(body)
-}
-
 /// sha256 of the alias and the canonical body: keys sorted at every level,
-/// `stream`, `stream_options` and `user` left out.
-pub fn key(alias: &str, body: &Map<String, Value>) -> [u8; 32] {
+/// strings and numbers in one spelling, `stream`, `stream_options` and
+/// `user` left out. Read off the raw text, without building a tree.
+pub fn key(alias: &str, body: &RawObject<'_>) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(alias.as_bytes());
     h.update([0]);
-    let mut keys: Vec<&String> = body
-        .keys()
-        .filter(|k| !IGNORED_FIELDS.contains(&k.as_str()))
+    let mut fields: Vec<(&str, &Field<'_>)> = body
+        .fields()
+        .filter(|(k, _)| !IGNORED_FIELDS.contains(k))
         .collect();
-    keys.sort();
+    fields.sort_by(|a, b| a.0.cmp(b.0));
     h.update(b"{");
-    for k in keys {
-        canonical(&Value::String(k.clone()), &mut h);
+    for (k, v) in fields {
+        canonical_str(k, &mut h);
         h.update(b":");
-        canonical(&body[k], &mut h);
+        match v {
+            Field::Raw(text) => canonical(text, &mut h),
+            Field::Json(text) => canonical(text, &mut h),
+            Field::Str(text) => canonical_str(text, &mut h),
+            Field::Objects(_) => h.update(format!("{v:?}").as_bytes()),
+        }
         h.update(b",");
     }
     h.update(b"}");
     h.finalize().into()
 }
 
-fn canonical(v: &Value, h: &mut Sha256) {
-    match v {
-        Value::Object(o) => {
-            let mut keys: Vec<&String> = o.keys().collect();
-            keys.sort();
-            h.update(b"{");
-            for k in keys {
-                canonical(&Value::String(k.clone()), h);
-                h.update(b":");
-                canonical(&o[k], h);
-                h.update(b",");
+/// Objects wider than this are hashed as sent (a possible miss, never a
+/// wrong hit) rather than sorted: sorting keeps every key in memory.
+const MAX_SORTED_FIELDS: usize = 1024;
+
+fn canonical_str(s: &str, h: &mut Sha256) {
+    h.update(serde_json::to_string(s).unwrap_or_default().as_bytes());
+}
+
+fn canonical(raw_text: &str, h: &mut Sha256) {
+    match raw_text.as_bytes().first() {
+        Some(b'{') => match RawObject::parse_text(raw_text, MAX_SORTED_FIELDS) {
+            Ok(o) => {
+                let mut fields: Vec<(&str, &Field<'_>)> = o.fields().collect();
+                fields.sort_by(|a, b| a.0.cmp(b.0));
+                h.update(b"{");
+                for (k, v) in fields {
+                    canonical_str(k, h);
+                    h.update(b":");
+                    canonical(v.raw().unwrap_or_default(), h);
+                    h.update(b",");
+                }
+                h.update(b"}");
             }
-            h.update(b"}");
-        }
-        Value::Array(a) => {
+            Err(_) => h.update(raw_text.as_bytes()),
+        },
+        Some(b'[') => {
             h.update(b"[");
-            for x in a {
-                canonical(x, h);
+            for item in raw::items(raw_text) {
+                canonical(item, h);
                 h.update(b",");
             }
             h.update(b"]");
         }
-        // `0` and `0.0` ask for the same thing.
-        Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
-            (Some(i), _, _) => h.update(i.to_string().as_bytes()),
-            (_, Some(u), _) => h.update(u.to_string().as_bytes()),
-            (_, _, Some(f)) if f.fract() == 0.0 && f.abs() < 1e15 => {
-                h.update((f as i64).to_string().as_bytes())
-            }
-            _ => h.update(n.to_string().as_bytes()),
+        Some(b'"') => match request::string(raw_text) {
+            Some(s) => canonical_str(&s, h),
+            None => h.update(raw_text.as_bytes()),
         },
-        other => h.update(other.to_string().as_bytes()),
+        // `0` and `0.0` ask for the same thing.
+        Some(b'-' | b'0'..=b'9') => match serde_json::from_str::<serde_json::Number>(raw_text) {
+            Ok(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
+                (Some(i), _, _) => h.update(i.to_string().as_bytes()),
+                (_, Some(u), _) => h.update(u.to_string().as_bytes()),
+                (_, _, Some(f)) if f.fract() == 0.0 && f.abs() < 1e15 => {
+                    h.update((f as i64).to_string().as_bytes())
+                }
+                _ => h.update(n.to_string().as_bytes()),
+            },
+            Err(_) => h.update(raw_text.as_bytes()),
+        },
+        _ => h.update(raw_text.as_bytes()),
     }
 }
 
 /// The request body for the upstream fetch of a cacheable call: never a
 /// stream, so the answer can be stored whole.
-pub fn json_body(body: &Map<String, Value>) -> Bytes {
+pub fn json_body(body: &RawObject<'_>) -> Bytes {
     let mut b = body.clone();
     b.remove(STREAM);
     b.remove(STREAM_OPTIONS);
-    Bytes::from(serde_json::to_vec(&b).unwrap_or_default())
+    Bytes::from(b.to_json())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
-    fn obj(v: Value) -> Map<String, Value> {
-        v.as_object().unwrap().clone()
+    /// The cache key of a JSON value's text.
+    fn key_of(alias: &str, v: Value) -> [u8; 32] {
+        let text = v.to_string();
+        key(alias, &RawObject::parse(text.as_bytes()).unwrap())
     }
 
     #[test]
     fn key_ignores_order_stream_and_user() {
-        let a = obj(
-            json!({"model": "m", "temperature": 0, "messages": [{"role": "user", "content": "hi"}], "stream": true, "user": "u1"}),
-        );
-        let b = obj(
-            json!({"messages": [{"content": "hi", "role": "user"}], "temperature": 0, "model": "m", "stream_options": {"include_usage": true}}),
-        );
-        assert_eq!(key("alias", &a), key("alias", &b));
-        assert_ne!(key("alias", &a), key("other", &a));
-        let f = obj(
-            json!({"model": "m", "temperature": 0.0, "messages": [{"role": "user", "content": "hi"}]}),
-        );
+        let a = json!({"model": "m", "temperature": 0, "messages": [{"role": "user", "content": "hi"}], "stream": true, "user": "u1"});
+        let b = json!({"messages": [{"content": "hi", "role": "user"}], "temperature": 0, "model": "m", "stream_options": {"include_usage": true}});
+        assert_eq!(key_of("alias", a.clone()), key_of("alias", b));
+        assert_ne!(key_of("alias", a.clone()), key_of("other", a.clone()));
+        let f = json!({"model": "m", "temperature": 0.0, "messages": [{"role": "user", "content": "hi"}]});
         assert_eq!(
-            key("alias", &a),
-            key("alias", &f),
+            key_of("alias", a.clone()),
+            key_of("alias", f),
             "0 and 0.0 are the same temperature"
         );
-        let c = obj(
-            json!({"model": "m", "temperature": 0, "messages": [{"role": "user", "content": "hi!"}]}),
+        let c = json!({"model": "m", "temperature": 0, "messages": [{"role": "user", "content": "hi!"}]});
+        assert_ne!(key_of("alias", a.clone()), key_of("alias", c));
+        // Spacing and escapes do not matter either.
+        let spaced = r#"{ "model" : "m", "temperature" : 0, "messages" : [ { "content" : "h\u0069", "role" : "user" } ] }"#;
+        assert_eq!(
+            key_of("alias", a),
+            key("alias", &RawObject::parse(spaced.as_bytes()).unwrap())
         );
-        assert_ne!(key("alias", &a), key("alias", &c));
     }
 
     #[test]
-    fn only_deterministic_requests_are_cacheable() {
-        assert!(cacheable(&obj(json!({"temperature": 0}))));
-        assert!(cacheable(&obj(json!({"temperature": 0.0, "n": 1}))));
-        assert!(!cacheable(&obj(json!({"temperature": 0.7}))));
-        assert!(
-            !cacheable(&obj(json!({}))),
-            "the default temperature is not 0"
-        );
-        assert!(!cacheable(&obj(json!({"temperature": 0, "n": 2}))));
+    fn the_fetch_body_is_never_a_stream() {
+        let text =
+            r#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"x":[1, 2]}"#;
+        let body = json_body(&RawObject::parse(text.as_bytes()).unwrap());
+        assert_eq!(&body[..], br#"{"model":"m","x":[1, 2]}"#);
     }
 
     #[tokio::test]

@@ -9,7 +9,8 @@ use crate::limits::{Limiter, Limits};
 use crate::openai::{Operation, OPERATIONS};
 use crate::routing::{HealthRegistry, Pool, TargetHealth};
 use aigw_shared::domain::{
-    resolve_api_base, Credential, Model, Routing as RoutingPolicy, Target as ResolvedTarget,
+    check_api_version, check_upstream, Credential, Model, Routing as RoutingPolicy,
+    Target as ResolvedTarget,
 };
 use aigw_shared::snapshot::{ConfigSnapshot, SnapshotProviderKey as ProviderKey, SNAPSHOT_FORMAT};
 use http::{HeaderValue, Uri};
@@ -129,8 +130,18 @@ impl Runtime {
         let mut targets = TargetBuilder::new(&snapshot, with);
         let mut routes = HashMap::with_capacity(snapshot.models.len());
         for (model_id, m) in &snapshot.models {
+            // The control plane's write checks, once more: a snapshot written
+            // before a rule existed must not reach the hot path.
+            m.validate()
+                .map_err(|e| format!("model {model_id} ({}): {e}", m.display_name))?;
             let route = compile_route(model_id, m, &snapshot, &mut targets, with.limiter)?;
             routes.insert(m.display_name.clone(), Arc::new(route));
+        }
+        for (id, k) in &snapshot.api_keys {
+            if let Some(rl) = &k.rate_limit {
+                rl.validate("rate_limit")
+                    .map_err(|e| format!("api key {id}: {e}"))?;
+            }
         }
         let token_providers = targets.token_providers;
         // JWT-bound api keys leave `api_keys` here; the rest are key hashes.
@@ -301,6 +312,10 @@ impl<'a> TargetBuilder<'a> {
                     t.provider_key_id
                 )
             })?;
+        pk.credential
+            .check()
+            .and_then(|()| check_api_version(&pk.api_version))
+            .map_err(|e| format!("provider key {}: {e}", t.provider_key_id))?;
         let uris = uris(model_id, t, pk)?;
         let host = uris
             .iter()
@@ -375,7 +390,7 @@ impl<'a> TargetBuilder<'a> {
 
 /// The target's URL for every operation Azure serves.
 fn uris(model_id: &str, t: &ResolvedTarget, pk: &ProviderKey) -> Result<Vec<Option<Uri>>, String> {
-    let base = resolve_api_base(&pk.api_base)
+    let base = check_upstream(&pk.api_base, pk.allow_insecure_upstream)
         .map_err(|e| format!("provider key {}: {e}", t.provider_key_id))?;
     OPERATIONS
         .iter()
@@ -384,7 +399,8 @@ fn uris(model_id: &str, t: &ResolvedTarget, pk: &ProviderKey) -> Result<Vec<Opti
                 .map(|path| {
                     format!(
                         "{base}/openai/deployments/{}/{path}?api-version={}",
-                        t.model_name, pk.api_version
+                        path_segment(&t.model_name),
+                        pk.api_version
                     )
                     .parse::<Uri>()
                     .map_err(|e| format!("model {model_id}: bad upstream URL: {e}"))
@@ -392,4 +408,54 @@ fn uris(model_id: &str, t: &ResolvedTarget, pk: &ProviderKey) -> Result<Vec<Opti
                 .transpose()
         })
         .collect()
+}
+
+/// `name` as one URL path segment: every byte but RFC 3986's unreserved ones
+/// percent-encoded, and a segment of dots encoded whole, so a deployment name
+/// can never step out of `/openai/deployments/` or start a query. Names are
+/// checked at the write too; this holds whatever a snapshot carries.
+fn path_segment(name: &str) -> String {
+    use std::fmt::Write;
+    let dots_only = name.bytes().all(|b| b == b'.');
+    let mut out = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~') || (b == b'.' && !dots_only)
+        {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::path_segment;
+
+    #[test]
+    fn a_deployment_name_stays_one_path_segment() {
+        assert_eq!(path_segment("gpt-4o_prod.v2"), "gpt-4o_prod.v2");
+        assert_eq!(
+            path_segment("../../../../x?api-version=1#"),
+            "..%2F..%2F..%2F..%2Fx%3Fapi-version%3D1%23"
+        );
+        assert_eq!(path_segment(".."), "%2E%2E");
+        assert_eq!(path_segment("gpt 4o"), "gpt%204o");
+        assert_eq!(path_segment("é"), "%C3%A9");
+        for name in ["../../../../x?api-version=1#", "..", "a/b", "a%2Fb", "é?#"] {
+            let uri: http::Uri = format!(
+                "https://h.example/openai/deployments/{}/chat/completions?api-version=1",
+                path_segment(name)
+            )
+            .parse()
+            .unwrap();
+            assert_eq!(
+                uri.path().split('/').count(),
+                6,
+                "{name} must stay one segment: {uri}"
+            );
+            assert_eq!(uri.query(), Some("api-version=1"), "{name}: {uri}");
+        }
+    }
 }

@@ -17,6 +17,50 @@ pub struct WatchSettings {
     pub token: String,
     /// Address this node serves on, shown in the node list.
     pub address: String,
+    /// TLS to the control plane (with an `https://` URL).
+    pub tls: aigw_shared::config::GrpcClientTls,
+    /// Largest snapshot message accepted.
+    pub max_snapshot_bytes: usize,
+}
+
+/// The channel to the control plane: TLS for `https://` (system roots or
+/// the configured CA, a client certificate for mutual TLS).
+fn endpoint(settings: &WatchSettings) -> Result<tonic::transport::Endpoint, String> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let mut endpoint = tonic::transport::Endpoint::from_shared(settings.control_plane_url.clone())
+        .map_err(|e| format!("data_plane.control_plane_url: {e}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5));
+    if settings.control_plane_url.starts_with("https://") {
+        let tls = &settings.tls;
+        let read = |path: &std::path::Path, key: &str| {
+            std::fs::read(path).map_err(|e| {
+                format!(
+                    "data_plane.control_plane_tls.{key}: {}: {e}",
+                    path.display()
+                )
+            })
+        };
+        let mut config = ClientTlsConfig::new();
+        config = match &tls.ca_file {
+            Some(ca) => config.ca_certificate(Certificate::from_pem(read(ca, "ca_file")?)),
+            None => config.with_native_roots(),
+        };
+        if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+            config = config.identity(Identity::from_pem(
+                read(cert, "cert_file")?,
+                read(key, "key_file")?,
+            ));
+        }
+        if let Some(domain) = &tls.domain {
+            config = config.domain_name(domain.clone());
+        }
+        endpoint = endpoint
+            .tls_config(config)
+            .map_err(|e| format!("data_plane.control_plane_tls: {e}"))?;
+    }
+    Ok(endpoint)
 }
 
 /// Where snapshots from the stream go (the node: compile, swap, tidy up).
@@ -27,6 +71,10 @@ pub trait Apply: Send + Sync + 'static {
 
     /// Version of the applied snapshot, 0 before the first.
     fn version(&self) -> u64;
+
+    /// The control plane's `version` could not be applied (`reason`): the
+    /// node keeps its previous snapshot and reports how far behind it is.
+    fn rejected(&self, version: u64, reason: &str);
 }
 
 /// Boots from the snapshot file if there is one.
@@ -55,8 +103,9 @@ pub async fn watch_control_plane(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut backoff = BACKOFF_MIN;
+    let mut last_error = None;
     loop {
-        let session = session(&settings, &*node, &file, &mut backoff);
+        let session = session(&settings, &*node, &file, &mut backoff, &mut last_error);
         tokio::select! {
             r = session => {
                 if let Err(e) = r {
@@ -79,17 +128,14 @@ async fn session(
     node: &dyn Apply,
     file: &Arc<SnapshotFile>,
     backoff: &mut Duration,
+    last_error: &mut Option<String>,
 ) -> Result<(), String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(settings.control_plane_url.clone())
-        .map_err(|e| format!("data_plane.control_plane_url: {e}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5));
-    let channel = endpoint
+    let channel = endpoint(settings)?
         .connect()
         .await
         .map_err(|e| format!("connect: {e}"))?;
-    let mut client = ConfigServiceClient::new(channel);
+    let mut client =
+        ConfigServiceClient::new(channel).max_decoding_message_size(settings.max_snapshot_bytes);
     let (tx, rx) = mpsc::channel(16);
     let hello = pb::WatchRequest {
         kind: Some(Kind::Hello(pb::Hello {
@@ -97,6 +143,7 @@ async fn session(
             token: settings.token.clone(),
             version: node.version(),
             address: settings.address.clone(),
+            last_error: last_error.take().unwrap_or_default(),
         })),
     };
     tx.send(hello)
@@ -108,11 +155,22 @@ async fn session(
         .map_err(|s| format!("watch: {}", s.message()))?
         .into_inner();
     info!("connected to the config stream");
-    while let Some(snap) = stream
-        .message()
-        .await
-        .map_err(|s| format!("stream: {}", s.message()))?
-    {
+    while let Some(snap) = stream.message().await.map_err(|s| {
+        let message = format!("stream: {}", s.message());
+        if s.code() == tonic::Code::OutOfRange || s.message().contains("too large") {
+            // A snapshot this node cannot take: it stays on the last good
+            // one, says so on /readyz, and tells the control plane when it
+            // reconnects.
+            let reason = format!(
+                "a snapshot above data_plane.max_snapshot_bytes ({} bytes) could not be received: {}",
+                settings.max_snapshot_bytes,
+                s.message()
+            );
+            node.rejected(node.version().saturating_add(1), &reason);
+            *last_error = Some(reason);
+        }
+        message
+    })? {
         *backoff = BACKOFF_MIN;
         let reply = match node.apply(&snap.body) {
             Ok(version) => {
@@ -126,7 +184,8 @@ async fn session(
                 Kind::Ack(pb::Ack { version })
             }
             Err(reason) => {
-                warn!(version = snap.version, %reason, "rejected config snapshot");
+                warn!(version = snap.version, %reason, "rejected config snapshot; serving the last good one");
+                node.rejected(snap.version, &reason);
                 Kind::Nack(pb::Nack {
                     version: snap.version,
                     reason,

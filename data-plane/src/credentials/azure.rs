@@ -303,6 +303,7 @@ mod tests {
             api_base: "https://x.openai.azure.com".into(),
             api_version: "2024-10-21".into(),
             ca_pem: None,
+            allow_insecure_upstream: false,
             credential: Credential::ClientSecret {
                 tenant_id: "t".into(),
                 client_id: "c".into(),

@@ -409,6 +409,20 @@ impl std::fmt::Debug for JwksRegistry {
     }
 }
 
+/// Most redirects a JWKS or discovery fetch follows.
+const MAX_REDIRECTS: usize = 3;
+
+/// A redirect is followed only to where the configured URL could have
+/// pointed: https (http on loopback), no user info, and only a few hops.
+pub(super) fn redirect_allowed(to: &reqwest::Url, hops_so_far: usize) -> Result<(), String> {
+    if hops_so_far >= MAX_REDIRECTS {
+        return Err(format!("more than {MAX_REDIRECTS} redirects"));
+    }
+    check_endpoint("redirect", to.as_str())
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
 impl Default for JwksRegistry {
     fn default() -> Self {
         Self::new(JwksSettings::default())
@@ -420,7 +434,12 @@ impl JwksRegistry {
         let http = reqwest::Client::builder()
             .connect_timeout(settings.fetch_timeout)
             .read_timeout(settings.fetch_timeout)
-            .redirect(reqwest::redirect::Policy::limited(3))
+            .redirect(reqwest::redirect::Policy::custom(|attempt| {
+                match redirect_allowed(attempt.url(), attempt.previous().len()) {
+                    Ok(()) => attempt.follow(),
+                    Err(e) => attempt.error(e),
+                }
+            }))
             .build()
             .unwrap_or_else(|e| {
                 warn!(error = %e, "cannot build the JWKS HTTP client with its settings; using defaults");

@@ -474,3 +474,21 @@ fn claims_match_text_words_and_lists() {
     assert!(!claim_has(&c, "roles", "C"));
     assert!(!claim_has(&c, "missing", "x"));
 }
+
+#[test]
+fn redirects_are_held_to_the_rules_of_the_configured_url() {
+    use super::keys::redirect_allowed;
+    let url = |u: &str| reqwest::Url::parse(u).unwrap();
+    assert!(redirect_allowed(&url("https://login.example/keys"), 0).is_ok());
+    assert!(redirect_allowed(&url("http://127.0.0.1:8080/keys"), 1).is_ok());
+    // Plain http off loopback, user info, or a fourth hop: refused.
+    for (to, hops) in [
+        ("http://attacker.example/keys", 0),
+        ("https://u:p@login.example/keys", 0),
+        ("file:///etc/passwd", 0),
+        ("https://login.example/keys", 3),
+    ] {
+        let err = redirect_allowed(&url(to), hops).unwrap_err();
+        assert!(!err.is_empty(), "{to}");
+    }
+}

@@ -52,7 +52,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use window::{Kind, Ring};
+use window::{cost_of, Kind, Ring};
 
 /// How often a node broadcasts its counts; the fleet's views lag by about this.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(50);
@@ -92,6 +92,8 @@ pub struct Fleet {
     nodes: AtomicU64,
     /// Bumped after every broadcast: admissions before it are visible to peers.
     epoch: AtomicU64,
+    /// Reason → peers' messages refused (see `sync::refuse_reason`).
+    rejected: Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
 impl Default for Fleet {
@@ -100,6 +102,7 @@ impl Default for Fleet {
             synced: AtomicBool::new(false),
             nodes: AtomicU64::new(1),
             epoch: AtomicU64::new(0),
+            rejected: Mutex::default(),
         }
     }
 }
@@ -119,6 +122,15 @@ impl Fleet {
 
     pub(crate) fn set_nodes(&self, n: u64) {
         self.nodes.store(n.max(1), Relaxed);
+    }
+
+    pub(crate) fn rejected(&self, reason: &'static str) {
+        *lock(&self.rejected).entry(reason).or_default() += 1;
+    }
+
+    /// Messages refused so far, by reason.
+    pub fn rejected_counts(&self) -> Vec<(&'static str, u64)> {
+        lock(&self.rejected).iter().map(|(r, n)| (*r, *n)).collect()
     }
 
     pub(crate) fn next_epoch(&self) {
@@ -237,6 +249,11 @@ pub struct Check<'a> {
     pub id: &'a str,
 }
 
+/// A limit as a count; limits beyond `i64` are as good as unlimited.
+fn as_count(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 fn limit_of(l: &RateLimit, kind: Kind) -> Option<u64> {
     match kind {
         Kind::RequestsPerMinute => l.rpm,
@@ -312,7 +329,7 @@ impl Window {
         let mut sum = self.local.total();
         for r in self.peers.values_mut() {
             r.advance(bucket);
-            sum += r.total();
+            sum = sum.saturating_add(r.total());
         }
         sum
     }
@@ -320,10 +337,10 @@ impl Window {
     /// Used and allowed, as this node enforces it in `mode`.
     fn usage(&mut self, limit: u64, bucket: u64, mode: Mode) -> (i64, i64) {
         match mode {
-            Mode::Fleet { .. } => (self.fleet_view(bucket), limit as i64),
+            Mode::Fleet { .. } => (self.fleet_view(bucket), as_count(limit)),
             Mode::Local { nodes } => {
                 self.local.advance(bucket);
-                (self.local.total(), (limit / nodes) as i64)
+                (self.local.total(), as_count(limit / nodes.max(1)))
             }
         }
     }
@@ -334,7 +351,7 @@ impl Window {
         let fits = if cost == 0 {
             used < allowed
         } else {
-            used + cost <= allowed
+            used.saturating_add(cost) <= allowed
         };
         if !fits {
             return None;
@@ -345,8 +362,8 @@ impl Window {
                 self.unsynced = 0;
                 self.base = used;
             }
-            let share = (limit as i64 - self.base) / nodes as i64;
-            if self.unsynced + cost > share.max(cost) {
+            let share = as_count(limit).saturating_sub(self.base) / as_count(nodes).max(1);
+            if self.unsynced.saturating_add(cost) > share.max(cost) {
                 return None;
             }
         }
@@ -357,20 +374,25 @@ impl Window {
     fn retry_after_ms(&mut self, limit: u64, cost: i64, now: u64, mode: Mode) -> u64 {
         let bucket = self.kind.bucket_of(now);
         let (used, allowed) = self.usage(limit, bucket, mode);
-        let excess = used + cost.max(1) - allowed;
+        let excess = used.saturating_add(cost.max(1)).saturating_sub(allowed);
         if excess <= 0 {
             // Refused by the sync-interval share: the next interval has room.
             return SYNC_INTERVAL.as_millis() as u64;
         }
         let local_only = matches!(mode, Mode::Local { .. });
-        let mut freed = 0;
+        let mut freed: i64 = 0;
         for b in self.local.oldest()..=bucket {
-            freed += self.local.get(b);
+            freed = freed.saturating_add(self.local.get(b));
             if !local_only {
-                freed += self.peers.values().map(|r| r.get(b)).sum::<i64>();
+                freed = self
+                    .peers
+                    .values()
+                    .fold(freed, |f, r| f.saturating_add(r.get(b)));
             }
             if freed >= excess {
-                let leaves_at = (b + self.kind.buckets() as u64) * self.kind.bucket_ms();
+                let leaves_at = b
+                    .saturating_add(self.kind.buckets() as u64)
+                    .saturating_mul(self.kind.bucket_ms());
                 return leaves_at.saturating_sub(now).max(1);
             }
         }
@@ -399,7 +421,7 @@ impl ScopeState {
                 continue;
             };
             let w = self.windows[kind.index()].get_or_insert_with(|| Window::new(kind));
-            let cost = if kind.is_tokens() { tokens as i64 } else { 1 };
+            let cost = if kind.is_tokens() { cost_of(tokens) } else { 1 };
             let bucket = kind.bucket_of(now);
             let Some(remaining) = w.admits(limit, cost, bucket, mode) else {
                 return Err(Rejection {
@@ -415,10 +437,12 @@ impl ScopeState {
         if let Some(max) = c.limits.concurrency {
             let (used, allowed) = match mode {
                 Mode::Fleet { .. } => (
-                    self.in_flight + self.peers_in_flight.values().sum::<i64>(),
-                    max as i64,
+                    self.peers_in_flight
+                        .values()
+                        .fold(self.in_flight, |n, p| n.saturating_add(*p)),
+                    as_count(max),
                 ),
-                Mode::Local { nodes } => (self.in_flight, (max / nodes).max(1) as i64),
+                Mode::Local { nodes } => (self.in_flight, as_count(max / nodes.max(1)).max(1)),
             };
             if used >= allowed {
                 return Err(Rejection {
@@ -443,9 +467,9 @@ impl ScopeState {
                 continue;
             };
             let bucket = kind.bucket_of(now);
-            let cost = if kind.is_tokens() { tokens as i64 } else { 1 };
+            let cost = if kind.is_tokens() { cost_of(tokens) } else { 1 };
             w.record(bucket, cost);
-            w.unsynced += cost;
+            w.unsynced = w.unsynced.saturating_add(cost);
             if kind.is_tokens() {
                 token_buckets.push((kind, bucket));
             }
@@ -544,7 +568,9 @@ impl Rejection {
     pub fn apply_headers(&self, headers: &mut http::HeaderMap) {
         headers.insert(
             http::HeaderName::from_static("retry-after-ms"),
-            (self.retry_after.as_millis() as u64).into(),
+            u64::try_from(self.retry_after.as_millis())
+                .unwrap_or(u64::MAX)
+                .into(),
         );
         let tokens = matches!(self.limit, "tpm" | "tpd");
         let mut h = RateHeaders::default();
@@ -592,7 +618,9 @@ impl Permit {
             return;
         }
         self.settled = true;
-        let delta = actual_tokens as i64 - self.estimate as i64;
+        // Both sides clamped as they were counted: a huge or bogus usage
+        // report cannot wrap the windows.
+        let delta = cost_of(actual_tokens) - cost_of(self.estimate);
         if delta == 0 {
             return;
         }

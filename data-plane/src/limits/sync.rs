@@ -24,6 +24,61 @@ const PEER_TIMEOUT: Duration = Duration::from_secs(3);
 /// After (re)connecting, how long to wait for peers' full states before
 /// enforcing on the fleet's sum.
 const SETTLE: Duration = Duration::from_millis(150);
+/// Largest count a peer may report for one bucket, either sign (corrections
+/// can make a bucket negative): far above any real limit, far below where
+/// summing a few peers could wrap.
+pub const MAX_BUCKET_COUNT: i64 = 1_000_000_000_000;
+/// Largest number of calls in flight a peer may report for one scope.
+pub const MAX_IN_FLIGHT: i64 = 1_000_000;
+/// Clock skew tolerated between nodes.
+const MAX_SKEW_MS: u64 = 5 * 60 * 1000;
+const MAX_ID_BYTES: usize = 256;
+
+/// Why a peer's message is refused, as a short stable label; `None` when
+/// it is plausible. NATS permissions decide who may publish (README,
+/// "Security model"); this keeps one bad message from a credential holder
+/// from wrapping the fleet's sums, switching limits off with negative
+/// counts, or wiping windows with buckets from the far future.
+pub(crate) fn refuse_reason(msg: &LimitSync, now_ms: u64) -> Option<&'static str> {
+    if msg.node_id.is_empty()
+        || msg.session.is_empty()
+        || msg.node_id.len() > MAX_ID_BYTES
+        || msg.session.len() > MAX_ID_BYTES
+    {
+        return Some("bad_identity");
+    }
+    if msg.sent_unix_ms.abs_diff(now_ms) > MAX_SKEW_MS {
+        return Some("clock_skew");
+    }
+    for wc in &msg.windows {
+        let Some(kind) = Measure::try_from(wc.measure)
+            .ok()
+            .and_then(Kind::from_measure)
+        else {
+            return Some("bad_measure");
+        };
+        let newest_allowed = kind.bucket_of(now_ms.saturating_add(MAX_SKEW_MS));
+        let last = wc.first_bucket.checked_add(wc.counts.len() as u64);
+        if wc.counts.len() > kind.buckets() || last.is_none_or(|l| l > newest_allowed + 1) {
+            return Some("bucket_out_of_range");
+        }
+        if wc
+            .counts
+            .iter()
+            .any(|c| c.unsigned_abs() > MAX_BUCKET_COUNT as u64)
+        {
+            return Some("count_out_of_bounds");
+        }
+    }
+    if msg
+        .in_flight
+        .iter()
+        .any(|f| !(0..=MAX_IN_FLIGHT).contains(&f.count))
+    {
+        return Some("in_flight_out_of_bounds");
+    }
+    None
+}
 
 impl Limiter {
     /// This node's counts for a broadcast: the changed buckets, or all.
@@ -93,7 +148,11 @@ impl Limiter {
                 *ring = Ring::new(kind);
             }
             for (i, &c) in wc.counts.iter().enumerate() {
-                ring.set(wc.first_bucket + i as u64, c);
+                // A peer's bucket numbers are not trusted to stay in range.
+                let Some(bucket) = wc.first_bucket.checked_add(i as u64) else {
+                    break;
+                };
+                ring.set(bucket, c);
             }
         }
         let mut seen: Vec<&str> = Vec::with_capacity(msg.in_flight.len());
@@ -170,7 +229,20 @@ impl Limiter {
              aigw_ratelimit_fleet_nodes {}\n",
             u8::from(self.fleet.is_synced()),
             self.fleet.nodes()
-        )
+        ) + &self.render_rejected()
+    }
+
+    fn render_rejected(&self) -> String {
+        let mut s = String::from(
+            "# HELP aigw_ratelimit_sync_rejected_total Peers' rate-limit messages refused as implausible (forged or corrupt), by reason.\n\
+             # TYPE aigw_ratelimit_sync_rejected_total counter\n",
+        );
+        for (reason, n) in self.fleet.rejected_counts() {
+            s.push_str(&format!(
+                "aigw_ratelimit_sync_rejected_total{{reason=\"{reason}\"}} {n}\n"
+            ));
+        }
+        s
     }
 }
 
@@ -202,10 +274,16 @@ pub async fn run_sync(
             msg = futures::StreamExt::next(&mut sub) => {
                 let Some(msg) = msg else { break };
                 let Ok(sync) = LimitSync::decode(msg.payload) else {
+                    limiter.fleet.rejected("undecodable");
                     tracing::warn!("rate limits: undecodable message on {SUBJECT}");
                     continue;
                 };
                 if sync.session == session {
+                    continue;
+                }
+                if let Some(reason) = refuse_reason(&sync, crate::clock::unix_ms_now()) {
+                    limiter.fleet.rejected(reason);
+                    tracing::warn!(%reason, node_id = %sync.node_id.escape_debug(), "rate limits: implausible message on {SUBJECT} refused");
                     continue;
                 }
                 let peer: Arc<str> = Arc::from(format!("{}/{}", sync.node_id, sync.session));
@@ -268,4 +346,93 @@ pub async fn run_sync(
         }
     }
     limiter.fleet.set_synced(false);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000_000;
+
+    fn msg(counts: Vec<i64>, first_bucket: u64) -> LimitSync {
+        LimitSync {
+            node_id: "peer".into(),
+            session: "s1".into(),
+            sent_unix_ms: NOW,
+            full: true,
+            hello: false,
+            windows: vec![WindowCounts {
+                scope: "key/k1".into(),
+                measure: Measure::TokensPerMinute as i32,
+                first_bucket,
+                counts,
+            }],
+            in_flight: vec![InFlight {
+                scope: "key/k1".into(),
+                count: 3,
+            }],
+        }
+    }
+
+    fn now_bucket() -> u64 {
+        Kind::TokensPerMinute.bucket_of(NOW)
+    }
+
+    #[test]
+    fn a_peers_real_counts_pass() {
+        // Corrections can make a bucket negative; that is a real count.
+        let m = msg(vec![900, -120, 40], now_bucket() - 2);
+        assert_eq!(refuse_reason(&m, NOW), None);
+    }
+
+    #[test]
+    fn forged_messages_are_refused_with_their_reason() {
+        let b = now_bucket();
+        let cases: Vec<(LimitSync, &str)> = vec![
+            (msg(vec![i64::MAX], b), "count_out_of_bounds"),
+            (msg(vec![i64::MIN], b), "count_out_of_bounds"),
+            (msg(vec![1], u64::MAX), "bucket_out_of_range"),
+            (msg(vec![1], b + 10 * 60 * 10), "bucket_out_of_range"),
+            (msg(vec![0; 601], b - 600), "bucket_out_of_range"),
+            (
+                LimitSync {
+                    in_flight: vec![InFlight {
+                        scope: "key/k1".into(),
+                        count: -1_000,
+                    }],
+                    ..msg(vec![1], b)
+                },
+                "in_flight_out_of_bounds",
+            ),
+            (
+                LimitSync {
+                    sent_unix_ms: NOW + 3_600_000,
+                    ..msg(vec![1], b)
+                },
+                "clock_skew",
+            ),
+            (
+                LimitSync {
+                    node_id: String::new(),
+                    ..msg(vec![1], b)
+                },
+                "bad_identity",
+            ),
+        ];
+        for (m, reason) in cases {
+            assert_eq!(refuse_reason(&m, NOW), Some(reason), "{m:?}");
+        }
+    }
+
+    #[test]
+    fn a_refused_message_is_counted_in_the_metrics() {
+        let limiter = Limiter::default();
+        limiter.fleet.rejected("count_out_of_bounds");
+        limiter.fleet.rejected("count_out_of_bounds");
+        let text = limiter.render_metrics();
+        assert!(
+            text.contains("aigw_ratelimit_sync_rejected_total{reason=\"count_out_of_bounds\"} 2"),
+            "{text}"
+        );
+    }
 }

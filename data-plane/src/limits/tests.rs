@@ -311,3 +311,151 @@ fn mirrors_of_departed_peers_go_once_their_counts_expire() {
         "the live peer stays, even with nothing counted"
     );
 }
+
+#[test]
+fn a_huge_token_estimate_never_switches_the_token_limit_off() {
+    // Issue 17 row 2: 2^63 tokens was cast to a negative reservation.
+    for huge in [1u64 << 63, u64::MAX, i64::MAX as u64] {
+        let n = Node::new(rl(|r| r.tpm = Some(1_000)), RateLimit::default());
+        assert_eq!(n.call(huge, T0).unwrap_err().limit, "tpm", "{huge}");
+        let _first = n.call(900, T0).unwrap();
+        assert_eq!(
+            n.call(900, T0).unwrap_err().limit,
+            "tpm",
+            "a second 900-token call does not fit in 1,000 ({huge})"
+        );
+    }
+    // Synced with peers too, and a settle with a bogus usage report.
+    let n = Node::new(rl(|r| r.tpm = Some(1_000)), RateLimit::default()).synced(3);
+    assert!(n.call(u64::MAX, T0).is_err());
+    let mut p = n.call(300, T0).unwrap();
+    p.settle(u64::MAX);
+    assert!(
+        n.call(1, T0 + 100).is_err(),
+        "the huge usage fills the window"
+    );
+}
+
+#[test]
+fn hostile_peer_counts_are_clamped_not_wrapped() {
+    use aigw_shared::proto::limits::v1::{LimitSync, Measure, WindowCounts};
+    let n = Node::new(rl(|r| r.tpm = Some(1_000)), RateLimit::default()).synced(2);
+    let bucket = Kind::TokensPerMinute.bucket_of(T0);
+    let msg = |counts: Vec<i64>, first_bucket: u64| LimitSync {
+        full: false,
+        windows: vec![WindowCounts {
+            scope: "key/k1".into(),
+            measure: Measure::TokensPerMinute as i32,
+            first_bucket,
+            counts,
+        }],
+        ..Default::default()
+    };
+    let peers: [Arc<str>; 2] = [Arc::from("p1"), Arc::from("p2")];
+    n.limiter
+        .apply(&peers[0], &msg(vec![i64::MAX, i64::MAX], bucket - 1));
+    n.limiter.apply(&peers[1], &msg(vec![i64::MAX], bucket));
+    n.limiter.apply(&peers[1], &msg(vec![1], u64::MAX));
+    assert_eq!(n.call(1, T0).unwrap_err().limit, "tpm");
+    n.limiter
+        .apply(&peers[0], &msg(vec![i64::MIN, i64::MIN], bucket - 1));
+    n.limiter.apply(&peers[1], &msg(vec![i64::MIN], bucket));
+    let p = n.call(900, T0);
+    assert!(
+        p.is_ok(),
+        "negative counts never make room beyond the limit"
+    );
+    assert!(n.call(200, T0).is_err());
+}
+
+mod properties {
+    //! The limiter's arithmetic on any input: no panic (tests build with
+    //! overflow checks), a window's total is its buckets' sum, and what one
+    //! node admits into a minute never exceeds its limit.
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Token counts: ordinary ones and the edges of `u64` / `i64`.
+    fn tokens() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            0u64..2_000,
+            Just(u64::MAX),
+            Just(1u64 << 63),
+            Just(i64::MAX as u64),
+            any::<u64>(),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Call(u64),
+        Settle(usize, u64),
+        Drop(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            tokens().prop_map(Op::Call),
+            (any::<usize>(), tokens()).prop_map(|(i, t)| Op::Settle(i, t)),
+            any::<usize>().prop_map(Op::Drop),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn one_minute_never_admits_more_than_the_limit(
+            limit in prop_oneof![1u64..5_000, Just(u64::MAX), any::<u64>()],
+            ops in proptest::collection::vec(op(), 1..60),
+        ) {
+            let n = Node::new(rl(|r| r.tpm = Some(limit)), RateLimit::default());
+            // Each permit with what the window counts for it: the estimate,
+            // then the reported usage once settled.
+            let mut held: Vec<(Permit, i128, bool)> = Vec::new();
+            let mut forgotten: i128 = 0;
+            for op in ops {
+                let counted = forgotten + held.iter().map(|h| h.1).sum::<i128>();
+                match op {
+                    Op::Call(t) => {
+                        if let Ok(p) = n.call(t, T0) {
+                            let cost = i128::from(window::cost_of(t));
+                            prop_assert!(
+                                cost == 0 || counted + cost <= i128::from(limit),
+                                "admitted {cost} on top of {counted} under {limit}"
+                            );
+                            held.push((p, cost, false));
+                        }
+                    }
+                    Op::Settle(i, t) if !held.is_empty() => {
+                        let len = held.len();
+                        let h = &mut held[i % len];
+                        h.0.settle(t);
+                        if !std::mem::replace(&mut h.2, true) {
+                            h.1 = i128::from(window::cost_of(t));
+                        }
+                    }
+                    Op::Drop(i) if !held.is_empty() => {
+                        // A dropped permit's tokens stay counted.
+                        forgotten += held.swap_remove(i % held.len()).1;
+                    }
+                    _ => {}
+                }
+            }
+        }
+
+        #[test]
+        fn a_ring_total_is_the_sum_of_its_buckets(
+            ops in proptest::collection::vec((0u64..1_500, any::<i64>(), any::<bool>()), 1..80),
+        ) {
+            let mut r = Ring::new(Kind::TokensPerMinute);
+            for (bucket, v, set) in ops {
+                if set {
+                    r.set(bucket, v);
+                } else {
+                    r.add(bucket, v);
+                }
+                let sum: i128 = (r.oldest()..=r.head()).map(|b| i128::from(r.get(b))).sum();
+                prop_assert_eq!(i128::from(r.total()), sum.max(0));
+            }
+        }
+    }
+}

@@ -2,8 +2,9 @@
 //! its own token limits: the prompt counted with the model's tokenizer, plus
 //! the completion the caller allows (`max_tokens` × `n`).
 
-use crate::openai::{request, Operation};
-use serde_json::{Map, Value};
+use crate::openai::raw::{self, RawObject};
+use crate::openai::request::{self, Fields};
+use crate::openai::Operation;
 use tiktoken_rs::tokenizer::{get_tokenizer, Tokenizer};
 use tiktoken_rs::CoreBPE;
 
@@ -33,67 +34,52 @@ fn bpe(t: Tokenizer) -> Option<&'static CoreBPE> {
     tiktoken_rs::bpe_for_tokenizer(t).ok()
 }
 
-/// Estimated tokens of a whole call: prompt plus the allowed completion.
-pub fn estimate(op: Operation, body: &Map<String, Value>, tokenizer: Tokenizer) -> u64 {
+/// Estimated tokens of a whole call: prompt plus the allowed completion
+/// (`fields`: the checked `max_tokens` and `n`).
+pub fn estimate(op: Operation, body: &RawObject<'_>, fields: &Fields, tokenizer: Tokenizer) -> u64 {
     let Some(bpe) = bpe(tokenizer) else {
         return 0;
     };
-    let count = |s: &str| bpe.count_ordinary(s) as u64;
+    let count =
+        |s: &str| -> u64 { request::string(s).map_or(0, |s| bpe.count_ordinary(&s) as u64) };
     let prompt = match op {
         Operation::ChatCompletions => chat_prompt(body, &count),
         Operation::Completions | Operation::Embeddings => {
-            input_tokens(op.prompt_field().and_then(|f| body.get(f)), &count)
+            input_tokens(op.prompt_field().and_then(|f| body.raw(f)), &count)
         }
         Operation::ListModels => 0,
     };
     let completion = match op {
         Operation::Embeddings | Operation::ListModels => 0,
-        _ => {
-            let max = [request::MAX_COMPLETION_TOKENS, request::MAX_TOKENS]
-                .iter()
-                .find_map(|k| body.get(*k).and_then(Value::as_u64))
-                .unwrap_or(0);
-            let n = body
-                .get(request::N)
-                .and_then(Value::as_u64)
-                .unwrap_or(1)
-                .max(1);
-            max.saturating_mul(n)
-        }
+        _ => fields
+            .max_tokens
+            .unwrap_or(0)
+            .saturating_mul(fields.n.max(1)),
     };
     prompt.saturating_add(completion)
 }
 
-fn chat_prompt(body: &Map<String, Value>, count: &impl Fn(&str) -> u64) -> u64 {
+/// `count` takes a raw JSON string (anything else counts 0).
+fn chat_prompt(body: &RawObject<'_>, count: &impl Fn(&str) -> u64) -> u64 {
     let mut total = REPLY_PRIMING;
-    for m in body
-        .get(
-            Operation::ChatCompletions
-                .prompt_field()
-                .unwrap_or_default(),
-        )
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        total += PER_MESSAGE;
-        if let Some(role) = m.get("role").and_then(Value::as_str) {
-            total += count(role);
+    let messages = Operation::ChatCompletions
+        .prompt_field()
+        .and_then(|f| body.raw(f))
+        .unwrap_or_default();
+    for m in raw::items(messages) {
+        total = total.saturating_add(PER_MESSAGE);
+        if let Some(role) = raw::lookup(m, "role") {
+            total = total.saturating_add(count(role));
         }
-        if let Some(name) = m.get("name").and_then(Value::as_str) {
-            total += count(name) + PER_NAME;
+        if let Some(name) = raw::lookup(m, "name") {
+            total = total.saturating_add(count(name) + PER_NAME);
         }
-        total += content_tokens(m.get("content"), count);
-        for call in m
-            .get("tool_calls")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            if let Some(f) = call.get("function") {
+        total = total.saturating_add(content_tokens(raw::lookup(m, "content"), count));
+        for call in raw::items(raw::lookup(m, "tool_calls").unwrap_or_default()) {
+            if let Some(f) = raw::lookup(call, "function") {
                 for k in ["name", "arguments"] {
-                    if let Some(s) = f.get(k).and_then(Value::as_str) {
-                        total += count(s);
+                    if let Some(s) = raw::lookup(f, k) {
+                        total = total.saturating_add(count(s));
                     }
                 }
             }
@@ -101,40 +87,48 @@ fn chat_prompt(body: &Map<String, Value>, count: &impl Fn(&str) -> u64) -> u64 {
     }
     // Tool and function definitions are sent to the model as text too.
     for k in ["tools", "functions", "response_format"] {
-        if let Some(v) = body.get(k) {
-            total += count(&v.to_string());
+        if let Some(v) = body.raw(k) {
+            total = total.saturating_add(count_text(v, count));
         }
     }
     total
 }
 
-fn content_tokens(content: Option<&Value>, count: &impl Fn(&str) -> u64) -> u64 {
-    match content {
-        Some(Value::String(s)) => count(s),
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .map(|p| match p.get("type").and_then(Value::as_str) {
-                Some("image_url") => PER_IMAGE,
-                _ => p.get("text").and_then(Value::as_str).map_or(0, count),
+/// Tokens of a JSON value's text as the model sees it.
+fn count_text(raw_json: &str, count: &impl Fn(&str) -> u64) -> u64 {
+    // `count` reads a JSON string: give it the value's text as one.
+    serde_json::to_string(raw_json).map_or(0, |s| count(&s))
+}
+
+fn content_tokens(content: Option<&str>, count: &impl Fn(&str) -> u64) -> u64 {
+    match content.and_then(|c| c.as_bytes().first()) {
+        Some(b'"') => content.map_or(0, count),
+        Some(b'[') => raw::items(content.unwrap_or_default())
+            .map(|p| {
+                let kind = raw::lookup(p, "type").and_then(request::string);
+                if kind.as_deref() == Some("image_url") {
+                    PER_IMAGE
+                } else {
+                    raw::lookup(p, "text").map_or(0, count)
+                }
             })
-            .sum(),
+            .fold(0, u64::saturating_add),
         _ => 0,
     }
 }
 
 /// `prompt` / `input`: a string, strings, token ids or arrays of token ids.
-fn input_tokens(v: Option<&Value>, count: &impl Fn(&str) -> u64) -> u64 {
-    match v {
-        Some(Value::String(s)) => count(s),
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|i| match i {
-                Value::String(s) => count(s),
-                Value::Number(_) => 1,
-                Value::Array(ids) => ids.len() as u64,
+fn input_tokens(v: Option<&str>, count: &impl Fn(&str) -> u64) -> u64 {
+    match v.and_then(|v| v.as_bytes().first()) {
+        Some(b'"') => v.map_or(0, count),
+        Some(b'[') => raw::items(v.unwrap_or_default())
+            .map(|i| match i.as_bytes().first() {
+                Some(b'"') => count(i),
+                Some(b'-' | b'0'..=b'9') => 1,
+                Some(b'[') => raw::items(i).count() as u64,
                 _ => 0,
             })
-            .sum(),
+            .fold(0, u64::saturating_add),
         _ => 0,
     }
 }
@@ -142,31 +136,56 @@ fn input_tokens(v: Option<&Value>, count: &impl Fn(&str) -> u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
-    fn obj(v: Value) -> Map<String, Value> {
-        v.as_object().cloned().unwrap()
+    fn estimate_of(op: Operation, v: Value, t: Tokenizer) -> u64 {
+        let text = v.to_string();
+        let body = request::parse(text.as_bytes()).unwrap();
+        let fields = request::read_fields(op, &body).unwrap();
+        estimate(op, &body, &fields, t)
     }
 
     #[test]
     fn chat_counts_messages_framing_and_max_tokens() {
-        let body = obj(json!({
+        let body = json!({
+            "model": "m",
             "messages": [{"role": "user", "content": "Hello, how are you?"}],
             "max_tokens": 50, "n": 2
-        }));
+        });
         let t = tokenizer_for("gpt-4o");
         // "Hello, how are you?" is 6 tokens in o200k, "user" 1: 3 + 1 + 6 + 3 = 13.
-        assert_eq!(estimate(Operation::ChatCompletions, &body, t), 13 + 100);
+        assert_eq!(estimate_of(Operation::ChatCompletions, body, t), 13 + 100);
     }
 
     #[test]
     fn embeddings_and_completions_count_their_inputs() {
         let t = tokenizer_for("text-embedding-3-small");
         assert_eq!(t, Tokenizer::Cl100kBase);
-        let body = obj(json!({"input": ["hello world", [1, 2, 3]]}));
-        assert_eq!(estimate(Operation::Embeddings, &body, t), 2 + 3);
-        let body = obj(json!({"prompt": "hello world", "max_tokens": 7}));
-        assert_eq!(estimate(Operation::Completions, &body, t), 2 + 7);
+        let body = json!({"model": "m", "input": ["hello world", [1, 2, 3]]});
+        assert_eq!(estimate_of(Operation::Embeddings, body, t), 2 + 3);
+        let body = json!({"model": "m", "prompt": "hello world", "max_tokens": 7});
+        assert_eq!(estimate_of(Operation::Completions, body, t), 2 + 7);
+    }
+
+    #[test]
+    fn parts_tools_and_escapes_count_like_the_text() {
+        let t = tokenizer_for("gpt-4o");
+        let plain =
+            json!({"model": "m", "messages": [{"role": "user", "content": "Hello, how are you?"}]});
+        let parts = json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "Hello, how are you?"}, {"type": "image_url", "image_url": {"url": "x"}}]}]});
+        let p = estimate_of(Operation::ChatCompletions, plain.clone(), t);
+        assert_eq!(
+            estimate_of(Operation::ChatCompletions, parts, t),
+            p + PER_IMAGE
+        );
+        let escaped =
+            r#"{"model":"m","messages":[{"role":"user","content":"Hello, how are you\u003f"}]}"#;
+        let body = request::parse(escaped.as_bytes()).unwrap();
+        let fields = request::read_fields(Operation::ChatCompletions, &body).unwrap();
+        assert_eq!(estimate(Operation::ChatCompletions, &body, &fields, t), p);
+        let mut tools = plain;
+        tools["tools"] = json!([{"type": "function", "function": {"name": "f"}}]);
+        assert!(estimate_of(Operation::ChatCompletions, tools, t) > p);
     }
 
     #[test]

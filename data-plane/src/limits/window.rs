@@ -76,6 +76,21 @@ impl Kind {
     }
 }
 
+/// Largest magnitude of one bucket's count. A call costs at most
+/// [`MAX_COST`], so this is far beyond any real traffic, and with it the sum
+/// of a window (at most 600 buckets) can never overflow an `i64`: a count
+/// from a buggy or hostile peer is clamped rather than wrapping the total.
+pub const MAX_BUCKET: i64 = 1 << 50;
+
+/// Largest cost one call can have in a window (tokens, after clamping the
+/// estimate and the reported usage).
+pub const MAX_COST: i64 = 1 << 40;
+
+/// A cost in a window's unit: `n` clamped to [`MAX_COST`].
+pub fn cost_of(n: u64) -> i64 {
+    i64::try_from(n).map_or(MAX_COST, |n| n.min(MAX_COST))
+}
+
 /// Counts per bucket over the last `len` buckets, with a running total.
 /// Buckets are absolute (`unix_ms / bucket_ms`), so every node of the fleet
 /// agrees on them.
@@ -130,18 +145,23 @@ impl Ring {
             return false;
         }
         let i = (bucket % self.len()) as usize;
-        self.counts[i] += delta;
-        self.total += delta;
+        let value = self.counts[i].saturating_add(delta);
+        self.put(i, value);
         true
+    }
+
+    /// Sets slot `i`, clamped to [`MAX_BUCKET`], keeping the total exact.
+    fn put(&mut self, i: usize, value: i64) {
+        let value = value.clamp(-MAX_BUCKET, MAX_BUCKET);
+        self.total += value - self.counts[i];
+        self.counts[i] = value;
     }
 
     /// Sets `bucket` to `value` (a peer's absolute count).
     pub fn set(&mut self, bucket: u64, value: i64) {
         self.advance(bucket);
         if self.holds(bucket) {
-            let i = (bucket % self.len()) as usize;
-            self.total += value - self.counts[i];
-            self.counts[i] = value;
+            self.put((bucket % self.len()) as usize, value);
         }
     }
 

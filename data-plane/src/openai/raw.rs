@@ -12,11 +12,15 @@ use std::io::Write;
 /// Deepest nesting accepted (serde_json's own limit).
 const MAX_DEPTH: usize = 128;
 
-/// Why a text is not a JSON object.
+/// Why a text is not read as a JSON object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("invalid JSON at byte {at}")]
-pub struct Invalid {
-    pub at: usize,
+pub enum Invalid {
+    #[error("invalid JSON at byte {at}")]
+    Json { at: usize },
+    /// More fields than the reader allows (each costs memory: a body of
+    /// tiny fields must not cost many times its size).
+    #[error("more than {max} fields in one JSON object")]
+    TooManyFields { max: usize },
 }
 
 /// A field's value: as received, or rewritten by the gateway.
@@ -26,6 +30,8 @@ pub enum Field<'a> {
     Raw(&'a str),
     Str(Cow<'a, str>),
     Objects(Vec<RawObject<'a>>),
+    /// Valid JSON text written by the gateway.
+    Json(String),
 }
 
 impl<'a> Field<'a> {
@@ -44,6 +50,7 @@ impl<'a> Field<'a> {
     fn write_into<W: Write>(&self, out: &mut W) -> Result<(), serde_json::Error> {
         match self {
             Field::Raw(r) => out.write_all(r.as_bytes()).map_err(serde_json::Error::io),
+            Field::Json(j) => out.write_all(j.as_bytes()).map_err(serde_json::Error::io),
             Field::Str(s) => serde_json::to_writer(out, s.as_ref()),
             Field::Objects(v) => {
                 out.write_all(b"[").map_err(serde_json::Error::io)?;
@@ -68,18 +75,29 @@ pub struct RawObject<'a> {
 impl<'a> RawObject<'a> {
     /// Reads a JSON object (and nothing after it but whitespace).
     pub fn parse(json: &'a [u8]) -> Result<Self, Invalid> {
-        let text = std::str::from_utf8(json).map_err(|e| Invalid {
-            at: e.valid_up_to(),
-        })?;
-        Self::parse_str(text)
+        Self::parse_bounded(json, usize::MAX)
     }
 
-    fn parse_str(text: &'a str) -> Result<Self, Invalid> {
-        let mut s = Scanner { text, at: 0 };
+    /// Reads a JSON object of at most `max_fields` fields (nested objects are
+    /// only checked, not kept, so they cost nothing).
+    pub fn parse_bounded(json: &'a [u8], max_fields: usize) -> Result<Self, Invalid> {
+        let text = std::str::from_utf8(json).map_err(|e| Invalid::Json {
+            at: e.valid_up_to(),
+        })?;
+        Self::parse_text(text, max_fields)
+    }
+
+    /// [`RawObject::parse_bounded`] of a text.
+    pub fn parse_text(text: &'a str, max_fields: usize) -> Result<Self, Invalid> {
+        let mut s = Scanner {
+            text,
+            at: 0,
+            max_fields,
+        };
         let obj = s.object(0)?;
         s.ws();
         if s.at != text.len() {
-            return Err(Invalid { at: s.at });
+            return Err(Invalid::Json { at: s.at });
         }
         Ok(obj)
     }
@@ -95,6 +113,25 @@ impl<'a> RawObject<'a> {
             .map(|(_, v)| v)
     }
 
+    /// The field's text as received (absent or rewritten: `None`).
+    pub fn raw(&self, key: &str) -> Option<&'a str> {
+        self.get(key)?.raw()
+    }
+
+    /// How many fields there are.
+    pub fn len(&self) -> usize {
+        self.fields.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.fields.is_empty()
+    }
+
+    /// The fields in their order.
+    pub fn fields(&self) -> impl Iterator<Item = (&str, &Field<'a>)> {
+        self.fields.iter().map(|(k, v)| (k.as_ref(), v))
+    }
+
     /// The field parsed as `T` (absent, rewritten, or not a `T`: `None`).
     pub fn parse_field<T: Deserialize<'a>>(&self, key: &str) -> Option<T> {
         serde_json::from_str(self.get(key)?.raw()?).ok()
@@ -105,7 +142,7 @@ impl<'a> RawObject<'a> {
         match self.get(key)? {
             Field::Raw(r) => serde_json::from_str::<Key<'a>>(r).ok().map(|k| k.0),
             Field::Str(s) => Some(s.clone()),
-            Field::Objects(_) => None,
+            Field::Objects(_) | Field::Json(_) => None,
         }
     }
 
@@ -143,6 +180,14 @@ impl<'a> RawObject<'a> {
         }
     }
 
+    /// The object as JSON text.
+    pub fn to_json(&self) -> String {
+        let mut out = Vec::new();
+        // Writing to a Vec cannot fail, and every part is valid UTF-8.
+        let _ = self.write_into(&mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+
     /// Writes the object as JSON.
     pub fn write_to(&self, mut out: impl Write) -> Result<(), serde_json::Error> {
         self.write_into(&mut out)
@@ -164,7 +209,7 @@ impl<'a> RawObject<'a> {
 
 /// An array of objects, each read raw; `None` if it is anything else.
 fn object_array(text: &str) -> Option<Vec<RawObject<'_>>> {
-    let mut s = Scanner { text, at: 0 };
+    let mut s = Scanner::new(text);
     s.ws();
     s.eat(b'[').ok()?;
     let mut out = Vec::new();
@@ -188,18 +233,114 @@ fn object_array(text: &str) -> Option<Vec<RawObject<'_>>> {
 #[derive(Deserialize)]
 struct Key<'a>(#[serde(borrow)] Cow<'a, str>);
 
+/// The items of a JSON array, each as its raw text, without collecting
+/// them; nothing if `text` is not an array, and it stops at the first error.
+pub fn items(text: &str) -> Items<'_> {
+    let mut s = Scanner::new(text);
+    s.ws();
+    let state = if s.eat(b'[').is_ok() {
+        s.ws();
+        if s.eat(b']').is_ok() {
+            ItemsState::Done
+        } else {
+            ItemsState::First
+        }
+    } else {
+        ItemsState::Done
+    };
+    Items { s, state }
+}
+
+pub struct Items<'a> {
+    s: Scanner<'a>,
+    state: ItemsState,
+}
+
+#[derive(PartialEq)]
+enum ItemsState {
+    First,
+    More,
+    Done,
+}
+
+impl<'a> Iterator for Items<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let s = &mut self.s;
+        match self.state {
+            ItemsState::Done => return None,
+            ItemsState::First => {}
+            ItemsState::More => {
+                s.ws();
+                if s.eat(b',').is_err() {
+                    self.state = ItemsState::Done;
+                    return None;
+                }
+            }
+        }
+        s.ws();
+        let from = s.at;
+        if s.value(1).is_err() {
+            self.state = ItemsState::Done;
+            return None;
+        }
+        self.state = ItemsState::More;
+        s.slice(from).ok()
+    }
+}
+
+/// The value of `key` in the JSON object `text`, found by scanning (nothing
+/// is kept); `None` if absent or `text` is not an object. With duplicate
+/// keys, the first.
+pub fn lookup<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    let mut s = Scanner::new(text);
+    s.ws();
+    s.eat(b'{').ok()?;
+    s.ws();
+    if s.eat(b'}').is_ok() {
+        return None;
+    }
+    loop {
+        s.ws();
+        let k = s.key().ok()?;
+        s.ws();
+        s.eat(b':').ok()?;
+        s.ws();
+        let from = s.at;
+        s.value(1).ok()?;
+        if k == key {
+            return s.slice(from).ok();
+        }
+        s.ws();
+        if s.eat(b',').is_err() {
+            return None;
+        }
+    }
+}
+
 struct Scanner<'a> {
     text: &'a str,
     at: usize,
+    /// Most fields `object` keeps.
+    max_fields: usize,
 }
 
 impl<'a> Scanner<'a> {
+    fn new(text: &'a str) -> Self {
+        Self {
+            text,
+            at: 0,
+            max_fields: usize::MAX,
+        }
+    }
+
     fn bytes(&self) -> &'a [u8] {
         self.text.as_bytes()
     }
 
     fn fail<T>(&self) -> Result<T, Invalid> {
-        Err(Invalid { at: self.at })
+        Err(Invalid::Json { at: self.at })
     }
 
     fn peek(&self) -> Option<u8> {
@@ -207,7 +348,7 @@ impl<'a> Scanner<'a> {
     }
 
     fn next(&mut self) -> Result<u8, Invalid> {
-        let b = self.peek().ok_or(Invalid { at: self.at })?;
+        let b = self.peek().ok_or(Invalid::Json { at: self.at })?;
         self.at += 1;
         Ok(b)
     }
@@ -228,7 +369,9 @@ impl<'a> Scanner<'a> {
     }
 
     fn slice(&self, from: usize) -> Result<&'a str, Invalid> {
-        self.text.get(from..self.at).ok_or(Invalid { at: from })
+        self.text
+            .get(from..self.at)
+            .ok_or(Invalid::Json { at: from })
     }
 
     /// `{ "key": value, ... }`, the values kept raw.
@@ -248,12 +391,17 @@ impl<'a> Scanner<'a> {
             self.ws();
             let from = self.at;
             self.value(depth + 1)?;
+            if fields.len() >= self.max_fields {
+                return Err(Invalid::TooManyFields {
+                    max: self.max_fields,
+                });
+            }
             fields.push((key, Field::Raw(self.slice(from)?)));
             self.ws();
             match self.next()? {
                 b',' => continue,
                 b'}' => return Ok(RawObject { fields }),
-                _ => return Err(Invalid { at: self.at - 1 }),
+                _ => return Err(Invalid::Json { at: self.at - 1 }),
             }
         }
     }
@@ -267,11 +415,11 @@ impl<'a> Scanner<'a> {
             return raw
                 .get(1..raw.len().saturating_sub(1))
                 .map(Cow::Borrowed)
-                .ok_or(Invalid { at: from });
+                .ok_or(Invalid::Json { at: from });
         }
         serde_json::from_str::<String>(raw)
             .map(Cow::Owned)
-            .map_err(|_| Invalid { at: from })
+            .map_err(|_| Invalid::Json { at: from })
     }
 
     /// Skips one value, checking it.
@@ -308,7 +456,7 @@ impl<'a> Scanner<'a> {
             match self.next()? {
                 b',' => continue,
                 b'}' => return Ok(()),
-                _ => return Err(Invalid { at: self.at - 1 }),
+                _ => return Err(Invalid::Json { at: self.at - 1 }),
             }
         }
     }
@@ -326,7 +474,7 @@ impl<'a> Scanner<'a> {
             match self.next()? {
                 b',' => continue,
                 b']' => return Ok(()),
-                _ => return Err(Invalid { at: self.at - 1 }),
+                _ => return Err(Invalid::Json { at: self.at - 1 }),
             }
         }
     }
@@ -345,14 +493,14 @@ impl<'a> Scanner<'a> {
                         b'u' => {
                             for _ in 0..4 {
                                 if !self.next()?.is_ascii_hexdigit() {
-                                    return Err(Invalid { at: self.at - 1 });
+                                    return Err(Invalid::Json { at: self.at - 1 });
                                 }
                             }
                         }
-                        _ => return Err(Invalid { at: self.at - 1 }),
+                        _ => return Err(Invalid::Json { at: self.at - 1 }),
                     }
                 }
-                0x00..=0x1f => return Err(Invalid { at: self.at - 1 }),
+                0x00..=0x1f => return Err(Invalid::Json { at: self.at - 1 }),
                 _ => {}
             }
         }

@@ -151,7 +151,7 @@ impl<'a> Answer<'a> {
                 s == "null" || (s.starts_with('[') && s[1..].trim_start().starts_with(']'))
             }
             Some(Field::Objects(v)) => v.is_empty(),
-            Some(Field::Str(_)) => false,
+            Some(Field::Str(_) | Field::Json(_)) => false,
         }
     }
 

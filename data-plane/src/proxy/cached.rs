@@ -24,12 +24,17 @@ impl Proxy {
         request: Request,
         call: &mut Call,
     ) -> Result<Response<ProxyBody>, Error> {
-        let key = crate::cache::key(&route.alias, &request.parsed);
+        let alias = route.alias.clone();
+        let (key, body) = request
+            .with_object(move |object, _| {
+                (
+                    crate::cache::key(&alias, object),
+                    crate::cache::json_body(object),
+                )
+            })
+            .await?;
         let (stream, include_usage) = (request.fields.stream, request.fields.caller_wants_usage);
-        let mut fetch = Request {
-            body: crate::cache::json_body(&request.parsed),
-            ..request
-        };
+        let mut fetch = Request { body, ..request };
         fetch.fields.stream = false;
         let entry = store
             .entry(key)

@@ -47,6 +47,55 @@ mod upstream;
 #[cfg(test)]
 mod tests;
 
+/// Entry points for the fuzz targets (`tests/fuzz`): the request check and
+/// the SSE adapter, without a server around them.
+#[cfg(feature = "fuzz")]
+pub mod fuzz {
+    use super::*;
+
+    /// Checks `body` as a request for `op`, and when it passes, reads it the
+    /// ways later steps do (cache key, token estimate, payload log).
+    pub fn check_request(op: Operation, body: &[u8]) -> Result<request::Request, Error> {
+        let r = request::check(op, Bytes::copy_from_slice(body))?;
+        let object = r.object()?;
+        let _ = crate::cache::key("alias", &object);
+        let _ = crate::cache::json_body(&object);
+        let _ = crate::openai::request::prompt_json(op, &object);
+        let t = crate::limits::tokens::tokenizer_for("gpt-4o");
+        let _ = crate::limits::tokens::estimate(op, &object, &r.fields, t);
+        Ok(r)
+    }
+
+    /// What the caller receives for an upstream stream arriving in `frames`.
+    pub fn adapt_sse(frames: Vec<Bytes>, forward_usage: bool) -> Bytes {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        else {
+            return Bytes::new();
+        };
+        let upstream = http_body_util::StreamBody::new(futures::stream::iter(
+            frames
+                .into_iter()
+                .map(|f| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(f))),
+        ));
+        rt.block_on(async {
+            let adapter = sse::SseAdapter::new(
+                upstream,
+                Arc::from("alias"),
+                forward_usage,
+                std::time::Duration::from_secs(60),
+                call::CallEnd::detached(),
+            );
+            adapter
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default()
+        })
+    }
+}
+
 pub use trace::{CallAttributes, CallSpan};
 
 use crate::config::{ConfigHandle, Route, Runtime};
@@ -66,7 +115,8 @@ static SERVED_BY: HeaderName = HeaderName::from_static("x-aigw-served-by");
 static CACHE_STATUS: HeaderName = HeaderName::from_static("x-aigw-cache");
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Prompts shorter than this (in characters) are tokenized on the reactor.
+/// Prompts shorter than this (in characters, and bodies in bytes) are
+/// tokenized on the reactor.
 const TOKENIZE_INLINE: usize = 16 * 1024;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -223,7 +273,7 @@ impl Proxy {
         request: &request::Request,
         call: &mut Call,
     ) -> Option<crate::cache::Store> {
-        if op == Operation::Embeddings || !crate::cache::cacheable(&request.parsed) {
+        if op == Operation::Embeddings || !request.fields.deterministic {
             return None;
         }
         let store =
@@ -276,8 +326,11 @@ fn authorise(
         return Err(Error::PermissionDenied(alias.clone()));
     }
     if route.log_payloads {
-        if let (Some(op), Some(a)) = (call.op, call.usage()) {
-            a.log_payload(crate::openai::request::prompt_json(op, &request.parsed));
+        if let (Some(op), Ok(body)) = (call.op, request.object()) {
+            let prompt = crate::openai::request::prompt_json(op, &body);
+            if let Some(a) = call.usage() {
+                a.log_payload(prompt);
+            }
         }
     }
     call.routed(route.clone());
@@ -298,14 +351,19 @@ async fn estimate_tokens(
     if !counts(&caller.limits) && !counts(&route.limits) {
         return Ok(0);
     }
-    if request.fields.prompt_chars < TOKENIZE_INLINE {
-        return Ok(tokens::estimate(op, &request.parsed, route.tokenizer));
-    }
+    let tokenizer = route.tokenizer;
     // Long prompts take milliseconds to tokenize: not on the reactor.
-    let (parsed, tokenizer) = (request.parsed.clone(), route.tokenizer);
-    tokio::task::spawn_blocking(move || tokens::estimate(op, &parsed, tokenizer))
-        .await
-        .map_err(|e| Error::Upstream(format!("counting prompt tokens: {e}")))
+    if request.fields.prompt_chars < TOKENIZE_INLINE && request.body.len() < TOKENIZE_INLINE {
+        let body = request.object()?;
+        return Ok(tokens::estimate(op, &body, &request.fields, tokenizer));
+    }
+    let request = request.clone();
+    tokio::task::spawn_blocking(move || -> Result<u64, Error> {
+        let body = request.object()?;
+        Ok(tokens::estimate(op, &body, &request.fields, tokenizer))
+    })
+    .await
+    .map_err(|e| Error::Upstream(format!("counting prompt tokens: {e}")))?
 }
 
 /// `Cache-Control: no-cache` (or `no-store`) from the caller skips the cache.
@@ -332,10 +390,11 @@ fn json_response(body: Bytes) -> Response<ProxyBody> {
     r
 }
 
-/// The caller's `x-request-id` if it is reasonable, else a fresh one.
+/// The caller's `x-request-id` if it is short and plain (it is echoed and
+/// sent to Azure), else a fresh one.
 fn request_id(headers: &http::HeaderMap) -> HeaderValue {
     if let Some(v) = headers.get(&REQUEST_ID) {
-        if !v.is_empty() && v.len() <= 128 {
+        if trace::request_id_ok(v) {
             return v.clone();
         }
     }

@@ -1,22 +1,53 @@
 //! Reading and checking the caller's request: content type, size, JSON, the
 //! fields the operation needs (`openai::request`), and the body for Azure.
+//! The body is never turned into a JSON tree: its top level is read as raw
+//! text (`openai::raw`), so a request costs about its own size in memory
+//! whatever its shape, and large bodies are read off the async workers.
 
 use crate::error::Error;
+use crate::openai::raw::RawObject;
 use crate::openai::request::{self as wire, Fields, Invalid};
 use crate::openai::Operation;
 use bytes::Bytes;
 use http::{header, HeaderMap};
-use serde_json::{Map, Value};
-use std::sync::Arc;
+
+/// Bodies at least this large are checked on the blocking pool: a scan of
+/// megabytes would hold up every other call on the same worker.
+const CHECK_INLINE: usize = 256 * 1024;
 
 /// A checked request, ready to send upstream (cheap to clone: shared body).
 #[derive(Clone)]
 pub struct Request {
     pub fields: Fields,
-    /// The parsed body, for the response cache's key and token counting.
-    pub parsed: Arc<Map<String, Value>>,
-    /// The body for Azure: the caller's own bytes unless it had to change.
+    /// The body for Azure, a checked JSON object: the caller's own bytes
+    /// unless it had to change. The response cache keys on it and token
+    /// limits count it (`object`).
     pub body: Bytes,
+}
+
+impl Request {
+    /// The body's top level, read again where a step needs more than
+    /// `fields`: one linear scan, no tree.
+    pub fn object(&self) -> Result<RawObject<'_>, Error> {
+        Ok(wire::parse(&self.body)?)
+    }
+
+    /// `f` of the body's top level: here for a small body, on the blocking
+    /// pool for a large one (reading it again and walking it takes as long
+    /// as checking it did).
+    pub async fn with_object<T, F>(&self, f: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(&RawObject<'_>, &Fields) -> T + Send + 'static,
+    {
+        if self.body.len() < CHECK_INLINE {
+            return Ok(f(&self.object()?, &self.fields));
+        }
+        let request = self.clone();
+        tokio::task::spawn_blocking(move || Ok(f(&request.object()?, &request.fields)))
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(format!("reading the request: {e}"))))?
+    }
 }
 
 impl From<Invalid> for Error {
@@ -29,15 +60,8 @@ impl From<Invalid> for Error {
     }
 }
 
-fn invalid_json(message: String) -> Error {
-    Error::InvalidRequest {
-        message,
-        param: None,
-        code: Some("invalid_json"),
-    }
-}
-
-/// Reads at most `max` bytes, parses JSON once and checks the fields `op` needs.
+/// Reads at most `max` bytes, reads the JSON object's top level once and
+/// checks the fields `op` needs.
 pub async fn read<B>(
     op: Operation,
     headers: &HeaderMap,
@@ -49,27 +73,40 @@ where
     B::Error: std::fmt::Display,
 {
     check_content_type(headers)?;
-    check_declared_length(headers, max)?;
+    if let Err(e) = check_declared_length(headers, max) {
+        // Read (and drop) the upload anyway: a client that sends its whole
+        // body before reading then gets the 413, not a reset connection.
+        aigw_shared::body::drain(body).await;
+        return Err(e);
+    }
     let bytes = read_body(body, max).await?;
-    let mut parsed = parse_object(&bytes)?;
-    let fields = wire::read_fields(op, &parsed)?;
-    let body = if fields.stream {
-        // The body changes: Azure is asked for the usage chunk.
-        wire::ask_for_stream_usage(&mut parsed)?;
-        Bytes::from(
-            serde_json::to_vec(&parsed).map_err(|e| Error::InvalidRequest {
-                message: e.to_string(),
-                param: None,
-                code: None,
-            })?,
-        )
-    } else {
-        bytes
-    };
+    if bytes.len() < CHECK_INLINE {
+        return check(op, bytes);
+    }
+    tokio::task::spawn_blocking(move || check(op, bytes))
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(format!("checking the request: {e}"))))?
+}
+
+/// The checks and the one rewrite (streams ask Azure for usage).
+pub(super) fn check(op: Operation, bytes: Bytes) -> Result<Request, Error> {
+    let mut object = wire::parse(&bytes)?;
+    let fields = wire::read_fields(op, &object)?;
+    if !fields.stream {
+        drop(object);
+        return Ok(Request {
+            fields,
+            body: bytes,
+        });
+    }
+    wire::ask_for_stream_usage(&mut object)?;
+    let mut out = Vec::with_capacity(bytes.len() + 32);
+    object
+        .write_to(&mut out)
+        .map_err(|e| Error::Io(std::io::Error::other(e)))?;
     Ok(Request {
         fields,
-        parsed: Arc::new(parsed),
-        body,
+        body: Bytes::from(out),
     })
 }
 
@@ -87,7 +124,8 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), Error> {
     }
 }
 
-/// A declared length over the limit is refused before reading (413).
+/// A declared length over the limit is refused without keeping any of the
+/// body (413).
 fn check_declared_length(headers: &HeaderMap, max: usize) -> Result<(), Error> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -117,14 +155,36 @@ where
     }
 }
 
-fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, Error> {
-    match serde_json::from_slice::<Value>(bytes) {
-        Ok(Value::Object(o)) => Ok(o),
-        Ok(_) => Err(invalid_json(
-            "the request body must be a JSON object".to_string(),
-        )),
-        Err(e) => Err(invalid_json(format!(
-            "we could not parse the JSON body of your request: {e}"
-        ))),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(content_len: usize) -> Bytes {
+        Bytes::from(format!(
+            r#"{{"model":"m","temperature":0,"stream":true,"messages":[{{"role":"user","content":"{}"}}]}}"#,
+            "x".repeat(content_len)
+        ))
+    }
+
+    #[tokio::test]
+    async fn large_bodies_are_read_the_same_off_the_workers() {
+        for len in [10, CHECK_INLINE * 2] {
+            let r = check(Operation::ChatCompletions, chat(len)).unwrap();
+            assert!(r.fields.stream && r.fields.deterministic && r.fields.prompt_chars == len);
+            let inline = crate::cache::key("a", &r.object().unwrap());
+            let got = r
+                .with_object(|o, f| (crate::cache::key("a", o), f.prompt_chars))
+                .await
+                .unwrap();
+            assert_eq!(got, (inline, len));
+            // The stream rewrite asked for usage and kept the caller's fields.
+            let o = r.object().unwrap();
+            let opts = o.raw("stream_options").unwrap();
+            assert_eq!(
+                crate::openai::raw::lookup(opts, "include_usage"),
+                Some("true")
+            );
+            assert_eq!(o.raw("temperature"), Some("0"));
+        }
     }
 }

@@ -19,10 +19,18 @@ use tokio::time::Sleep;
 
 const DONE: &[u8] = b"data: [DONE]\n\n";
 
+/// Largest upstream event accepted: far above any real chunk (a token or a
+/// tool-call fragment), so an upstream that never sends a separator gets an
+/// error event instead of growing the buffer without end.
+pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
+
 pub struct SseAdapter<B> {
     upstream: B,
     /// Bytes received but not yet a complete event.
     pending: BytesMut,
+    /// How much of `pending` is known to hold no separator: each byte is
+    /// scanned once, however the upstream frames the stream.
+    scanned: usize,
     /// Adapted events ready for the caller.
     out: BytesMut,
     alias: Arc<str>,
@@ -47,6 +55,7 @@ impl<B> SseAdapter<B> {
         Self {
             upstream,
             pending: BytesMut::new(),
+            scanned: 0,
             out: BytesMut::new(),
             alias,
             forward_usage,
@@ -61,15 +70,34 @@ impl<B> SseAdapter<B> {
     /// Moves every complete event from `pending` to `out`.
     fn drain_events(&mut self, at_end: bool) {
         while !self.sent_done {
-            let Some((end, sep)) = event_end(&self.pending) else {
+            // A separator can straddle two frames: rescan its first bytes.
+            let from = self.scanned.saturating_sub(2);
+            let Some((end, sep)) = event_end(self.pending.get(from..).unwrap_or_default())
+                .map(|(end, sep)| (from + end, sep))
+            else {
+                self.scanned = self.pending.len();
                 if at_end && !self.pending.is_empty() {
                     let rest = self.pending.split();
+                    self.scanned = 0;
                     self.event(&rest);
+                } else if self.pending.len() > MAX_EVENT_BYTES {
+                    self.pending.clear();
+                    self.scanned = 0;
+                    self.fail(&format!(
+                        "the upstream sent a stream event larger than {MAX_EVENT_BYTES} bytes"
+                    ));
                 }
                 return;
             };
             let ev = self.pending.split_to(end);
             self.pending.advance(sep);
+            self.scanned = 0;
+            if ev.len() > MAX_EVENT_BYTES {
+                self.fail(&format!(
+                    "the upstream sent a stream event larger than {MAX_EVENT_BYTES} bytes"
+                ));
+                break;
+            }
             self.event(&ev);
         }
         self.pending.clear();
@@ -318,6 +346,48 @@ mod tests {
             assert_eq!(ev.len(), 5, "cut {cut}: {out}");
             assert!(ev[3].contains("\"total_tokens\":27") && ev[3].contains("\"model\":\"alias\""));
             assert_eq!(ev[4], "data: [DONE]");
+        }
+    }
+
+    #[test]
+    fn an_endless_event_is_an_error_event_not_a_growing_buffer() {
+        // 16 MB without a separator, in 64 KiB frames (issue 17 row 9).
+        let frame: &'static str =
+            Box::leak(format!("data: {}", "x".repeat(64 * 1024)).into_boxed_str());
+        let out = adapt(vec![frame; 256], false);
+        let ev = events(&out);
+        assert_eq!(ev.len(), 2, "{}", &out[..out.len().min(300)]);
+        assert!(
+            ev[0].contains("\"code\":\"upstream_error\"") && ev[0].contains("larger than"),
+            "{}",
+            ev[0]
+        );
+        assert_eq!(ev[1], "data: [DONE]");
+        // One event just under the bound still goes through.
+        let big: &'static str = Box::leak(
+            format!(
+                "data: {{\"choices\":[{{\"delta\":{{\"content\":\"{}\"}},\"index\":0}}],\"id\":\"a\",\"model\":\"m\"}}\n\n",
+                "y".repeat(MAX_EVENT_BYTES - 100)
+            )
+            .into_boxed_str(),
+        );
+        let (a, b) = big.split_at(big.len() / 2);
+        let out = adapt(vec![a, b], false);
+        assert_eq!(events(&out).len(), 2);
+        assert!(out.contains("yyyy"));
+    }
+
+    #[test]
+    fn separators_split_across_frames_are_found() {
+        let ev = "data: {\"choices\":[{\"delta\":{\"content\":\"z\"},\"index\":0}],\"id\":\"a\",\"model\":\"m\"}";
+        for sep in ["\n\n", "\r\n\r\n", "\n\r\n"] {
+            let whole: &'static str =
+                Box::leak(format!("{ev}{sep}{ev}{sep}data: [DONE]{sep}").into_boxed_str());
+            for cut in ev.len()..=ev.len() + sep.len() {
+                let (a, b) = whole.split_at(cut);
+                let out = adapt(vec![a, b], false);
+                assert_eq!(events(&out).len(), 3, "{sep:?} cut {cut}: {out}");
+            }
         }
     }
 

@@ -111,6 +111,7 @@ impl Harness {
                 "display_name": "fake-azure",
                 "adapter": "azure-openai",
                 "api_base": azure.base,
+                "allow_insecure_upstream": true,
                 "api_version": "2024-10-21",
                 "credential": {"kind": "api_key", "key": "upstream-secret"},
             }},

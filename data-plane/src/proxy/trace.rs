@@ -11,18 +11,68 @@
 //! (`serve`, target `aigw_data_plane::call`) feeds the logs only.
 //!
 //! Without an OTLP endpoint there is no span at all, no context, and the
-//! caller's trace headers go upstream as they came.
+//! caller's trace headers go upstream as they came, if well formed
+//! and within bounds (`caller_trace_header`).
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::propagation::Extractor;
 use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue};
 
+/// Longest caller `tracestate` taken (the W3C minimum a vendor must
+/// propagate); longer ones are dropped, not cut.
+pub const MAX_TRACESTATE: usize = 512;
+/// Longest caller `x-request-id` taken; a longer or odd one is replaced.
+pub const MAX_REQUEST_ID: usize = 64;
+
+/// The caller's trace header `name`, if it is well formed and within bounds:
+/// what reaches Azure, the span and the logs from a caller is checked first.
+pub fn caller_trace_header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h HeaderValue> {
+    let v = headers.get(name)?;
+    let ok = match name {
+        "traceparent" => traceparent_ok(v.as_bytes()),
+        // Meaningless without the parent it goes with.
+        "tracestate" => {
+            caller_trace_header(headers, "traceparent").is_some() && tracestate_ok(v.as_bytes())
+        }
+        _ => false,
+    };
+    ok.then_some(v)
+}
+
+/// W3C version-00 shape: `vv-<32 hex>-<16 hex>-ff`, lowercase.
+fn traceparent_ok(v: &[u8]) -> bool {
+    let hex = |b: &[u8]| b.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
+    v.len() == 55
+        && v[2] == b'-'
+        && v[35] == b'-'
+        && v[52] == b'-'
+        && hex(&v[..2])
+        && hex(&v[3..35])
+        && hex(&v[36..52])
+        && hex(&v[53..])
+}
+
+/// Printable ASCII within [`MAX_TRACESTATE`].
+fn tracestate_ok(v: &[u8]) -> bool {
+    !v.is_empty() && v.len() <= MAX_TRACESTATE && v.iter().all(|c| (0x20..0x7f).contains(c))
+}
+
+/// A caller's `x-request-id` worth echoing and passing on: 1 to
+/// [`MAX_REQUEST_ID`] characters of `[A-Za-z0-9._:-]` (UUIDs, ULIDs, hex).
+pub fn request_id_ok(v: &HeaderValue) -> bool {
+    let v = v.as_bytes();
+    !v.is_empty()
+        && v.len() <= MAX_REQUEST_ID
+        && v.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
+}
+
 struct Extract<'a>(&'a HeaderMap);
 
 impl Extractor for Extract<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
+        caller_trace_header(self.0, key).and_then(|v| v.to_str().ok())
     }
 
     fn keys(&self) -> Vec<&str> {
@@ -286,6 +336,52 @@ mod tests {
     use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
     use opentelemetry_sdk::propagation::TraceContextPropagator;
     use std::collections::HashMap;
+
+    #[test]
+    fn caller_trace_headers_are_bounded_and_well_formed() {
+        const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let h = |tp: &str, ts: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("traceparent", HeaderValue::from_str(tp).unwrap());
+            h.insert("tracestate", HeaderValue::from_str(ts).unwrap());
+            h
+        };
+        let ok = h(TP, "vendor=abc,other=x1");
+        assert!(caller_trace_header(&ok, "traceparent").is_some());
+        assert!(caller_trace_header(&ok, "tracestate").is_some());
+        let big = h(TP, &format!("v={}", "a".repeat(3000)));
+        assert!(caller_trace_header(&big, "traceparent").is_some());
+        assert!(
+            caller_trace_header(&big, "tracestate").is_none(),
+            "3 KB tracestate"
+        );
+        for bad in [
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "garbage",
+            "",
+        ] {
+            let b = h(bad, "v=1");
+            assert!(caller_trace_header(&b, "traceparent").is_none(), "{bad}");
+            assert!(caller_trace_header(&b, "tracestate").is_none(), "{bad}");
+        }
+        assert!(request_id_ok(&HeaderValue::from_static(
+            "0b5d2c6e-1f7a-4e08-9d2b-6f0a8f3d2c11"
+        )));
+        for bad in [
+            &b""[..],
+            &[b'a'; 65][..],
+            b"id with spaces",
+            b"id\tx",
+            b"a/b",
+            b"caf\xc3\xa9",
+        ] {
+            assert!(
+                !request_id_ok(&HeaderValue::from_bytes(bad).unwrap()),
+                "{bad:?}"
+            );
+        }
+    }
 
     #[test]
     fn attempt_headers_match_the_w3c_propagator() {

@@ -23,6 +23,9 @@ use tokio::time::Instant;
 const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
 /// Largest upstream error body we read for its message.
 const MAX_ERROR_BODY: usize = 256 * 1024;
+/// Longest wait an upstream's `retry-after` can impose (on the target's
+/// cooldown and the caller's `retry-after`); longer hints are clamped.
+pub const MAX_RETRY_HINT: Duration = Duration::from_secs(300);
 
 static API_KEY: HeaderName = HeaderName::from_static("api-key");
 static CLIENT_REQUEST_ID: HeaderName = HeaderName::from_static("x-ms-client-request-id");
@@ -60,7 +63,7 @@ pub async fn send(
     let resp = within_deadline(attempt, send_authenticated(client, req, entra)).await?;
     let mut out = if !resp.status().is_success() {
         return Err(error_answer(attempt, resp).await);
-    } else if request.fields.stream && is_sse(resp.headers()) {
+    } else if request.fields.stream && !is_json(resp.headers()) {
         stream_answer(attempt.route, request, resp, call)
     } else {
         json_answer(attempt, resp, call).await?
@@ -106,10 +109,10 @@ fn build(
     );
     h.insert(CLIENT_REQUEST_ID.clone(), request_id.clone());
     // With tracing on, this attempt's span is Azure's parent (same trace
-    // as the caller's); without, the caller's headers go as they came.
+    // as the caller's); without, the caller's headers go on if well formed.
     if !attempt.span.inject(h) {
         for name in &TRACE_HEADERS {
-            if let Some(v) = inbound.get(name) {
+            if let Some(v) = super::trace::caller_trace_header(inbound, name.as_str()) {
                 h.insert(name.clone(), v.clone());
             }
         }
@@ -172,11 +175,15 @@ async fn within_deadline(
     }
 }
 
-fn is_sse(headers: &HeaderMap) -> bool {
+/// Whether the answer says it is JSON. A stream call's 200 is read as SSE
+/// unless it says so: some Azure-compatible proxies stream without any
+/// content type, and a JSON answer to a stream call is still understood.
+fn is_json(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("text/event-stream"))
+        .and_then(|ct| ct.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
 }
 
 /// Azure's error answer, as the caller's error.
@@ -367,11 +374,16 @@ fn map_error(status: StatusCode, headers: &HeaderMap, body: &[u8], target: &Targ
             target.deployment,
             status.as_u16()
         )),
-        429 => Error::UpstreamRateLimited {
-            message,
-            retry_after: retry_after(headers),
-            wait: retry_wait(headers),
-        },
+        429 => {
+            let wait = retry_wait(headers);
+            Error::UpstreamRateLimited {
+                message,
+                // Said again in whole seconds from the checked wait, never
+                // the upstream's text verbatim.
+                retry_after: wait.map(|w| HeaderValue::from(crate::clock::retry_after_secs(w))),
+                wait,
+            }
+        }
         s if s >= 500 => Error::Upstream(format!(
             "Azure deployment `{}` failed (HTTP {s}): {message}",
             target.deployment
@@ -385,29 +397,16 @@ fn map_error(status: StatusCode, headers: &HeaderMap, body: &[u8], target: &Targ
 }
 
 /// How long Azure asks us to wait: `retry-after-ms`, else `retry-after`
-/// seconds. Nonsense (negative, huge, not a number) is no hint.
+/// seconds, at most [`MAX_RETRY_HINT`]. Nonsense (negative, not a finite
+/// number, an HTTP date) is no hint at all.
 pub fn retry_wait(headers: &HeaderMap) -> Option<Duration> {
-    let num = |name: &str| -> Option<f64> { headers.get(name)?.to_str().ok()?.trim().parse().ok() };
-    num("retry-after-ms")
-        .and_then(|ms| Duration::try_from_secs_f64(ms / 1000.0).ok())
-        .or_else(|| num("retry-after").and_then(|s| Duration::try_from_secs_f64(s).ok()))
-}
-
-/// `retry-after` as Azure sent it, or whole seconds from `retry-after-ms`.
-pub fn retry_after(headers: &HeaderMap) -> Option<HeaderValue> {
-    if let Some(v) = headers.get(header::RETRY_AFTER) {
-        return Some(v.clone());
-    }
-    let ms: u64 = headers
-        .get("retry-after-ms")?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(HeaderValue::from(crate::clock::retry_after_secs(
-        Duration::from_millis(ms),
-    )))
+    let secs = |name: &str, scale: f64| -> Option<Duration> {
+        let n: f64 = headers.get(name)?.to_str().ok()?.trim().parse().ok()?;
+        Duration::try_from_secs_f64(n / scale).ok()
+    };
+    secs("retry-after-ms", 1000.0)
+        .or_else(|| secs("retry-after", 1.0))
+        .map(|w| w.min(MAX_RETRY_HINT))
 }
 
 #[cfg(test)]
@@ -415,12 +414,44 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_stream_is_json_only_when_it_says_so() {
+        let with = |ct: Option<&'static str>| {
+            let mut h = HeaderMap::new();
+            if let Some(ct) = ct {
+                h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+            }
+            is_json(&h)
+        };
+        assert!(with(Some("application/json")));
+        assert!(with(Some("Application/JSON; charset=utf-8")));
+        for not_json in [
+            None,
+            Some("text/event-stream"),
+            Some("text/plain"),
+            Some(""),
+        ] {
+            assert!(!with(not_json), "{not_json:?}");
+        }
+    }
+
+    #[test]
     fn retry_hints_never_panic() {
         let mut h = HeaderMap::new();
-        h.insert("retry-after", HeaderValue::from_static("1e300"));
-        assert_eq!(retry_wait(&h), None);
-        h.insert("retry-after", HeaderValue::from_static("-1"));
-        assert_eq!(retry_wait(&h), None);
+        for nonsense in [
+            "-1",
+            "NaN",
+            "inf",
+            "-0.5",
+            "Wed, 21 Oct 2015 07:28:00 GMT",
+            "1e300",
+        ] {
+            h.insert("retry-after", HeaderValue::from_static(nonsense));
+            assert_eq!(retry_wait(&h), None, "{nonsense}");
+        }
+        for huge in ["1e15", "86400"] {
+            h.insert("retry-after", HeaderValue::from_static(huge));
+            assert_eq!(retry_wait(&h), Some(MAX_RETRY_HINT), "{huge}");
+        }
         h.insert("retry-after", HeaderValue::from_static("1.5"));
         assert_eq!(retry_wait(&h), Some(Duration::from_millis(1500)));
         h.insert("retry-after-ms", HeaderValue::from_static("250"));

@@ -1,4 +1,6 @@
 use super::UsageEvent;
+use aigw_shared::config::NatsConfig;
+use aigw_shared::nats;
 use aigw_shared::usage_bus::{ensure_stream, UsageBus, SUBJECT};
 use async_nats::jetstream::{self, message::PublishMessage};
 use futures::future::{join_all, BoxFuture};
@@ -14,14 +16,8 @@ pub struct NatsBus {
 impl NatsBus {
     /// Connects in the background: a NATS server that is down at start is
     /// retried, and events spool meanwhile.
-    pub async fn connect(url: &str) -> Result<Self, String> {
-        let client = async_nats::ConnectOptions::new()
-            .retry_on_initial_connect()
-            .connection_timeout(Duration::from_secs(2))
-            .name("aigw-data-plane")
-            .connect(url)
-            .await
-            .map_err(|e| format!("nats.url {url}: {e}"))?;
+    pub async fn connect(cfg: &NatsConfig) -> Result<Self, aigw_shared::Error> {
+        let client = nats::connect(cfg, "aigw-data-plane", nats::Start::Background).await?;
         let mut js = jetstream::new(client);
         js.set_timeout(Duration::from_secs(3));
         Ok(Self { js })

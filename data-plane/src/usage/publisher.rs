@@ -90,9 +90,13 @@ fn spool_batch(spool: &Spool, batch: &[UsageEvent], metrics: &Metrics) {
 }
 
 async fn replay(spool: &Spool, bus: &dyn UsageBus, metrics: &Metrics) -> Result<usize, String> {
-    let events = spool
+    let read = spool
         .read_all()
         .map_err(|e| format!("reading the spool: {e}"))?;
+    metrics.usage_spool_damaged(read.damaged);
+    let events = read.events;
+    // Removed only after the bus acknowledged every event in it; a failure
+    // part way leaves it whole (the aggregator counts each event id once).
     for chunk in events.chunks(BATCH) {
         bus.publish(chunk).await?;
         metrics.usage_published(chunk.len());

@@ -13,9 +13,14 @@ pub use duration::HumanDuration;
 pub use jwt_provider::{
     check_endpoint, ClaimMappings, JwtProvider, DEFAULT_CLOCK_SKEW, MAX_CLOCK_SKEW,
 };
-pub use model::{CacheConfig, Cost, Model, RateLimit, Routing, RoutingStrategy, Target};
+pub use model::{
+    check_deployment_name, CacheConfig, Cost, Model, RateLimit, Routing, RoutingStrategy, Target,
+    MAX_CACHE_BYTES, MAX_CACHE_ENTRIES, MAX_CACHE_TTL_SECONDS, MAX_CALL_TIMEOUT, MAX_COOLDOWN,
+    MAX_DEPLOYMENT_NAME, MAX_RATE_LIMIT, MAX_RETRIES, MAX_RETRY_BACKOFF, MAX_STREAM_IDLE_TIMEOUT,
+};
 pub use provider_key::{
-    parse_ca_pem, resolve_api_base, Credential, ProviderKey, DEFAULT_API_VERSION, MASKED,
+    check_api_version, check_upstream, parse_ca_pem, resolve_api_base, Credential, ProviderKey,
+    DEFAULT_API_VERSION, MASKED, MAX_SECRET_LEN,
 };
 
 use crate::error::Error;

@@ -1,6 +1,29 @@
 use super::{non_empty, HumanDuration};
 use crate::error::Error;
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// Longest `routing.timeout`: a whole call, retries included.
+pub const MAX_CALL_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Longest `routing.stream_idle_timeout`.
+pub const MAX_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Longest `routing.retry_backoff`.
+pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(60);
+/// Longest `routing.cooldown`.
+pub const MAX_COOLDOWN: Duration = Duration::from_secs(3600);
+/// Most `routing.retries`.
+pub const MAX_RETRIES: u32 = 10;
+/// Longest `cache.ttl_seconds` (30 days).
+pub const MAX_CACHE_TTL_SECONDS: u64 = 30 * 24 * 3600;
+/// Most `cache.max_entries`.
+pub const MAX_CACHE_ENTRIES: u64 = 100_000_000;
+/// Most `cache.max_bytes` (1 TiB).
+pub const MAX_CACHE_BYTES: u64 = 1 << 40;
+/// Largest value of any rate limit (`rpm`, `tpm`, `rpd`, `tpd`, `concurrency`):
+/// counters are signed 64-bit and a limit far above any real traffic is a typo.
+pub const MAX_RATE_LIMIT: u64 = 1_000_000_000_000;
+/// Longest Azure deployment name (`model_name`).
+pub const MAX_DEPLOYMENT_NAME: usize = 64;
 
 /// A caller-facing alias mapped to one or more Azure deployments (`/admin/v1/models`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -132,9 +155,15 @@ impl Model {
                 "is required (with model_name), or give targets",
             ));
         }
+        if let Some(name) = &self.model_name {
+            check_deployment_name("model_name", name)?;
+        }
         for (i, t) in self.targets.iter().enumerate() {
             non_empty(&format!("targets[{i}].provider_key_id"), &t.provider_key_id)?;
-            non_empty(&format!("targets[{i}].model_name"), &t.model_name)?;
+            check_deployment_name(&format!("targets[{i}].model_name"), &t.model_name)?;
+        }
+        if let Some(r) = &self.routing {
+            r.validate()?;
         }
         if let Some(cost) = &self.cost {
             for (name, v) in [
@@ -150,8 +179,12 @@ impl Model {
             rl.validate("rate_limit")?;
         }
         if let Some(c) = &self.cache {
-            if c.ttl_seconds == Some(0) {
-                return Err(Error::validation("cache.ttl_seconds", "must be at least 1"));
+            for (name, v, max) in [
+                ("cache.ttl_seconds", c.ttl_seconds, MAX_CACHE_TTL_SECONDS),
+                ("cache.max_entries", c.max_entries, MAX_CACHE_ENTRIES),
+                ("cache.max_bytes", c.max_bytes, MAX_CACHE_BYTES),
+            ] {
+                within(name, v, 1, max)?;
             }
         }
         Ok(())
@@ -194,7 +227,185 @@ impl RateLimit {
                     "must be at least 1 (omit it for no limit)",
                 ));
             }
+            within(&format!("{field}.{name}"), v, 1, MAX_RATE_LIMIT)?;
         }
         Ok(())
+    }
+}
+
+impl Routing {
+    pub fn validate(&self) -> Result<(), Error> {
+        let one_ms = Duration::from_millis(1);
+        for (name, v, min, max) in [
+            ("routing.timeout", self.timeout, one_ms, MAX_CALL_TIMEOUT),
+            (
+                "routing.stream_idle_timeout",
+                self.stream_idle_timeout,
+                one_ms,
+                MAX_STREAM_IDLE_TIMEOUT,
+            ),
+            (
+                "routing.retry_backoff",
+                self.retry_backoff,
+                Duration::ZERO,
+                MAX_RETRY_BACKOFF,
+            ),
+            ("routing.cooldown", self.cooldown, one_ms, MAX_COOLDOWN),
+        ] {
+            if let Some(HumanDuration(d)) = v {
+                if d < min || d > max {
+                    return Err(Error::validation(
+                        name,
+                        format!(
+                            "must be between {} and {}",
+                            HumanDuration(min),
+                            HumanDuration(max)
+                        ),
+                    ));
+                }
+            }
+        }
+        within(
+            "routing.retries",
+            self.retries.map(u64::from),
+            0,
+            u64::from(MAX_RETRIES),
+        )
+    }
+}
+
+fn within(field: &str, v: Option<u64>, min: u64, max: u64) -> Result<(), Error> {
+    match v {
+        Some(v) if v < min || v > max => Err(Error::validation(
+            field,
+            format!("must be between {min} and {max}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Azure deployment names: letters, digits, `-`, `_` and `.`, at most
+/// [`MAX_DEPLOYMENT_NAME`] characters, not `.` or `..`. The name is also a
+/// path segment of every upstream URL.
+pub fn check_deployment_name(field: &str, name: &str) -> Result<(), Error> {
+    non_empty(field, name)?;
+    let ok = name.len() <= MAX_DEPLOYMENT_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && name != "."
+        && name != "..";
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::validation(
+            field,
+            format!(
+                "an Azure deployment name: 1 to {MAX_DEPLOYMENT_NAME} letters, digits, `-`, `_` or `.`"
+            ),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model() -> Model {
+        serde_json::from_value(serde_json::json!({
+            "display_name": "m", "model_name": "gpt-4o", "provider_key_id": "pk",
+        }))
+        .unwrap()
+    }
+
+    fn field_of(m: &Model) -> Option<String> {
+        match m.validate() {
+            Err(Error::Validation { field, .. }) => Some(field),
+            Err(e) => panic!("{e}"),
+            Ok(()) => None,
+        }
+    }
+
+    #[test]
+    fn every_bound_is_inclusive_and_one_past_it_is_named() {
+        let d = |d: Duration| Some(HumanDuration(d));
+        let one = Duration::from_millis(1);
+        type Set = fn(&mut Model, bool);
+        let cases: [(&str, Set); 9] = [
+            ("routing.timeout", |m, past| {
+                m.routing.get_or_insert_default().timeout = Some(HumanDuration(
+                    MAX_CALL_TIMEOUT + Duration::from_millis(past.into()),
+                ))
+            }),
+            ("routing.stream_idle_timeout", |m, past| {
+                m.routing.get_or_insert_default().stream_idle_timeout = Some(HumanDuration(
+                    MAX_STREAM_IDLE_TIMEOUT + Duration::from_millis(past.into()),
+                ))
+            }),
+            ("routing.retry_backoff", |m, past| {
+                m.routing.get_or_insert_default().retry_backoff = Some(HumanDuration(
+                    MAX_RETRY_BACKOFF + Duration::from_millis(past.into()),
+                ))
+            }),
+            ("routing.cooldown", |m, past| {
+                m.routing.get_or_insert_default().cooldown = Some(HumanDuration(
+                    MAX_COOLDOWN + Duration::from_millis(past.into()),
+                ))
+            }),
+            ("routing.retries", |m, past| {
+                m.routing.get_or_insert_default().retries = Some(MAX_RETRIES + u32::from(past))
+            }),
+            ("cache.ttl_seconds", |m, past| {
+                m.cache.get_or_insert_default().ttl_seconds =
+                    Some(MAX_CACHE_TTL_SECONDS + u64::from(past))
+            }),
+            ("cache.max_entries", |m, past| {
+                m.cache.get_or_insert_default().max_entries =
+                    Some(MAX_CACHE_ENTRIES + u64::from(past))
+            }),
+            ("rate_limit.tpm", |m, past| {
+                m.rate_limit.get_or_insert_default().tpm = Some(MAX_RATE_LIMIT + u64::from(past))
+            }),
+            ("model_name", |m, past| {
+                m.model_name = Some("d".repeat(MAX_DEPLOYMENT_NAME + usize::from(past)))
+            }),
+        ];
+        for (field, set) in cases {
+            let mut at = model();
+            set(&mut at, false);
+            assert_eq!(field_of(&at), None, "{field} at its bound");
+            let mut past = model();
+            set(&mut past, true);
+            assert_eq!(
+                field_of(&past).as_deref(),
+                Some(field),
+                "{field} past its bound"
+            );
+        }
+        // Zero durations where a zero would stop every call.
+        let mut m = model();
+        m.routing = Some(Routing {
+            timeout: d(Duration::ZERO),
+            ..Default::default()
+        });
+        assert_eq!(field_of(&m).as_deref(), Some("routing.timeout"));
+        m.routing = Some(Routing {
+            timeout: d(one),
+            retry_backoff: d(Duration::ZERO),
+            ..Default::default()
+        });
+        assert_eq!(field_of(&m), None);
+    }
+
+    #[test]
+    fn deployment_names_are_what_azure_allows() {
+        for ok in ["gpt-4o", "gpt4o_prod.v2", "A", "..a", "a.."] {
+            assert!(check_deployment_name("model_name", ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "", "gpt 4o", ".", "..", "a/b", "a?b", "a#b", "a%2F", "é", "a\u{1}",
+        ] {
+            assert!(check_deployment_name("model_name", bad).is_err(), "{bad:?}");
+        }
     }
 }

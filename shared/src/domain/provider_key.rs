@@ -23,6 +23,10 @@ pub struct ProviderKey {
     /// Extra trust anchors (PEM) for the upstream's TLS, besides the system roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_pem: Option<String>,
+    /// Allows a plain-http `api_base` (local tests and simulators only): the
+    /// secret then crosses the network in clear.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_insecure_upstream: bool,
 }
 
 fn default_adapter() -> String {
@@ -48,18 +52,8 @@ impl ProviderKey {
         }
         non_empty("secret", &self.secret)?;
         Credential::parse(&self.secret)?;
-        resolve_api_base(&self.api_base)?;
-        non_empty("api_version", &self.api_version)?;
-        if !self
-            .api_version
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
-        {
-            return Err(Error::validation(
-                "api_version",
-                "may hold only letters, digits, `-` and `.`",
-            ));
-        }
+        check_upstream(&self.api_base, self.allow_insecure_upstream)?;
+        check_api_version(&self.api_version)?;
         if let Some(pem) = &self.ca_pem {
             parse_ca_pem(pem).map_err(|m| Error::validation("ca_pem", m))?;
         }
@@ -106,9 +100,80 @@ impl std::fmt::Debug for Credential {
     }
 }
 
+/// Longest secret part (an API key, a client secret, an id).
+pub const MAX_SECRET_LEN: usize = 4096;
+
 impl Credential {
     /// A secret that starts with `{` is Entra ID JSON; anything else is an API key.
     pub fn parse(secret: &str) -> Result<Self, Error> {
+        let c = Self::parse_stored(secret)?;
+        c.check()?;
+        Ok(c)
+    }
+
+    /// Every part can go where it is sent: an API key into a header, ids and
+    /// secrets into a token request's form and URL. The data plane runs this
+    /// too before it compiles a snapshot.
+    pub fn check(&self) -> Result<(), Error> {
+        fn text(field: &str, v: &str, allowed: fn(u8) -> bool, what: &str) -> Result<(), Error> {
+            if v.is_empty() || v.len() > MAX_SECRET_LEN || !v.bytes().all(allowed) {
+                return Err(Error::validation(
+                    field,
+                    format!("must be 1 to {MAX_SECRET_LEN} {what}"),
+                ));
+            }
+            Ok(())
+        }
+        let visible = |b: u8| b.is_ascii_graphic();
+        let no_control = |b: u8| !b.is_ascii_control();
+        let id_chars = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.');
+        match self {
+            Self::ApiKey { key } => text(
+                "secret",
+                key,
+                visible,
+                "visible ASCII characters (an API key goes into a header)",
+            ),
+            Self::ClientSecret {
+                tenant_id,
+                client_id,
+                client_secret,
+                ..
+            } => {
+                text(
+                    "secret.tenant_id",
+                    tenant_id,
+                    id_chars,
+                    "letters, digits, `-`, `_` or `.`",
+                )?;
+                text(
+                    "secret.client_id",
+                    client_id,
+                    no_control,
+                    "characters, none a control character",
+                )?;
+                text(
+                    "secret.client_secret",
+                    client_secret,
+                    no_control,
+                    "characters, none a control character",
+                )
+            }
+            Self::ManagedIdentity {
+                client_id: Some(id),
+            } => text(
+                "secret.managed_identity.client_id",
+                id,
+                no_control,
+                "characters, none a control character",
+            ),
+            Self::ManagedIdentity { client_id: None } | Self::WorkloadIdentity => Ok(()),
+        }
+    }
+
+    /// Parses without [`Credential::check`]: for a secret stored before a
+    /// check existed, which the data plane then refuses with its reason.
+    pub fn parse_stored(secret: &str) -> Result<Self, Error> {
         let trimmed = secret.trim();
         if !trimmed.starts_with('{') {
             return Ok(Self::ApiKey {
@@ -187,6 +252,36 @@ impl Credential {
             authority_host,
         })
     }
+}
+
+/// The upstream origin of `api_base`, refused when it is plain http and the
+/// key does not say `allow_insecure_upstream`.
+pub fn check_upstream(api_base: &str, allow_insecure: bool) -> Result<String, Error> {
+    let base = resolve_api_base(api_base)?;
+    if !allow_insecure && base.starts_with("http://") {
+        return Err(Error::validation(
+            "api_base",
+            "plain http would send the secret in clear; use https, or set \
+             allow_insecure_upstream: true (local tests only)",
+        ));
+    }
+    Ok(base)
+}
+
+/// `api_version` goes into every upstream URL's query.
+pub fn check_api_version(v: &str) -> Result<(), Error> {
+    non_empty("api_version", v)?;
+    if v.len() > 64
+        || !v
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.'))
+    {
+        return Err(Error::validation(
+            "api_version",
+            "may hold only letters, digits, `-` and `.` (at most 64)",
+        ));
+    }
+    Ok(())
 }
 
 /// DER certificates from PEM text; at least one, nothing else allowed.

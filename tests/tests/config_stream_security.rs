@@ -1,0 +1,209 @@
+//! Who may read the config stream (it carries provider secrets) and who may
+//! speak for a node.
+
+use aigw_tests::control_plane::{ControlPlane, Options};
+use aigw_tests::data_plane::{control_plane_version, DataPlane, DataPlaneOptions};
+use aigw_tests::fixtures::provider_key_at;
+use aigw_tests::grpc::{channel, config_watch_first};
+use aigw_tests::pki::{Leaf, Pki};
+use aigw_tests::process::poll_until;
+use anyhow::{ensure, Result};
+use serde_json::{json, Value};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The node list entry of `node_id`.
+async fn node_entry(cp: &ControlPlane, node_id: &str) -> Result<Option<Value>> {
+    let body = cp.rest().get("/admin/v1/nodes").await?.expect(200)?;
+    Ok(body["list"]
+        .as_array()
+        .and_then(|l| l.iter().find(|n| n["node_id"] == node_id).cloned()))
+}
+
+#[tokio::test]
+async fn a_second_connection_with_a_live_nodes_id_is_refused() -> Result<()> {
+    let cp = ControlPlane::start().await?;
+    let dp = DataPlane::start_ready(DataPlaneOptions::for_control_plane(&cp, "node-real")).await?;
+    let real = poll_until(
+        "the real node listed",
+        200,
+        Duration::from_millis(25),
+        || async {
+            Ok(node_entry(&cp, dp.node_id())
+                .await?
+                .filter(|n| n["connected"] == true))
+        },
+    )
+    .await?;
+
+    // The shared token is right; the id is taken.
+    let token = cp.node_token().expect("node token");
+    let answer = config_watch_first(channel(&cp.grpc_url()).await?, "node-real", token).await?;
+    let status = answer.expect_err("an impostor got a snapshot");
+    ensure!(
+        status.code() == tonic::Code::AlreadyExists,
+        "impostor refused with {status:?}"
+    );
+
+    let after = node_entry(&cp, "node-real").await?.expect("listed");
+    ensure!(after["connected"] == true, "{after}");
+    ensure!(after["address"] == real["address"], "{real} -> {after}");
+    ensure!(
+        after["applied_version"] == real["applied_version"],
+        "{real} -> {after}"
+    );
+    // A fresh id with the same token is still welcome.
+    let other = config_watch_first(channel(&cp.grpc_url()).await?, "node-other", token).await?;
+    ensure!(other.is_ok(), "{other:?}");
+    Ok(())
+}
+
+/// A TCP relay that records every byte crossing it, both ways: what someone
+/// on the network path between a node and the control plane would capture.
+async fn capturing_relay(
+    upstream: std::net::SocketAddr,
+) -> Result<(std::net::SocketAddr, Arc<Mutex<Vec<u8>>>)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let captured = Arc::new(Mutex::new(Vec::new()));
+    let log = captured.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = TcpStream::connect(upstream).await else {
+                continue;
+            };
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            for (mut from, mut to, log) in [
+                (
+                    Box::new(cr) as Box<dyn AsyncRead + Unpin + Send>,
+                    Box::new(sw) as Box<dyn AsyncWrite + Unpin + Send>,
+                    log.clone(),
+                ),
+                (Box::new(sr), Box::new(cw), log.clone()),
+            ] {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    while let Ok(n) = from.read(&mut buf).await {
+                        if n == 0 || to.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        log.lock().unwrap().extend_from_slice(&buf[..n]);
+                    }
+                });
+            }
+        }
+    });
+    Ok((addr, captured))
+}
+
+/// A TLS channel to `addr` trusting `ca`, presenting `identity` if any.
+async fn tls_channel(
+    addr: std::net::SocketAddr,
+    ca: &str,
+    identity: Option<&Leaf>,
+) -> Result<tonic::transport::Channel> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name("localhost");
+    if let Some(leaf) = identity {
+        tls = tls.identity(Identity::from_pem(&leaf.cert_pem, &leaf.key_pem));
+    }
+    Ok(
+        tonic::transport::Channel::from_shared(format!("https://{addr}"))?
+            .tls_config(tls)?
+            .connect()
+            .await?,
+    )
+}
+
+const SECRET: &str = "azure-key-canary-4f1c9d7e2b";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tls_and_node_certificates_guard_the_config_stream() -> Result<()> {
+    let pki = Pki::new("aigw fleet CA");
+    let dir = tempfile::tempdir()?;
+    let ca_file = pki.write_ca(dir.path(), "ca.pem")?;
+    let server = pki.issue(&["localhost"], &[[127, 0, 0, 1].into()]);
+    let (server_cert, server_key) = server.write(dir.path(), "control-plane")?;
+    let node = pki.issue(&["node-tls"], &[]);
+    let (node_cert, node_key) = node.write(dir.path(), "node-tls")?;
+
+    let cp = ControlPlane::start_with(Options::default().with_config(json!({
+        "control_plane": {"grpc_tls": {
+            "cert_file": server_cert, "key_file": server_key, "client_ca_file": ca_file
+        }}
+    })))
+    .await?;
+    let admin = cp.rest();
+    admin
+        .create(
+            "provider_keys",
+            &provider_key_at("azure-prod", SECRET, "https://example.openai.azure.com"),
+        )
+        .await?;
+
+    // The node reaches the control plane through a relay that records the bytes.
+    let (relay, captured) = capturing_relay(cp.grpc_addr()).await?;
+    let dp = DataPlane::start_ready(
+        DataPlaneOptions::for_control_plane(&cp, "node-tls").with_config(json!({
+            "data_plane": {
+                "control_plane_url": format!("https://localhost:{}", relay.port()),
+                "control_plane_tls": {"ca_file": ca_file, "cert_file": node_cert, "key_file": node_key}
+            }
+        })),
+    )
+    .await?;
+    let version = control_plane_version(&admin).await?;
+    dp.wait_version(version).await?;
+    let wire = captured.lock().unwrap().clone();
+    ensure!(
+        wire.len() > 1000,
+        "only {} bytes crossed the relay",
+        wire.len()
+    );
+    ensure!(
+        !contains(&wire, SECRET.as_bytes()),
+        "the provider secret crossed the network in clear"
+    );
+    let cache = std::fs::read(dp.snapshot_cache())?;
+    ensure!(
+        !contains(&cache, SECRET.as_bytes()),
+        "the snapshot cache file holds the provider secret in clear"
+    );
+
+    let token = cp.node_token().expect("node token");
+    // Plaintext: no snapshot.
+    let plain = match channel(&format!("http://{}", cp.grpc_addr())).await {
+        Ok(ch) => config_watch_first(ch, "node-plain", token).await?.is_ok(),
+        Err(_) => false,
+    };
+    ensure!(!plain, "a plaintext client read a snapshot");
+    // TLS without a client certificate: no snapshot.
+    let anonymous = match tls_channel(cp.grpc_addr(), &pki.ca_pem(), None).await {
+        Ok(ch) => config_watch_first(ch, "node-anon", token).await?.is_ok(),
+        Err(_) => false,
+    };
+    ensure!(!anonymous, "a client without a certificate read a snapshot");
+    // The stolen shared token with a certificate from another CA: no snapshot.
+    let rogue = Pki::new("rogue CA").issue(&["node-tls"], &[]);
+    let stolen = match tls_channel(cp.grpc_addr(), &pki.ca_pem(), Some(&rogue)).await {
+        Ok(ch) => config_watch_first(ch, "node-rogue", token).await?.is_ok(),
+        Err(_) => false,
+    };
+    ensure!(!stolen, "a certificate from another CA read a snapshot");
+    // A real node certificate cannot speak for another node.
+    let other = tls_channel(cp.grpc_addr(), &pki.ca_pem(), Some(&node)).await?;
+    let status = config_watch_first(other, "node-other", token)
+        .await?
+        .expect_err("a certificate for node-tls read a snapshot as node-other");
+    ensure!(status.code() == tonic::Code::PermissionDenied, "{status:?}");
+    Ok(())
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
