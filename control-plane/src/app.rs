@@ -92,6 +92,7 @@ impl ControlPlane {
             admin: Gate::new("admin", &cp.connections),
             grpc: Gate::new("grpc", &cp.connections),
         };
+        listener::reserve_open_files(&[&gates.admin, &gates.grpc]);
         let router = admin::rest::router(
             admin.clone(),
             keys.clone(),

@@ -167,6 +167,7 @@ impl DataPlane {
             stopped.clone(),
         ));
         let gates = server::Gates::new(&settings.connections);
+        aigw_shared::listener::reserve_open_files(&[&gates.proxy, &gates.metrics]);
         tasks.spawn(server::serve_proxy(
             proxy_listener,
             gates.proxy.clone(),

@@ -46,6 +46,65 @@ const EVICT_RETRY: Duration = Duration::from_millis(50);
 /// HTTP/2 pings find dead peers (long gRPC streams, pooled clients).
 const HTTP2_KEEPALIVE: Duration = Duration::from_secs(20);
 
+/// Descriptors kept for everything but client sockets: upstream and NATS
+/// connections, files, the runtime.
+pub const FD_RESERVE: u64 = 1024;
+/// The caps of every listener reserved in this process so far (standalone
+/// runs both planes' listeners in one process).
+static CAPS_RESERVED: AtomicU64 = AtomicU64::new(0);
+
+/// Makes the process's open-file limit hold `gates`' caps (on top of those
+/// reserved before) plus [`FD_RESERVE`]: raises the soft limit toward the
+/// hard one when it is lower, and warns when even the hard limit cannot —
+/// then a flood could exhaust descriptors before any cap is met.
+pub fn reserve_open_files(gates: &[&Gate]) {
+    let add: u64 = gates
+        .iter()
+        .map(|g| u64::try_from(g.max).unwrap_or(u64::MAX))
+        .fold(0, u64::saturating_add);
+    let caps = CAPS_RESERVED.fetch_add(add, Relaxed).saturating_add(add);
+    let want = caps.saturating_add(FD_RESERVE);
+    #[cfg(unix)]
+    {
+        use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+        let limit = getrlimit(Resource::Nofile);
+        // `None` is unlimited.
+        let soft = limit.current.unwrap_or(u64::MAX);
+        if soft >= want {
+            return;
+        }
+        let raised = want.min(limit.maximum.unwrap_or(u64::MAX));
+        let soft = if raised > soft
+            && setrlimit(
+                Resource::Nofile,
+                Rlimit {
+                    current: Some(raised),
+                    maximum: limit.maximum,
+                },
+            )
+            .is_ok()
+        {
+            info!(
+                from = soft,
+                to = raised,
+                "raised the open-file limit to hold the listeners' connection caps"
+            );
+            raised
+        } else {
+            soft
+        };
+        if soft < want {
+            warn!(
+                open_file_limit = soft,
+                connection_caps = caps,
+                reserve = FD_RESERVE,
+                "the open-file limit cannot hold every listener's connection cap: lower \
+                 connections.max_per_listener or raise the limit (ulimit -n, LimitNOFILE)"
+            );
+        }
+    }
+}
+
 /// One listener's connection cap and counters. Create it before serving and
 /// keep it for `/metrics` ([`render_metrics`]).
 pub struct Gate {
@@ -353,18 +412,19 @@ pub async fn serve<S, B>(
             }
         };
         let _ = stream.set_nodelay(true);
-        let local = stream.local_addr().ok();
+        let connect_info =
+            protocol
+                .tonic_connect_info
+                .then(|| tonic::transport::server::TcpConnectInfo {
+                    local_addr: stream.local_addr().ok(),
+                    remote_addr: Some(peer),
+                });
         let (id, conn) = gate.register();
         let mut svc = Tracked {
             inner: service.clone(),
             conn: conn.clone(),
             gate: gate.clone(),
-            connect_info: protocol.tonic_connect_info.then_some(
-                tonic::transport::server::TcpConnectInfo {
-                    local_addr: local,
-                    remote_addr: Some(peer),
-                },
-            ),
+            connect_info,
             peer_certs: None,
         };
         let (gate, stop, builder, tls) = (gate.clone(), stop.clone(), builder.clone(), tls.clone());

@@ -54,10 +54,10 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// Extra command-line arguments after `--config FILE`.
     pub args: Vec<String>,
-    /// `RLIMIT_NOFILE` (soft and hard) for the process, set by `prlimit`:
-    /// a test can then exhaust the binary's descriptors without exhausting
+    /// `RLIMIT_NOFILE` (soft, hard) for the process, set by `prlimit`: a
+    /// test can then exhaust the binary's descriptors without exhausting
     /// its own.
-    pub max_open_files: Option<u64>,
+    pub max_open_files: Option<(u64, u64)>,
 }
 
 impl Default for Options {
@@ -382,9 +382,9 @@ impl ControlPlane {
             BINARY
         };
         let mut cmd = match self.opts.max_open_files {
-            Some(n) => {
+            Some((soft, hard)) => {
                 let mut cmd = Command::new("prlimit");
-                cmd.arg(format!("--nofile={n}:{n}"))
+                cmd.arg(format!("--nofile={soft}:{hard}"))
                     .arg("--")
                     .arg(binary(name));
                 cmd

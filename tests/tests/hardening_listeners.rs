@@ -19,8 +19,9 @@ use tokio::net::TcpStream;
 /// Connections per listener in the flood test.
 const CAP: usize = 256;
 /// The gateway's descriptors in the flood test: more than every listener's
-/// cap together, far fewer than the sockets the flood opens.
-const GATEWAY_FDS: u64 = 2048;
+/// cap together (1,024) plus what the process needs itself, fewer than the
+/// sockets the flood connects.
+const GATEWAY_FDS: u64 = 1536;
 /// Idle sockets per listener: 5,000 in all.
 const FLOOD: [(&str, usize); 3] = [("proxy", 2500), ("admin", 1500), ("metrics", 1000)];
 /// Header-read timeout in the timeout test.
@@ -62,11 +63,11 @@ fn addr_of(url: &str) -> Result<SocketAddr> {
 
 /// Opens `n` sockets to `addr`; every other one sends the start of a
 /// request and never finishes it, the rest send nothing. Connections the
-/// kernel does not complete within a second are skipped.
+/// kernel does not complete within 2 s (a full backlog) are skipped.
 async fn idle_sockets(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
     futures::stream::iter(0..n)
         .map(|i| async move {
-            let mut s = tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(addr))
+            let mut s = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
                 .await
                 .ok()?
                 .ok()?;
@@ -119,7 +120,7 @@ async fn five_thousand_idle_sockets_leave_every_listener_answering() -> Result<(
     let cap = json!({"connections": {"max_per_listener": CAP}});
     let mut opts =
         Options::standalone().with_config(json!({"data_plane": cap.clone(), "control_plane": cap}));
-    opts.max_open_files = Some(GATEWAY_FDS);
+    opts.max_open_files = Some((GATEWAY_FDS, GATEWAY_FDS));
     let mut cp = ControlPlane::start_with(opts).await?;
     seed_azure(&cp.rest(), &mock.base_url(), DEFAULT_API_KEY).await?;
     wait_standalone_synced(&cp).await?;
@@ -360,5 +361,48 @@ async fn connection_bounds_outside_their_range_are_refused_at_start() -> Result<
         let said = format!("{}{}", out.stdout, out.stderr);
         ensure!(said.contains(key), "{key} not named: {said}");
     }
+    Ok(())
+}
+
+/// The soft open-file limit of `pid`, from `/proc/<pid>/limits`.
+fn soft_fd_limit(pid: u32) -> Result<u64> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"))?;
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .context("no 'Max open files'")?;
+    line.split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .context("no soft limit")
+}
+
+#[tokio::test]
+async fn the_open_file_limit_is_raised_to_hold_the_caps_or_a_warning_says_why_not() -> Result<()> {
+    // Soft 1024, hard 8192: four caps of 1000 plus the 1024 reserve fit
+    // under the hard limit, so the soft one is raised to 5024.
+    let cap = json!({"connections": {"max_per_listener": 1000}});
+    let mut opts =
+        Options::standalone().with_config(json!({"data_plane": cap.clone(), "control_plane": cap}));
+    opts.max_open_files = Some((1024, 8192));
+    let cp = ControlPlane::start_with(opts).await?;
+    wait_standalone_synced(&cp).await?;
+    let pid = cp.process().and_then(|p| p.id()).context("no pid")?;
+    ensure!(
+        soft_fd_limit(pid)? == 4 * 1000 + 1024,
+        "soft open-file limit {} after start",
+        soft_fd_limit(pid)?
+    );
+    drop(cp);
+
+    // Hard 2048 cannot hold four default caps (10,000 each): started, and said so.
+    let mut opts = Options::standalone();
+    opts.max_open_files = Some((2048, 2048));
+    let cp = ControlPlane::start_with(opts).await?;
+    wait_standalone_synced(&cp).await?;
+    let logs = format!("{}{}", cp.stdout(), cp.stderr());
+    ensure!(
+        logs.contains("the open-file limit cannot hold every listener's connection cap"),
+        "no warning about the open-file limit:\n{logs}"
+    );
     Ok(())
 }
