@@ -84,24 +84,11 @@ async fn idle_sockets(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
         .await
 }
 
-fn scrape(text: &str) -> Result<prometheus_parse::Scrape> {
-    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
-        .context("parsing /metrics")
-}
+use aigw_tests::metrics::scrape;
 
 /// The value of `name{listener}`; 0 when absent.
 fn listener_value(scrape: &prometheus_parse::Scrape, name: &str, listener: &str) -> f64 {
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == name && s.labels.get("listener") == Some(listener))
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            _ => 0.0,
-        })
-        .sum()
+    aigw_tests::metrics::sum(scrape, name, &[("listener", listener)])
 }
 
 async fn get(client: &reqwest::Client, url: &str) -> Result<(u16, String)> {

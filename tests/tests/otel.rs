@@ -284,26 +284,7 @@ async fn streamed_and_retried_calls_are_traced_with_genai_attributes() -> Result
     Ok(())
 }
 
-fn scrape(text: &str) -> Result<prometheus_parse::Scrape> {
-    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
-        .context("parsing /metrics")
-}
-
-/// The value of `name` with `labels` (all must match); 0 when absent.
-fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == name)
-        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            _ => 0.0,
-        })
-        .sum()
-}
+use aigw_tests::metrics::{scrape, sum as value};
 
 async fn get(url: &str) -> Result<String> {
     let r = reqwest::get(url).await?;
