@@ -6,7 +6,7 @@
 //! takes in its own [`ProcessConfig`] (control plane, data plane, and the
 //! standalone binary, whose file is the union of the two).
 
-use crate::domain::HumanDuration;
+use crate::domain::{is_loopback_host, HumanDuration};
 use crate::error::Error;
 use base64::Engine;
 use serde::de::DeserializeOwned;
@@ -144,22 +144,13 @@ pub fn refuse_well_known(key: &str, secret: &str, listen: SocketAddr) -> Result<
     if !listen.ip().is_loopback() && WELL_KNOWN_SECRETS.contains(&secret.trim()) {
         return Err(invalid(
             key,
-            &format!(
+            format!(
                 "{secret:?} is a published default; set your own (e.g. `openssl rand -hex 32`) \
                  before listening on {listen}"
             ),
         ));
     }
     Ok(())
-}
-
-/// Whether `host` (a URL host or a listen address) stays on this machine.
-pub fn is_loopback_host(host: &str) -> bool {
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
 }
 
 impl Default for ControlPlaneConfig {
@@ -288,7 +279,7 @@ impl ConnectionsConfig {
             }
             Err(invalid(
                 &format!("{section}.connections.{key}"),
-                &format!(
+                format!(
                     "must be between {} and {}, got {}",
                     show(range.start()),
                     show(range.end()),
@@ -554,7 +545,7 @@ fn env_overrides(
     Ok(overrides)
 }
 
-fn invalid(key: &str, message: &str) -> Error {
+pub(crate) fn invalid(key: &str, message: impl Into<String>) -> Error {
     Error::ConfigInvalid {
         key: key.into(),
         message: message.into(),
@@ -656,18 +647,17 @@ impl DataPlaneConfig {
                 "cert_file and key_file go together",
             ));
         }
-        if let Some(rest) = url.strip_prefix("http://") {
-            let host = url::Url::parse(url)
+        if url.starts_with("http://") {
+            let loopback = url::Url::parse(url)
                 .ok()
-                .and_then(|u| u.host_str().map(str::to_string))
-                .unwrap_or_else(|| rest.to_string());
+                .is_some_and(|u| u.host().is_some_and(is_loopback_host));
             if tls.ca_file.is_some() || tls.cert_file.is_some() {
                 return Err(invalid(
                     "data_plane.control_plane_tls",
                     "TLS settings need an https:// control_plane_url",
                 ));
             }
-            if !is_loopback_host(&host) && !tls.insecure {
+            if !loopback && !tls.insecure {
                 return Err(invalid(
                     "data_plane.control_plane_url",
                     "plaintext to a control plane on another host would carry provider \

@@ -2,19 +2,12 @@
 //! secrets): certificates and keys read from PEM files, one crypto provider
 //! (aws-lc-rs, as everywhere in the tree), HTTP/2 by ALPN.
 
-use crate::config::GrpcServerTls;
+use crate::config::{invalid, GrpcServerTls};
 use crate::error::Error;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use std::path::Path;
 use std::sync::Arc;
-
-fn invalid(key: &str, message: String) -> Error {
-    Error::ConfigInvalid {
-        key: key.into(),
-        message,
-    }
-}
 
 fn read_certs(path: &Path, key: &str) -> Result<Vec<CertificateDer<'static>>, Error> {
     let pem = std::fs::read(path).map_err(|e| invalid(key, format!("{}: {e}", path.display())))?;

@@ -260,7 +260,7 @@ async fn a_twenty_mib_configuration_reaches_three_nodes() -> Result<()> {
         600,
         Duration::from_millis(100),
         || async {
-            let b = scrape_value(&metrics, "aigw_cp_snapshot_bytes").await?;
+            let b = scrape_value(&metrics, "aigw_cp_snapshot_bytes", &[]).await?;
             Ok((b >= 20.0 * 1024.0 * 1024.0).then_some(b))
         },
     )

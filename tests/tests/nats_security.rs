@@ -113,7 +113,10 @@ async fn only_credentialed_planes_move_limits_and_usage() -> Result<()> {
             Duration::from_millis(20),
             || async {
                 let url = format!("{}/metrics", dp.metrics_url());
-                Ok((scrape_value(&url, "aigw_ratelimit_fleet_nodes").await? == 2.0).then_some(()))
+                Ok(
+                    (scrape_value(&url, "aigw_ratelimit_fleet_nodes", &[]).await? == 2.0)
+                        .then_some(()),
+                )
             },
         )
         .await?;
@@ -207,7 +210,8 @@ async fn only_credentialed_planes_move_limits_and_usage() -> Result<()> {
         || async {
             let n = scrape_value(
                 &cp_metrics,
-                "aigw_cp_usage_rejected_total{reason=\"tokens_out_of_bounds\"}",
+                "aigw_cp_usage_rejected_total",
+                &[("reason", "tokens_out_of_bounds")],
             )
             .await?;
             Ok((n == 1.0).then_some(()))
@@ -223,7 +227,8 @@ async fn only_credentialed_planes_move_limits_and_usage() -> Result<()> {
             || async {
                 let n = scrape_value(
                     &url,
-                    "aigw_ratelimit_sync_rejected_total{reason=\"count_out_of_bounds\"}",
+                    "aigw_ratelimit_sync_rejected_total",
+                    &[("reason", "count_out_of_bounds")],
                 )
                 .await?;
                 Ok((n >= 1.0).then_some(()))
@@ -241,7 +246,7 @@ async fn only_credentialed_planes_move_limits_and_usage() -> Result<()> {
             dp.node_id()
         );
         let url = format!("{}/metrics", dp.metrics_url());
-        ensure!(scrape_value(&url, "aigw_ratelimit_fleet_nodes").await? == 2.0);
+        ensure!(scrape_value(&url, "aigw_ratelimit_fleet_nodes", &[]).await? == 2.0);
     }
     poll_until(
         "the victim's two calls counted",

@@ -157,7 +157,8 @@ async fn session(
     info!("connected to the config stream");
     while let Some(snap) = stream.message().await.map_err(|s| {
         let message = format!("stream: {}", s.message());
-        if s.code() == tonic::Code::OutOfRange || s.message().contains("too large") {
+        // tonic's answer to a message above max_decoding_message_size.
+        if s.code() == tonic::Code::OutOfRange {
             // A snapshot this node cannot take: it stays on the last good
             // one, says so on /readyz, and tells the control plane when it
             // reconnects.

@@ -119,15 +119,22 @@ impl JwtProvider {
     }
 }
 
+/// Whether a URL's host stays on this machine (`localhost` or a loopback IP).
+pub fn is_loopback_host(host: url::Host<&str>) -> bool {
+    match host {
+        url::Host::Domain(d) => d.eq_ignore_ascii_case("localhost"),
+        url::Host::Ipv4(ip) => ip.is_loopback(),
+        url::Host::Ipv6(ip) => ip.is_loopback(),
+    }
+}
+
 /// An https URL (http only on loopback, for local issuers) without user info
 /// or fragment: keys fetched from it decide who gets in.
 pub fn check_endpoint(field: &str, text: &str) -> Result<url::Url, Error> {
     let url = url::Url::parse(text.trim())
         .map_err(|e| Error::validation(field, format!("not a valid URL: {e}")))?;
     let loopback = match url.host() {
-        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(host) => is_loopback_host(host),
         None => return Err(Error::validation(field, "has no host")),
     };
     match url.scheme() {

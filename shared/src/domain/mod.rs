@@ -11,7 +11,8 @@ mod provider_key;
 pub use api_key::{ApiKey, Budget, BudgetPeriod};
 pub use duration::HumanDuration;
 pub use jwt_provider::{
-    check_endpoint, ClaimMappings, JwtProvider, DEFAULT_CLOCK_SKEW, MAX_CLOCK_SKEW,
+    check_endpoint, is_loopback_host, ClaimMappings, JwtProvider, DEFAULT_CLOCK_SKEW,
+    MAX_CLOCK_SKEW,
 };
 pub use model::{
     check_deployment_name, CacheConfig, Cost, Model, RateLimit, Routing, RoutingStrategy, Target,
