@@ -113,17 +113,8 @@ pub async fn serve_health(
         let (config, services, gates) = (config.clone(), services.clone(), gates.clone());
         let metrics_auth = metrics_auth.clone();
         async move {
-            let peer = req
-                .extensions()
-                .get::<tonic::transport::server::TcpConnectInfo>()
-                .and_then(|i| i.remote_addr)
-                .map(|a| a.ip());
-            let authorization = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok());
             let (status, ctype, body) = match req.uri().path() {
-                "/metrics" if !metrics_auth.allows(peer, authorization) => (
+                "/metrics" if !metrics_auth.allows_request(&req) => (
                     StatusCode::UNAUTHORIZED,
                     "application/json",
                     r#"{"error":"/metrics needs data_plane.metrics_auth.token as a bearer token (or a scrape from this machine)"}"#.to_string(),

@@ -118,6 +118,21 @@ impl MetricsAuth {
         }
     }
 
+    /// [`MetricsAuth::allows`] for a request served by `listener::serve`
+    /// with connect info on (the peer address is on its extensions).
+    pub fn allows_request<B>(&self, req: &http::Request<B>) -> bool {
+        let peer = req
+            .extensions()
+            .get::<tonic::transport::server::TcpConnectInfo>()
+            .and_then(|i| i.remote_addr)
+            .map(|a| a.ip());
+        let authorization = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        self.allows(peer, authorization)
+    }
+
     fn validate(&self, key: &str) -> Result<(), Error> {
         if self.token.as_deref().is_some_and(|t| t.trim().len() < 16) {
             return Err(invalid(key, "a metrics token has at least 16 characters"));

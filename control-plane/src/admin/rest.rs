@@ -82,20 +82,7 @@ pub fn router(
 /// Prometheus text, for an admin key, the metrics token, or (without a
 /// token) a scrape from this machine; see `control_plane.metrics_auth`.
 async fn metrics(State(ctx): State<Ctx>, req: Request) -> Response {
-    let peer = req
-        .extensions()
-        .get::<tonic::transport::server::TcpConnectInfo>()
-        .and_then(|i| i.remote_addr)
-        .map(|a| a.ip());
-    let h = req.headers();
-    let authorization = h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let admin = AdminKeys::from_headers(
-        authorization,
-        h.get("x-api-key").and_then(|v| v.to_str().ok()),
-    )
-    .and_then(|k| ctx.keys.check(k))
-    .is_some();
-    if !admin && !ctx.metrics_auth.allows(peer, authorization) {
+    if admin_actor(&ctx.keys, req.headers()).is_none() && !ctx.metrics_auth.allows_request(&req) {
         return error(
             StatusCode::UNAUTHORIZED,
             "/metrics needs an admin key or control_plane.metrics_auth.token as a bearer token",
@@ -112,13 +99,17 @@ fn error(status: StatusCode, msg: &str) -> Response {
     (status, Json(json!({ "error_msg": msg }))).into_response()
 }
 
-async fn authenticate(State(ctx): State<Ctx>, mut req: Request, next: Next) -> Response {
-    let h = req.headers();
-    let presented = AdminKeys::from_headers(
+/// The actor of the admin key a request presents, if it is one of ours.
+fn admin_actor(keys: &AdminKeys, h: &http::HeaderMap) -> Option<String> {
+    AdminKeys::from_headers(
         h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()),
         h.get("x-api-key").and_then(|v| v.to_str().ok()),
-    );
-    match presented.and_then(|k| ctx.keys.check(k)) {
+    )
+    .and_then(|k| keys.check(k))
+}
+
+async fn authenticate(State(ctx): State<Ctx>, mut req: Request, next: Next) -> Response {
+    match admin_actor(&ctx.keys, req.headers()) {
         Some(actor) => {
             req.extensions_mut().insert(Actor(actor));
             next.run(req).await
