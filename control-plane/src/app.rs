@@ -32,7 +32,7 @@ pub struct ControlPlane {
     tasks: tokio::task::JoinSet<Result<(), Error>>,
     background: tokio_util::task::TaskTracker,
     stop: watch::Sender<bool>,
-    node_token: String,
+    node_token: Option<String>,
     in_process_bus: Option<Arc<crate::usage::InProcessBus>>,
 }
 
@@ -63,8 +63,14 @@ impl ControlPlane {
         let keys = AdminKeys::new(&config.admin.keys);
         // Before any listener answers: /readyz means the data dir is complete.
         let node_token = match &config.nodes.token {
-            Some(t) => t.clone(),
-            None => crate::secrets::load_or_generate_token(&cp.data_dir)?,
+            Some(t) => Some(t.clone()),
+            None if config.embedded_node => {
+                Some(crate::secrets::load_or_generate_token(&cp.data_dir)?)
+            }
+            None => {
+                info!("no nodes.token: only node credentials issued by POST /admin/v1/nodes open the config stream");
+                None
+            }
         };
 
         let bind = |addr: SocketAddr, what: &'static str| async move {
@@ -189,8 +195,9 @@ impl ControlPlane {
         };
         let config_service = ConfigStreamService::new(
             cache,
+            admin.engine().clone(),
             admin.nodes().clone(),
-            &node_token,
+            node_token.clone(),
             cp.grpc_tls.client_ca_file.is_some(),
             background.clone(),
             stopped.clone(),
@@ -237,8 +244,8 @@ impl ControlPlane {
 
     /// The token nodes present on the config stream (generated in the data
     /// dir when none is configured), for a node in this process.
-    pub fn node_token(&self) -> &str {
-        &self.node_token
+    pub fn node_token(&self) -> Option<&str> {
+        self.node_token.as_deref()
     }
 
     /// The bus an in-process node publishes usage to when there is no NATS.

@@ -108,11 +108,7 @@ impl Engine {
             state.version
         };
         tracing::Span::current().record("seq", new_version);
-        let (resource, op) = match &command {
-            Command::Create { value, .. } => (value.kind(), "create"),
-            Command::Update { value, .. } => (value.kind(), "update"),
-            Command::Delete { kind, .. } => (*kind, "delete"),
-        };
+        let (resource, op) = command.describe();
         crate::metrics::METRICS.mutation(resource.collection(), op);
         if new_version / self.snapshot_every > base / self.snapshot_every {
             // Serialised and written on a blocking thread, not an async worker.

@@ -57,6 +57,20 @@ impl Drop for Claim {
     }
 }
 
+impl NodeStatus {
+    /// A node with a credential that has not connected yet.
+    pub fn unseen(node_id: &str) -> Self {
+        Self {
+            node_id: node_id.to_string(),
+            address: String::new(),
+            applied_version: 0,
+            last_seen: String::new(),
+            connected: false,
+            last_error: None,
+        }
+    }
+}
+
 impl NodeRegistry {
     pub fn list(&self) -> Vec<NodeStatus> {
         self.lock().values().cloned().collect()
@@ -83,14 +97,7 @@ impl NodeRegistry {
         let mut nodes = self.lock();
         let entry = nodes
             .entry(node_id.to_string())
-            .or_insert_with(|| NodeStatus {
-                node_id: node_id.to_string(),
-                address: String::new(),
-                applied_version: 0,
-                last_seen: String::new(),
-                connected: false,
-                last_error: None,
-            });
+            .or_insert_with(|| NodeStatus::unseen(node_id));
         f(entry);
         entry.last_seen = crate::events::format_rfc3339(time::OffsetDateTime::now_utc());
     }

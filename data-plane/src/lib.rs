@@ -106,7 +106,8 @@ impl DataPlane {
             config: config.clone(),
         });
         let snapshot_file = Arc::new(SnapshotFile::new(&settings.snapshot_cache, &settings.token));
-        config::watch::boot_from_file(&*node, &snapshot_file);
+        let node_key = config::watch::NodeKey::new(&settings.token, &settings.node_id);
+        config::watch::boot_from_file(&*node, &snapshot_file, &node_key);
 
         let (stop, stopped) = watch::channel(false);
         let tasks = TaskTracker::new();

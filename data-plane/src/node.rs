@@ -10,7 +10,8 @@ use crate::jwt::JwksRegistry;
 use crate::limits::Limiter;
 use crate::metrics::Metrics;
 use crate::routing::HealthRegistry;
-use aigw_shared::snapshot::ConfigSnapshot;
+use aigw_shared::crypto::Cipher;
+use aigw_shared::snapshot::{ConfigSnapshot, WireSnapshot, SNAPSHOT_FORMAT};
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -95,9 +96,25 @@ impl Node {
 }
 
 impl crate::config::Apply for Node {
-    fn apply(&self, body: &[u8]) -> Result<u64, String> {
-        let snapshot: ConfigSnapshot =
+    fn apply(&self, body: &[u8], data_key: &Cipher) -> Result<u64, String> {
+        #[derive(serde::Deserialize)]
+        struct Format {
+            format: u32,
+        }
+        // Named first: a snapshot of another format fails to decode below
+        // with a less helpful message.
+        let format = serde_json::from_slice::<Format>(body)
+            .map_err(|e| format!("undecodable snapshot: {e}"))?
+            .format;
+        if format != SNAPSHOT_FORMAT {
+            return Err(format!(
+                "snapshot format {format}, this node reads format {SNAPSHOT_FORMAT}: \
+                 run control plane and data planes of the same release"
+            ));
+        }
+        let wire: WireSnapshot =
             serde_json::from_slice(body).map_err(|e| format!("undecodable snapshot: {e}"))?;
+        let snapshot = wire.open(data_key).map_err(|e| e.to_string())?;
         self.install(snapshot)
     }
 

@@ -346,7 +346,9 @@ impl ConnectionsConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NodesConfig {
-    /// Shared token data planes present on the config stream.
+    /// Data plane: the credential it presents on the config stream, its own
+    /// (`POST /admin/v1/nodes`) or the shared token. Control plane: the shared
+    /// token; without one only node credentials are accepted.
     pub token: Option<String>,
 }
 

@@ -1,19 +1,28 @@
 //! The configuration snapshot the control plane pushes to data planes: every
-//! resource a data plane needs, secrets decrypted, as one immutable document.
+//! resource a data plane needs, as one immutable document. On the wire and
+//! on disk provider credentials are sealed ([`WireSnapshot`]) with a data key
+//! of that snapshot, which reaches each node wrapped for its own credential
+//! (`crypto::seal_data_key`); a node opens them into a [`ConfigSnapshot`].
 
+use crate::crypto::{Cipher, Sealed};
 use crate::domain::{ApiKey, Credential, JwtProvider, Model};
+use crate::error::Error;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Current snapshot document format; a data plane rejects others.
-pub const SNAPSHOT_FORMAT: u32 = 1;
+/// v2: provider credentials sealed with the snapshot's data key.
+pub const SNAPSHOT_FORMAT: u32 = 2;
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-pub struct ConfigSnapshot {
+/// A snapshot as it travels: credentials sealed.
+pub type WireSnapshot = ConfigSnapshot<Sealed>;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigSnapshot<C = Credential> {
     pub format: u32,
     /// Sequence number of the last event applied (the config version).
     pub version: u64,
-    pub provider_keys: BTreeMap<String, SnapshotProviderKey>,
+    pub provider_keys: BTreeMap<String, SnapshotProviderKey<C>>,
     pub models: BTreeMap<String, Model>,
     pub api_keys: BTreeMap<String, ApiKey>,
     /// Api keys whose spend reached their budget in the current period.
@@ -28,7 +37,7 @@ pub struct ConfigSnapshot {
 }
 
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
-pub struct SnapshotProviderKey {
+pub struct SnapshotProviderKey<C = Credential> {
     pub display_name: String,
     pub adapter: String,
     pub api_base: String,
@@ -37,15 +46,132 @@ pub struct SnapshotProviderKey {
     pub ca_pem: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_insecure_upstream: bool,
-    pub credential: Credential,
+    pub credential: C,
 }
 
-impl std::fmt::Debug for SnapshotProviderKey {
+impl<C> std::fmt::Debug for SnapshotProviderKey<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SnapshotProviderKey")
             .field("display_name", &self.display_name)
             .field("api_base", &self.api_base)
             .field("credential", &"***")
             .finish()
+    }
+}
+
+// By hand: a derive would ask `C: Default`.
+impl<C> Default for ConfigSnapshot<C> {
+    fn default() -> Self {
+        Self {
+            format: 0,
+            version: 0,
+            provider_keys: BTreeMap::new(),
+            models: BTreeMap::new(),
+            api_keys: BTreeMap::new(),
+            budget_exceeded: BTreeSet::new(),
+            cache_purges: BTreeMap::new(),
+            jwt_providers: BTreeMap::new(),
+        }
+    }
+}
+
+impl<C> ConfigSnapshot<C> {
+    /// The same snapshot with each provider credential mapped by `f(id, c)`.
+    fn map_credentials<D>(
+        self,
+        mut f: impl FnMut(&str, C) -> Result<D, Error>,
+    ) -> Result<ConfigSnapshot<D>, Error> {
+        let provider_keys = self
+            .provider_keys
+            .into_iter()
+            .map(|(id, pk)| {
+                let credential = f(&id, pk.credential)?;
+                Ok((
+                    id,
+                    SnapshotProviderKey {
+                        display_name: pk.display_name,
+                        adapter: pk.adapter,
+                        api_base: pk.api_base,
+                        api_version: pk.api_version,
+                        ca_pem: pk.ca_pem,
+                        allow_insecure_upstream: pk.allow_insecure_upstream,
+                        credential,
+                    },
+                ))
+            })
+            .collect::<Result<_, Error>>()?;
+        Ok(ConfigSnapshot {
+            format: self.format,
+            version: self.version,
+            provider_keys,
+            models: self.models,
+            api_keys: self.api_keys,
+            budget_exceeded: self.budget_exceeded,
+            cache_purges: self.cache_purges,
+            jwt_providers: self.jwt_providers,
+        })
+    }
+}
+
+/// Sealing owner of a provider key's credential in a snapshot.
+fn credential_owner(provider_key_id: &str) -> String {
+    format!("aigw:snapshot-credential:{provider_key_id}")
+}
+
+impl ConfigSnapshot {
+    /// Seals every provider credential with the snapshot's data key.
+    pub fn seal(self, data_key: &Cipher) -> Result<WireSnapshot, Error> {
+        self.map_credentials(|id, c| {
+            let text = serde_json::to_string(&c).map_err(|e| Error::Crypto(e.to_string()))?;
+            data_key.seal(&credential_owner(id), &text)
+        })
+    }
+}
+
+impl WireSnapshot {
+    /// Opens every provider credential with the snapshot's data key.
+    pub fn open(self, data_key: &Cipher) -> Result<ConfigSnapshot, Error> {
+        self.map_credentials(|id, sealed| {
+            let text = data_key.open(&credential_owner(id), &sealed)?;
+            serde_json::from_str(&text).map_err(|e| {
+                Error::Crypto(format!("provider key {id}: undecodable credential: {e}"))
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_sealed_on_the_wire_and_open_with_the_data_key() {
+        let mut s = ConfigSnapshot {
+            format: SNAPSHOT_FORMAT,
+            version: 3,
+            ..Default::default()
+        };
+        s.provider_keys.insert(
+            "pk-1".into(),
+            SnapshotProviderKey {
+                display_name: "azure".into(),
+                adapter: "azure-openai".into(),
+                api_base: "https://x.openai.azure.com".into(),
+                api_version: "2024-10-21".into(),
+                ca_pem: None,
+                allow_insecure_upstream: false,
+                credential: Credential::ApiKey {
+                    key: "sk-canary-123".into(),
+                },
+            },
+        );
+        let dk = Cipher::new(&crate::crypto::new_data_key());
+        let wire = s.clone().seal(&dk).unwrap();
+        let text = serde_json::to_string(&wire).unwrap();
+        assert!(!text.contains("sk-canary-123"), "{text}");
+        let back: WireSnapshot = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.open(&dk).unwrap(), s);
+        let other = Cipher::new(&crate::crypto::new_data_key());
+        assert!(wire.open(&other).is_err());
     }
 }

@@ -365,7 +365,7 @@ impl AdminService for GrpcAdmin {
             "" => None,
             other => Some(ResourceKind::parse(other).ok_or_else(|| {
                 Status::invalid_argument(format!(
-                    "resource: unknown `{other}`; use provider_keys, models, apikeys, jwt_providers"
+                    "resource: unknown `{other}`; use provider_keys, models, apikeys, jwt_providers, nodes"
                 ))
             })?),
         };
@@ -398,21 +398,70 @@ impl AdminService for GrpcAdmin {
     async fn list_nodes(&self, _: Request<pb::ListNodesRequest>) -> R<pb::ListNodesResponse> {
         let list: Vec<pb::Node> = self
             .admin
-            .nodes()
-            .list()
+            .node_list()
             .into_iter()
             .map(|n| pb::Node {
-                node_id: n.node_id,
-                address: n.address,
-                applied_version: n.applied_version,
-                last_seen: n.last_seen,
-                connected: n.connected,
-                last_error: n.last_error.unwrap_or_default(),
+                node_id: n.status.node_id,
+                address: n.status.address,
+                applied_version: n.status.applied_version,
+                last_seen: n.status.last_seen,
+                connected: n.status.connected,
+                last_error: n.status.last_error.unwrap_or_default(),
+                credentials: n
+                    .credentials
+                    .into_iter()
+                    .map(|c| pb::NodeCredential {
+                        id: c.id,
+                        issued_at: c.issued_at,
+                        description: c.description.unwrap_or_default(),
+                    })
+                    .collect(),
+                revision: n.revision,
             })
             .collect();
         Ok(Response::new(pb::ListNodesResponse {
             total: list.len() as u64,
             list,
+        }))
+    }
+
+    async fn issue_node_credential(
+        &self,
+        req: Request<pb::IssueNodeCredentialRequest>,
+    ) -> R<pb::IssueNodeCredentialResponse> {
+        let a = actor(&req)?;
+        let r = req.into_inner();
+        let description = (!r.description.is_empty()).then_some(r.description);
+        let issued = self
+            .admin
+            .issue_node_credential(&a, &r.node_id, description)
+            .await?;
+        Ok(Response::new(pb::IssueNodeCredentialResponse {
+            node_id: issued.node_id,
+            credential_id: issued.credential_id,
+            token: issued.token,
+            issued_at: issued.issued_at,
+            revision: issued.revision,
+        }))
+    }
+
+    async fn revoke_node_credential(
+        &self,
+        req: Request<pb::RevokeNodeCredentialRequest>,
+    ) -> R<pb::RevokeNodeCredentialResponse> {
+        let a = actor(&req)?;
+        let r = req.into_inner();
+        if r.credential_id.is_empty() {
+            self.delete(&a, ResourceKind::Node, &r.node_id, r.expected_revision)
+                .await?;
+        } else {
+            self.admin
+                .revoke_node_credential(&a, &r.node_id, &r.credential_id, r.expected_revision)
+                .await?;
+        }
+        Ok(Response::new(pb::RevokeNodeCredentialResponse {
+            revoked: true,
+            node_id: r.node_id,
         }))
     }
 

@@ -13,9 +13,13 @@ use crate::error::Error;
 use crate::events::{
     format_rfc3339, Command, ResourceValue, State, StoredEvent, StoredProviderKey,
 };
-use crate::nodes::NodeRegistry;
+use crate::events::{NodeCredential, NodeCredentials, Record};
+use crate::nodes::{NodeRegistry, NodeStatus};
 use aigw_shared::domain::{ApiKey, JwtProvider, Model, ProviderKey, ResourceKind, MASKED};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use tracing::instrument;
 
@@ -81,6 +85,65 @@ pub struct EventFilter {
 
 pub const DEFAULT_EVENT_LIMIT: usize = 100;
 pub const MAX_EVENT_LIMIT: usize = 10_000;
+
+/// Master-key sealing owner of a node credential's seal key.
+pub fn node_seal_owner(node_id: &str, credential_id: &str) -> String {
+    format!("aigw:node-seal-key:{node_id}:{credential_id}")
+}
+
+/// A freshly issued node credential: the only time its token is shown.
+#[derive(Debug, Clone, Serialize)]
+pub struct IssuedNodeCredential {
+    pub node_id: String,
+    pub credential_id: String,
+    pub token: String,
+    pub issued_at: String,
+    pub revision: u64,
+}
+
+/// A credential as reads show it: no token, no digest, no key.
+#[derive(Debug, Clone, Serialize)]
+pub struct CredentialView {
+    pub id: String,
+    pub issued_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// One node in `GET /admin/v1/nodes`: its stream status and its credentials.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeView {
+    #[serde(flatten)]
+    pub status: NodeStatus,
+    /// Credentials issued for this id; none means the shared token speaks for it.
+    pub credentials: Vec<CredentialView>,
+    /// Revision of the node's credentials (for `If-Match`), 0 without any.
+    pub revision: u64,
+}
+
+impl NodeView {
+    fn from_status(status: NodeStatus) -> Self {
+        Self {
+            status,
+            credentials: Vec::new(),
+            revision: 0,
+        }
+    }
+
+    fn set_credentials(&mut self, record: &Record<NodeCredentials>) {
+        self.revision = record.revision;
+        self.credentials = record
+            .value
+            .credentials
+            .iter()
+            .map(|c| CredentialView {
+                id: c.id.clone(),
+                issued_at: c.issued_at.clone(),
+                description: c.description.clone(),
+            })
+            .collect();
+    }
+}
 
 #[derive(Clone)]
 pub struct Admin {
@@ -237,10 +300,112 @@ impl Admin {
             ResourceKind::Model => state.models.keys().collect(),
             ResourceKind::ApiKey => state.api_keys.keys().collect(),
             ResourceKind::JwtProvider => state.jwt_providers.keys().collect(),
+            ResourceKind::Node => Vec::new(),
         };
         ids.into_iter()
             .filter_map(|id| view(&state, kind, id))
             .collect()
+    }
+
+    /// Issues a credential for data-plane node `node_id`: the token is
+    /// returned once; the log keeps its digest and the node's seal key,
+    /// sealed with the master key.
+    #[instrument(skip_all, fields(node_id = %node_id))]
+    pub async fn issue_node_credential(
+        &self,
+        actor: &str,
+        node_id: &str,
+        description: Option<String>,
+    ) -> Result<IssuedNodeCredential, Error> {
+        check_id(node_id)?;
+        if let Some(d) = &description {
+            if d.chars().count() > 256 {
+                return Err(Error::Invalid(
+                    "description: at most 256 characters".into(),
+                ));
+            }
+        }
+        let token = format!("aigw-node-{}", hex::encode(aigw_shared::crypto::new_data_key()));
+        let credential_id = uuid::Uuid::now_v7().to_string();
+        let seal_key = aigw_shared::crypto::node_seal_key(&token, node_id);
+        let credential = NodeCredential {
+            id: credential_id.clone(),
+            token_sha256: hex::encode(Sha256::digest(token.as_bytes())),
+            seal_key: self
+                .engine
+                .cipher()
+                .seal(&node_seal_owner(node_id, &credential_id), &B64.encode(seal_key))?,
+            issued_at: format_rfc3339(time::OffsetDateTime::now_utc()),
+            description,
+        };
+        let issued_at = credential.issued_at.clone();
+        self.engine
+            .execute(
+                Command::IssueNodeCredential {
+                    node_id: node_id.to_string(),
+                    credential,
+                },
+                actor,
+            )
+            .await?;
+        let revision = self.engine.read().revision(ResourceKind::Node, node_id);
+        Ok(IssuedNodeCredential {
+            node_id: node_id.to_string(),
+            credential_id,
+            token,
+            issued_at,
+            revision: revision.unwrap_or(1),
+        })
+    }
+
+    /// Revokes one credential of a node; its live config stream ends.
+    #[instrument(skip_all, fields(node_id = %node_id, credential_id = %credential_id))]
+    pub async fn revoke_node_credential(
+        &self,
+        actor: &str,
+        node_id: &str,
+        credential_id: &str,
+        expected_revision: Option<u64>,
+    ) -> Result<(), Error> {
+        self.engine
+            .execute(
+                Command::RevokeNodeCredential {
+                    node_id: node_id.to_string(),
+                    credential_id: credential_id.to_string(),
+                    expected_revision,
+                },
+                actor,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Every node seen on the config stream or holding a credential.
+    pub fn node_list(&self) -> Vec<NodeView> {
+        let state = self.engine.read();
+        let mut seen: std::collections::BTreeMap<String, NodeView> = self
+            .nodes
+            .list()
+            .into_iter()
+            .map(|status| (status.node_id.clone(), NodeView::from_status(status)))
+            .collect();
+        for (id, record) in &state.nodes {
+            let view = seen
+                .entry(id.clone())
+                .or_insert_with(|| NodeView::from_status(NodeStatus::unseen(id)));
+            view.set_credentials(record);
+        }
+        seen.into_values().collect()
+    }
+
+    pub fn node(&self, node_id: &str) -> Result<NodeView, Error> {
+        self.node_list()
+            .into_iter()
+            .find(|n| n.status.node_id == node_id)
+            .ok_or_else(|| Error::NotFound {
+                kind: ResourceKind::Node,
+                id: node_id.to_string(),
+            })
     }
 
     /// Events from the log, secrets masked.
@@ -354,6 +519,8 @@ fn view(state: &State, kind: ResourceKind, id: &str) -> Option<RecordView> {
             .jwt_providers
             .get(id)
             .map(|r| (View::JwtProvider(r.value.clone()), r.revision))?,
+        // Nodes have their own view (`Admin::node`).
+        ResourceKind::Node => return None,
     };
     Some(RecordView {
         id: id.to_string(),

@@ -48,7 +48,12 @@ pub fn router(
     };
     let api = Router::new()
         .route("/admin/v1/events", get(list_events))
-        .route("/admin/v1/nodes", get(list_nodes))
+        .route("/admin/v1/nodes", get(list_nodes).post(issue_node_credential))
+        .route("/admin/v1/nodes/{id}", get(read_node).delete(revoke_node))
+        .route(
+            "/admin/v1/nodes/{id}/credentials/{credential_id}",
+            axum::routing::delete(revoke_node_credential),
+        )
         .route("/admin/v1/usage", get(query_usage))
         .route("/admin/v1/{collection}", get(list).post(create))
         .route(
@@ -171,6 +176,8 @@ async fn parse_input(kind: ResourceKind, body: Body, max: usize) -> Result<Input
         ResourceKind::Model => Input::Model(parse_body(body, max).await?),
         ResourceKind::ApiKey => Input::ApiKey(parse_body(body, max).await?),
         ResourceKind::JwtProvider => Input::JwtProvider(parse_body(body, max).await?),
+        // `kind_of` never yields it: nodes have their own routes.
+        ResourceKind::Node => return Err(Error::UnknownCollection("nodes".into())),
     })
 }
 
@@ -274,9 +281,9 @@ async fn list_events(
     let Query(q) = query.map_err(|e| Error::Invalid(e.body_text()))?;
     let resource = match q.resource.as_deref() {
         None | Some("") => None,
-        Some(r) => Some(kind_of(r).map_err(|_| {
+        Some(r) => Some(ResourceKind::parse(r).ok_or_else(|| {
             Error::Invalid(format!(
-                "resource: unknown `{r}`; use provider_keys, models, apikeys, jwt_providers"
+                "resource: unknown `{r}`; use provider_keys, models, apikeys, jwt_providers, nodes"
             ))
         })?),
     };
@@ -297,8 +304,63 @@ async fn purge_cache(State(ctx): State<Ctx>, Path(id): Path<String>) -> Result<R
 }
 
 async fn list_nodes(State(ctx): State<Ctx>) -> Response {
-    let nodes = ctx.admin.nodes().list();
+    let nodes = ctx.admin.node_list();
     Json(json!({ "total": nodes.len(), "list": nodes })).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IssueNode {
+    node_id: String,
+    description: Option<String>,
+}
+
+/// `POST /admin/v1/nodes`: a new credential for a node; the token is in this
+/// answer only.
+async fn issue_node_credential(
+    State(ctx): State<Ctx>,
+    Extension(Actor(actor)): Extension<Actor>,
+    body: Body,
+) -> Result<Response, Error> {
+    let req: IssueNode = parse_body(body, ctx.max_body).await?;
+    let issued = ctx
+        .admin
+        .issue_node_credential(&actor, &req.node_id, req.description)
+        .await?;
+    let mut resp = (StatusCode::CREATED, Json(issued)).into_response();
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
+
+async fn read_node(State(ctx): State<Ctx>, Path(id): Path<String>) -> Result<Response, Error> {
+    Ok(Json(ctx.admin.node(&id)?).into_response())
+}
+
+/// `DELETE /admin/v1/nodes/{id}`: revokes every credential of the node.
+async fn revoke_node(
+    State(ctx): State<Ctx>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    ctx.admin
+        .delete(&actor, ResourceKind::Node, &id, if_match(&headers)?)
+        .await?;
+    Ok(Json(json!({ "revoked": true, "node_id": id })).into_response())
+}
+
+async fn revoke_node_credential(
+    State(ctx): State<Ctx>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Path((id, credential_id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    ctx.admin
+        .revoke_node_credential(&actor, &id, &credential_id, if_match(&headers)?)
+        .await?;
+    Ok(Json(json!({ "revoked": true, "node_id": id, "credential_id": credential_id }))
+        .into_response())
 }
 
 #[derive(Deserialize)]

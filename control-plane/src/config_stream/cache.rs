@@ -1,6 +1,7 @@
 use crate::engine::Engine;
 use crate::error::Error;
 use crate::events::State;
+use aigw_shared::crypto::Cipher;
 use aigw_shared::domain::Credential;
 use aigw_shared::proto::config::v1 as pb;
 use aigw_shared::snapshot::{ConfigSnapshot, SnapshotProviderKey, SNAPSHOT_FORMAT};
@@ -9,12 +10,41 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tracing::{error, instrument};
 
+/// One encoded snapshot, shared by every node: its provider credentials are
+/// sealed with `data_key`, which each node receives wrapped for itself.
+pub struct Published {
+    pub version: u64,
+    body: Vec<u8>,
+    data_key: [u8; 32],
+}
+
+impl Published {
+    /// The message for one node: the shared body and the data key sealed
+    /// with that node's key.
+    pub fn for_node(&self, node_key: &Cipher, node_id: &str) -> Result<pb::Snapshot, Error> {
+        let sealed =
+            aigw_shared::crypto::seal_data_key(node_key, node_id, self.version, &self.data_key)?;
+        Ok(pb::Snapshot {
+            version: self.version,
+            body: self.body.clone(),
+            data_key: Some(pb::SealedKey {
+                nonce: sealed.nonce,
+                ciphertext: sealed.ciphertext,
+            }),
+        })
+    }
+
+    pub fn body_len(&self) -> usize {
+        self.body.len()
+    }
+}
+
 /// The newest encoded snapshot, rebuilt whenever the config version moves or
 /// the set of api keys over budget changes. Many quick changes coalesce: a
 /// node always gets the newest, never a backlog.
 #[derive(Clone)]
 pub struct SnapshotCache {
-    rx: watch::Receiver<Arc<pb::Snapshot>>,
+    rx: watch::Receiver<Arc<Published>>,
 }
 
 impl SnapshotCache {
@@ -57,12 +87,8 @@ impl SnapshotCache {
         Ok(Self { rx })
     }
 
-    pub fn subscribe(&self) -> watch::Receiver<Arc<pb::Snapshot>> {
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Published>> {
         self.rx.clone()
-    }
-
-    pub fn current(&self) -> Arc<pb::Snapshot> {
-        self.rx.borrow().clone()
     }
 }
 
@@ -71,7 +97,7 @@ fn encode(
     engine: &Engine,
     exceeded: &BTreeSet<String>,
     purges: &BTreeMap<String, u64>,
-) -> Result<pb::Snapshot, Error> {
+) -> Result<Published, Error> {
     let snapshot = {
         let state = engine.read();
         let mut s = build_snapshot(&state, engine.cipher())?;
@@ -84,15 +110,20 @@ fn encode(
         s
     };
     tracing::Span::current().record("version", snapshot.version);
-    let body = serde_json::to_vec(&snapshot).map_err(|e| Error::Storage(e.to_string()))?;
+    let version = snapshot.version;
+    let data_key = aigw_shared::crypto::new_data_key();
+    let wire = snapshot.seal(&Cipher::new(&data_key))?;
+    let body = serde_json::to_vec(&wire).map_err(|e| Error::Storage(e.to_string()))?;
     crate::metrics::METRICS.snapshot_bytes(body.len());
-    Ok(pb::Snapshot {
-        version: snapshot.version,
+    Ok(Published {
+        version,
         body,
+        data_key,
     })
 }
 
-/// Resolves the state into what a data plane needs, with secrets decrypted.
+/// Resolves the state into what a data plane needs, with secrets decrypted
+/// (sealed again for the wire by `encode`).
 pub fn build_snapshot(
     state: &State,
     cipher: &aigw_shared::crypto::Cipher,

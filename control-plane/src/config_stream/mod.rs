@@ -6,5 +6,5 @@
 mod cache;
 mod server;
 
-pub use cache::{build_snapshot, SnapshotCache};
+pub use cache::{build_snapshot, Published, SnapshotCache};
 pub use server::ConfigStreamService;

@@ -1,5 +1,13 @@
 use super::SnapshotCache;
+use crate::admin::node_seal_owner;
+use crate::engine::Engine;
+use crate::events::State;
 use crate::nodes::NodeRegistry;
+use aigw_shared::crypto::Cipher;
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use std::sync::Weak;
+use tokio_util::sync::CancellationToken;
 use aigw_shared::listener::PeerCertificates;
 use aigw_shared::proto::config::v1 as pb;
 use futures::{Stream, StreamExt};
@@ -20,36 +28,115 @@ const MAX_NODE_ERROR_CHARS: usize = 1024;
 /// How long a node has to say hello after opening the stream.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves snapshots from the cache to nodes that present the node token.
+/// Serves snapshots from the cache to nodes that present their credential.
 pub struct ConfigStreamService {
     cache: SnapshotCache,
+    engine: Weak<Engine>,
     nodes: Arc<NodeRegistry>,
-    token: [u8; 32],
+    /// The shared node token and its digest, if one is configured.
+    shared: Option<(String, [u8; 32])>,
     /// Mutual TLS: a node may only claim an id its certificate is valid for.
     node_certs: bool,
     tasks: tokio_util::task::TaskTracker,
     stop: tokio::sync::watch::Receiver<bool>,
 }
 
+/// What a hello's token proved.
+#[derive(Debug, Clone, PartialEq)]
+enum Credential {
+    /// The node's own credential with this id.
+    Issued(String),
+    /// The shared token, for an id without credentials of its own.
+    Shared,
+}
+
+impl Credential {
+    /// Whether the credential still speaks for `node_id`: an issued one
+    /// until it is revoked, the shared token until the id gets its own.
+    fn holds(&self, state: &State, node_id: &str) -> bool {
+        let own = state.nodes.get(node_id);
+        match self {
+            Self::Issued(id) => own.is_some_and(|r| r.value.credentials.iter().any(|c| &c.id == id)),
+            Self::Shared => own.is_none(),
+        }
+    }
+}
+
 impl ConfigStreamService {
     pub fn new(
         cache: SnapshotCache,
+        engine: Arc<Engine>,
         nodes: Arc<NodeRegistry>,
-        token: &str,
+        shared_token: Option<String>,
         node_certs: bool,
         tasks: tokio_util::task::TaskTracker,
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> ConfigServiceServer<Self> {
         ConfigServiceServer::new(Self {
             cache,
+            engine: Arc::downgrade(&engine),
             nodes,
-            token: Sha256::digest(token.as_bytes()).into(),
+            shared: shared_token.map(|t| {
+                let digest = Sha256::digest(t.as_bytes()).into();
+                (t, digest)
+            }),
             node_certs,
             tasks,
             stop,
         })
         .max_decoding_message_size(64 * 1024)
     }
+
+    /// Checks a hello's token for `node_id`; returns what it proved and the
+    /// node's seal key. A node id with credentials of its own takes only
+    /// those; the shared token speaks for the others.
+    fn authenticate(&self, node_id: &str, token: &str) -> Result<(Credential, Cipher), String> {
+        let engine = self.engine.upgrade().ok_or("the control plane is stopping")?;
+        let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let state = engine.read();
+        if let Some(record) = state.nodes.get(node_id) {
+            for c in &record.value.credentials {
+                let Ok(stored) = <[u8; 32]>::try_from(hex::decode(&c.token_sha256).unwrap_or_default())
+                else {
+                    continue;
+                };
+                if bool::from(presented.ct_eq(&stored)) {
+                    let key = engine
+                        .cipher()
+                        .open(&node_seal_owner(node_id, &c.id), &c.seal_key)
+                        .ok()
+                        .and_then(|k| B64.decode(k).ok())
+                        .and_then(|k| <[u8; 32]>::try_from(k).ok())
+                        .ok_or("the node's seal key cannot be opened with the master key")?;
+                    return Ok((Credential::Issued(c.id.clone()), Cipher::new(&key)));
+                }
+            }
+            return Err("not one of this node id's credentials (the shared token does not speak for an id with its own)".into());
+        }
+        match &self.shared {
+            Some((shared, digest)) if bool::from(presented.ct_eq(digest)) => Ok((
+                Credential::Shared,
+                Cipher::new(&aigw_shared::crypto::node_seal_key(shared, node_id)),
+            )),
+            Some(_) => Err("wrong node token".into()),
+            None => Err("no shared node token is configured and this node id has no credential".into()),
+        }
+    }
+}
+
+/// Resolves once `credential` no longer speaks for `node_id` (revoked, or
+/// the id got its own credentials); never while the engine is gone.
+async fn revoked(engine: Weak<Engine>, node_id: String, credential: Credential) {
+    let Some(mut versions) = engine.upgrade().map(|e| e.subscribe()) else {
+        return std::future::pending().await;
+    };
+    while versions.changed().await.is_ok() {
+        let Some(engine) = engine.upgrade() else { break };
+        if !credential.holds(&engine.read(), &node_id) {
+            return;
+        }
+    }
+    std::future::pending().await
 }
 
 /// Whether the client's leaf certificate names `node_id` (a DNS name in its
@@ -91,14 +178,19 @@ impl ConfigService for ConfigStreamService {
                 ))
             }
         };
-        let presented: [u8; 32] = Sha256::digest(hello.token.as_bytes()).into();
-        if !bool::from(presented.ct_eq(&self.token)) {
-            warn!(node_id = %hello.node_id, %peer, "config stream: wrong node token");
-            return Err(Status::unauthenticated("wrong node token"));
-        }
         if hello.node_id.is_empty() {
             return Err(Status::invalid_argument("node_id must not be empty"));
         }
+        let (credential, node_key) = match self.authenticate(&hello.node_id, &hello.token) {
+            Ok(c) => c,
+            Err(why) => {
+                warn!(node_id = %hello.node_id, %peer, %why, "config stream: credential refused");
+                return Err(Status::unauthenticated(format!(
+                    "the node credential is not valid for node id {}",
+                    hello.node_id
+                )));
+            }
+        };
         if self.node_certs && !cert_names_node(certs.as_ref(), &hello.node_id) {
             warn!(node_id = %hello.node_id, %peer, "config stream: client certificate is not for this node id");
             return Err(Status::permission_denied(format!(
@@ -132,12 +224,28 @@ impl ConfigService for ConfigStreamService {
                 n.last_error = Some(reported);
             }
         });
-        info!(node_id = %claim.node_id(), version = hello.version, "node connected to the config stream");
+        info!(node_id = %claim.node_id(), version = hello.version, ?credential, "node connected to the config stream");
 
         // Acks and nacks arrive on the inbound half; the node list records
-        // them. The claim lives as long as this task: the node's stream.
+        // them. The claim lives as long as this task: the node's stream,
+        // which a revocation of its credential cuts.
+        let cut = CancellationToken::new();
+        let revocation = revoked(self.engine.clone(), hello.node_id.clone(), credential);
+        let cutter = cut.clone();
         self.tasks.spawn(async move {
-            while let Ok(Some(msg)) = inbound.message().await {
+            tokio::pin!(revocation);
+            loop {
+                let msg = tokio::select! {
+                    m = inbound.message() => match m {
+                        Ok(Some(m)) => m,
+                        _ => break,
+                    },
+                    () = &mut revocation => {
+                        warn!(node_id = %claim.node_id(), "node credential revoked; ending its config stream");
+                        cutter.cancel();
+                        break;
+                    }
+                };
                 match msg.kind {
                     Some(Kind::Ack(a)) => claim.update(|n| {
                         n.applied_version = a.version;
@@ -153,17 +261,31 @@ impl ConfigService for ConfigStreamService {
             info!(node_id = %claim.node_id(), "node left the config stream");
         });
 
-        // The current snapshot at once, then every newer one.
-        // Streams end at shutdown so the server can drain.
+        // The current snapshot at once, then every newer one, its data key
+        // sealed for this node. Streams end at shutdown so the server can
+        // drain, and with an error when the credential is revoked.
         let mut stop = self.stop.clone();
+        let node_id = hello.node_id;
+        let ended = cut.clone();
         let out = WatchStream::new(self.cache.subscribe())
-            .map(|s| {
+            .map(move |s| {
                 crate::metrics::METRICS.snapshot_pushed();
-                Ok((*s).clone())
+                s.for_node(&node_key, &node_id).map_err(|e| {
+                    tracing::error!(error = %e, "sealing a snapshot for a node failed");
+                    Status::internal(format!("sealing the snapshot: {e}"))
+                })
             })
             .take_until(async move {
-                let _ = stop.wait_for(|s| *s).await;
-            });
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => {}
+                    () = cut.cancelled() => {}
+                }
+            })
+            .chain(futures::stream::once(async move { ended.is_cancelled() }).filter_map(
+                |revoked| async move {
+                    revoked.then(|| Err(Status::unauthenticated("the node credential was revoked")))
+                },
+            ));
         Ok(Response::new(Box::pin(out)))
     }
 }

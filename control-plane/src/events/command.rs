@@ -1,4 +1,4 @@
-use super::{DomainEvent, State, StoredProviderKey};
+use super::{DomainEvent, NodeCredential, State, StoredProviderKey, MAX_NODE_CREDENTIALS};
 use crate::error::Error;
 use aigw_shared::domain::{ApiKey, JwtProvider, Model, ResourceKind};
 
@@ -37,11 +37,37 @@ pub enum Command {
         expected_revision: Option<u64>,
         upsert: bool,
     },
+    /// For `ResourceKind::Node`: revokes every credential of the node.
     Delete {
         kind: ResourceKind,
         id: String,
         expected_revision: Option<u64>,
     },
+    /// A new credential for data-plane node `node_id` (token generated and
+    /// hashed by the caller).
+    IssueNodeCredential {
+        node_id: String,
+        credential: NodeCredential,
+    },
+    /// Revokes one credential of a node.
+    RevokeNodeCredential {
+        node_id: String,
+        credential_id: String,
+        expected_revision: Option<u64>,
+    },
+}
+
+impl Command {
+    /// The resource kind and the operation, for metrics.
+    pub fn describe(&self) -> (ResourceKind, &'static str) {
+        match self {
+            Self::Create { value, .. } => (value.kind(), "create"),
+            Self::Update { value, .. } => (value.kind(), "update"),
+            Self::Delete { kind, .. } => (*kind, "delete"),
+            Self::IssueNodeCredential { .. } => (ResourceKind::Node, "issue"),
+            Self::RevokeNodeCredential { .. } => (ResourceKind::Node, "revoke"),
+        }
+    }
 }
 
 /// Decides, against the current state, which events a command produces.
@@ -145,6 +171,70 @@ pub fn handle(state: &State, command: &Command) -> Result<Vec<DomainEvent>, Erro
                 ResourceKind::Model => DomainEvent::ModelDeleted { id },
                 ResourceKind::ApiKey => DomainEvent::ApiKeyDeleted { id },
                 ResourceKind::JwtProvider => DomainEvent::JwtProviderDeleted { id },
+                ResourceKind::Node => DomainEvent::NodeCredentialRevoked {
+                    id,
+                    credential_id: None,
+                },
+            }])
+        }
+        Command::IssueNodeCredential {
+            node_id,
+            credential,
+        } => {
+            let held = state
+                .nodes
+                .get(node_id)
+                .map(|r| r.value.credentials.as_slice())
+                .unwrap_or_default();
+            if held.len() >= MAX_NODE_CREDENTIALS {
+                return Err(Error::Invalid(format!(
+                    "node `{node_id}` already holds {MAX_NODE_CREDENTIALS} credentials; \
+                     revoke one (DELETE /admin/v1/nodes/{node_id}/credentials/<id>) first"
+                )));
+            }
+            let reused = state.nodes.values().any(|r| {
+                r.value
+                    .credentials
+                    .iter()
+                    .any(|c| c.id == credential.id || c.token_sha256 == credential.token_sha256)
+            });
+            if reused {
+                return Err(Error::Duplicate(
+                    "a node credential with this id or token already exists".into(),
+                ));
+            }
+            Ok(vec![DomainEvent::NodeCredentialIssued {
+                id: node_id.clone(),
+                credential: credential.clone(),
+            }])
+        }
+        Command::RevokeNodeCredential {
+            node_id,
+            credential_id,
+            expected_revision,
+        } => {
+            let not_found = || Error::NotFound {
+                kind: ResourceKind::Node,
+                id: node_id.clone(),
+            };
+            let record = state.nodes.get(node_id).ok_or_else(not_found)?;
+            if let Some(expected) = expected_revision {
+                if *expected != record.revision {
+                    return Err(Error::StaleRevision {
+                        expected: *expected,
+                        current: record.revision,
+                    });
+                }
+            }
+            if !record.value.credentials.iter().any(|c| &c.id == credential_id) {
+                return Err(Error::NotFound {
+                    kind: ResourceKind::Node,
+                    id: format!("{node_id}/credentials/{credential_id}"),
+                });
+            }
+            Ok(vec![DomainEvent::NodeCredentialRevoked {
+                id: node_id.clone(),
+                credential_id: Some(credential_id.clone()),
             }])
         }
     }

@@ -8,7 +8,9 @@ mod state;
 mod tests;
 
 pub use command::{handle, Command, ResourceValue};
-pub use state::{Record, State, StoredProviderKey};
+pub use state::{
+    NodeCredential, NodeCredentials, Record, State, StoredProviderKey, MAX_NODE_CREDENTIALS,
+};
 
 use crate::error::Error;
 use aigw_shared::domain::{ApiKey, JwtProvider, Model, ResourceKind, MASKED};
@@ -64,6 +66,17 @@ pub enum DomainEvent {
     JwtProviderDeleted {
         id: String,
     },
+    /// `id` is the node id.
+    NodeCredentialIssued {
+        id: String,
+        credential: NodeCredential,
+    },
+    /// One credential of node `id`, or all of them (`credential_id: None`).
+    NodeCredentialRevoked {
+        id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        credential_id: Option<String>,
+    },
 }
 
 impl DomainEvent {
@@ -81,6 +94,8 @@ impl DomainEvent {
             Self::JwtProviderCreated { .. } => "JwtProviderCreated",
             Self::JwtProviderUpdated { .. } => "JwtProviderUpdated",
             Self::JwtProviderDeleted { .. } => "JwtProviderDeleted",
+            Self::NodeCredentialIssued { .. } => "NodeCredentialIssued",
+            Self::NodeCredentialRevoked { .. } => "NodeCredentialRevoked",
         }
     }
 
@@ -99,6 +114,9 @@ impl DomainEvent {
             Self::JwtProviderCreated { id, .. }
             | Self::JwtProviderUpdated { id, .. }
             | Self::JwtProviderDeleted { id } => (ResourceKind::JwtProvider, id),
+            Self::NodeCredentialIssued { id, .. } | Self::NodeCredentialRevoked { id, .. } => {
+                (ResourceKind::Node, id)
+            }
         }
     }
 }
@@ -217,8 +235,14 @@ impl StoredEvent {
     pub fn masked_payload(&self) -> Value {
         let mut v = serde_json::to_value(&self.event).unwrap_or(Value::Null);
         let mut payload = v.get_mut("payload").map(Value::take).unwrap_or(Value::Null);
-        if let Some(secret) = payload.pointer_mut("/value/secret") {
-            *secret = Value::String(MASKED.into());
+        for path in [
+            "/value/secret",
+            "/credential/token_sha256",
+            "/credential/seal_key",
+        ] {
+            if let Some(secret) = payload.pointer_mut(path) {
+                *secret = Value::String(MASKED.into());
+            }
         }
         payload
     }

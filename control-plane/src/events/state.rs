@@ -48,6 +48,42 @@ impl StoredProviderKey {
     }
 }
 
+/// Most credentials one node holds at once: the current one and its
+/// replacement during a rotation.
+pub const MAX_NODE_CREDENTIALS: usize = 2;
+
+/// A credential issued to one data-plane node (`POST /admin/v1/nodes`). The
+/// token itself is shown once and never stored.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeCredential {
+    pub id: String,
+    /// Hex SHA-256 of the token.
+    pub token_sha256: String,
+    /// The node's seal key (`crypto::node_seal_key` of the token), sealed
+    /// with the master key: what the control plane wraps snapshot data keys with.
+    pub seal_key: Sealed,
+    /// RFC 3339.
+    pub issued_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+impl std::fmt::Debug for NodeCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeCredential")
+            .field("id", &self.id)
+            .field("issued_at", &self.issued_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The credentials of one node id. A node id with any has its own identity:
+/// the shared node token no longer speaks for it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeCredentials {
+    pub credentials: Vec<NodeCredential>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record<T> {
     pub value: T,
@@ -64,6 +100,9 @@ pub struct State {
     pub api_keys: BTreeMap<String, Record<ApiKey>>,
     #[serde(default)]
     pub jwt_providers: BTreeMap<String, Record<JwtProvider>>,
+    /// Node id → its issued credentials.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub nodes: BTreeMap<String, Record<NodeCredentials>>,
     #[serde(skip)]
     pub(super) index: Index,
 }
@@ -137,6 +176,28 @@ impl State {
                 self.unindex(ResourceKind::ApiKey, id);
                 self.api_keys.remove(id);
             }
+            DomainEvent::NodeCredentialIssued { id, credential } => {
+                let mut value = self
+                    .nodes
+                    .get(id)
+                    .map(|r| r.value.clone())
+                    .unwrap_or_default();
+                value.credentials.push(credential.clone());
+                upsert(&mut self.nodes, id, value);
+            }
+            DomainEvent::NodeCredentialRevoked { id, credential_id } => {
+                let Some(record) = self.nodes.get_mut(id) else {
+                    return;
+                };
+                match credential_id {
+                    Some(cid) => record.value.credentials.retain(|c| &c.id != cid),
+                    None => record.value.credentials.clear(),
+                }
+                record.revision += 1;
+                if record.value.credentials.is_empty() {
+                    self.nodes.remove(id);
+                }
+            }
         }
     }
 
@@ -155,6 +216,7 @@ impl State {
                 .jwt_providers
                 .get(id)
                 .map(|r| r.value.display_name.clone()),
+            ResourceKind::Node => None,
         };
         if let Some(name) = name {
             self.index.names.remove(&(kind, name));
@@ -215,6 +277,7 @@ impl State {
             ResourceKind::Model => self.models.get(id).map(|r| r.revision),
             ResourceKind::ApiKey => self.api_keys.get(id).map(|r| r.revision),
             ResourceKind::JwtProvider => self.jwt_providers.get(id).map(|r| r.revision),
+            ResourceKind::Node => self.nodes.get(id).map(|r| r.revision),
         }
     }
 }

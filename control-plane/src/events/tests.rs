@@ -1163,12 +1163,129 @@ fn every_variant() -> Vec<DomainEvent> {
             jwt_key("jp1", Some("oid-1"), &[("roles", "Aigw.Caller")]),
         ),
         DomainEvent::JwtProviderDeleted { id: "jp1".into() },
+        node_issued("dp-1", "c1"),
+        DomainEvent::NodeCredentialRevoked {
+            id: "dp-1".into(),
+            credential_id: Some("c1".into()),
+        },
     ]
+}
+
+fn node_credential(id: &str) -> NodeCredential {
+    NodeCredential {
+        id: id.into(),
+        token_sha256: format!("{:0>64}", id),
+        seal_key: sealed(id),
+        issued_at: "2025-06-01T12:34:56Z".into(),
+        description: None,
+    }
+}
+
+fn node_issued(node: &str, credential: &str) -> DomainEvent {
+    DomainEvent::NodeCredentialIssued {
+        id: node.into(),
+        credential: node_credential(credential),
+    }
+}
+
+fn issue(node: &str, credential: &str) -> Command {
+    Command::IssueNodeCredential {
+        node_id: node.into(),
+        credential: node_credential(credential),
+    }
+}
+
+#[test]
+fn a_node_holds_at_most_two_credentials_for_a_rotation() {
+    let state = given([])
+        .when(issue("dp-1", "c1"))
+        .then_expect(vec![node_issued("dp-1", "c1")]);
+    let state = given_state(state)
+        .when(issue("dp-1", "c2"))
+        .then_expect(vec![node_issued("dp-1", "c2")]);
+    assert_eq!(state.nodes["dp-1"].value.credentials.len(), 2);
+    assert_eq!(state.revision(ResourceKind::Node, "dp-1"), Some(2));
+    let err = given_state(state.clone())
+        .when(issue("dp-1", "c3"))
+        .then_expect_error(|e| matches!(e, Error::Invalid(_)));
+    assert!(err.to_string().contains("revoke one"), "{err}");
+    // The old one revoked, a new one may follow.
+    let state = given_state(state)
+        .when(Command::RevokeNodeCredential {
+            node_id: "dp-1".into(),
+            credential_id: "c1".into(),
+            expected_revision: Some(2),
+        })
+        .then_expect(vec![DomainEvent::NodeCredentialRevoked {
+            id: "dp-1".into(),
+            credential_id: Some("c1".into()),
+        }]);
+    let ids: Vec<&str> = state.nodes["dp-1"]
+        .value
+        .credentials
+        .iter()
+        .map(|c| c.id.as_str())
+        .collect();
+    assert_eq!(ids, ["c2"]);
+    given_state(state)
+        .when(issue("dp-1", "c3"))
+        .then_expect(vec![node_issued("dp-1", "c3")]);
+}
+
+#[test]
+fn node_credentials_are_unique_and_revocations_name_what_exists() {
+    let given_two = || given([node_issued("dp-1", "c1")]);
+    // The same credential id or token for another node is refused.
+    given_two()
+        .when(issue("dp-2", "c1"))
+        .then_expect_error(is_duplicate);
+    given_two()
+        .when(Command::RevokeNodeCredential {
+            node_id: "dp-1".into(),
+            credential_id: "nope".into(),
+            expected_revision: None,
+        })
+        .then_expect_error(|e| matches!(e, Error::NotFound { .. }));
+    given_two()
+        .when(Command::RevokeNodeCredential {
+            node_id: "dp-1".into(),
+            credential_id: "c1".into(),
+            expected_revision: Some(7),
+        })
+        .then_expect_error(|e| matches!(e, Error::StaleRevision { current: 1, .. }));
+    // Deleting the node revokes all of them; the node id is gone.
+    let state = given([node_issued("dp-1", "c1"), node_issued("dp-1", "c2")])
+        .when(delete(ResourceKind::Node, "dp-1", None))
+        .then_expect(vec![DomainEvent::NodeCredentialRevoked {
+            id: "dp-1".into(),
+            credential_id: None,
+        }]);
+    assert!(state.nodes.is_empty());
+    given_state(state)
+        .when(delete(ResourceKind::Node, "dp-1", None))
+        .then_expect_error(|e| matches!(e, Error::NotFound { .. }));
+}
+
+#[test]
+fn node_credential_digests_and_keys_are_masked_in_the_audit_log() {
+    let stored = StoredEvent {
+        seq: 1,
+        at: AT,
+        actor: "admin".into(),
+        event: node_issued("dp-1", "c1"),
+    };
+    let shown = stored.masked_payload().to_string();
+    assert!(!shown.contains("CIPHERTEXT") && !shown.contains("000c1"), "{shown}");
+    assert!(shown.contains("dp-1"), "{shown}");
+}
+
+fn given_state(state: State) -> Given {
+    Given { state }
 }
 
 #[test]
 fn encode_decode_round_trips_every_variant() {
-    let mut seen = [false; 12];
+    let mut seen = [false; 14];
     for (i, event) in every_variant().into_iter().enumerate() {
         // Exhaustive on purpose: a new variant must be added to every_variant().
         let slot = match &event {
@@ -1184,6 +1301,8 @@ fn encode_decode_round_trips_every_variant() {
             DomainEvent::JwtProviderCreated { .. } => 9,
             DomainEvent::JwtProviderUpdated { .. } => 10,
             DomainEvent::JwtProviderDeleted { .. } => 11,
+            DomainEvent::NodeCredentialIssued { .. } => 12,
+            DomainEvent::NodeCredentialRevoked { .. } => 13,
         };
         seen[slot] = true;
         let stored = StoredEvent {

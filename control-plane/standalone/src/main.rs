@@ -53,7 +53,7 @@ async fn run(
         .await
         .context("control plane")?;
     let mut settings =
-        aigw_data_plane::Settings::new(&data_plane, Some(cp.node_token().to_string()))
+        aigw_data_plane::Settings::new(&data_plane, cp.node_token().map(str::to_string))
             .context("data plane")?;
     settings.control_plane_url = format!("http://{}", cp.grpc_addr);
     settings.usage_bus = cp.in_process_bus();

@@ -219,9 +219,12 @@ mod tests {
         s
     }
 
+    /// Sends `s` through the wire format, as the control plane would.
     fn apply(node: &crate::node::Node, s: &ConfigSnapshot) -> Result<u64, String> {
-        let body = serde_json::to_vec(s).map_err(|e| e.to_string())?;
-        node.apply(&body)
+        let data_key = aigw_shared::crypto::Cipher::new(&aigw_shared::crypto::new_data_key());
+        let wire = s.clone().seal(&data_key).map_err(|e| e.to_string())?;
+        let body = serde_json::to_vec(&wire).map_err(|e| e.to_string())?;
+        node.apply(&body, &data_key)
             .inspect_err(|e| node.rejected(s.version, e))
     }
 

@@ -17,6 +17,16 @@ pub struct SnapshotFile {
 struct SnapshotDoc {
     version: u64,
     sealed: Sealed,
+    /// The snapshot's data key as the control plane sealed it for this node.
+    data_key: Sealed,
+}
+
+/// A snapshot as received: its body (credentials sealed with its data key)
+/// and the data key sealed for this node.
+pub struct StoredSnapshot {
+    pub version: u64,
+    pub body: Vec<u8>,
+    pub data_key: Sealed,
 }
 
 const OWNER: &str = "aigw:snapshot-cache";
@@ -39,12 +49,13 @@ impl SnapshotFile {
     }
 
     /// Writes atomically: a temp file, fsync, then rename over the old one.
-    pub fn store(&self, version: u64, snapshot_json: &[u8]) -> Result<(), Error> {
+    pub fn store(&self, snapshot: &StoredSnapshot) -> Result<(), Error> {
         let text =
-            std::str::from_utf8(snapshot_json).map_err(|e| Error::SnapshotFile(e.to_string()))?;
+            std::str::from_utf8(&snapshot.body).map_err(|e| Error::SnapshotFile(e.to_string()))?;
         let doc = SnapshotDoc {
-            version,
+            version: snapshot.version,
             sealed: self.cipher.seal(OWNER, text)?,
+            data_key: snapshot.data_key.clone(),
         };
         let bytes = serde_json::to_vec(&doc).map_err(|e| Error::SnapshotFile(e.to_string()))?;
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -56,8 +67,8 @@ impl SnapshotFile {
         Ok(())
     }
 
-    /// The stored snapshot JSON, if a readable one exists.
-    pub fn load(&self) -> Result<Option<Vec<u8>>, Error> {
+    /// The stored snapshot, if a readable one exists.
+    pub fn load(&self) -> Result<Option<StoredSnapshot>, Error> {
         let bytes = match std::fs::read(&self.path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -71,7 +82,11 @@ impl SnapshotFile {
                 self.path.display()
             ))
         })?;
-        Ok(Some(text.into_bytes()))
+        Ok(Some(StoredSnapshot {
+            version: doc.version,
+            body: text.into_bytes(),
+            data_key: doc.data_key,
+        }))
     }
 }
 
@@ -99,10 +114,22 @@ mod tests {
         let path = dir.path().join("sub/cache.json");
         let cache = SnapshotFile::new(&path, "token-a");
         assert!(cache.load().unwrap().is_none());
-        cache.store(7, br#"{"secret":"sk-plain"}"#).unwrap();
+        let data_key = Sealed {
+            nonce: "n".into(),
+            ciphertext: "c".into(),
+        };
+        cache
+            .store(&StoredSnapshot {
+                version: 7,
+                body: br#"{"secret":"sk-plain"}"#.to_vec(),
+                data_key: data_key.clone(),
+            })
+            .unwrap();
         let raw = std::fs::read_to_string(&path).unwrap();
         assert!(!raw.contains("sk-plain"));
-        assert_eq!(cache.load().unwrap().unwrap(), br#"{"secret":"sk-plain"}"#);
+        let back = cache.load().unwrap().unwrap();
+        assert_eq!(back.body, br#"{"secret":"sk-plain"}"#);
+        assert_eq!((back.version, back.data_key), (7, data_key));
         assert!(SnapshotFile::new(&path, "token-b").load().is_err());
         #[cfg(unix)]
         {

@@ -1,4 +1,6 @@
+use super::snapshot_file::StoredSnapshot;
 use super::SnapshotFile;
+use aigw_shared::crypto::{Cipher, Sealed};
 use aigw_shared::proto::config::v1 as pb;
 use pb::config_service_client::ConfigServiceClient;
 use pb::watch_request::Kind;
@@ -63,11 +65,35 @@ fn endpoint(settings: &WatchSettings) -> Result<tonic::transport::Endpoint, Stri
     Ok(endpoint)
 }
 
+/// The node's own key, derived from its credential and id: what opens the
+/// data key each snapshot carries (see `aigw_shared::snapshot`).
+pub struct NodeKey {
+    node_id: String,
+    cipher: Cipher,
+}
+
+impl NodeKey {
+    pub fn new(token: &str, node_id: &str) -> Self {
+        Self {
+            node_id: node_id.to_string(),
+            cipher: Cipher::new(&aigw_shared::crypto::node_seal_key(token, node_id)),
+        }
+    }
+
+    /// Opens the data key of snapshot `version`.
+    pub fn open(&self, version: u64, sealed: Option<&Sealed>) -> Result<Cipher, String> {
+        let sealed = sealed.ok_or("the snapshot carries no data key")?;
+        aigw_shared::crypto::open_data_key(&self.cipher, &self.node_id, version, sealed)
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// Where snapshots from the stream go (the node: compile, swap, tidy up).
 pub trait Apply: Send + Sync + 'static {
-    /// Decodes, validates and compiles a snapshot whole, then swaps it in;
-    /// on error the node keeps its previous snapshot.
-    fn apply(&self, body: &[u8]) -> Result<u64, String>;
+    /// Decodes, opens (with the snapshot's `data_key`), validates and
+    /// compiles a snapshot whole, then swaps it in; on error the node keeps
+    /// its previous snapshot.
+    fn apply(&self, body: &[u8], data_key: &Cipher) -> Result<u64, String>;
 
     /// Version of the applied snapshot, 0 before the first.
     fn version(&self) -> u64;
@@ -78,9 +104,12 @@ pub trait Apply: Send + Sync + 'static {
 }
 
 /// Boots from the snapshot file if there is one.
-pub fn boot_from_file(node: &dyn Apply, file: &SnapshotFile) {
+pub fn boot_from_file(node: &dyn Apply, file: &SnapshotFile, key: &NodeKey) {
     match file.load() {
-        Ok(Some(body)) => match node.apply(&body) {
+        Ok(Some(stored)) => match key
+            .open(stored.version, Some(&stored.data_key))
+            .and_then(|data_key| node.apply(&stored.body, &data_key))
+        {
             Ok(v) => {
                 info!(version = v, path = %file.path().display(), "booted from the snapshot file")
             }
@@ -104,8 +133,9 @@ pub async fn watch_control_plane(
 ) {
     let mut backoff = BACKOFF_MIN;
     let mut last_error = None;
+    let key = NodeKey::new(&settings.token, &settings.node_id);
     loop {
-        let session = session(&settings, &*node, &file, &mut backoff, &mut last_error);
+        let session = session(&settings, &key, &*node, &file, &mut backoff, &mut last_error);
         tokio::select! {
             r = session => {
                 if let Err(e) = r {
@@ -125,6 +155,7 @@ pub async fn watch_control_plane(
 
 async fn session(
     settings: &WatchSettings,
+    key: &NodeKey,
     node: &dyn Apply,
     file: &Arc<SnapshotFile>,
     backoff: &mut Duration,
@@ -173,11 +204,26 @@ async fn session(
         message
     })? {
         *backoff = BACKOFF_MIN;
-        let reply = match node.apply(&snap.body) {
+        let data_key = snap.data_key.map(|k| Sealed {
+            nonce: k.nonce,
+            ciphertext: k.ciphertext,
+        });
+        let applied = key
+            .open(snap.version, data_key.as_ref())
+            .and_then(|dk| node.apply(&snap.body, &dk));
+        let reply = match applied {
             Ok(version) => {
                 info!(version, "applied config snapshot");
                 let (file, body) = (file.clone(), snap.body);
-                match tokio::task::spawn_blocking(move || file.store(version, &body)).await {
+                // The body keeps its credentials sealed; the file keeps the
+                // data key as sealed for this node.
+                let stored = data_key.map(|data_key| StoredSnapshot {
+                    version: snap.version,
+                    body,
+                    data_key,
+                });
+                let write = move || stored.map_or(Ok(()), |s| file.store(&s));
+                match tokio::task::spawn_blocking(write).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => warn!(error = %e, "cannot write the snapshot file"),
                     Err(e) => warn!(error = %e, "snapshot file task failed"),

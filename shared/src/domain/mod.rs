@@ -40,9 +40,13 @@ pub enum ResourceKind {
     Model,
     ApiKey,
     JwtProvider,
+    /// A data-plane node's credentials (`/admin/v1/nodes`).
+    Node,
 }
 
 impl ResourceKind {
+    /// The kinds served by the generic REST/gRPC create-read-update-delete
+    /// routes; node credentials have their own (issue, revoke).
     pub const ALL: [ResourceKind; 4] = [
         Self::ProviderKey,
         Self::Model,
@@ -57,6 +61,7 @@ impl ResourceKind {
             Self::Model => "models",
             Self::ApiKey => "apikeys",
             Self::JwtProvider => "jwt_providers",
+            Self::Node => "nodes",
         }
     }
 
@@ -66,6 +71,7 @@ impl ResourceKind {
             "models" | "model" => Some(Self::Model),
             "apikeys" | "api_keys" | "apikey" | "api_key" => Some(Self::ApiKey),
             "jwt_providers" | "jwt_provider" => Some(Self::JwtProvider),
+            "nodes" | "node" => Some(Self::Node),
             _ => None,
         }
     }
@@ -78,6 +84,7 @@ impl std::fmt::Display for ResourceKind {
             Self::Model => "model",
             Self::ApiKey => "api key",
             Self::JwtProvider => "jwt provider",
+            Self::Node => "node",
         })
     }
 }
