@@ -292,3 +292,166 @@ async fn a_twenty_mib_configuration_reaches_three_nodes() -> Result<()> {
     ensure!(resp.text.contains(&aliases[199]), "last alias missing");
     Ok(())
 }
+
+/// A node credential issued through the admin API: shown once, speaks for
+/// its node id only (and the shared token no longer does), the provider
+/// secrets it receives cross even a plaintext stream sealed, and revoking it
+/// ends the node's live stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_credentials_are_issued_once_seal_the_stream_and_can_be_revoked() -> Result<()> {
+    use aigw_tests::data_plane::chat_body;
+    use aigw_tests::fixtures::{seed_azure, SEED_ALIAS, SEED_CALLER_KEY, SEED_DEPLOYMENT};
+    use aigw_tests::mock_azure::MockAzure;
+
+    let mock = MockAzure::start().await;
+    mock.set_api_key(SECRET);
+    mock.add_deployment(SEED_DEPLOYMENT, "gpt-4o");
+    let cp = ControlPlane::start().await?;
+    let admin = cp.rest();
+    seed_azure(&admin, &mock.base_url(), SECRET).await?;
+
+    let issued = admin
+        .post(
+            "/admin/v1/nodes",
+            &json!({"node_id": "node-own", "description": "rack 7"}),
+        )
+        .await?
+        .expect(201)?;
+    let token = issued["token"].as_str().expect("a token").to_string();
+    let credential_id = issued["credential_id"].as_str().expect("an id").to_string();
+    // Shown once: neither reads nor the audit log hold it.
+    let shown = admin.get("/admin/v1/nodes/node-own").await?.expect(200)?;
+    ensure!(shown["credentials"][0]["id"] == credential_id.as_str(), "{shown}");
+    ensure!(shown["connected"] == false, "{shown}");
+    let audit = admin.events("resource=nodes").await?;
+    ensure!(
+        audit.len() == 1 && audit[0]["type"] == "NodeCredentialIssued",
+        "{audit:?}"
+    );
+    for text in [shown.to_string(), json!(audit).to_string()] {
+        ensure!(!text.contains(&token), "the token was shown again: {text}");
+    }
+
+    // The shared token no longer speaks for node-own, nor the credential for another id.
+    let shared = cp.node_token().expect("node token");
+    for (node_id, presented) in [("node-own", shared), ("node-else", token.as_str())] {
+        let status = config_watch_first(channel(&cp.grpc_url()).await?, node_id, presented)
+            .await?
+            .expect_err("a snapshot for the wrong credential");
+        ensure!(
+            status.code() == tonic::Code::Unauthenticated,
+            "{node_id}: {status:?}"
+        );
+    }
+
+    // The node with its credential, over plaintext gRPC through a recording relay.
+    let (relay, captured) = capturing_relay(cp.grpc_addr()).await?;
+    let mut opts = DataPlaneOptions::for_control_plane(&cp, "node-own");
+    opts.node_token = token.clone();
+    opts.control_plane_url = format!("http://{relay}");
+    let dp = DataPlane::start_ready(opts).await?;
+    dp.wait_version(control_plane_version(&admin).await?)
+        .await?;
+    let wire = captured.lock().unwrap().clone();
+    ensure!(wire.len() > 1000, "only {} bytes crossed", wire.len());
+    ensure!(
+        !contains(&wire, SECRET.as_bytes()),
+        "the provider secret crossed a plaintext stream in clear"
+    );
+    // Yet the node opened it: the upstream got the key.
+    dp.client(Some(SEED_CALLER_KEY))
+        .chat(&chat_body(SEED_ALIAS, "hello"))
+        .await?
+        .expect(200)?;
+    let upstream = mock.last_request(SEED_DEPLOYMENT).expect("a call upstream");
+    ensure!(upstream.header("api-key") == Some(SECRET));
+
+    // Revoked: the live stream ends and the token opens nothing any more.
+    admin
+        .delete(&format!(
+            "/admin/v1/nodes/node-own/credentials/{credential_id}"
+        ))
+        .await?
+        .expect(200)?;
+    poll_until(
+        "the revoked node's stream ended",
+        200,
+        Duration::from_millis(25),
+        || async {
+            Ok(node_entry(&cp, "node-own")
+                .await?
+                .filter(|n| n["connected"] == false && n["credentials"] == json!([])))
+        },
+    )
+    .await?;
+    let status = config_watch_first(channel(&cp.grpc_url()).await?, "node-own", &token)
+        .await?
+        .expect_err("a revoked credential read a snapshot");
+    ensure!(status.code() == tonic::Code::Unauthenticated, "{status:?}");
+    Ok(())
+}
+
+/// Rotation without downtime: a second credential is issued while the first
+/// is in use, the node moves to it, the first is revoked; a third waits.
+#[tokio::test]
+async fn node_credentials_rotate_two_at_a_time() -> Result<()> {
+    let cp = ControlPlane::start().await?;
+    let admin = cp.rest();
+    let issue = || async {
+        admin
+            .post("/admin/v1/nodes", &json!({"node_id": "node-rot"}))
+            .await
+    };
+    let first = issue().await?.expect(201)?;
+    let second = issue().await?.expect(201)?;
+    let refused = issue().await?.expect_error(400)?;
+    ensure!(refused.contains("revoke one"), "{refused}");
+    // Both open the stream (one at a time: the id is claimed while live).
+    for (i, c) in [&first, &second].into_iter().enumerate() {
+        let node_id = "node-rot";
+        let token = c["token"].as_str().expect("token");
+        let got = poll_until(
+            "the stream of the previous check released",
+            200,
+            Duration::from_millis(25),
+            || async {
+                let answer =
+                    config_watch_first(channel(&cp.grpc_url()).await?, node_id, token).await?;
+                Ok(match answer {
+                    Err(s) if s.code() == tonic::Code::AlreadyExists => None,
+                    other => Some(other),
+                })
+            },
+        )
+        .await?;
+        ensure!(got.is_ok(), "credential {i}: {got:?}");
+    }
+    let first_id = first["credential_id"].as_str().expect("id");
+    admin
+        .delete(&format!("/admin/v1/nodes/node-rot/credentials/{first_id}"))
+        .await?
+        .expect(200)?;
+    issue().await?.expect(201)?;
+    // Deleting the node revokes all; the events tell the story.
+    admin.delete("/admin/v1/nodes/node-rot").await?.expect(200)?;
+    let types: Vec<String> = admin
+        .events("resource=nodes&resource_id=node-rot")
+        .await?
+        .iter()
+        .map(|e| e["type"].as_str().unwrap_or_default().to_string())
+        .collect();
+    ensure!(
+        types
+            == [
+                "NodeCredentialIssued",
+                "NodeCredentialIssued",
+                "NodeCredentialRevoked",
+                "NodeCredentialIssued",
+                "NodeCredentialRevoked"
+            ],
+        "{types:?}"
+    );
+    let entry = node_entry(&cp, "node-rot").await?.expect("seen on the stream");
+    ensure!(entry["credentials"] == json!([]), "{entry}");
+    Ok(())
+}

@@ -1516,6 +1516,11 @@ fn masked_payload_never_contains_the_sealed_secret() {
                 let stored_text = String::from_utf8(stored.encode().unwrap()).unwrap();
                 assert!(stored_text.contains("CIPHERTEXT-"));
             }
+            DomainEvent::NodeCredentialIssued { .. } => {
+                raw["credential"]["token_sha256"] = MASKED.into();
+                raw["credential"]["seal_key"] = MASKED.into();
+                assert_eq!(masked, raw);
+            }
             _ => assert_eq!(masked, raw),
         }
     }
