@@ -28,6 +28,10 @@ fn expected_routes() -> BTreeSet<(String, String)> {
         ("/admin/openapi.json", "get"),
         ("/admin/v1/events", "get"),
         ("/admin/v1/nodes", "get"),
+        ("/admin/v1/nodes", "post"),
+        ("/admin/v1/nodes/{id}", "get"),
+        ("/admin/v1/nodes/{id}", "delete"),
+        ("/admin/v1/nodes/{id}/credentials/{credential_id}", "delete"),
         ("/admin/v1/usage", "get"),
         ("/admin/v1/models/{id}/cache", "delete"),
     ]
