@@ -9,7 +9,7 @@ use crate::engine::Engine;
 use crate::error::Error;
 use crate::metrics::Listeners;
 use crate::nodes::NodeRegistry;
-use crate::secrets::KeySource;
+use crate::secrets::{Cipher, KeySource};
 use crate::store::SledStore;
 use aigw_shared::listener::{self, Gate, Protocol};
 use aigw_shared::usage_bus::UsageBus;
@@ -56,7 +56,20 @@ impl ControlPlane {
             KeySource::Config => {}
         }
         let store = Arc::new(SledStore::open(&cp.data_dir)?);
-        let engine = Engine::open(store, cipher, cp.snapshot_every).await?;
+        let previous = match &config.secrets.previous_master_key {
+            Some(text) => Some(Cipher::new(
+                &aigw_shared::config::decode_master_key(text)
+                    .map_err(|m| Error::Crypto(format!("secrets.previous_master_key: {m}")))?,
+            )),
+            None => None,
+        };
+        let (engine, rotating) =
+            Engine::open_rotating(store, cipher, previous.clone(), cp.snapshot_every).await?;
+        if let (true, Some(previous)) = (rotating, &previous) {
+            // Before anything reads a secret (snapshots, nodes).
+            let n = crate::secrets::finish_rotation(&engine, previous).await?;
+            warn!(resealed = n, "master key rotated: every secret is sealed with the new key; remove secrets.previous_master_key");
+        }
         let nodes = Arc::new(NodeRegistry::default());
         let usage = crate::usage::Aggregator::open(&cp.data_dir, engine.clone())?;
         let admin = Admin::new(engine.clone(), nodes, usage.clone());

@@ -43,17 +43,32 @@ impl Engine {
         cipher: Cipher,
         snapshot_every: u64,
     ) -> Result<Arc<Self>, Error> {
-        let (state, cipher) = {
+        Ok(Self::open_rotating(store, cipher, None, snapshot_every)
+            .await?
+            .0)
+    }
+
+    /// Like [`open`](Self::open), also accepting a data dir written with
+    /// `previous` (a master key rotation under way). Returns whether the data
+    /// is still sealed with `previous`: then `secrets::finish_rotation` must
+    /// re-seal it before anything reads a secret.
+    pub async fn open_rotating(
+        store: Arc<dyn EventStore>,
+        cipher: Cipher,
+        previous: Option<Cipher>,
+        snapshot_every: u64,
+    ) -> Result<(Arc<Self>, bool), Error> {
+        let (state, cipher, rotating) = {
             let store = store.clone();
             tokio::task::spawn_blocking(move || -> Result<_, Error> {
-                check_master_key(&*store, &cipher)?;
-                Ok((replay(&*store)?, cipher))
+                let rotating = check_master_key(&*store, &cipher, previous.as_ref())?;
+                Ok((replay(&*store)?, cipher, rotating))
             })
             .await
             .map_err(|e| Error::Storage(format!("replay task failed: {e}")))??
         };
         let (version, _) = watch::channel(state.version);
-        Ok(Arc::new(Self {
+        let engine = Arc::new(Self {
             store,
             state: RwLock::new(state),
             writer: Mutex::new(()),
@@ -61,7 +76,13 @@ impl Engine {
             snapshot_every: snapshot_every.max(1),
             version,
             failed: AtomicBool::new(false),
-        }))
+        });
+        Ok((engine, rotating))
+    }
+
+    /// Records that every secret is now sealed with this engine's master key.
+    pub fn confirm_master_key(&self) -> Result<(), Error> {
+        write_key_check(&*self.store, &self.cipher)
     }
 
     /// Handles, stores durably and applies one command; returns its events.
@@ -205,26 +226,39 @@ pub fn replay(store: &dyn EventStore) -> Result<State, Error> {
     Ok(state)
 }
 
-/// Refuses to start with a master key other than the one the data was written with.
-fn check_master_key(store: &dyn EventStore, cipher: &Cipher) -> Result<(), Error> {
-    match store.meta_get(KEY_CHECK)? {
-        Some(bytes) => {
-            let sealed =
-                serde_json::from_slice(&bytes).map_err(|e| Error::Storage(e.to_string()))?;
-            cipher.open(KEY_CHECK_OWNER, &sealed).map_err(|_| {
-                Error::Crypto(
-                    "the master key does not match the one this data directory was written with"
-                        .into(),
-                )
-            })?;
-            Ok(())
+/// Refuses to start with a master key other than the one the data was
+/// written with, unless it was written with `previous` (returns `true`: a
+/// rotation to finish).
+fn check_master_key(
+    store: &dyn EventStore,
+    cipher: &Cipher,
+    previous: Option<&Cipher>,
+) -> Result<bool, Error> {
+    let Some(bytes) = store.meta_get(KEY_CHECK)? else {
+        write_key_check(store, cipher)?;
+        return Ok(false);
+    };
+    let sealed = serde_json::from_slice(&bytes).map_err(|e| Error::Storage(e.to_string()))?;
+    if cipher.open(KEY_CHECK_OWNER, &sealed).is_ok() {
+        if previous.is_some() {
+            info!("secrets.previous_master_key is no longer needed: the data is sealed with the current key");
         }
-        None => {
-            let sealed = cipher.seal(KEY_CHECK_OWNER, "aigw")?;
-            store.meta_put(
-                KEY_CHECK,
-                &serde_json::to_vec(&sealed).map_err(|e| Error::Storage(e.to_string()))?,
-            )
-        }
+        return Ok(false);
     }
+    if previous.is_some_and(|p| p.open(KEY_CHECK_OWNER, &sealed).is_ok()) {
+        return Ok(true);
+    }
+    Err(Error::Crypto(
+        "the master key does not match the one this data directory was written with \
+         (to rotate it, set the old one as secrets.previous_master_key)"
+            .into(),
+    ))
+}
+
+fn write_key_check(store: &dyn EventStore, cipher: &Cipher) -> Result<(), Error> {
+    let sealed = cipher.seal(KEY_CHECK_OWNER, "aigw")?;
+    store.meta_put(
+        KEY_CHECK,
+        &serde_json::to_vec(&sealed).map_err(|e| Error::Storage(e.to_string()))?,
+    )
 }

@@ -477,3 +477,87 @@ async fn concurrent_writers_get_gapless_sequence_numbers() {
     let engine = open(dir.path(), 16).await;
     assert_eq!(*engine.read(), before);
 }
+
+/// A master key rotation: the data dir opens with the new key while the old
+/// one is given as the previous key, every secret is sealed again with the
+/// new key (provider keys and node seal keys), and from then on the new key
+/// alone opens it and the old one no longer does.
+#[tokio::test]
+async fn a_master_key_rotation_reseals_every_secret_and_retires_the_old_key() {
+    use aigw_control_plane::events::NodeCredential;
+    use aigw_control_plane::secrets::finish_rotation;
+    let dir = tempfile::tempdir().unwrap();
+    let old = cipher();
+    let new = Cipher::new(&[42; 32]);
+    let owner = aigw_control_plane::admin::node_seal_owner("dp-1", "c1");
+    {
+        let engine = open(dir.path(), 100).await;
+        for (id, name) in [("pk1", "east"), ("pk2", "west")] {
+            let value = provider_key(&engine, id, name, &format!("sk-{name}"));
+            engine
+                .execute(
+                    Command::Create {
+                        id: id.into(),
+                        value,
+                    },
+                    "admin:test",
+                )
+                .await
+                .unwrap();
+        }
+        let credential = NodeCredential {
+            id: "c1".into(),
+            token_sha256: "00".repeat(32),
+            seal_key: old.seal(&owner, "node-seal-key").unwrap(),
+            issued_at: "2026-12-01T00:00:00Z".into(),
+            description: None,
+        };
+        engine
+            .execute(
+                Command::IssueNodeCredential {
+                    node_id: "dp-1".into(),
+                    credential,
+                },
+                "admin:test",
+            )
+            .await
+            .unwrap();
+    }
+    let store = || Arc::new(SledStore::open(dir.path()).unwrap()) as Arc<dyn EventStore>;
+    let (engine, rotating) = Engine::open_rotating(store(), new.clone(), Some(old.clone()), 100)
+        .await
+        .unwrap();
+    assert!(rotating);
+    assert_eq!(finish_rotation(&engine, &old).await.unwrap(), 3);
+    {
+        let state = engine.read();
+        for (id, secret) in [("pk1", "sk-east"), ("pk2", "sk-west")] {
+            let sealed = &state.provider_keys[id].value.secret;
+            assert_eq!(new.open(id, sealed).unwrap(), secret);
+            assert!(old.open(id, sealed).is_err());
+        }
+        let seal_key = &state.nodes["dp-1"].value.credentials[0].seal_key;
+        assert_eq!(new.open(&owner, seal_key).unwrap(), "node-seal-key");
+    }
+    let resealed = engine
+        .store()
+        .read_from(1)
+        .map(|e| e.unwrap())
+        .filter(|e| e.actor == "system:master-key-rotation")
+        .count();
+    assert_eq!(resealed, 3, "one event per re-sealed secret");
+    // Repeating it finds nothing left to do.
+    assert_eq!(finish_rotation(&engine, &old).await.unwrap(), 0);
+    drop(engine);
+    // The new key alone opens the data dir; the old one no longer does.
+    let (_, rotating) = Engine::open_rotating(store(), new.clone(), Some(old.clone()), 100)
+        .await
+        .unwrap();
+    assert!(!rotating);
+    match Engine::open(store(), old, 100).await {
+        Err(Error::Crypto(m)) => assert!(m.contains("previous_master_key"), "{m}"),
+        Err(e) => panic!("expected Error::Crypto, got {e:?}"),
+        Ok(_) => panic!("the retired key still opens the data dir"),
+    }
+    Engine::open(store(), new, 100).await.unwrap();
+}

@@ -32,6 +32,9 @@ pub struct AdminConfig {
 pub struct SecretsConfig {
     /// 32 bytes, base64. Falls back to `AIGW_MASTER_KEY`.
     pub master_key: Option<String>,
+    /// The master key being rotated away from: at start, secrets still
+    /// sealed with it are sealed again with `master_key`; then it can go.
+    pub previous_master_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -585,6 +588,15 @@ impl SecretsConfig {
     pub fn validate(&self) -> Result<(), Error> {
         if let Some(k) = &self.master_key {
             decode_master_key(k).map_err(|m| invalid("secrets.master_key", &m))?;
+        }
+        if let Some(k) = &self.previous_master_key {
+            decode_master_key(k).map_err(|m| invalid("secrets.previous_master_key", &m))?;
+            if self.master_key.is_none() {
+                return Err(invalid(
+                    "secrets.previous_master_key",
+                    "rotating needs the new key in secrets.master_key (or AIGW_MASTER_KEY)",
+                ));
+            }
         }
         Ok(())
     }

@@ -321,7 +321,10 @@ async fn node_credentials_are_issued_once_seal_the_stream_and_can_be_revoked() -
     let credential_id = issued["credential_id"].as_str().expect("an id").to_string();
     // Shown once: neither reads nor the audit log hold it.
     let shown = admin.get("/admin/v1/nodes/node-own").await?.expect(200)?;
-    ensure!(shown["credentials"][0]["id"] == credential_id.as_str(), "{shown}");
+    ensure!(
+        shown["credentials"][0]["id"] == credential_id.as_str(),
+        "{shown}"
+    );
     ensure!(shown["connected"] == false, "{shown}");
     let audit = admin.events("resource=nodes").await?;
     ensure!(
@@ -433,7 +436,10 @@ async fn node_credentials_rotate_two_at_a_time() -> Result<()> {
         .expect(200)?;
     issue().await?.expect(201)?;
     // Deleting the node revokes all; the events tell the story.
-    admin.delete("/admin/v1/nodes/node-rot").await?.expect(200)?;
+    admin
+        .delete("/admin/v1/nodes/node-rot")
+        .await?
+        .expect(200)?;
     let types: Vec<String> = admin
         .events("resource=nodes&resource_id=node-rot")
         .await?
@@ -451,7 +457,9 @@ async fn node_credentials_rotate_two_at_a_time() -> Result<()> {
             ],
         "{types:?}"
     );
-    let entry = node_entry(&cp, "node-rot").await?.expect("seen on the stream");
+    let entry = node_entry(&cp, "node-rot")
+        .await?
+        .expect("seen on the stream");
     ensure!(entry["credentials"] == json!([]), "{entry}");
     Ok(())
 }

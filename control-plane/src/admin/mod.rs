@@ -320,21 +320,22 @@ impl Admin {
         check_id(node_id)?;
         if let Some(d) = &description {
             if d.chars().count() > 256 {
-                return Err(Error::Invalid(
-                    "description: at most 256 characters".into(),
-                ));
+                return Err(Error::Invalid("description: at most 256 characters".into()));
             }
         }
-        let token = format!("aigw-node-{}", hex::encode(aigw_shared::crypto::new_data_key()));
+        let token = format!(
+            "aigw-node-{}",
+            hex::encode(aigw_shared::crypto::new_data_key())
+        );
         let credential_id = uuid::Uuid::now_v7().to_string();
         let seal_key = aigw_shared::crypto::node_seal_key(&token, node_id);
         let credential = NodeCredential {
             id: credential_id.clone(),
             token_sha256: hex::encode(Sha256::digest(token.as_bytes())),
-            seal_key: self
-                .engine
-                .cipher()
-                .seal(&node_seal_owner(node_id, &credential_id), &B64.encode(seal_key))?,
+            seal_key: self.engine.cipher().seal(
+                &node_seal_owner(node_id, &credential_id),
+                &B64.encode(seal_key),
+            )?,
             issued_at: format_rfc3339(time::OffsetDateTime::now_utc()),
             description,
         };

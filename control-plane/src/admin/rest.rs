@@ -48,7 +48,10 @@ pub fn router(
     };
     let api = Router::new()
         .route("/admin/v1/events", get(list_events))
-        .route("/admin/v1/nodes", get(list_nodes).post(issue_node_credential))
+        .route(
+            "/admin/v1/nodes",
+            get(list_nodes).post(issue_node_credential),
+        )
         .route("/admin/v1/nodes/{id}", get(read_node).delete(revoke_node))
         .route(
             "/admin/v1/nodes/{id}/credentials/{credential_id}",
@@ -359,8 +362,10 @@ async fn revoke_node_credential(
     ctx.admin
         .revoke_node_credential(&actor, &id, &credential_id, if_match(&headers)?)
         .await?;
-    Ok(Json(json!({ "revoked": true, "node_id": id, "credential_id": credential_id }))
-        .into_response())
+    Ok(
+        Json(json!({ "revoked": true, "node_id": id, "credential_id": credential_id }))
+            .into_response(),
+    )
 }
 
 #[derive(Deserialize)]

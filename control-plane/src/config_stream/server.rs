@@ -4,21 +4,21 @@ use crate::engine::Engine;
 use crate::events::State;
 use crate::nodes::NodeRegistry;
 use aigw_shared::crypto::Cipher;
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine as _;
-use std::sync::Weak;
-use tokio_util::sync::CancellationToken;
 use aigw_shared::listener::PeerCertificates;
 use aigw_shared::proto::config::v1 as pb;
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
 use futures::{Stream, StreamExt};
 use pb::config_service_server::{ConfigService, ConfigServiceServer};
 use pb::watch_request::Kind;
 use sha2::{Digest, Sha256};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::Weak;
 use std::time::Duration;
 use subtle::ConstantTimeEq;
 use tokio_stream::wrappers::WatchStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, instrument, warn};
 
@@ -56,7 +56,9 @@ impl Credential {
     fn holds(&self, state: &State, node_id: &str) -> bool {
         let own = state.nodes.get(node_id);
         match self {
-            Self::Issued(id) => own.is_some_and(|r| r.value.credentials.iter().any(|c| &c.id == id)),
+            Self::Issued(id) => {
+                own.is_some_and(|r| r.value.credentials.iter().any(|c| &c.id == id))
+            }
             Self::Shared => own.is_none(),
         }
     }
@@ -91,12 +93,16 @@ impl ConfigStreamService {
     /// node's seal key. A node id with credentials of its own takes only
     /// those; the shared token speaks for the others.
     fn authenticate(&self, node_id: &str, token: &str) -> Result<(Credential, Cipher), String> {
-        let engine = self.engine.upgrade().ok_or("the control plane is stopping")?;
+        let engine = self
+            .engine
+            .upgrade()
+            .ok_or("the control plane is stopping")?;
         let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let state = engine.read();
         if let Some(record) = state.nodes.get(node_id) {
             for c in &record.value.credentials {
-                let Ok(stored) = <[u8; 32]>::try_from(hex::decode(&c.token_sha256).unwrap_or_default())
+                let Ok(stored) =
+                    <[u8; 32]>::try_from(hex::decode(&c.token_sha256).unwrap_or_default())
                 else {
                     continue;
                 };
@@ -119,7 +125,9 @@ impl ConfigStreamService {
                 Cipher::new(&aigw_shared::crypto::node_seal_key(shared, node_id)),
             )),
             Some(_) => Err("wrong node token".into()),
-            None => Err("no shared node token is configured and this node id has no credential".into()),
+            None => {
+                Err("no shared node token is configured and this node id has no credential".into())
+            }
         }
     }
 }
@@ -131,7 +139,9 @@ async fn revoked(engine: Weak<Engine>, node_id: String, credential: Credential) 
         return std::future::pending().await;
     };
     while versions.changed().await.is_ok() {
-        let Some(engine) = engine.upgrade() else { break };
+        let Some(engine) = engine.upgrade() else {
+            break;
+        };
         if !credential.holds(&engine.read(), &node_id) {
             return;
         }
@@ -281,11 +291,15 @@ impl ConfigService for ConfigStreamService {
                     () = cut.cancelled() => {}
                 }
             })
-            .chain(futures::stream::once(async move { ended.is_cancelled() }).filter_map(
-                |revoked| async move {
-                    revoked.then(|| Err(Status::unauthenticated("the node credential was revoked")))
-                },
-            ));
+            .chain(
+                futures::stream::once(async move { ended.is_cancelled() }).filter_map(
+                    |revoked| async move {
+                        revoked.then(|| {
+                            Err(Status::unauthenticated("the node credential was revoked"))
+                        })
+                    },
+                ),
+            );
         Ok(Response::new(Box::pin(out)))
     }
 }

@@ -49,6 +49,12 @@ pub enum Command {
         node_id: String,
         credential: NodeCredential,
     },
+    /// Replaces a credential's sealed seal key (master key rotation).
+    ResealNodeCredential {
+        node_id: String,
+        credential_id: String,
+        seal_key: crate::secrets::Sealed,
+    },
     /// Revokes one credential of a node.
     RevokeNodeCredential {
         node_id: String,
@@ -66,6 +72,7 @@ impl Command {
             Self::Delete { kind, .. } => (*kind, "delete"),
             Self::IssueNodeCredential { .. } => (ResourceKind::Node, "issue"),
             Self::RevokeNodeCredential { .. } => (ResourceKind::Node, "revoke"),
+            Self::ResealNodeCredential { .. } => (ResourceKind::Node, "reseal"),
         }
     }
 }
@@ -208,6 +215,27 @@ pub fn handle(state: &State, command: &Command) -> Result<Vec<DomainEvent>, Erro
                 credential: credential.clone(),
             }])
         }
+        Command::ResealNodeCredential {
+            node_id,
+            credential_id,
+            seal_key,
+        } => {
+            let held = state
+                .nodes
+                .get(node_id)
+                .is_some_and(|r| r.value.credentials.iter().any(|c| &c.id == credential_id));
+            if !held {
+                return Err(Error::NotFound {
+                    kind: ResourceKind::Node,
+                    id: format!("{node_id}/credentials/{credential_id}"),
+                });
+            }
+            Ok(vec![DomainEvent::NodeCredentialResealed {
+                id: node_id.clone(),
+                credential_id: credential_id.clone(),
+                seal_key: seal_key.clone(),
+            }])
+        }
         Command::RevokeNodeCredential {
             node_id,
             credential_id,
@@ -226,7 +254,12 @@ pub fn handle(state: &State, command: &Command) -> Result<Vec<DomainEvent>, Erro
                     });
                 }
             }
-            if !record.value.credentials.iter().any(|c| &c.id == credential_id) {
+            if !record
+                .value
+                .credentials
+                .iter()
+                .any(|c| &c.id == credential_id)
+            {
                 return Err(Error::NotFound {
                     kind: ResourceKind::Node,
                     id: format!("{node_id}/credentials/{credential_id}"),

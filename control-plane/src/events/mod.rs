@@ -71,6 +71,12 @@ pub enum DomainEvent {
         id: String,
         credential: NodeCredential,
     },
+    /// A credential's seal key sealed again, with a new master key.
+    NodeCredentialResealed {
+        id: String,
+        credential_id: String,
+        seal_key: crate::secrets::Sealed,
+    },
     /// One credential of node `id`, or all of them (`credential_id: None`).
     NodeCredentialRevoked {
         id: String,
@@ -96,6 +102,7 @@ impl DomainEvent {
             Self::JwtProviderDeleted { .. } => "JwtProviderDeleted",
             Self::NodeCredentialIssued { .. } => "NodeCredentialIssued",
             Self::NodeCredentialRevoked { .. } => "NodeCredentialRevoked",
+            Self::NodeCredentialResealed { .. } => "NodeCredentialResealed",
         }
     }
 
@@ -114,9 +121,9 @@ impl DomainEvent {
             Self::JwtProviderCreated { id, .. }
             | Self::JwtProviderUpdated { id, .. }
             | Self::JwtProviderDeleted { id } => (ResourceKind::JwtProvider, id),
-            Self::NodeCredentialIssued { id, .. } | Self::NodeCredentialRevoked { id, .. } => {
-                (ResourceKind::Node, id)
-            }
+            Self::NodeCredentialIssued { id, .. }
+            | Self::NodeCredentialResealed { id, .. }
+            | Self::NodeCredentialRevoked { id, .. } => (ResourceKind::Node, id),
         }
     }
 }
@@ -239,6 +246,7 @@ impl StoredEvent {
             "/value/secret",
             "/credential/token_sha256",
             "/credential/seal_key",
+            "/seal_key",
         ] {
             if let Some(secret) = payload.pointer_mut(path) {
                 *secret = Value::String(MASKED.into());

@@ -185,6 +185,20 @@ impl State {
                 value.credentials.push(credential.clone());
                 upsert(&mut self.nodes, id, value);
             }
+            DomainEvent::NodeCredentialResealed {
+                id,
+                credential_id,
+                seal_key,
+            } => {
+                if let Some(record) = self.nodes.get_mut(id) {
+                    for c in &mut record.value.credentials {
+                        if &c.id == credential_id {
+                            c.seal_key = seal_key.clone();
+                        }
+                    }
+                    record.revision += 1;
+                }
+            }
             DomainEvent::NodeCredentialRevoked { id, credential_id } => {
                 let Some(record) = self.nodes.get_mut(id) else {
                     return;

@@ -1164,6 +1164,11 @@ fn every_variant() -> Vec<DomainEvent> {
         ),
         DomainEvent::JwtProviderDeleted { id: "jp1".into() },
         node_issued("dp-1", "c1"),
+        DomainEvent::NodeCredentialResealed {
+            id: "dp-1".into(),
+            credential_id: "c1".into(),
+            seal_key: sealed("c1-new"),
+        },
         DomainEvent::NodeCredentialRevoked {
             id: "dp-1".into(),
             credential_id: Some("c1".into()),
@@ -1275,7 +1280,10 @@ fn node_credential_digests_and_keys_are_masked_in_the_audit_log() {
         event: node_issued("dp-1", "c1"),
     };
     let shown = stored.masked_payload().to_string();
-    assert!(!shown.contains("CIPHERTEXT") && !shown.contains("000c1"), "{shown}");
+    assert!(
+        !shown.contains("CIPHERTEXT") && !shown.contains("000c1"),
+        "{shown}"
+    );
     assert!(shown.contains("dp-1"), "{shown}");
 }
 
@@ -1285,7 +1293,7 @@ fn given_state(state: State) -> Given {
 
 #[test]
 fn encode_decode_round_trips_every_variant() {
-    let mut seen = [false; 14];
+    let mut seen = [false; 15];
     for (i, event) in every_variant().into_iter().enumerate() {
         // Exhaustive on purpose: a new variant must be added to every_variant().
         let slot = match &event {
@@ -1303,6 +1311,7 @@ fn encode_decode_round_trips_every_variant() {
             DomainEvent::JwtProviderDeleted { .. } => 11,
             DomainEvent::NodeCredentialIssued { .. } => 12,
             DomainEvent::NodeCredentialRevoked { .. } => 13,
+            DomainEvent::NodeCredentialResealed { .. } => 14,
         };
         seen[slot] = true;
         let stored = StoredEvent {
@@ -1515,6 +1524,10 @@ fn masked_payload_never_contains_the_sealed_secret() {
                 // The stored envelope does carry the sealed secret (sealed, never clear).
                 let stored_text = String::from_utf8(stored.encode().unwrap()).unwrap();
                 assert!(stored_text.contains("CIPHERTEXT-"));
+            }
+            DomainEvent::NodeCredentialResealed { .. } => {
+                raw["seal_key"] = MASKED.into();
+                assert_eq!(masked, raw);
             }
             DomainEvent::NodeCredentialIssued { .. } => {
                 raw["credential"]["token_sha256"] = MASKED.into();

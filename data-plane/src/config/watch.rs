@@ -135,7 +135,14 @@ pub async fn watch_control_plane(
     let mut last_error = None;
     let key = NodeKey::new(&settings.token, &settings.node_id);
     loop {
-        let session = session(&settings, &key, &*node, &file, &mut backoff, &mut last_error);
+        let session = session(
+            &settings,
+            &key,
+            &*node,
+            &file,
+            &mut backoff,
+            &mut last_error,
+        );
         tokio::select! {
             r = session => {
                 if let Err(e) = r {
