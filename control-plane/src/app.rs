@@ -67,7 +67,7 @@ impl ControlPlane {
             Engine::open_rotating(store, cipher, previous.clone(), cp.snapshot_every).await?;
         if let (true, Some(previous)) = (rotating, &previous) {
             // Before anything reads a secret (snapshots, nodes).
-            let n = crate::secrets::finish_rotation(&engine, previous).await?;
+            let n = engine.finish_rotation(previous).await?;
             warn!(resealed = n, "master key rotated: every secret is sealed with the new key; remove secrets.previous_master_key");
         }
         let nodes = Arc::new(NodeRegistry::default());

@@ -70,56 +70,9 @@ pub fn load_or_generate_token(data_dir: &Path) -> Result<String, Error> {
     Ok(token)
 }
 
-/// Finishes a master key rotation: every secret still sealed with
-/// `previous` is sealed again with the engine's key, one event each (actor
-/// `system:master-key-rotation`), then the data dir is marked as sealed with
-/// the new key. Safe to repeat after a crash: a secret already re-sealed
-/// opens with the new key and is left alone. Returns how many were re-sealed.
-pub async fn finish_rotation(
-    engine: &crate::engine::Engine,
-    previous: &Cipher,
-) -> Result<usize, Error> {
-    use crate::events::{Command, ResourceValue};
-    const ACTOR: &str = "system:master-key-rotation";
-    let current = engine.cipher();
-    let mut commands = Vec::new();
-    {
-        let state = engine.read();
-        for (id, r) in &state.provider_keys {
-            if current.open(id, &r.value.secret).is_ok() {
-                continue;
-            }
-            let plain = previous.open(id, &r.value.secret)?;
-            let mut value = r.value.clone();
-            value.secret = current.seal(id, &plain)?;
-            commands.push(Command::Update {
-                id: id.clone(),
-                value: ResourceValue::ProviderKey(value),
-                expected_revision: Some(r.revision),
-                upsert: false,
-            });
-        }
-        for (node_id, r) in &state.nodes {
-            for c in &r.value.credentials {
-                let owner = crate::admin::node_seal_owner(node_id, &c.id);
-                if current.open(&owner, &c.seal_key).is_ok() {
-                    continue;
-                }
-                let plain = previous.open(&owner, &c.seal_key)?;
-                commands.push(Command::ResealNodeCredential {
-                    node_id: node_id.clone(),
-                    credential_id: c.id.clone(),
-                    seal_key: current.seal(&owner, &plain)?,
-                });
-            }
-        }
-    }
-    let n = commands.len();
-    for command in commands {
-        engine.execute(command, ACTOR).await?;
-    }
-    engine.confirm_master_key()?;
-    Ok(n)
+/// Master-key sealing owner of a node credential's seal key.
+pub fn node_seal_owner(node_id: &str, credential_id: &str) -> String {
+    format!("aigw:node-seal-key:{node_id}:{credential_id}")
 }
 
 #[cfg(unix)]

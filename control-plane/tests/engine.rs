@@ -485,7 +485,6 @@ async fn concurrent_writers_get_gapless_sequence_numbers() {
 #[tokio::test]
 async fn a_master_key_rotation_reseals_every_secret_and_retires_the_old_key() {
     use aigw_control_plane::events::NodeCredential;
-    use aigw_control_plane::secrets::finish_rotation;
     let dir = tempfile::tempdir().unwrap();
     let old = cipher();
     let new = Cipher::new(&[42; 32]);
@@ -528,7 +527,7 @@ async fn a_master_key_rotation_reseals_every_secret_and_retires_the_old_key() {
         .await
         .unwrap();
     assert!(rotating);
-    assert_eq!(finish_rotation(&engine, &old).await.unwrap(), 3);
+    assert_eq!(engine.finish_rotation(&old).await.unwrap(), 3);
     {
         let state = engine.read();
         for (id, secret) in [("pk1", "sk-east"), ("pk2", "sk-west")] {
@@ -547,7 +546,7 @@ async fn a_master_key_rotation_reseals_every_secret_and_retires_the_old_key() {
         .count();
     assert_eq!(resealed, 3, "one event per re-sealed secret");
     // Repeating it finds nothing left to do.
-    assert_eq!(finish_rotation(&engine, &old).await.unwrap(), 0);
+    assert_eq!(engine.finish_rotation(&old).await.unwrap(), 0);
     drop(engine);
     // The new key alone opens the data dir; the old one no longer does.
     let (_, rotating) = Engine::open_rotating(store(), new.clone(), Some(old.clone()), 100)

@@ -86,10 +86,7 @@ pub struct EventFilter {
 pub const DEFAULT_EVENT_LIMIT: usize = 100;
 pub const MAX_EVENT_LIMIT: usize = 10_000;
 
-/// Master-key sealing owner of a node credential's seal key.
-pub fn node_seal_owner(node_id: &str, credential_id: &str) -> String {
-    format!("aigw:node-seal-key:{node_id}:{credential_id}")
-}
+pub use crate::secrets::node_seal_owner;
 
 /// A freshly issued node credential: the only time its token is shown.
 #[derive(Debug, Clone, Serialize)]

@@ -1,8 +1,8 @@
 use super::SnapshotCache;
-use crate::admin::node_seal_owner;
 use crate::engine::Engine;
 use crate::events::State;
 use crate::nodes::NodeRegistry;
+use crate::secrets::node_seal_owner;
 use aigw_shared::crypto::Cipher;
 use aigw_shared::listener::PeerCertificates;
 use aigw_shared::proto::config::v1 as pb;
