@@ -19,5 +19,5 @@ pub mod raw;
 pub mod request;
 pub mod types;
 
-pub use operation::{Operation, Unrouted, OPERATIONS};
+pub use operation::{Inbound, Operation, Shape, Unrouted, OPERATIONS};
 pub use types::{Answer, ChoiceText, Usage};
