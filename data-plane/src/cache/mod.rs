@@ -9,8 +9,8 @@ mod replay;
 pub use replay::sse_from_json;
 
 use crate::openai::raw::{self, Field, RawObject};
-use crate::openai::Shape;
 use crate::openai::request::{self, STREAM, STREAM_OPTIONS};
+use crate::openai::Shape;
 use aigw_shared::domain::CacheConfig;
 use bytes::Bytes;
 use http::HeaderValue;
@@ -181,7 +181,11 @@ mod tests {
     /// The cache key of a JSON value's text.
     fn key_of(alias: &str, v: Value) -> [u8; 32] {
         let text = v.to_string();
-        key(alias, Shape::OpenAi, &RawObject::parse(text.as_bytes()).unwrap())
+        key(
+            alias,
+            Shape::OpenAi,
+            &RawObject::parse(text.as_bytes()).unwrap(),
+        )
     }
 
     #[test]

@@ -35,8 +35,10 @@ pub fn sse_from_json(body: &[u8], shape: Shape, include_usage: bool) -> Bytes {
     };
     let azure = shape == Shape::Azure;
     if let Some(filters) = v.get("prompt_filter_results").filter(|_| azure) {
-        emit(json!({"choices": [], "created": 0, "id": "", "model": "", "object": "",
-                    "prompt_filter_results": filters}));
+        emit(
+            json!({"choices": [], "created": 0, "id": "", "model": "", "object": "",
+                    "prompt_filter_results": filters}),
+        );
     }
     let choices = v["choices"].as_array().cloned().unwrap_or_default();
     for c in &choices {

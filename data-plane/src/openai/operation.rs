@@ -276,8 +276,7 @@ fn api_version(query: &str) -> Option<&str> {
         .filter(|v| {
             !v.is_empty()
                 && v.len() <= MAX_API_VERSION
-                && v
-                    .bytes()
+                && v.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
         })
 }
@@ -445,10 +444,7 @@ mod tests {
             assert_eq!(azure(path, q), Err(Unrouted::MissingApiVersion), "{q:?}");
         }
         let long = format!("api-version={}", "1".repeat(MAX_API_VERSION + 1));
-        assert_eq!(
-            azure(path, Some(&long)),
-            Err(Unrouted::MissingApiVersion)
-        );
+        assert_eq!(azure(path, Some(&long)), Err(Unrouted::MissingApiVersion));
         assert_eq!(
             Inbound::route(&Method::GET, path, Some("api-version=1")),
             Err(Unrouted::MethodNotAllowed)

@@ -360,10 +360,7 @@ mod tests {
         let f = read_fields(Operation::ChatCompletions, &o, Some("from-path")).unwrap();
         assert_eq!(f.alias, "from-path");
         // `model` may be absent, or anything: Azure ignores it there.
-        for body in [
-            json!({"input": "x"}),
-            json!({"model": 3, "input": "x"}),
-        ] {
+        for body in [json!({"input": "x"}), json!({"model": 3, "input": "x"})] {
             let text = body.to_string();
             let o = parse(text.as_bytes()).unwrap();
             let f = read_fields(Operation::Embeddings, &o, Some("emb")).unwrap();

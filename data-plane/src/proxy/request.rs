@@ -180,7 +180,12 @@ mod tests {
             assert!(r.fields.stream && r.fields.deterministic && r.fields.prompt_chars == len);
             let inline = crate::cache::key("a", crate::openai::Shape::OpenAi, &r.object().unwrap());
             let got = r
-                .with_object(|o, f| (crate::cache::key("a", crate::openai::Shape::OpenAi, o), f.prompt_chars))
+                .with_object(|o, f| {
+                    (
+                        crate::cache::key("a", crate::openai::Shape::OpenAi, o),
+                        f.prompt_chars,
+                    )
+                })
                 .await
                 .unwrap();
             assert_eq!(got, (inline, len));
