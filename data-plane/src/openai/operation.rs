@@ -104,16 +104,6 @@ impl Operation {
         parse_path(path).ok().map(|(op, _)| op)
     }
 
-    /// The operation for a request line.
-    pub fn route(method: &Method, path: &str) -> Result<Self, Unrouted> {
-        let (op, _) = parse_path(path)?;
-        if op.row().method == *method {
-            Ok(op)
-        } else {
-            Err(Unrouted::MethodNotAllowed)
-        }
-    }
-
     /// `gen_ai.operation.name`.
     pub fn name(self) -> &'static str {
         self.row().name
@@ -296,19 +286,19 @@ mod tests {
     #[test]
     fn routing_by_method_and_path() {
         assert_eq!(
-            Operation::route(&Method::POST, "/v1/chat/completions"),
+            Inbound::route(&Method::POST, "/v1/chat/completions", None).map(|r| r.op),
             Ok(Operation::ChatCompletions)
         );
         assert_eq!(
-            Operation::route(&Method::GET, "/v1/chat/completions"),
+            Inbound::route(&Method::GET, "/v1/chat/completions", None).map(|r| r.op),
             Err(Unrouted::MethodNotAllowed)
         );
         assert_eq!(
-            Operation::route(&Method::POST, "/v1/models"),
+            Inbound::route(&Method::POST, "/v1/models", None).map(|r| r.op),
             Err(Unrouted::MethodNotAllowed)
         );
         assert_eq!(
-            Operation::route(&Method::POST, "/v1/nope"),
+            Inbound::route(&Method::POST, "/v1/nope", None).map(|r| r.op),
             Err(Unrouted::UnknownPath)
         );
         assert_eq!(span_name("/v1/embeddings"), "embeddings");
@@ -364,7 +354,7 @@ mod tests {
             assert_eq!((r.op, r.shape, r.alias), (op, Shape::OpenAi, None));
         }
         assert_eq!(
-            Operation::route(&Method::GET, "/openai/v1/models"),
+            Inbound::route(&Method::GET, "/openai/v1/models", None).map(|r| r.op),
             Ok(Operation::ListModels)
         );
         for nope in [
