@@ -81,7 +81,7 @@ fn main() {
     });
     let text = body.to_string();
     let body = request::parse(text.as_bytes()).unwrap();
-    let fields = request::read_fields(Operation::ChatCompletions, &body).unwrap();
+    let fields = request::read_fields(Operation::ChatCompletions, &body, None).unwrap();
     let checks = [
         Check {
             scope: &key,

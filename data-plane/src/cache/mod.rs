@@ -10,6 +10,7 @@ pub use replay::sse_from_json;
 
 use crate::openai::raw::{self, Field, RawObject};
 use crate::openai::request::{self, STREAM, STREAM_OPTIONS};
+use crate::openai::Shape;
 use aigw_shared::domain::CacheConfig;
 use bytes::Bytes;
 use http::HeaderValue;
@@ -26,7 +27,8 @@ const IGNORED_FIELDS: [&str; 3] = [STREAM, STREAM_OPTIONS, "user"];
 /// A cached upstream answer.
 #[derive(Debug)]
 pub struct Answer {
-    /// The adapted JSON body, `model` already the alias.
+    /// The adapted JSON body, in the shape its caller got (OpenAI's: `model`
+    /// already the alias).
     pub body: Bytes,
     pub served_by: HeaderValue,
 }
@@ -78,11 +80,16 @@ fn build(cfg: &CacheConfig) -> Store {
 
 /// sha256 of the alias and the canonical body: keys sorted at every level,
 /// strings and numbers in one spelling, `stream`, `stream_options` and
-/// `user` left out. Read off the raw text, without building a tree.
-pub fn key(alias: &str, body: &RawObject<'_>) -> [u8; 32] {
+/// `user` left out. Read off the raw text, without building a tree. The
+/// answer's shape is part of the key: an entry holds the answer as its
+/// caller got it (Azure's keeps the filter annotations, OpenAI's does not).
+pub fn key(alias: &str, shape: Shape, body: &RawObject<'_>) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(alias.as_bytes());
     h.update([0]);
+    if shape == Shape::Azure {
+        h.update(b"azure\0");
+    }
     let mut fields: Vec<(&str, &Field<'_>)> = body
         .fields()
         .filter(|(k, _)| !IGNORED_FIELDS.contains(k))
@@ -174,7 +181,11 @@ mod tests {
     /// The cache key of a JSON value's text.
     fn key_of(alias: &str, v: Value) -> [u8; 32] {
         let text = v.to_string();
-        key(alias, &RawObject::parse(text.as_bytes()).unwrap())
+        key(
+            alias,
+            Shape::OpenAi,
+            &RawObject::parse(text.as_bytes()).unwrap(),
+        )
     }
 
     #[test]
@@ -195,7 +206,21 @@ mod tests {
         let spaced = r#"{ "model" : "m", "temperature" : 0, "messages" : [ { "content" : "h\u0069", "role" : "user" } ] }"#;
         assert_eq!(
             key_of("alias", a),
-            key("alias", &RawObject::parse(spaced.as_bytes()).unwrap())
+            key(
+                "alias",
+                Shape::OpenAi,
+                &RawObject::parse(spaced.as_bytes()).unwrap()
+            )
+        );
+    }
+
+    #[test]
+    fn the_answer_shape_is_part_of_the_key() {
+        let text = json!({"model": "m", "temperature": 0, "input": "x"}).to_string();
+        let body = RawObject::parse(text.as_bytes()).unwrap();
+        assert_ne!(
+            key("alias", Shape::OpenAi, &body),
+            key("alias", Shape::Azure, &body)
         );
     }
 

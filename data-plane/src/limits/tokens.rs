@@ -141,7 +141,7 @@ mod tests {
     fn estimate_of(op: Operation, v: Value, t: Tokenizer) -> u64 {
         let text = v.to_string();
         let body = request::parse(text.as_bytes()).unwrap();
-        let fields = request::read_fields(op, &body).unwrap();
+        let fields = request::read_fields(op, &body, None).unwrap();
         estimate(op, &body, &fields, t)
     }
 
@@ -181,7 +181,7 @@ mod tests {
         let escaped =
             r#"{"model":"m","messages":[{"role":"user","content":"Hello, how are you\u003f"}]}"#;
         let body = request::parse(escaped.as_bytes()).unwrap();
-        let fields = request::read_fields(Operation::ChatCompletions, &body).unwrap();
+        let fields = request::read_fields(Operation::ChatCompletions, &body, None).unwrap();
         assert_eq!(estimate(Operation::ChatCompletions, &body, &fields, t), p);
         let mut tools = plain;
         tools["tools"] = json!([{"type": "function", "function": {"name": "f"}}]);

@@ -1,12 +1,14 @@
 //! The OpenAI / Azure OpenAI wire format, in one place.
 //!
 //! - `operation` — the operation table: path ↔ operation ↔ span name ↔
-//!   Azure path; proxy routing, tracing and upstream URLs all read it
+//!   Azure path; proxy routing (the `/v1`, `/openai/v1` and Azure-shaped
+//!   `/openai/deployments/{alias}` routes, and the answer [`Shape`] each
+//!   asks for), tracing and upstream URLs all read it
 //! - `request`   — the request fields the gateway checks or rewrites
 //! - `types`     — answers and stream chunks: the typed fields the gateway
 //!   reads, the rest kept raw (`raw`) so nothing is lost
 //! - `azure`     — what Azure adds (content-filter annotations) and the
-//!   gateway strips
+//!   gateway strips from OpenAI-shaped answers
 //!
 //! A new endpoint: a row in `operation`, its required fields in `request`,
 //! and any answer fields it needs in `types`.
@@ -19,5 +21,5 @@ pub mod raw;
 pub mod request;
 pub mod types;
 
-pub use operation::{Operation, Unrouted, OPERATIONS};
+pub use operation::{Inbound, Operation, Shape, Unrouted, OPERATIONS};
 pub use types::{Answer, ChoiceText, Usage};

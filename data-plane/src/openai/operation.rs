@@ -1,6 +1,15 @@
 //! The operation table: every endpoint the gateway serves, in one place.
 //! Proxy routing, span names and upstream URLs all read it; a new endpoint
 //! is a new `Operation` variant and its row (plus its body types).
+//!
+//! Callers reach an operation three ways ([`Inbound::route`]):
+//! - `/v1/{op}` — the OpenAI API; the alias is the body's `model`;
+//! - `/openai/v1/{op}` — Azure's v1 form, the same as `/v1/{op}` in every
+//!   way, so `OpenAI(base_url=<gateway>/openai/v1)` works;
+//! - `/openai/deployments/{alias}/{op}?api-version=…` — Azure's deployment
+//!   form, for `AzureOpenAI` clients: the alias is the path's (it wins over
+//!   any body `model`), and answers and errors keep Azure's shape
+//!   ([`Shape::Azure`]).
 
 use http::Method;
 
@@ -22,8 +31,8 @@ pub struct Row {
     pub path: &'static str,
     /// `gen_ai.operation.name`, and the first word of the call's span name.
     pub name: &'static str,
-    /// The path under `/openai/deployments/{deployment}/`; `None` when the
-    /// gateway answers itself.
+    /// The path under `/openai/deployments/{deployment}/`, upstream and on
+    /// the inbound Azure-shaped route; `None` when the gateway answers itself.
     pub azure_path: Option<&'static str>,
     /// The body field that carries the prompt (required; payload logging).
     pub prompt_field: Option<&'static str>,
@@ -80,6 +89,8 @@ pub enum Unrouted {
     /// The path exists, not with this method.
     MethodNotAllowed,
     UnknownPath,
+    /// Azure's deployment route without a usable `api-version`.
+    MissingApiVersion,
 }
 
 impl Operation {
@@ -87,19 +98,10 @@ impl Operation {
         &OPERATIONS[self as usize]
     }
 
-    /// The operation serving `path`, whatever the method.
+    /// The operation serving `path` (any of its three forms), whatever the
+    /// method.
     pub fn for_path(path: &str) -> Option<Self> {
-        OPERATIONS.iter().find(|r| r.path == path).map(|r| r.op)
-    }
-
-    /// The operation for a request line.
-    pub fn route(method: &Method, path: &str) -> Result<Self, Unrouted> {
-        let op = Self::for_path(path).ok_or(Unrouted::UnknownPath)?;
-        if op.row().method == *method {
-            Ok(op)
-        } else {
-            Err(Unrouted::MethodNotAllowed)
-        }
+        parse_path(path).ok().map(|(op, _)| op)
     }
 
     /// `gen_ai.operation.name`.
@@ -125,6 +127,150 @@ pub fn span_name(path: &str) -> &'static str {
     Operation::for_path(path).map_or(UNKNOWN_NAME, Operation::name)
 }
 
+/// The shape of answers and errors, decided by the route a caller used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Shape {
+    /// The OpenAI API (`/v1`, `/openai/v1`): `model` is the alias, Azure's
+    /// filter annotations are stripped, errors are OpenAI's envelope.
+    #[default]
+    OpenAi,
+    /// Azure's deployment route: the answer as Azure sent it (`model` as
+    /// Azure reports it, filter annotations kept), errors as Azure's
+    /// `{"error":{"code","message"}}`.
+    Azure,
+}
+
+/// Prefix of Azure's deployment route.
+const DEPLOYMENTS: &str = "/openai/deployments/";
+/// Prefix of Azure's v1 route, which is the OpenAI API under `/openai`.
+const AZURE_V1: &str = "/openai";
+/// Longest alias accepted in a path (bytes, decoded). Aliases are looked up,
+/// never sent on; this only bounds what a hostile path can cost.
+pub const MAX_PATH_ALIAS: usize = 256;
+/// Longest `api-version` accepted (Azure's are like `2025-04-01-preview`).
+pub const MAX_API_VERSION: usize = 64;
+
+impl Shape {
+    /// The shape a path asks for, routed or not: a 404 under
+    /// `/openai/deployments/` is answered in Azure's shape too.
+    pub fn of_path(path: &str) -> Self {
+        if path.starts_with(DEPLOYMENTS) {
+            Shape::Azure
+        } else {
+            Shape::OpenAi
+        }
+    }
+}
+
+/// A routed request line: what to do, in which shape, and what the path
+/// and query said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inbound {
+    pub op: Operation,
+    pub shape: Shape,
+    /// `{alias}` of `/openai/deployments/{alias}/…`, percent-decoded; the
+    /// call's alias whatever the body's `model` says.
+    pub alias: Option<String>,
+    /// The caller's `api-version` (deployment route only): accepted
+    /// whatever it is, and recorded; upstream gets the provider key's own.
+    pub api_version: Option<String>,
+}
+
+impl Inbound {
+    /// Routes a request line. On the deployment route `api-version` is
+    /// required, as Azure requires it (Azure answers a missing one 404).
+    pub fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Self, Unrouted> {
+        let (op, alias) = parse_path(path)?;
+        if op.row().method != *method {
+            return Err(Unrouted::MethodNotAllowed);
+        }
+        let Some(alias) = alias else {
+            return Ok(Self {
+                op,
+                shape: Shape::OpenAi,
+                alias: None,
+                api_version: None,
+            });
+        };
+        let api_version = query
+            .and_then(api_version)
+            .ok_or(Unrouted::MissingApiVersion)?;
+        Ok(Self {
+            op,
+            shape: Shape::Azure,
+            alias: Some(alias),
+            api_version: Some(api_version.to_string()),
+        })
+    }
+}
+
+/// The operation a path names and, on the deployment route, its alias.
+fn parse_path(path: &str) -> Result<(Operation, Option<String>), Unrouted> {
+    if let Some(rest) = path.strip_prefix(DEPLOYMENTS) {
+        let (segment, op_path) = rest.split_once('/').ok_or(Unrouted::UnknownPath)?;
+        let op = OPERATIONS
+            .iter()
+            .find(|r| r.azure_path == Some(op_path))
+            .ok_or(Unrouted::UnknownPath)?
+            .op;
+        return Ok((op, Some(path_alias(segment).ok_or(Unrouted::UnknownPath)?)));
+    }
+    // `/openai/v1/…` is `/v1/…`; `/openai/models` and the like are not.
+    let path = match path.strip_prefix(AZURE_V1) {
+        Some(rest) if rest.starts_with("/v1/") => rest,
+        _ => path,
+    };
+    let row = OPERATIONS
+        .iter()
+        .find(|r| r.path == path)
+        .ok_or(Unrouted::UnknownPath)?;
+    Ok((row.op, None))
+}
+
+/// A deployment path segment as an alias: percent-decoded (an alias may
+/// hold any character, so `%2F` is a `/` of the alias, not a separator),
+/// valid UTF-8, not empty or blank, at most [`MAX_PATH_ALIAS`] bytes, no
+/// control characters. `.` and `..` are just names no model has.
+fn path_alias(segment: &str) -> Option<String> {
+    if segment.is_empty() || segment.len() > MAX_PATH_ALIAS * 3 {
+        return None;
+    }
+    let mut bytes = Vec::with_capacity(segment.len());
+    let mut it = segment.bytes();
+    while let Some(b) = it.next() {
+        if b != b'%' {
+            bytes.push(b);
+            continue;
+        }
+        let hex = |c: Option<u8>| char::from(c?).to_digit(16);
+        let (hi, lo) = (hex(it.next())?, hex(it.next())?);
+        bytes.push(u8::try_from(hi * 16 + lo).ok()?);
+    }
+    let alias = String::from_utf8(bytes).ok()?;
+    let ok = !alias.trim().is_empty()
+        && alias.len() <= MAX_PATH_ALIAS
+        && !alias.chars().any(char::is_control);
+    ok.then_some(alias)
+}
+
+/// `api-version` from a query string, if present and sane: 1 to
+/// [`MAX_API_VERSION`] characters of `[A-Za-z0-9._-]` (what every Azure
+/// version looks like; anything else Azure does not serve either, and it
+/// goes into logs and spans).
+fn api_version(query: &str) -> Option<&str> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == "api-version")
+        .map(|(_, v)| v)
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= MAX_API_VERSION
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,22 +286,161 @@ mod tests {
     #[test]
     fn routing_by_method_and_path() {
         assert_eq!(
-            Operation::route(&Method::POST, "/v1/chat/completions"),
+            Inbound::route(&Method::POST, "/v1/chat/completions", None).map(|r| r.op),
             Ok(Operation::ChatCompletions)
         );
         assert_eq!(
-            Operation::route(&Method::GET, "/v1/chat/completions"),
+            Inbound::route(&Method::GET, "/v1/chat/completions", None).map(|r| r.op),
             Err(Unrouted::MethodNotAllowed)
         );
         assert_eq!(
-            Operation::route(&Method::POST, "/v1/models"),
+            Inbound::route(&Method::POST, "/v1/models", None).map(|r| r.op),
             Err(Unrouted::MethodNotAllowed)
         );
         assert_eq!(
-            Operation::route(&Method::POST, "/v1/nope"),
+            Inbound::route(&Method::POST, "/v1/nope", None).map(|r| r.op),
             Err(Unrouted::UnknownPath)
         );
         assert_eq!(span_name("/v1/embeddings"), "embeddings");
         assert_eq!(span_name("/nope"), "http");
+    }
+
+    fn azure(path: &str, query: Option<&str>) -> Result<Inbound, Unrouted> {
+        Inbound::route(&Method::POST, path, query)
+    }
+
+    #[test]
+    fn azure_deployment_routes() {
+        let q = Some("api-version=2024-10-21");
+        for (op_path, op) in [
+            ("chat/completions", Operation::ChatCompletions),
+            ("completions", Operation::Completions),
+            ("embeddings", Operation::Embeddings),
+        ] {
+            let r = azure(&format!("/openai/deployments/gpt-4o/{op_path}"), q).unwrap();
+            assert_eq!(
+                r,
+                Inbound {
+                    op,
+                    shape: Shape::Azure,
+                    alias: Some("gpt-4o".into()),
+                    api_version: Some("2024-10-21".into()),
+                }
+            );
+        }
+        // Any sane version, wherever it is in the query.
+        let r = azure(
+            "/openai/deployments/m/chat/completions",
+            Some("x=1&api-version=2025-04-01-preview&y"),
+        )
+        .unwrap();
+        assert_eq!(r.api_version.as_deref(), Some("2025-04-01-preview"));
+        assert_eq!(
+            Shape::of_path("/openai/deployments/m/nope"),
+            Shape::Azure,
+            "a 404 under the deployment route is Azure's too"
+        );
+        assert_eq!(span_name("/openai/deployments/m/embeddings"), "embeddings");
+    }
+
+    #[test]
+    fn azure_v1_routes_are_the_openai_api() {
+        for (path, op) in [
+            ("/openai/v1/chat/completions", Operation::ChatCompletions),
+            ("/openai/v1/completions", Operation::Completions),
+            ("/openai/v1/embeddings", Operation::Embeddings),
+        ] {
+            let r = azure(path, None).unwrap();
+            assert_eq!((r.op, r.shape, r.alias), (op, Shape::OpenAi, None));
+        }
+        assert_eq!(
+            Inbound::route(&Method::GET, "/openai/v1/models", None).map(|r| r.op),
+            Ok(Operation::ListModels)
+        );
+        for nope in [
+            "/openai/models",
+            "/openai/chat/completions",
+            "/openai/v1/v1/models",
+            "/openai/v1",
+            "/openai/v1/",
+        ] {
+            assert_eq!(Operation::for_path(nope), None, "{nope}");
+        }
+    }
+
+    #[test]
+    fn hostile_deployment_paths() {
+        let q = Some("api-version=2024-10-21");
+        let unknown = |path: &str| {
+            assert_eq!(azure(path, q), Err(Unrouted::UnknownPath), "{path}");
+        };
+        unknown("/openai/deployments//chat/completions");
+        unknown("/openai/deployments/%20/chat/completions");
+        unknown("/openai/deployments/m");
+        unknown("/openai/deployments/m/");
+        unknown("/openai/deployments/m/models");
+        unknown("/openai/deployments/m/chat/completions/");
+        unknown("/openai/deployments/m/chat//completions");
+        unknown("/openai/deployments/m/responses");
+        unknown("/openai/deployments/a/b/chat/completions");
+        unknown("/openai/deployments/m%ZZ/chat/completions");
+        unknown("/openai/deployments/m%/chat/completions");
+        unknown("/openai/deployments/%FF%FE/chat/completions");
+        unknown("/openai/deployments/a%00b/chat/completions");
+        unknown(&format!(
+            "/openai/deployments/{}/chat/completions",
+            "a".repeat(MAX_PATH_ALIAS + 1)
+        ));
+        unknown(&format!(
+            "/openai/deployments/{}/chat/completions",
+            "%41".repeat(MAX_PATH_ALIAS + 1)
+        ));
+        let alias = |path: &str| azure(path, q).unwrap().alias.unwrap();
+        assert_eq!(
+            alias(&format!(
+                "/openai/deployments/{}/chat/completions",
+                "a".repeat(MAX_PATH_ALIAS)
+            ))
+            .len(),
+            MAX_PATH_ALIAS
+        );
+        // A percent-encoded slash is part of the alias, not a separator.
+        assert_eq!(
+            alias("/openai/deployments/org%2Fmodel/chat/completions"),
+            "org/model"
+        );
+        assert_eq!(
+            alias("/openai/deployments/..%2F..%2Fadmin/embeddings"),
+            "../../admin"
+        );
+        // Dots are a name no model has, nothing more: nothing is resolved.
+        assert_eq!(alias("/openai/deployments/../chat/completions"), "..");
+        assert_eq!(alias("/openai/deployments/gpt%204o/completions"), "gpt 4o");
+        assert_eq!(alias("/openai/deployments/caf%C3%A9/completions"), "café");
+    }
+
+    #[test]
+    fn api_version_is_required_on_the_deployment_route() {
+        let path = "/openai/deployments/m/chat/completions";
+        for q in [
+            None,
+            Some(""),
+            Some("api-version="),
+            Some("api-version"),
+            Some("apiversion=1"),
+            Some("api-version=2024%2D10%2D21"),
+            Some("api-version=a b"),
+        ] {
+            assert_eq!(azure(path, q), Err(Unrouted::MissingApiVersion), "{q:?}");
+        }
+        let long = format!("api-version={}", "1".repeat(MAX_API_VERSION + 1));
+        assert_eq!(azure(path, Some(&long)), Err(Unrouted::MissingApiVersion));
+        assert_eq!(
+            Inbound::route(&Method::GET, path, Some("api-version=1")),
+            Err(Unrouted::MethodNotAllowed)
+        );
+        // The OpenAI routes take no api-version and ignore one.
+        let r = azure("/v1/chat/completions", Some("api-version=1")).unwrap();
+        assert_eq!((r.shape, r.api_version), (Shape::OpenAi, None));
     }
 }

@@ -81,7 +81,8 @@ pub fn parse(body: &[u8]) -> Result<RawObject<'_>, Invalid> {
 /// The fields of a request the gateway acts on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fields {
-    /// `model`: the alias the caller asked for.
+    /// The alias the caller asked for: the deployment route's path
+    /// segment, else `model`.
     pub alias: String,
     pub stream: bool,
     /// The caller asked for the usage chunk (`stream_options.include_usage`).
@@ -98,8 +99,17 @@ pub struct Fields {
 }
 
 /// Checks what `op` requires of `body` and reads the fields the gateway uses.
-pub fn read_fields(op: Operation, body: &RawObject<'_>) -> Result<Fields, Invalid> {
-    let alias = alias(body)?;
+/// `path_alias` is the alias Azure's deployment route named: there `model`
+/// is optional and ignored (Azure ignores it on that route too).
+pub fn read_fields(
+    op: Operation,
+    body: &RawObject<'_>,
+    path_alias: Option<&str>,
+) -> Result<Fields, Invalid> {
+    let alias = match path_alias {
+        Some(a) => a.to_string(),
+        None => alias(body)?,
+    };
     let prompt = prompt(op, body)?;
     let stream = stream(op, body)?;
     let caller_wants_usage = stream && caller_wants_usage(body)?;
@@ -285,7 +295,7 @@ mod tests {
     /// `read_fields` of a JSON value's text.
     fn read(op: Operation, v: &Value) -> Result<Fields, Invalid> {
         let text = v.to_string();
-        read_fields(op, &parse(text.as_bytes())?)
+        read_fields(op, &parse(text.as_bytes())?, None)
     }
 
     #[test]
@@ -343,6 +353,26 @@ mod tests {
     }
 
     #[test]
+    fn the_deployment_route_alias_wins_over_model() {
+        let body = json!({"model": "other", "messages": [{"role": "user", "content": "x"}]});
+        let text = body.to_string();
+        let o = parse(text.as_bytes()).unwrap();
+        let f = read_fields(Operation::ChatCompletions, &o, Some("from-path")).unwrap();
+        assert_eq!(f.alias, "from-path");
+        // `model` may be absent, or anything: Azure ignores it there.
+        for body in [json!({"input": "x"}), json!({"model": 3, "input": "x"})] {
+            let text = body.to_string();
+            let o = parse(text.as_bytes()).unwrap();
+            let f = read_fields(Operation::Embeddings, &o, Some("emb")).unwrap();
+            assert_eq!(f.alias, "emb", "{body}");
+        }
+        // The operation's own requirements still hold.
+        let o = parse(br#"{"model":"m"}"#).unwrap();
+        let e = read_fields(Operation::Embeddings, &o, Some("emb")).unwrap_err();
+        assert_eq!(e.param, Some("input"));
+    }
+
+    #[test]
     fn the_body_is_read_without_a_tree_and_its_width_is_bounded() {
         let wide = format!(
             "{{{}\"model\":\"m\"}}",
@@ -372,7 +402,7 @@ mod tests {
         );
         let body = parse(nested.as_bytes()).unwrap();
         assert_eq!(
-            read_fields(Operation::ChatCompletions, &body)
+            read_fields(Operation::ChatCompletions, &body, None)
                 .unwrap()
                 .prompt_chars,
             2

@@ -24,11 +24,11 @@ impl Proxy {
         request: Request,
         call: &mut Call,
     ) -> Result<Response<ProxyBody>, Error> {
-        let alias = route.alias.clone();
+        let (alias, shape) = (route.alias.clone(), call.shape);
         let (key, body) = request
             .with_object(move |object, _| {
                 (
-                    crate::cache::key(&alias, object),
+                    crate::cache::key(&alias, shape, object),
                     crate::cache::json_body(object),
                 )
             })
@@ -51,6 +51,7 @@ impl Proxy {
         let mut r = if stream {
             let mut r = Response::new(full(crate::cache::sse_from_json(
                 &answer.body,
+                shape,
                 include_usage,
             )));
             r.headers_mut().insert(

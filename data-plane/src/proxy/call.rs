@@ -10,13 +10,15 @@ use super::auth::Authenticated;
 use super::trace::{AttemptSpan, CallAttributes, CallSpan};
 use crate::config::{Route, Target};
 use crate::limits::{Permit, RateHeaders};
-use crate::openai::Operation;
+use crate::openai::{Operation, Shape};
 use crate::usage::{Accounting, CacheStatus, UsageRecorder};
 use http::HeaderValue;
 use std::sync::Arc;
 
 pub struct Call {
     pub request_id: HeaderValue,
+    /// The answer's shape, from the route the caller used (errors too).
+    pub shape: Shape,
     /// Known once the path is routed.
     pub op: Option<Operation>,
     /// Known once authenticated.
@@ -31,9 +33,10 @@ pub struct Call {
 }
 
 impl Call {
-    pub fn new(request_id: HeaderValue, span: CallSpan) -> Self {
+    pub fn new(request_id: HeaderValue, span: CallSpan, shape: Shape) -> Self {
         Self {
             request_id,
+            shape,
             op: None,
             caller: None,
             route: None,
@@ -44,6 +47,7 @@ impl Call {
                 usage: None,
                 permit: None,
                 max_tokens: None,
+                api_version: None,
                 server_address: String::new(),
                 done: false,
             },
@@ -121,6 +125,9 @@ pub struct CallEnd {
     permit: Option<Permit>,
     /// The request's `max_tokens`, for the span.
     pub max_tokens: Option<u64>,
+    /// The caller's `api-version` (Azure's deployment route), for the span
+    /// and the access log.
+    pub api_version: Option<String>,
     /// The host of the target tried last (kept only when the span records).
     server_address: String,
     done: bool,
@@ -134,6 +141,7 @@ impl CallEnd {
             usage: None,
             permit: None,
             max_tokens: None,
+            api_version: None,
             server_address: String::new(),
             done: true,
         }
@@ -154,11 +162,15 @@ impl CallEnd {
             self.span.end(&CallAttributes {
                 status,
                 error_code: error_code.unwrap_or_default(),
+                api_version: self.api_version.as_deref().unwrap_or_default(),
                 ..CallAttributes::default()
             });
             return;
         };
         acct.settle(status, error_code);
+        if let Some(v) = self.api_version.take() {
+            acct.api_version = v;
+        }
         let e = &acct.event;
         if let Some(p) = self.permit.as_mut() {
             p.settle(e.total_tokens);
@@ -176,6 +188,7 @@ impl CallEnd {
             stream: e.stream,
             usage: Some((e.prompt_tokens, e.completion_tokens)),
             server_address: &self.server_address,
+            api_version: &acct.api_version,
         });
         acct.emit(&trace_id);
         // The permit's concurrency slot goes back now.

@@ -1,10 +1,15 @@
-//! The one place data-plane errors become HTTP answers: the OpenAI error
-//! envelope `{"error":{"message","type","param","code"}}`.
+//! The one place data-plane errors become HTTP answers, in the shape of the
+//! route the caller used (`call.shape`): the OpenAI error envelope
+//! `{"error":{"message","type","param","code"}}` on `/v1` and `/openai/v1`,
+//! Azure's `{"error":{"code","message"}}` on `/openai/deployments/…`, with
+//! Azure's own codes where Azure has the same error (as recorded in
+//! azure-wire.md) and the gateway's codes where it has none.
 
 use super::call::Call;
 use super::{Proxy, ProxyBody, REQUEST_ID};
 use crate::clock::retry_after_secs;
 use crate::error::Error;
+use crate::openai::Shape;
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use serde_json::{json, Value};
@@ -31,7 +36,7 @@ impl Proxy {
                     _ => {}
                 }
                 let code = e.code();
-                (e.into_response(), code)
+                (e.into_response(call.shape), code)
             }
         };
         if let Some(r) = call.rate.take() {
@@ -193,10 +198,10 @@ impl Error {
         self.classify().2
     }
 
-    /// The error as the caller sees it.
-    pub fn into_response(self) -> Response<ProxyBody> {
-        let (status, kind, code) = self.classify();
-        let param: Value = match &self {
+    /// The OpenAI error object.
+    fn openai_error(&self) -> Value {
+        let (_, kind, code) = self.classify();
+        let param: Value = match self {
             Error::InvalidRequest { param, .. } => param.map_or(Value::Null, Value::from),
             Error::ContentFilter { .. } => Value::from("prompt"),
             Error::ModelNotFound(_) | Error::PermissionDenied(_) => Value::from("model"),
@@ -208,11 +213,58 @@ impl Error {
             "param": param,
             "code": code,
         });
-        let retry_after = match &self {
+        if let Error::ContentFilter { details, .. } = self {
+            error["content_filter_result"] = details.clone();
+        }
+        error
+    }
+
+    /// Azure's error object. To an Azure client the alias is the
+    /// deployment, so an unknown alias is Azure's `DeploymentNotFound`; a
+    /// refused key is Azure's `401`, a blocked prompt Azure's own answer.
+    fn azure_error(&self) -> Value {
+        let (status, _, code) = self.classify();
+        let message = self.to_string();
+        let (code, message) = match self {
+            Error::InvalidApiKey(_) => (
+                "401",
+                format!(
+                    "Access denied due to invalid subscription key or wrong API endpoint: {message}."
+                ),
+            ),
+            Error::ModelNotFound(alias) => (
+                "DeploymentNotFound",
+                format!("The API deployment for this resource does not exist: no model `{alias}`."),
+            ),
+            Error::PermissionDenied(_) => ("PermissionDenied", message),
+            Error::UnknownPath(_) => ("404", "Resource not found".to_string()),
+            Error::RateLimited(_) | Error::UpstreamRateLimited { .. } => ("429", message),
             Error::ContentFilter { details, .. } => {
-                error["content_filter_result"] = details.clone();
-                None
+                return json!({
+                    "message": message,
+                    "type": null,
+                    "param": "prompt",
+                    "code": "content_filter",
+                    "status": status.as_u16(),
+                    "innererror": {
+                        "code": "ResponsibleAIPolicyViolation",
+                        "content_filter_result": details,
+                    },
+                });
             }
+            _ => (code.unwrap_or(status.as_str()), message),
+        };
+        json!({ "code": code, "message": message })
+    }
+
+    /// The error as the caller sees it, in the shape of its route.
+    pub fn into_response(self, shape: Shape) -> Response<ProxyBody> {
+        let status = self.status();
+        let error = match shape {
+            Shape::OpenAi => self.openai_error(),
+            Shape::Azure => self.azure_error(),
+        };
+        let retry_after = match &self {
             Error::UpstreamRateLimited { retry_after, .. } => retry_after.clone(),
             Error::AllTargetsUnavailable { retry_after } => {
                 Some(HeaderValue::from(retry_after_secs(*retry_after)))

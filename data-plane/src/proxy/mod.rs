@@ -7,7 +7,9 @@
 //! 1. **request id** — reuse the caller's `x-request-id` or mint one; it is on
 //!    every response, errors included.
 //! 2. **route** — method and path select the operation from the operation
-//!    table (`crate::openai::operation`); `GET /v1/models` is answered here.
+//!    table (`crate::openai::operation`), and the answer's shape: OpenAI's
+//!    on `/v1` and `/openai/v1`, Azure's on `/openai/deployments/{alias}/…`
+//!    (whose path names the alias); `GET /v1/models` is answered here.
 //! 3. **config** — one lock-free load of the current snapshot; none yet → 503.
 //! 4. **authenticate** (`auth`) — a JWT bearer is verified (`crate::jwt`) and
 //!    its identity → api key; any other bearer: sha256 of the key → api key;
@@ -26,10 +28,11 @@
 //!    group with a healthy target; weighted, round-robin or least-latency inside it.
 //! 10. **call Azure** (`upstream`) — URL, credential, deadline; Azure errors
 //!     mapped; retryable failures go back to step 9 for another target.
-//! 11. **adapt** (`crate::openai`) — `model` → alias, filter fields stripped;
-//!     streams pass through `sse::SseAdapter` chunk by chunk.
+//! 11. **adapt** (`crate::openai`) — OpenAI shape: `model` → alias, filter
+//!     fields stripped; Azure shape: as Azure sent it. Streams pass through
+//!     `sse::SseAdapter` chunk by chunk.
 //!
-//! Errors from any step become the OpenAI envelope in `edge`. The call's
+//! Errors from any step become the call's shape of error envelope in `edge`. The call's
 //! span, usage record and rate-limit permit end together (`call::CallEnd`)
 //! when the answer is sent — for a stream, with its last chunk or the
 //! caller's cancellation.
@@ -56,9 +59,9 @@ pub mod fuzz {
     /// Checks `body` as a request for `op`, and when it passes, reads it the
     /// ways later steps do (cache key, token estimate, payload log).
     pub fn check_request(op: Operation, body: &[u8]) -> Result<request::Request, Error> {
-        let r = request::check(op, Bytes::copy_from_slice(body))?;
+        let r = request::check(op, None, Bytes::copy_from_slice(body))?;
         let object = r.object()?;
-        let _ = crate::cache::key("alias", &object);
+        let _ = crate::cache::key("alias", crate::openai::Shape::OpenAi, &object);
         let _ = crate::cache::json_body(&object);
         let _ = crate::openai::request::prompt_json(op, &object);
         let t = crate::limits::tokens::tokenizer_for("gpt-4o");
@@ -83,6 +86,7 @@ pub mod fuzz {
             let adapter = sse::SseAdapter::new(
                 upstream,
                 Arc::from("alias"),
+                crate::openai::Shape::OpenAi,
                 forward_usage,
                 std::time::Duration::from_secs(60),
                 call::CallEnd::detached(),
@@ -101,7 +105,7 @@ pub use trace::{CallAttributes, CallSpan};
 use crate::config::{ConfigHandle, Route, Runtime};
 use crate::error::Error;
 use crate::node::Services;
-use crate::openai::{Operation, Unrouted};
+use crate::openai::{Inbound, Operation, Shape, Unrouted};
 use crate::usage::{CacheStatus, UsageRecorder};
 use bytes::Bytes;
 use call::Call;
@@ -165,7 +169,8 @@ impl Proxy {
             caller_id = tracing::field::Empty,
         );
         let trace = CallSpan::start(req.method(), req.uri().path(), req.headers());
-        let mut call = Call::new(request_id, trace);
+        let shape = Shape::of_path(req.uri().path());
+        let mut call = Call::new(request_id, trace, shape);
         let result = self.run(req, &mut call).instrument(span).await;
         self.respond(result, call)
     }
@@ -176,21 +181,36 @@ impl Proxy {
         B: http_body::Body<Data = Bytes>,
         B::Error: std::fmt::Display,
     {
-        let op = Operation::route(req.method(), req.uri().path()).map_err(|e| match e {
-            Unrouted::MethodNotAllowed => Error::MethodNotAllowed,
-            Unrouted::UnknownPath => Error::UnknownPath(req.uri().path().to_string()),
-        })?;
+        let inbound =
+            Inbound::route(req.method(), req.uri().path(), req.uri().query()).map_err(|e| {
+                match e {
+                    Unrouted::MethodNotAllowed => Error::MethodNotAllowed,
+                    // Azure answers a missing api-version as an unknown path.
+                    Unrouted::UnknownPath | Unrouted::MissingApiVersion => {
+                        Error::UnknownPath(req.uri().path().to_string())
+                    }
+                }
+            })?;
+        let op = inbound.op;
         if op == Operation::ListModels {
             return self.list_models(req.headers()).await;
         }
         call.op = Some(op);
+        call.end.api_version = inbound.api_version;
         let runtime = self.config.load().ok_or(Error::NotReady)?;
         self.authenticate(&runtime, op, req.headers(), call).await?;
         let (mut parts, body) = req.into_parts();
         if let Some(caller) = &call.caller {
             caller.stamp(&mut parts.headers);
         }
-        let request = request::read(op, &parts.headers, body, self.max_body).await?;
+        let request = request::read(
+            op,
+            inbound.alias.as_deref(),
+            &parts.headers,
+            body,
+            self.max_body,
+        )
+        .await?;
         record_request(call, &request);
         let route = authorise(&runtime, call, &request)?;
         drop(runtime);

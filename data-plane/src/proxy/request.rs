@@ -61,9 +61,11 @@ impl From<Invalid> for Error {
 }
 
 /// Reads at most `max` bytes, reads the JSON object's top level once and
-/// checks the fields `op` needs.
+/// checks the fields `op` needs; `path_alias` is the alias Azure's
+/// deployment route named (see `wire::read_fields`).
 pub async fn read<B>(
     op: Operation,
+    path_alias: Option<&str>,
     headers: &HeaderMap,
     body: B,
     max: usize,
@@ -81,17 +83,22 @@ where
     }
     let bytes = read_body(body, max).await?;
     if bytes.len() < CHECK_INLINE {
-        return check(op, bytes);
+        return check(op, path_alias, bytes);
     }
-    tokio::task::spawn_blocking(move || check(op, bytes))
+    let path_alias = path_alias.map(str::to_owned);
+    tokio::task::spawn_blocking(move || check(op, path_alias.as_deref(), bytes))
         .await
         .map_err(|e| Error::Io(std::io::Error::other(format!("checking the request: {e}"))))?
 }
 
 /// The checks and the one rewrite (streams ask Azure for usage).
-pub(super) fn check(op: Operation, bytes: Bytes) -> Result<Request, Error> {
+pub(super) fn check(
+    op: Operation,
+    path_alias: Option<&str>,
+    bytes: Bytes,
+) -> Result<Request, Error> {
     let mut object = wire::parse(&bytes)?;
-    let fields = wire::read_fields(op, &object)?;
+    let fields = wire::read_fields(op, &object, path_alias)?;
     if !fields.stream {
         drop(object);
         return Ok(Request {
@@ -169,11 +176,16 @@ mod tests {
     #[tokio::test]
     async fn large_bodies_are_read_the_same_off_the_workers() {
         for len in [10, CHECK_INLINE * 2] {
-            let r = check(Operation::ChatCompletions, chat(len)).unwrap();
+            let r = check(Operation::ChatCompletions, None, chat(len)).unwrap();
             assert!(r.fields.stream && r.fields.deterministic && r.fields.prompt_chars == len);
-            let inline = crate::cache::key("a", &r.object().unwrap());
+            let inline = crate::cache::key("a", crate::openai::Shape::OpenAi, &r.object().unwrap());
             let got = r
-                .with_object(|o, f| (crate::cache::key("a", o), f.prompt_chars))
+                .with_object(|o, f| {
+                    (
+                        crate::cache::key("a", crate::openai::Shape::OpenAi, o),
+                        f.prompt_chars,
+                    )
+                })
                 .await
                 .unwrap();
             assert_eq!(got, (inline, len));

@@ -1,13 +1,14 @@
 //! Server-sent events from Azure, adapted chunk by chunk as they arrive
-//! (never buffered whole): the prompt-filter chunk and annotation-only chunks
-//! are dropped, filter fields stripped, `model` set to the alias, the usage
-//! chunk forwarded only if the caller asked, and the stream always ends with
-//! `data: [DONE]`.
+//! (never buffered whole). For the OpenAI shape the prompt-filter chunk and
+//! annotation-only chunks are dropped, filter fields stripped and `model`
+//! set to the alias; the Azure shape keeps them all as Azure sent them.
+//! Either way the usage chunk is forwarded only if the caller asked, and the
+//! stream always ends with `data: [DONE]`.
 
 use super::call::CallEnd;
 use super::BoxError;
 use crate::openai::azure::{self, ChunkKind};
-use crate::openai::{Answer, ChoiceText};
+use crate::openai::{Answer, ChoiceText, Shape};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http_body::{Body, Frame};
 use std::future::Future;
@@ -34,6 +35,7 @@ pub struct SseAdapter<B> {
     /// Adapted events ready for the caller.
     out: BytesMut,
     alias: Arc<str>,
+    shape: Shape,
     forward_usage: bool,
     idle: Duration,
     idle_timer: Pin<Box<Sleep>>,
@@ -48,6 +50,7 @@ impl<B> SseAdapter<B> {
     pub fn new(
         upstream: B,
         alias: Arc<str>,
+        shape: Shape,
         forward_usage: bool,
         idle: Duration,
         end: CallEnd,
@@ -58,6 +61,7 @@ impl<B> SseAdapter<B> {
             scanned: 0,
             out: BytesMut::new(),
             alias,
+            shape,
             forward_usage,
             idle,
             idle_timer: Box::pin(tokio::time::sleep(idle)),
@@ -133,7 +137,10 @@ impl<B> SseAdapter<B> {
             tracing::debug!("dropping an unparseable stream event");
             return;
         };
+        let azure_shape = self.shape == Shape::Azure;
         match azure::chunk_kind(&chunk) {
+            // Annotations say nothing of the answer's content or timing.
+            ChunkKind::PromptFilter | ChunkKind::Annotation if azure_shape => {}
             ChunkKind::PromptFilter | ChunkKind::Annotation => return,
             ChunkKind::Usage => {
                 if let (Some(a), Some(u)) = (self.end.usage(), chunk.usage()) {
@@ -142,15 +149,17 @@ impl<B> SseAdapter<B> {
                 if !self.forward_usage {
                     return;
                 }
+                self.account(&mut chunk);
             }
-            ChunkKind::Content => {}
+            ChunkKind::Content => self.account(&mut chunk),
         }
-        self.account(&mut chunk);
-        azure::strip_fields(&mut chunk);
         if !self.forward_usage {
             chunk.remove_usage();
         }
-        chunk.set_model(&self.alias);
+        if !azure_shape {
+            azure::strip_fields(&mut chunk);
+            chunk.set_model(&self.alias);
+        }
         let before = self.out.len();
         self.out.extend_from_slice(b"data: ");
         if chunk.write_to((&mut self.out).writer()).is_err() {
@@ -282,6 +291,10 @@ mod tests {
     use http_body_util::{BodyExt, StreamBody};
 
     fn adapt(chunks: Vec<&'static str>, forward_usage: bool) -> String {
+        adapt_as(Shape::OpenAi, chunks, forward_usage)
+    }
+
+    fn adapt_as(shape: Shape, chunks: Vec<&'static str>, forward_usage: bool) -> String {
         let frames = futures::stream::iter(chunks.into_iter().map(|c| {
             Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(c.as_bytes())))
         }));
@@ -293,6 +306,7 @@ mod tests {
             let body = SseAdapter::new(
                 StreamBody::new(frames),
                 Arc::from("alias"),
+                shape,
                 forward_usage,
                 Duration::from_secs(5),
                 CallEnd::detached(),
@@ -332,6 +346,28 @@ mod tests {
         assert!(ev[1].contains("424"));
         assert!(ev[2].contains("\"finish_reason\":\"stop\""));
         assert_eq!(ev[3], "data: [DONE]");
+    }
+
+    #[test]
+    fn recorded_stream_in_azure_shape_keeps_the_annotations() {
+        let out = adapt_as(Shape::Azure, vec![RECORDED], false);
+        let ev = events(&out);
+        // Every event but the usage chunk, as Azure sent it, then [DONE].
+        assert_eq!(ev.len(), 6, "{out}");
+        assert!(ev[0].contains("\"prompt_filter_results\":[{\"prompt_index\":0"));
+        assert!(ev[2].contains("\"content_filter_results\":{\"hate\":{\"filtered\":false}}"));
+        assert!(ev[2].contains("\"model\":\"gpt-5-mini\""), "{}", ev[2]);
+        assert!(ev[4].contains("\"content_filter_offsets\""));
+        assert!(!out.contains("usage"), "not asked for: {out}");
+        assert!(!out.contains("\"alias\""), "{out}");
+        assert_eq!(ev[5], "data: [DONE]");
+        let with_usage = adapt_as(Shape::Azure, vec![RECORDED], true);
+        let ev = events(&with_usage);
+        assert_eq!(ev.len(), 7, "{with_usage}");
+        assert!(ev[5].contains("\"total_tokens\":27"));
+        // Unchanged but for whitespace: the recorded chunks, byte for byte.
+        let recorded = events(RECORDED);
+        assert_eq!(ev, recorded);
     }
 
     #[test]

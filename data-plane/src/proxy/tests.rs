@@ -121,6 +121,8 @@ impl Harness {
                     {"provider_key_id": "pk", "model_name": "dep-b", "priority": 1},
                 ], "routing": {"retries": 1, "retry_backoff": "1ms", "cooldown": "1s"}},
                 "m-other": {"display_name": "other", "provider_key_id": "pk", "model_name": "dep-b"},
+                "m-cached": {"display_name": "cached", "provider_key_id": "pk", "model_name": "dep-c",
+                             "cache": {"enabled": true}},
             },
             "api_keys": {
                 "key-1": {"key_hash": hash(KEY), "allowed_models": ["*"]},
@@ -145,7 +147,17 @@ impl Harness {
     }
 
     async fn call(&self, key: Option<&str>, body: Value) -> (Response<ProxyBody>, String) {
-        let mut req = Request::post("/v1/chat/completions")
+        self.call_at("/v1/chat/completions", key, body).await
+    }
+
+    /// A POST to `path` with `key` as a bearer.
+    async fn call_at(
+        &self,
+        path: &str,
+        key: Option<&str>,
+        body: Value,
+    ) -> (Response<ProxyBody>, String) {
+        let mut req = Request::post(path)
             .header(header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body.to_string())))
             .unwrap();
@@ -391,4 +403,73 @@ async fn wrong_method_and_unknown_path_come_from_the_operation_table() {
         Some(1),
         "only `other`: {v}"
     );
+}
+
+#[tokio::test]
+async fn azure_shaped_answers_are_cached_apart_and_replayed_with_their_annotations() {
+    let h = Harness::start(answers_ok()).await;
+    let azure_path = "/openai/deployments/cached/chat/completions?api-version=2024-10-21";
+    let body = json!({"messages": [{"role": "user", "content": "hello"}], "temperature": 0});
+    for want in ["miss", "hit"] {
+        let (resp, text) = h.call_at(azure_path, Some(KEY), body.clone()).await;
+        assert_eq!(resp.status(), 200, "{text}");
+        assert_eq!(resp.headers()["x-aigw-cache"], want);
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["model"], "gpt-4o-2024-08-06", "{want}: {text}");
+        assert!(v["prompt_filter_results"].is_array(), "{want}: {text}");
+    }
+    // A hit replayed as a stream keeps Azure's shape.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let (resp, text) = h.call_at(azure_path, Some(KEY), streamed).await;
+    assert_eq!(resp.headers()["x-aigw-cache"], "hit");
+    assert!(text.starts_with("data: {\"choices\":[]"), "{text}");
+    assert!(
+        text.contains("\"content_filter_results\":{\"hate\""),
+        "{text}"
+    );
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    // The same request on /v1 does not get the Azure-shaped entry.
+    let mut v1 = body.clone();
+    v1["model"] = json!("cached");
+    let (resp, text) = h.call(Some(KEY), v1).await;
+    assert_eq!(resp.headers()["x-aigw-cache"], "miss");
+    assert!(!text.contains("filter_results"), "{text}");
+    assert_eq!(h.azure.seen().len(), 2);
+}
+
+#[tokio::test]
+async fn azure_shaped_errors_use_azures_envelope() {
+    let mut h = Harness::start(answers_ok()).await;
+    let path = "/openai/deployments/gpt/chat/completions?api-version=1";
+    let azure_error = |text: &str| -> (String, usize) {
+        let v: Value = serde_json::from_str(text).unwrap();
+        let e = v["error"].as_object().unwrap();
+        (e["code"].as_str().unwrap().to_string(), e.len())
+    };
+    let (resp, text) = h.call_at(path, Some("sk-wrong"), json!({})).await;
+    assert_eq!(resp.status(), 401);
+    assert_eq!(azure_error(&text), ("401".to_string(), 2), "{text}");
+    let body = json!({"messages": [{"role": "user", "content": "x"}]});
+    let (resp, text) = h.call_at(path, Some(LIMITED_KEY), body.clone()).await;
+    assert_eq!(resp.status(), 403);
+    assert_eq!(azure_error(&text), ("PermissionDenied".to_string(), 2));
+    assert_eq!(
+        h.event().model,
+        "",
+        "refused before the alias was authorised"
+    );
+    let (resp, text) = h
+        .call_at("/openai/deployments/gpt/chat/completions", Some(KEY), body)
+        .await;
+    assert_eq!(resp.status(), 404);
+    assert_eq!(
+        text,
+        r#"{"error":{"code":"404","message":"Resource not found"}}"#
+    );
+    assert!(
+        h.usage.try_recv().is_err(),
+        "an unrouted call is not accounted"
+    );
+    assert!(h.azure.seen().is_empty());
 }

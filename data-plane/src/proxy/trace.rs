@@ -105,6 +105,8 @@ pub struct CallAttributes<'a> {
     /// Token counts, when the call got as far as Azure (or the cache).
     pub usage: Option<(u64, u64)>,
     pub server_address: &'a str,
+    /// The caller's `api-version` on Azure's deployment route.
+    pub api_version: &'a str,
 }
 
 impl CallSpan {
@@ -126,7 +128,7 @@ impl CallSpan {
         };
         let op = crate::openai::operation::span_name(path);
         // The span keeps this vector: room for what `end` adds, without regrowing.
-        let mut attributes = Vec::with_capacity(14);
+        let mut attributes = Vec::with_capacity(15);
         attributes.push(KeyValue::new("gen_ai.operation.name", op));
         attributes.push(KeyValue::new("gen_ai.system", "az.ai.openai"));
         if op == crate::openai::operation::UNKNOWN_NAME || *method != http::Method::POST {
@@ -212,7 +214,7 @@ impl CallSpan {
             name.push_str(a.alias);
             span.update_name(name);
         }
-        let mut kv = Vec::with_capacity(10);
+        let mut kv = Vec::with_capacity(11);
         let mut str_attr = |k: &'static str, v: &str| {
             if !v.is_empty() {
                 kv.push(KeyValue::new(k, v.to_string()));
@@ -225,6 +227,7 @@ impl CallSpan {
         str_attr("gen_ai.response.model", a.response_model);
         str_attr("server.address", a.server_address);
         str_attr("error.type", a.error_code);
+        str_attr("aigw.request.api_version", a.api_version);
         if a.status != 0 {
             kv.push(KeyValue::new(
                 "http.response.status_code",

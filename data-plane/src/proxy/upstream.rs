@@ -10,7 +10,7 @@ use crate::config::{Route, Target, TargetAuth};
 use crate::credentials::{Bearer, TokenProvider};
 use crate::error::Error;
 use crate::http_client::{error_chain, HttpClient};
-use crate::openai::{azure, Answer, Operation};
+use crate::openai::{azure, Answer, Operation, Shape};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
@@ -206,6 +206,7 @@ fn stream_answer(
     let adapter = SseAdapter::new(
         resp.into_body(),
         route.alias.clone(),
+        call.shape,
         request.fields.caller_wants_usage,
         route.stream_idle_timeout,
         call.hand_off(),
@@ -254,9 +255,10 @@ async fn json_answer(
     Ok(r)
 }
 
-/// Rewrites `model` to the alias and strips Azure's filter annotations, in
-/// one parse; the usage, model and text Azure reported go to the call's record.
-fn adapt_json(body: &[u8], alias: &str, call: &mut Call) -> Result<Bytes, String> {
+/// For the OpenAI shape, rewrites `model` to the alias and strips Azure's
+/// filter annotations, in one parse; the Azure shape is Azure's answer as
+/// it came. The usage, model and text Azure reported go to the call's record.
+fn adapt_json(body: &Bytes, alias: &str, call: &mut Call) -> Result<Bytes, String> {
     let mut answer = Answer::parse(body).map_err(|e| format!("not a JSON object ({e})"))?;
     if let Some(acct) = call.usage() {
         if let Some(m) = answer.model() {
@@ -268,6 +270,9 @@ fn adapt_json(body: &[u8], alias: &str, call: &mut Call) -> Result<Bytes, String
         if acct.wants_completion() {
             acct.add_completion_text(&answer.completion_text());
         }
+    }
+    if call.shape == Shape::Azure {
+        return Ok(body.clone());
     }
     azure::strip_fields(&mut answer);
     answer.set_model(alias);

@@ -42,6 +42,7 @@ impl UsageRecorder {
             completion_chars: 0,
             usage_known: false,
             request_id: String::new(),
+            api_version: String::new(),
             response_model: String::new(),
             payload: None,
         }
@@ -77,6 +78,9 @@ pub struct Accounting {
     usage_known: bool,
     /// The call's `x-request-id`, for the access log.
     pub request_id: String,
+    /// The caller's `api-version` on Azure's deployment route (empty on
+    /// the OpenAI routes), for the access log.
+    pub api_version: String,
     /// `model` as Azure answered (the deployment's model version).
     pub response_model: String,
     /// Prompt and completion, kept only for models that opt in (`log_payloads`).
@@ -174,6 +178,7 @@ impl Accounting {
             trace_id = %trace_id,
             api_key_id = %e.api_key_id,
             operation = %e.operation,
+            api_version = %self.api_version,
             model = %e.model,
             deployment = %e.deployment,
             status = e.status,

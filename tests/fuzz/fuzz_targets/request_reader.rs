@@ -21,7 +21,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let again = request::parse(&r.body).expect("the upstream body reads back");
-    let fields = request::read_fields(op, &again).expect("and checks again");
+    let fields = request::read_fields(op, &again, None).expect("and checks again");
     assert_eq!(fields.alias, r.fields.alias);
     assert!(r.fields.max_tokens.is_none_or(|m| m <= request::MAX_COMPLETION_TOKENS_LIMIT));
     if serde_json::from_slice::<serde_json::Value>(body).is_ok() {
