@@ -10,6 +10,7 @@ pub mod crypto;
 pub mod domain;
 pub mod error;
 pub mod listener;
+pub mod log_line;
 pub mod nats;
 pub mod node;
 pub mod process;

@@ -29,6 +29,8 @@ use tracing_subscriber::{fmt, EnvFilter, Layer};
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
     export: Option<ExportThread>,
+    /// The log writer thread: dropping it writes out the lines still queued.
+    logs: Option<tracing_appender::non_blocking::WorkerGuard>,
 }
 
 /// A thread with its own single-threaded tokio runtime for the OTLP gRPC
@@ -92,6 +94,8 @@ impl Telemetry {
             }
         }
         self.export = None;
+        // Last: lines logged while traces flushed still reach stdout.
+        self.logs = None;
     }
 }
 
@@ -102,6 +106,20 @@ impl Drop for Telemetry {
 }
 
 static TRACER: OnceLock<SdkTracer> = OnceLock::new();
+
+/// The log writer, when logs are JSON lines: for lines their callers format
+/// themselves (`log_line`).
+static JSON_LINES: OnceLock<tracing_appender::non_blocking::NonBlocking> = OnceLock::new();
+
+/// Writes one complete JSON log line (newline included) through the log
+/// writer thread; `false` when logs are not JSON lines (log through
+/// `tracing` then).
+pub fn write_json_line(line: &str) -> bool {
+    JSON_LINES.get().is_some_and(|w| {
+        let mut w = w.clone();
+        std::io::Write::write_all(&mut w, line.as_bytes()).is_ok()
+    })
+}
 
 /// The exporter's tracer, for hot paths that build their spans with the
 /// OpenTelemetry API directly (the proxy's call and attempt spans); `None`
@@ -130,8 +148,21 @@ pub fn init(cfg: &TelemetryConfig, service: &str, node_id: &str) -> Telemetry {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cfg.log_level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // Calls format their line; a dedicated thread writes the lines, many per
+    // write(2) when they come fast (nginx's buffered access log), instead of
+    // one locked stdout write per line on the worker serving the call.
+    // Lossless: when the writer falls behind by 128k lines, callers wait.
+    let (writer, log_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("aigw-log-writer")
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stdout(),
+        ));
+    let lines = (cfg.log_format == LogFormat::Json).then(|| writer.clone());
     let fmt_layer = match cfg.log_format {
         LogFormat::Json => fmt::layer()
+            .with_writer(writer)
             .with_target(true)
             .json()
             .flatten_event(true)
@@ -139,7 +170,7 @@ pub fn init(cfg: &TelemetryConfig, service: &str, node_id: &str) -> Telemetry {
             // list of all enclosing spans would repeat them.
             .with_span_list(false)
             .boxed(),
-        LogFormat::Text => fmt::layer().with_target(true).boxed(),
+        LogFormat::Text => fmt::layer().with_writer(writer).with_target(true).boxed(),
     }
     .with_filter(filter);
     let (provider, export) = match cfg.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
@@ -186,12 +217,19 @@ pub fn init(cfg: &TelemetryConfig, service: &str, node_id: &str) -> Telemetry {
         }
         return Telemetry::default();
     }
+    if let Some(lines) = lines {
+        let _ = JSON_LINES.set(lines);
+    }
     if let Some(p) = &provider {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
         opentelemetry::global::set_tracer_provider(p.clone());
         let _ = TRACER.set(p.tracer("aigw"));
     }
-    Telemetry { provider, export }
+    Telemetry {
+        provider,
+        export,
+        logs: Some(log_guard),
+    }
 }
 
 /// Spans per export call and spans queued at most. The SDK exports one

@@ -153,25 +153,44 @@ impl Accounting {
         &self.event
     }
 
-    /// Metrics, the access-log line (with the call's `trace_id`) and the
-    /// payload line for a settled call; then the event goes to the bus.
-    pub fn emit(self, trace_id: &str) {
+    /// The access-log line, formatted here into a reused buffer and handed
+    /// to the log writer (the hottest log line); `false` when logs are not
+    /// JSON lines.
+    fn write_access_line(&self, trace_id: &str, cache: &str) -> bool {
+        use aigw_shared::log_line::JsonLine;
+        thread_local! {
+            static LINE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+        }
         let e = &self.event;
-        let cache = match CacheStatus::try_from(e.cache_status) {
-            Ok(CacheStatus::Hit) => "hit",
-            Ok(CacheStatus::Miss) => "miss",
-            Ok(CacheStatus::Bypass) => "bypass",
-            _ => "",
-        };
-        self.recorder.metrics.record_call(&CallRecord {
-            model: &e.model,
-            status: u16::try_from(e.status).unwrap_or(u16::MAX),
-            latency: self.started.elapsed(),
-            input_tokens: e.prompt_tokens,
-            output_tokens: e.completion_tokens,
-            cache,
-        });
-        // Never the prompt or the completion: sizes and counts only.
+        LINE.with(|buf| {
+            let Ok(mut buf) = buf.try_borrow_mut() else {
+                return false;
+            };
+            let line = JsonLine::info(&mut buf, "access")
+                .str("request_id", &self.request_id)
+                .str("trace_id", trace_id)
+                .str("api_key_id", &e.api_key_id)
+                .str("operation", &e.operation)
+                .str("api_version", &self.api_version)
+                .str("model", &e.model)
+                .str("deployment", &e.deployment)
+                .num("status", u64::from(e.status))
+                .str("error_code", &e.error_code)
+                .bool("stream", e.stream)
+                .num("input_tokens", e.prompt_tokens)
+                .num("output_tokens", e.completion_tokens)
+                .bool("estimated", e.estimated)
+                .str("cache", cache)
+                .num("latency_ms", e.latency_ms)
+                .num("ttft_ms", e.ttft_ms)
+                .finish("aigw_data_plane::access");
+            aigw_shared::telemetry::write_json_line(line)
+        })
+    }
+
+    /// The same line through `tracing` (text logs).
+    fn trace_access_line(&self, trace_id: &str, cache: &str) {
+        let e = &self.event;
         tracing::info!(
             target: "aigw_data_plane::access",
             request_id = %self.request_id,
@@ -192,6 +211,32 @@ impl Accounting {
             ttft_ms = e.ttft_ms,
             "access"
         );
+    }
+
+    /// Metrics, the access-log line (with the call's `trace_id`) and the
+    /// payload line for a settled call; then the event goes to the bus.
+    pub fn emit(self, trace_id: &str) {
+        let e = &self.event;
+        let cache = match CacheStatus::try_from(e.cache_status) {
+            Ok(CacheStatus::Hit) => "hit",
+            Ok(CacheStatus::Miss) => "miss",
+            Ok(CacheStatus::Bypass) => "bypass",
+            _ => "",
+        };
+        self.recorder.metrics.record_call(&CallRecord {
+            model: &e.model,
+            status: u16::try_from(e.status).unwrap_or(u16::MAX),
+            latency: self.started.elapsed(),
+            input_tokens: e.prompt_tokens,
+            output_tokens: e.completion_tokens,
+            cache,
+        });
+        // Never the prompt or the completion: sizes and counts only.
+        if tracing::enabled!(target: "aigw_data_plane::access", tracing::Level::INFO)
+            && !self.write_access_line(trace_id, cache)
+        {
+            self.trace_access_line(trace_id, cache);
+        }
         if let Some(p) = &self.payload {
             // Only for models with `log_payloads`: the operator opted in.
             tracing::info!(
