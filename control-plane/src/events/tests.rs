@@ -134,6 +134,8 @@ fn model(name: &str, provider_key_id: &str) -> Model {
         cost: None,
         cache: None,
         log_payloads: false,
+        context_window: None,
+        fallbacks: Default::default(),
     }
 }
 
@@ -150,6 +152,7 @@ fn model_targets(name: &str, provider_key_ids: &[&str]) -> Model {
                 model_name: format!("{name}-{i}"),
                 priority: i as u32,
                 weight: 1,
+                context_window: None,
             })
             .collect(),
         ..model(name, "unused")
@@ -1083,6 +1086,14 @@ fn every_variant() -> Vec<DomainEvent> {
             timeout: Some(HumanDuration(Duration::from_secs(30))),
             stream_idle_timeout: Some(HumanDuration(Duration::from_secs(90))),
             cooldown: Some(HumanDuration(Duration::from_secs(5))),
+            first_token_timeout: Some(HumanDuration(Duration::from_secs(2))),
+            health_check: Some(aigw_shared::domain::HealthCheck {
+                path: Some("/status-0123456789abcdef".into()),
+                interval: Some(HumanDuration(Duration::from_secs(10))),
+                timeout: Some(HumanDuration(Duration::from_secs(2))),
+                unhealthy_after: Some(3),
+                healthy_after: Some(2),
+            }),
         }),
         rate_limit: Some(RateLimit {
             rpm: Some(60),

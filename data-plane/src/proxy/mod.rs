@@ -220,7 +220,7 @@ impl Proxy {
                 .cached(op, &route, store, &parts.headers, request, call)
                 .await;
         }
-        self.forward(op, &route, &parts.headers, &request, call)
+        self.forward_with_fallbacks(op, &route, &parts.headers, &request, call)
             .await
     }
 
@@ -364,14 +364,23 @@ async fn estimate_tokens(
     route: &Route,
     request: &request::Request,
 ) -> Result<u64, Error> {
-    use crate::limits::tokens;
     let counts = |l: &Option<crate::limits::Limits>| {
         l.as_ref().is_some_and(crate::limits::Limits::counts_tokens)
     };
     if !counts(&caller.limits) && !counts(&route.limits) {
         return Ok(0);
     }
-    let tokenizer = route.tokenizer;
+    count_tokens(op, route.tokenizer, request).await
+}
+
+/// The request's tokens as Azure counts them at arrival: the prompt with
+/// the model's tokenizer plus `max_tokens`.
+async fn count_tokens(
+    op: Operation,
+    tokenizer: tiktoken_rs::tokenizer::Tokenizer,
+    request: &request::Request,
+) -> Result<u64, Error> {
+    use crate::limits::tokens;
     // Long prompts take milliseconds to tokenize: not on the reactor.
     if request.fields.prompt_chars < TOKENIZE_INLINE && request.body.len() < TOKENIZE_INLINE {
         let body = request.object()?;

@@ -15,7 +15,10 @@ pub use jwt_provider::{
     MAX_CLOCK_SKEW,
 };
 pub use model::{
-    check_deployment_name, CacheConfig, Cost, Model, RateLimit, Routing, RoutingStrategy, Target,
+    check_deployment_name, CacheConfig, Cost, Fallbacks, HealthCheck, Model, RateLimit, Routing,
+    RoutingStrategy, Target, DEFAULT_PROBE_PATH, MAX_CONTEXT_WINDOW, MAX_FALLBACKS,
+    MAX_FALLBACK_DEPTH, MAX_FIRST_TOKEN_TIMEOUT, MAX_PROBE_COUNT, MAX_PROBE_INTERVAL,
+    MIN_PROBE_INTERVAL,
     MAX_CACHE_BYTES, MAX_CACHE_ENTRIES, MAX_CACHE_TTL_SECONDS, MAX_CALL_TIMEOUT, MAX_COOLDOWN,
     MAX_DEPLOYMENT_NAME, MAX_RATE_LIMIT, MAX_RETRIES, MAX_RETRY_BACKOFF, MAX_STREAM_IDLE_TIMEOUT,
 };
