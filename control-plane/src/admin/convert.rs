@@ -4,8 +4,8 @@
 use crate::error::Error;
 use aigw_shared::domain::{
     ApiKey, Budget, BudgetPeriod, CacheConfig, ClaimMappings, Cost, Fallbacks, HealthCheck,
-    HumanDuration, JwtProvider, Model, ProviderKey, RateLimit, Routing, RoutingStrategy, Target, DEFAULT_API_VERSION,
-    DEFAULT_CLOCK_SKEW,
+    HumanDuration, JwtProvider, Model, ProviderKey, RateLimit, Routing, RoutingStrategy, Target,
+    DEFAULT_API_VERSION, DEFAULT_CLOCK_SKEW,
 };
 use aigw_shared::proto::admin::v1 as pb;
 
@@ -97,14 +97,14 @@ pub fn model_in(v: Option<pb::Model>) -> Result<Model, Error> {
                 )?,
                 health_check: r
                     .health_check
-                    .map(|h| -> Result<HealthCheck, Error> {
-                        Ok(HealthCheck {
+                    .map(|h| -> Result<Box<HealthCheck>, Error> {
+                        Ok(Box::new(HealthCheck {
                             path: opt(h.path),
                             interval: duration("routing.health_check.interval", h.interval)?,
                             timeout: duration("routing.health_check.timeout", h.timeout)?,
                             unhealthy_after: h.unhealthy_after,
                             healthy_after: h.healthy_after,
-                        })
+                        }))
                     })
                     .transpose()?,
             })
@@ -140,14 +140,15 @@ pub fn model_in(v: Option<pb::Model>) -> Result<Model, Error> {
         }),
         log_payloads: v.log_payloads,
         context_window: v.context_window,
-        fallbacks: v
-            .fallbacks
-            .map(|f| Fallbacks {
-                content_filter: f.content_filter,
-                context_window_exceeded: f.context_window_exceeded,
-                unavailable: f.unavailable,
-            })
-            .unwrap_or_default(),
+        fallbacks: Box::new(
+            v.fallbacks
+                .map(|f| Fallbacks {
+                    content_filter: f.content_filter,
+                    context_window_exceeded: f.context_window_exceeded,
+                    unavailable: f.unavailable,
+                })
+                .unwrap_or_default(),
+        ),
     })
 }
 
@@ -202,7 +203,7 @@ pub fn model_out(v: Model) -> pb::Model {
         }),
         log_payloads: v.log_payloads,
         context_window: v.context_window,
-        fallbacks: (!v.fallbacks.is_empty()).then(|| pb::Fallbacks {
+        fallbacks: (!v.fallbacks.is_empty()).then_some(pb::Fallbacks {
             content_filter: v.fallbacks.content_filter,
             context_window_exceeded: v.fallbacks.context_window_exceeded,
             unavailable: v.fallbacks.unavailable,

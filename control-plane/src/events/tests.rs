@@ -1087,13 +1087,13 @@ fn every_variant() -> Vec<DomainEvent> {
             stream_idle_timeout: Some(HumanDuration(Duration::from_secs(90))),
             cooldown: Some(HumanDuration(Duration::from_secs(5))),
             first_token_timeout: Some(HumanDuration(Duration::from_secs(2))),
-            health_check: Some(aigw_shared::domain::HealthCheck {
+            health_check: Some(Box::new(aigw_shared::domain::HealthCheck {
                 path: Some("/status-0123456789abcdef".into()),
                 interval: Some(HumanDuration(Duration::from_secs(10))),
                 timeout: Some(HumanDuration(Duration::from_secs(2))),
                 unhealthy_after: Some(3),
                 healthy_after: Some(2),
-            }),
+            })),
         }),
         rate_limit: Some(RateLimit {
             rpm: Some(60),

@@ -317,9 +317,9 @@ fn compile_route(
         tokenizer,
         log_payloads: m.log_payloads,
         context_windows: resolved.iter().map(|t| t.context_window).collect(),
-        fallbacks: m.fallbacks.clone(),
+        fallbacks: (*m.fallbacks).clone(),
         first_token_timeout: routing.first_token_timeout.map(|d| d.0),
-        health_check: routing.health_check.clone(),
+        health_check: routing.health_check.clone().map(|h| *h),
     })
 }
 

@@ -297,7 +297,13 @@ impl Proxy {
                 message: format!(
                     "this model's context window is {} tokens; the request needs about {tokens} \
                      (prompt plus max_tokens)",
-                    route.context_windows.iter().flatten().max().copied().unwrap_or(0)
+                    route
+                        .context_windows
+                        .iter()
+                        .flatten()
+                        .max()
+                        .copied()
+                        .unwrap_or(0)
                 ),
                 param: Some("messages"),
                 code: Some(CONTEXT_LENGTH_EXCEEDED),

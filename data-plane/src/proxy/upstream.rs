@@ -71,7 +71,12 @@ pub async fn send(
             Some(until) => {
                 let (parts, body) = resp.into_parts();
                 let body = first_chunk(attempt, body, until).await?;
-                stream_answer(attempt.route, request, Response::from_parts(parts, body), call)
+                stream_answer(
+                    attempt.route,
+                    request,
+                    Response::from_parts(parts, body),
+                    call,
+                )
             }
             None => stream_answer(attempt.route, request, resp, call),
         }

@@ -146,7 +146,10 @@ impl TargetHealth {
             }
             Some(_) => {
                 self.probe_ok_streak.store(0, Release);
-                let failed = self.probe_fail_streak.fetch_add(1, AcqRel).saturating_add(1);
+                let failed = self
+                    .probe_fail_streak
+                    .fetch_add(1, AcqRel)
+                    .saturating_add(1);
                 if before != DOWN && failed >= unhealthy_after {
                     self.probe_state.store(DOWN, Release);
                 }
@@ -420,7 +423,10 @@ mod tests {
         );
         assert!(h.probe_result(None, 3, 2, 0, 5), "the error cleared");
         assert!(matches!(h.availability(10), Availability::Until(_)));
-        assert!(h.probe_result(None, 3, 2, 0, 6), "back after two good probes");
+        assert!(
+            h.probe_result(None, 3, 2, 0, 6),
+            "back after two good probes"
+        );
         assert_eq!(h.availability(10), Availability::Ready);
         h.set_probed(None);
         assert_eq!(h.probe_status(), None);

@@ -14,5 +14,5 @@ mod pick;
 mod probe;
 
 pub use health::{HealthRegistry, Outcome, ProbeStatus, TargetHealth};
-pub use probe::{rfc3339_ms, ProbeAuth, ProbeTarget, Prober};
 pub use pick::{pick, Choice, Pool, Unavailable};
+pub use probe::{rfc3339_ms, ProbeAuth, ProbeTarget, Prober};

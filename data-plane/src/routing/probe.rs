@@ -209,12 +209,18 @@ impl Prober {
 /// tenth of the interval), then every interval ±10%. Sequential, so at most
 /// one probe is in flight.
 #[instrument(skip_all, fields(provider_key_id = tracing::field::Empty, deployment = tracing::field::Empty))]
-async fn probe_loop(rx: watch::Receiver<ProbeTarget>, http: HttpClient, changed: watch::Sender<u64>) {
+async fn probe_loop(
+    rx: watch::Receiver<ProbeTarget>,
+    http: HttpClient,
+    changed: watch::Sender<u64>,
+) {
     let first = rx.borrow().clone();
     let span = tracing::Span::current();
     span.record("provider_key_id", first.provider_key_id.as_str());
     span.record("deployment", first.deployment.as_str());
-    let mut wait = first.interval.mul_f64(rand::thread_rng().gen_range(0.0..0.1));
+    let mut wait = first
+        .interval
+        .mul_f64(rand::thread_rng().gen_range(0.0..0.1));
     loop {
         tokio::time::sleep(wait).await;
         let t = rx.borrow().clone();
@@ -227,8 +233,7 @@ async fn probe_loop(rx: watch::Receiver<ProbeTarget>, http: HttpClient, changed:
         if let Some(e) = &error {
             debug!(error = %e, "health probe failed");
         }
-        if t
-            .health
+        if t.health
             .probe_result(error, t.unhealthy_after, t.healthy_after, now, unix_ms)
         {
             let healthy = t.health.probe_status().is_some_and(|s| s.healthy);
@@ -309,8 +314,10 @@ pub fn rfc3339_ms(unix_ms: u64) -> Option<String> {
     if unix_ms == 0 {
         return None;
     }
-    let at = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(unix_ms) * 1_000_000).ok()?;
-    at.format(&time::format_description::well_known::Rfc3339).ok()
+    let at =
+        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(unix_ms) * 1_000_000).ok()?;
+    at.format(&time::format_description::well_known::Rfc3339)
+        .ok()
 }
 
 #[cfg(test)]

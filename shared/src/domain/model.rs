@@ -76,8 +76,9 @@ pub struct Model {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context_window: Option<u64>,
     /// Other aliases to try when this one cannot answer (opt-in).
+    /// Boxed: most models have none, and every admin value carries a Model.
     #[serde(default, skip_serializing_if = "Fallbacks::is_empty")]
-    pub fallbacks: Fallbacks,
+    pub fallbacks: Box<Fallbacks>,
 }
 
 /// Aliases tried in order, per reason this alias could not answer.
@@ -256,7 +257,7 @@ pub struct Routing {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_token_timeout: Option<HumanDuration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub health_check: Option<HealthCheck>,
+    pub health_check: Option<Box<HealthCheck>>,
 }
 
 /// Limits that must all pass; absent means unlimited.
