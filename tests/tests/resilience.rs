@@ -68,7 +68,7 @@ async fn calls(
 
 /// `aigw_target_healthy` for `deployment` on the standalone node, if shown.
 async fn target_healthy(cp: &ControlPlane, deployment: &str) -> Result<Option<f64>> {
-    let url = cp.data_plane_metrics_url();
+    let url = format!("{}/metrics", cp.data_plane_metrics_url());
     let text = reqwest::get(&url).await?.text().await?;
     let scrape = aigw_tests::metrics::scrape(&text)?;
     Ok(scrape
@@ -336,7 +336,7 @@ async fn a_filtered_prompt_falls_back_visibly_json_and_stream() -> Result<()> {
     expect_openai_error(&r, 400, "content_filter")?;
 
     let counted = scrape_value(
-        &cp.data_plane_metrics_url(),
+        &format!("{}/metrics", cp.data_plane_metrics_url()),
         "aigw_fallbacks_total",
         &[
             ("from", "gpt-4o"),
@@ -354,7 +354,10 @@ async fn a_filtered_prompt_falls_back_visibly_json_and_stream() -> Result<()> {
         100,
         Duration::from_millis(100),
         || async {
-            let v = admin.get("/admin/v1/usage").await?.expect(200)?;
+            let v = admin
+                .get("/admin/v1/usage?group_by=model")
+                .await?
+                .expect(200)?;
             let strict: u64 = v["rows"]
                 .as_array()
                 .into_iter()
@@ -472,7 +475,7 @@ async fn a_target_silent_past_the_first_token_timeout_costs_at_most_that() -> Re
         "json {json_took:?}, stream {stream_took:?}"
     );
     let slow = scrape_value(
-        &cp.data_plane_metrics_url(),
+        &format!("{}/metrics", cp.data_plane_metrics_url()),
         "aigw_upstream_attempts_total",
         &[("deployment", "stall"), ("outcome", "slow")],
     )
