@@ -611,6 +611,84 @@ mod tests {
     }
 
     #[test]
+    fn health_checks_are_bounded_and_default_to_front_doors_probe() {
+        let mut m = model();
+        let check = |m: &mut Model, h: serde_json::Value| {
+            m.routing =
+                Some(serde_json::from_value(serde_json::json!({"health_check": h})).unwrap());
+            field_of(m)
+        };
+        assert_eq!(check(&mut m, serde_json::json!({})), None);
+        let h = m.routing.as_ref().unwrap().health_check.as_ref().unwrap();
+        assert_eq!(h.path(), DEFAULT_PROBE_PATH);
+        assert_eq!(h.interval(), Duration::from_secs(10));
+        assert_eq!(h.timeout(), Duration::from_secs(2));
+        assert_eq!((h.unhealthy_after(), h.healthy_after()), (3, 2));
+        // A 1 s interval gets half of it as timeout by default.
+        assert_eq!(check(&mut m, serde_json::json!({"interval": "1s"})), None);
+        for (bad, field) in [
+            (serde_json::json!({"interval": "999ms"}), "interval"),
+            (serde_json::json!({"interval": "3601s"}), "interval"),
+            (
+                serde_json::json!({"interval": "5s", "timeout": "5s"}),
+                "timeout",
+            ),
+            (serde_json::json!({"unhealthy_after": 0}), "unhealthy_after"),
+            (serde_json::json!({"healthy_after": 101}), "healthy_after"),
+            (serde_json::json!({"path": "status"}), "path"),
+            (serde_json::json!({"path": "/a/../b"}), "path"),
+            (serde_json::json!({"path": "/a?x=1"}), "path"),
+        ] {
+            assert_eq!(
+                check(&mut m, bad.clone()),
+                Some(format!("routing.health_check.{field}")),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            check(
+                &mut m,
+                serde_json::json!({"interval": "1h", "timeout": "59m", "unhealthy_after": 100, "healthy_after": 1, "path": "/openai/models"})
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn fallbacks_and_context_windows_are_checked() {
+        let mut m = model();
+        m.fallbacks.content_filter = vec!["strict".into(), "m".into()];
+        assert_eq!(field_of(&m).as_deref(), Some("fallbacks.content_filter[1]"));
+        m.fallbacks.content_filter = vec!["a".into(), "a".into()];
+        assert_eq!(field_of(&m).as_deref(), Some("fallbacks.content_filter[1]"));
+        m.fallbacks.content_filter = vec!["a".into(), "b".into(), "c".into(), "d".into()];
+        assert_eq!(field_of(&m).as_deref(), Some("fallbacks.content_filter"));
+        m.fallbacks.content_filter = vec!["a".into(), "b".into(), "c".into()];
+        m.fallbacks.unavailable = vec!["a".into()];
+        assert_eq!(field_of(&m), None);
+        assert_eq!(m.fallbacks.aliases().len(), 3);
+        m.context_window = Some(0);
+        assert_eq!(field_of(&m).as_deref(), Some("context_window"));
+        m.context_window = Some(128_000);
+        assert_eq!(field_of(&m), None);
+        assert_eq!(m.resolved_targets()[0].context_window, Some(128_000));
+        // With targets the window is per target.
+        let mut t: Model = serde_json::from_value(serde_json::json!({
+            "display_name": "t", "context_window": 1000,
+            "targets": [{"provider_key_id": "pk", "model_name": "d", "context_window": 1000}],
+        }))
+        .unwrap();
+        assert_eq!(field_of(&t).as_deref(), Some("context_window"));
+        t.context_window = None;
+        assert_eq!(field_of(&t), None);
+        t.targets[0].context_window = Some(MAX_CONTEXT_WINDOW + 1);
+        assert_eq!(field_of(&t).as_deref(), Some("targets[0].context_window"));
+        // Absent fallbacks stay absent on the wire.
+        let v = serde_json::to_value(model()).unwrap();
+        assert!(v.get("fallbacks").is_none() && v.get("context_window").is_none());
+    }
+
+    #[test]
     fn deployment_names_are_what_azure_allows() {
         for ok in ["gpt-4o", "gpt4o_prod.v2", "A", "..a", "a.."] {
             assert!(check_deployment_name("model_name", ok).is_ok(), "{ok}");
