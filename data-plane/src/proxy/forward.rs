@@ -358,3 +358,64 @@ fn retryable(e: &Error) -> bool {
             | Error::FirstTokenTimeout(_)
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_failure_names_the_fallback_list_it_takes() {
+        let filtered = Error::ContentFilter {
+            message: "filtered".into(),
+            details: serde_json::Value::Null,
+        };
+        assert_eq!(Reason::of(&filtered), Some(Reason::ContentFilter));
+        let too_long = Error::InvalidRequest {
+            message: "too long".into(),
+            param: Some("messages"),
+            code: Some(CONTEXT_LENGTH_EXCEEDED),
+        };
+        assert_eq!(Reason::of(&too_long), Some(Reason::ContextWindow));
+        for down in [
+            Error::AllTargetsUnavailable {
+                retry_after: Duration::from_secs(1),
+            },
+            Error::Upstream("500".into()),
+            Error::UpstreamConnect("refused".into()),
+            Error::Timeout("late".into()),
+            Error::FirstTokenTimeout("silent".into()),
+        ] {
+            assert_eq!(Reason::of(&down), Some(Reason::Unavailable), "{down}");
+        }
+        // The caller's own mistakes and the gateway's limits never fall back.
+        for own in [
+            Error::InvalidRequest {
+                message: "bad".into(),
+                param: None,
+                code: None,
+            },
+            Error::PermissionDenied("m".into()),
+            Error::UpstreamAuth("401".into()),
+            Error::BudgetExceeded,
+        ] {
+            assert_eq!(Reason::of(&own), None, "{own}");
+        }
+        let f = Fallbacks {
+            content_filter: vec!["strict".into()],
+            context_window_exceeded: vec!["long".into()],
+            unavailable: vec!["mini".into()],
+        };
+        assert_eq!(Reason::ContentFilter.aliases(&f), ["strict"]);
+        assert_eq!(Reason::ContextWindow.aliases(&f), ["long"]);
+        assert_eq!(Reason::Unavailable.aliases(&f), ["mini"]);
+    }
+
+    #[test]
+    fn a_silent_target_is_slow_and_retried() {
+        let e = Error::FirstTokenTimeout("silent".into());
+        let latency = Duration::from_millis(400);
+        assert_eq!(classify(&e, latency), Some(Outcome::Slow(latency)));
+        assert!(retryable(&e));
+        assert_eq!(outcome_label(false, Some(Outcome::Slow(latency))), "slow");
+    }
+}

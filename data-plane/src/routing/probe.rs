@@ -342,6 +342,58 @@ mod tests {
         }
     }
 
+    fn target(health: &Arc<TargetHealth>, port: u16) -> ProbeTarget {
+        ProbeTarget {
+            provider_key_id: "pk".into(),
+            deployment: "d".into(),
+            uri: format!("http://127.0.0.1:{port}/status-0123456789abcdef")
+                .parse()
+                .unwrap(),
+            auth: None,
+            client: None,
+            health: health.clone(),
+            interval: Duration::from_millis(20),
+            timeout: Duration::from_millis(200),
+            unhealthy_after: 2,
+            healthy_after: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_probe_takes_the_target_out_and_reconcile_stops_it() {
+        // A port nothing listens on: connect errors.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let prober = Prober::new(HttpClient::new(&[]).unwrap());
+        let health = Arc::new(TargetHealth::default());
+        let mut changes = prober.subscribe();
+        prober.reconcile(vec![target(&health, port)]);
+        assert_eq!(prober.statuses().len(), 1);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while health.probe_status().is_some_and(|s| s.healthy) {
+            assert!(tokio::time::Instant::now() < deadline, "never marked down");
+            let _ = tokio::time::timeout(Duration::from_millis(100), changes.changed()).await;
+        }
+        let status = health.probe_status().unwrap();
+        assert!(status.consecutive_failures >= 2 && status.last_error.is_some());
+        assert!(matches!(
+            health.availability(crate::clock::monotonic_ms()),
+            super::super::health::Availability::Until(_)
+        ));
+        // Same settings again: the loop is kept; none: it stops and forgets.
+        prober.reconcile(vec![target(&health, port)]);
+        assert!(health.probe_status().is_some());
+        prober.reconcile(Vec::new());
+        assert_eq!(health.probe_status(), None);
+        assert!(prober.statuses().is_empty());
+        tokio::time::timeout(Duration::from_secs(5), prober.shutdown())
+            .await
+            .expect("probe loops drain at shutdown");
+    }
+
     #[test]
     fn last_probe_is_rfc3339() {
         assert_eq!(rfc3339_ms(0), None);
