@@ -26,8 +26,11 @@
 //!    caching model may be answered here (it still counted as a request in step 7).
 //! 9. **pick a target** (`forward`, `crate::routing`) — the first priority
 //!    group with a healthy target; weighted, round-robin or least-latency inside it.
-//! 10. **call Azure** (`upstream`) — URL, credential, deadline; Azure errors
-//!     mapped; retryable failures go back to step 9 for another target.
+//! 10. **call Azure** (`upstream`) — URL, credential, deadline (and the
+//!     first-token timeout); Azure errors mapped; retryable failures go back
+//!     to step 9 for another target. When the model cannot answer for a
+//!     reason its `fallbacks` name, steps 9–10 run again for the fallback
+//!     alias (`forward`).
 //! 11. **adapt** (`crate::openai`) — OpenAI shape: `model` → alias, filter
 //!     fields stripped; Azure shape: as Azure sent it. Streams pass through
 //!     `sse::SseAdapter` chunk by chunk.
