@@ -15,6 +15,22 @@ pub struct NodeStatus {
     pub connected: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// What the node's health probes found, per target (empty without probes).
+    pub targets: Vec<TargetStatus>,
+}
+
+/// One target's probe status as a node reported it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TargetStatus {
+    pub provider_key_id: String,
+    pub deployment: String,
+    pub healthy: bool,
+    /// RFC 3339; absent before the first probe.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_probe: Option<String>,
+    pub consecutive_failures: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -67,6 +83,7 @@ impl NodeStatus {
             last_seen: String::new(),
             connected: false,
             last_error: None,
+            targets: Vec::new(),
         }
     }
 }

@@ -131,6 +131,7 @@ fn model(name: &str, targets: &[&str]) -> Model {
                 model_name: format!("{name}-on-{p}"),
                 priority: 0,
                 weight: 1,
+                context_window: None,
             })
             .collect(),
         routing: None,
@@ -138,6 +139,8 @@ fn model(name: &str, targets: &[&str]) -> Model {
         cost: None,
         cache: None,
         log_payloads: false,
+        context_window: None,
+        fallbacks: Default::default(),
     }
 }
 

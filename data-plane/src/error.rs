@@ -63,6 +63,10 @@ pub enum Error {
     Upstream(String),
     #[error("{0}")]
     Timeout(String),
+    /// No first byte (JSON) or first stream chunk within the model's
+    /// `first_token_timeout`: the target is abandoned for another.
+    #[error("{0}")]
+    FirstTokenTimeout(String),
     // Start-up and background failures.
     #[error("config: {0}")]
     Config(String),

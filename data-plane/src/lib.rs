@@ -79,6 +79,7 @@ pub struct DataPlane {
     tasks: TaskTracker,
     usage_stop: watch::Sender<bool>,
     publisher: tokio::task::JoinHandle<()>,
+    services: Arc<node::Services>,
 }
 
 impl DataPlane {
@@ -183,7 +184,7 @@ impl DataPlane {
             settings.connections,
             settings.metrics_auth.clone(),
             config.clone(),
-            services,
+            services.clone(),
             stopped,
         ));
         tasks.close();
@@ -196,6 +197,7 @@ impl DataPlane {
             tasks,
             usage_stop,
             publisher,
+            services,
         })
     }
 
@@ -212,6 +214,7 @@ impl DataPlane {
     pub async fn stop(self) {
         info!("data plane shutting down: draining in-flight calls");
         self.stop.send_replace(true);
+        self.services.probes.shutdown().await;
         self.tasks.wait().await;
         self.usage_stop.send_replace(true);
         let _ = self.publisher.await;

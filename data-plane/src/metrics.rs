@@ -135,6 +135,7 @@ struct Labelled {
     upstream_latency: Family<Histogram>,
     retries: Family<AtomicU64>,
     rejections: Family<AtomicU64>,
+    fallbacks: Family<AtomicU64>,
 }
 
 /// Status codes 100..=599, one counter each: a fixed array keeps recording
@@ -259,6 +260,17 @@ impl Metrics {
             .fetch_add(1, Relaxed);
     }
 
+    /// A call moved from alias `from` to its fallback `to` for `reason`.
+    pub fn record_fallback(&self, from: &str, to: &str, reason: &str) {
+        let labels = format!(
+            "{},{},{}",
+            label("from", from),
+            label("to", to),
+            label("reason", reason)
+        );
+        self.labelled.fallbacks.get(&labels).fetch_add(1, Relaxed);
+    }
+
     /// A call was refused before reaching Azure: `budget` or `rate_limit`.
     pub fn record_rejection(&self, reason: &'static str) {
         self.labelled
@@ -299,6 +311,11 @@ impl Metrics {
                 "aigw_rejections_total",
                 "Calls refused by the gateway's budget or rate limits.",
                 &l.rejections,
+            ),
+            (
+                "aigw_fallbacks_total",
+                "Calls moved to a fallback model alias, by alias from and to and reason.",
+                &l.fallbacks,
             ),
         ] {
             let _ = writeln!(s, "# HELP {name} {help}");

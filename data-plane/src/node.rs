@@ -9,7 +9,7 @@ use crate::http_client::HttpClient;
 use crate::jwt::JwksRegistry;
 use crate::limits::Limiter;
 use crate::metrics::Metrics;
-use crate::routing::HealthRegistry;
+use crate::routing::{HealthRegistry, Prober};
 use aigw_shared::crypto::Cipher;
 use aigw_shared::snapshot::{ConfigSnapshot, WireSnapshot, SNAPSHOT_FORMAT};
 use std::collections::HashSet;
@@ -29,10 +29,13 @@ pub struct Services {
     pub caches: ResponseCaches,
     /// The client for targets without their own CA.
     pub http: HttpClient,
+    /// Health probe loops of the live snapshot's probed targets.
+    pub probes: Prober,
 }
 
 impl Services {
     pub fn new(metrics: Arc<Metrics>) -> Result<Self, crate::Error> {
+        let http = HttpClient::new(&[]).map_err(crate::Error::Config)?;
         Ok(Self {
             credentials: Arc::new(CredentialRegistry::new(metrics.clone())),
             metrics,
@@ -40,7 +43,8 @@ impl Services {
             limiter: Arc::default(),
             jwks: JwksRegistry::default(),
             caches: ResponseCaches::default(),
-            http: HttpClient::new(&[]).map_err(crate::Error::Config)?,
+            probes: Prober::new(http.clone()),
+            http,
         })
     }
 
@@ -90,6 +94,9 @@ impl Node {
         let runtime = Runtime::compile(snapshot, self.services.compile_with())?;
         let version = runtime.version;
         self.services.retain(&runtime);
+        self.services
+            .probes
+            .reconcile(runtime.probe_targets().to_vec());
         self.config.store(Arc::new(runtime));
         Ok(version)
     }
@@ -124,5 +131,27 @@ impl crate::config::Apply for Node {
 
     fn rejected(&self, version: u64, reason: &str) {
         self.config.rejected(version, reason);
+    }
+
+    fn target_status(&self) -> Vec<aigw_shared::proto::config::v1::TargetHealth> {
+        self.services
+            .probes
+            .statuses()
+            .into_iter()
+            .map(
+                |(provider_key_id, deployment, s)| aigw_shared::proto::config::v1::TargetHealth {
+                    provider_key_id,
+                    deployment,
+                    healthy: s.healthy,
+                    last_probe: crate::routing::rfc3339_ms(s.last_probe_ms).unwrap_or_default(),
+                    consecutive_failures: s.consecutive_failures,
+                    last_error: s.last_error.unwrap_or_default(),
+                },
+            )
+            .collect()
+    }
+
+    fn status_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.services.probes.subscribe()
     }
 }

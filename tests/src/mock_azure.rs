@@ -100,6 +100,12 @@ pub const DEPLOYMENT_NOT_FOUND_BODY: &str = r#"{"error":{"code":"DeploymentNotFo
 pub const CONTENT_FILTER_BODY: &str = r#"{"error":{"message":"The response was filtered due to the prompt triggering Azure OpenAI's content management policy. Please modify your prompt and retry. To learn more about our content filtering policies please read our documentation: https://go.microsoft.com/fwlink/?linkid=2198766","type":null,"param":"prompt","code":"content_filter","status":400,"innererror":{"code":"ResponsibleAIPolicyViolation","content_filter_result":{"hate":{"filtered":false,"severity":"safe"},"jailbreak":{"filtered":false,"detected":false},"self_harm":{"filtered":true,"severity":"medium"},"sexual":{"filtered":false,"severity":"safe"},"violence":{"filtered":false,"severity":"safe"}}}}}"#;
 /// 401 body for an Entra principal without a data-plane role (recorded).
 pub const PERMISSION_DENIED_BODY: &str = r#"{"error":{"code":"PermissionDenied","message":"Principal does not have access to API/Operation."}}"#;
+/// 400 body for a prompt over the deployment's context window (the OpenAI
+/// error Azure passes through for `context_length_exceeded`).
+pub const CONTEXT_LENGTH_BODY: &str = r#"{"error":{"message":"This model's maximum context length is 128000 tokens. However, your messages resulted in 130017 tokens. Please reduce the length of the messages.","type":"invalid_request_error","param":"messages","code":"context_length_exceeded","status":400}}"#;
+/// The health probe path Azure Front Door uses on an Azure OpenAI endpoint.
+pub const PROBE_PATH: &str = "/status-0123456789abcdef";
+
 /// Body of [`Behaviour::Garbage`] responses.
 pub const GARBAGE_BODY: &str = "<html><body><h1>502 Bad Gateway</h1></body></html> {\"error\": ";
 
@@ -139,6 +145,11 @@ pub enum Behaviour {
     /// Answer normally but without a `content-type` header (some
     /// Azure-compatible proxies and simulators stream so).
     NoContentType,
+    /// 400 with [`CONTEXT_LENGTH_BODY`], plain JSON even for `stream: true`.
+    ContextLengthExceeded,
+    /// Stall before the first byte: a JSON answer comes after the delay; a
+    /// stream sends its headers at once and its first event after the delay.
+    StallFirstByte(Duration),
     /// Exactly this status, these headers (no others, not even a content
     /// type) and these body frames, whatever the request.
     Raw {
@@ -188,6 +199,11 @@ struct Tables {
     behaviours: HashMap<String, Behaviour>,
     counts: HashMap<String, usize>,
     last: HashMap<String, RecordedRequest>,
+    /// Status the probe path answers; `None`: 200.
+    probe_status: Option<u16>,
+    /// Probe requests received, and the last one.
+    probes: usize,
+    last_probe: Option<RecordedRequest>,
 }
 
 struct Shared {
@@ -400,6 +416,21 @@ impl MockAzure {
             .tables()
             .behaviours
             .insert(deployment.to_string(), b);
+    }
+
+    /// Makes the health probe path ([`PROBE_PATH`]) answer 200 (healthy) or
+    /// 503 (not).
+    pub fn set_probe_healthy(&self, healthy: bool) {
+        self.shared.tables().probe_status = (!healthy).then_some(503);
+    }
+
+    /// Health probe requests received so far.
+    pub fn probes(&self) -> usize {
+        self.shared.tables().probes
+    }
+
+    pub fn last_probe(&self) -> Option<RecordedRequest> {
+        self.shared.tables().last_probe.clone()
     }
 
     /// Requests received for `deployment` (counted on arrival, whatever the outcome,
@@ -810,6 +841,20 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<MockBod
 }
 
 async fn route(shared: &Shared, method: &Method, recorded: RecordedRequest) -> Reply {
+    if method == Method::GET && recorded.path == PROBE_PATH {
+        let mut t = shared.tables();
+        t.probes += 1;
+        t.last_probe = Some(recorded);
+        let status = t.probe_status.unwrap_or(200);
+        return json_reply(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+            if status == 200 {
+                r#"{"status":"ok"}"#
+            } else {
+                r#"{"error":{"code":"ServiceUnavailable","message":"The service is temporarily unavailable."}}"#
+            },
+        );
+    }
     let Some((path_deployment, op)) = parse_route(method, &recorded.path) else {
         return json_reply(StatusCode::NOT_FOUND, RESOURCE_NOT_FOUND_BODY);
     };
@@ -962,6 +1007,7 @@ async fn answer(
     };
 
     let mut chunk_delay = Duration::ZERO;
+    let mut first_delay = Duration::ZERO;
     let mut no_done = false;
     let mut no_content_type = false;
     let mut reply = match behaviour {
@@ -994,6 +1040,22 @@ async fn answer(
             Some(r)
         }
         Behaviour::ContentFilter => Some(json_reply(StatusCode::BAD_REQUEST, CONTENT_FILTER_BODY)),
+        Behaviour::ContextLengthExceeded => {
+            Some(json_reply(StatusCode::BAD_REQUEST, CONTEXT_LENGTH_BODY))
+        }
+        Behaviour::StallFirstByte(d) => {
+            let stream = body_json
+                .as_ref()
+                .and_then(|b| b.get("stream"))
+                .and_then(Value::as_bool)
+                == Some(true);
+            if stream {
+                first_delay = d;
+            } else {
+                tokio::time::sleep(d).await;
+            }
+            None
+        }
         Behaviour::Unauthorized => Some(json_reply(StatusCode::UNAUTHORIZED, UNAUTHORIZED_BODY)),
         Behaviour::Hang => std::future::pending().await,
         Behaviour::Garbage => Some(json_reply(StatusCode::OK, GARBAGE_BODY)),
@@ -1031,7 +1093,7 @@ async fn answer(
         reply = Some(match body_json {
             None => json_reply(StatusCode::BAD_REQUEST, INVALID_JSON_BODY),
             Some(body) => {
-                let mut r = normal(op, &model, &body, chunk_delay, no_done);
+                let mut r = normal(op, &model, &body, chunk_delay, first_delay, no_done);
                 if r.status().is_success() {
                     rate_limit_headers(&mut r, count, Some(&body), op);
                 }
@@ -1056,7 +1118,14 @@ fn invalid_request(message: &str) -> Reply {
     )
 }
 
-fn normal(op: Op, model: &str, body: &Value, chunk_delay: Duration, no_done: bool) -> Reply {
+fn normal(
+    op: Op,
+    model: &str,
+    body: &Value,
+    chunk_delay: Duration,
+    first_delay: Duration,
+    no_done: bool,
+) -> Reply {
     let stream = body.get("stream").and_then(Value::as_bool) == Some(true);
     let include_usage = body
         .pointer("/stream_options/include_usage")
@@ -1072,6 +1141,7 @@ fn normal(op: Op, model: &str, body: &Value, chunk_delay: Duration, no_done: boo
                     chat_stream_events(model, body, include_usage && !no_done),
                     !no_done,
                     chunk_delay,
+                    first_delay,
                 )
             } else {
                 json_reply(StatusCode::OK, chat_json(model, body).to_string())
@@ -1086,6 +1156,7 @@ fn normal(op: Op, model: &str, body: &Value, chunk_delay: Duration, no_done: boo
                     completions_stream_events(model, body, include_usage && !no_done),
                     !no_done,
                     chunk_delay,
+                    first_delay,
                 )
             } else {
                 json_reply(StatusCode::OK, completions_json(model, body).to_string())
@@ -1258,7 +1329,12 @@ fn embeddings_json(model: &str, body: &Value) -> Value {
 }
 
 /// An SSE response whose events are sent as separate body frames, `chunk_delay` apart.
-fn sse_reply(mut events: Vec<Bytes>, done: bool, chunk_delay: Duration) -> Reply {
+fn sse_reply(
+    mut events: Vec<Bytes>,
+    done: bool,
+    chunk_delay: Duration,
+    first_delay: Duration,
+) -> Reply {
     if done {
         events.push(Bytes::from_static(b"data: [DONE]\n\n"));
     }
@@ -1266,6 +1342,9 @@ fn sse_reply(mut events: Vec<Bytes>, done: bool, chunk_delay: Duration) -> Reply
         futures::stream::iter(events.into_iter().enumerate()).then(move |(i, event)| async move {
             if i > 0 && !chunk_delay.is_zero() {
                 tokio::time::sleep(chunk_delay).await;
+            }
+            if i == 0 && !first_delay.is_zero() {
+                tokio::time::sleep(first_delay).await;
             }
             Ok::<_, Infallible>(Frame::data(event))
         });

@@ -3,9 +3,9 @@
 
 use crate::error::Error;
 use aigw_shared::domain::{
-    ApiKey, Budget, BudgetPeriod, CacheConfig, ClaimMappings, Cost, HumanDuration, JwtProvider,
-    Model, ProviderKey, RateLimit, Routing, RoutingStrategy, Target, DEFAULT_API_VERSION,
-    DEFAULT_CLOCK_SKEW,
+    ApiKey, Budget, BudgetPeriod, CacheConfig, ClaimMappings, Cost, Fallbacks, HealthCheck,
+    HumanDuration, JwtProvider, Model, ProviderKey, RateLimit, Routing, RoutingStrategy, Target,
+    DEFAULT_API_VERSION, DEFAULT_CLOCK_SKEW,
 };
 use aigw_shared::proto::admin::v1 as pb;
 
@@ -91,6 +91,22 @@ pub fn model_in(v: Option<pb::Model>) -> Result<Model, Error> {
                 timeout: duration("routing.timeout", r.timeout)?,
                 stream_idle_timeout: duration("routing.stream_idle_timeout", r.stream_idle_timeout)?,
                 cooldown: duration("routing.cooldown", r.cooldown)?,
+                first_token_timeout: duration(
+                    "routing.first_token_timeout",
+                    r.first_token_timeout,
+                )?,
+                health_check: r
+                    .health_check
+                    .map(|h| -> Result<Box<HealthCheck>, Error> {
+                        Ok(Box::new(HealthCheck {
+                            path: opt(h.path),
+                            interval: duration("routing.health_check.interval", h.interval)?,
+                            timeout: duration("routing.health_check.timeout", h.timeout)?,
+                            unhealthy_after: h.unhealthy_after,
+                            healthy_after: h.healthy_after,
+                        }))
+                    })
+                    .transpose()?,
             })
         })
         .transpose()?;
@@ -107,6 +123,7 @@ pub fn model_in(v: Option<pb::Model>) -> Result<Model, Error> {
                 model_name: t.model_name,
                 priority: t.priority,
                 weight: t.weight.max(1),
+                context_window: t.context_window,
             })
             .collect(),
         routing,
@@ -122,6 +139,16 @@ pub fn model_in(v: Option<pb::Model>) -> Result<Model, Error> {
             max_bytes: c.max_bytes,
         }),
         log_payloads: v.log_payloads,
+        context_window: v.context_window,
+        fallbacks: Box::new(
+            v.fallbacks
+                .map(|f| Fallbacks {
+                    content_filter: f.content_filter,
+                    context_window_exceeded: f.context_window_exceeded,
+                    unavailable: f.unavailable,
+                })
+                .unwrap_or_default(),
+        ),
     })
 }
 
@@ -139,6 +166,7 @@ pub fn model_out(v: Model) -> pb::Model {
                 model_name: t.model_name,
                 priority: t.priority,
                 weight: t.weight,
+                context_window: t.context_window,
             })
             .collect(),
         routing: v.routing.map(|r| pb::Routing {
@@ -153,6 +181,14 @@ pub fn model_out(v: Model) -> pb::Model {
             timeout: text(r.timeout),
             stream_idle_timeout: text(r.stream_idle_timeout),
             cooldown: text(r.cooldown),
+            first_token_timeout: text(r.first_token_timeout),
+            health_check: r.health_check.map(|h| pb::HealthCheck {
+                path: h.path.unwrap_or_default(),
+                interval: text(h.interval),
+                timeout: text(h.timeout),
+                unhealthy_after: h.unhealthy_after,
+                healthy_after: h.healthy_after,
+            }),
         }),
         rate_limit: v.rate_limit.map(rate_limit_out),
         cost: v.cost.map(|c| pb::Cost {
@@ -166,6 +202,12 @@ pub fn model_out(v: Model) -> pb::Model {
             max_bytes: c.max_bytes,
         }),
         log_payloads: v.log_payloads,
+        context_window: v.context_window,
+        fallbacks: (!v.fallbacks.is_empty()).then_some(pb::Fallbacks {
+            content_filter: v.fallbacks.content_filter,
+            context_window_exceeded: v.fallbacks.context_window_exceeded,
+            unavailable: v.fallbacks.unavailable,
+        }),
     }
 }
 

@@ -407,6 +407,19 @@ impl AdminService for GrpcAdmin {
                 last_seen: n.status.last_seen,
                 connected: n.status.connected,
                 last_error: n.status.last_error.unwrap_or_default(),
+                targets: n
+                    .status
+                    .targets
+                    .into_iter()
+                    .map(|t| pb::TargetHealth {
+                        provider_key_id: t.provider_key_id,
+                        deployment: t.deployment,
+                        healthy: t.healthy,
+                        last_probe: t.last_probe.unwrap_or_default(),
+                        consecutive_failures: t.consecutive_failures,
+                        last_error: t.last_error.unwrap_or_default(),
+                    })
+                    .collect(),
                 credentials: n
                     .credentials
                     .into_iter()

@@ -25,6 +25,28 @@ use tracing::{info, instrument, warn};
 /// Longest error a node's hello may put in the node list.
 const MAX_NODE_ERROR_CHARS: usize = 1024;
 
+/// Most targets a node's status may list, and longest text in one.
+const MAX_STATUS_TARGETS: usize = 4096;
+const MAX_STATUS_TEXT: usize = 256;
+
+/// A node's probe status as the node list shows it, bounded.
+fn target_statuses(status: pb::Status) -> Vec<crate::nodes::TargetStatus> {
+    let cut = |s: String| -> String { s.chars().take(MAX_STATUS_TEXT).collect() };
+    status
+        .targets
+        .into_iter()
+        .take(MAX_STATUS_TARGETS)
+        .map(|t| crate::nodes::TargetStatus {
+            provider_key_id: cut(t.provider_key_id),
+            deployment: cut(t.deployment),
+            healthy: t.healthy,
+            last_probe: (!t.last_probe.is_empty()).then(|| cut(t.last_probe)),
+            consecutive_failures: t.consecutive_failures,
+            last_error: (!t.last_error.is_empty()).then(|| cut(t.last_error)),
+        })
+        .collect()
+}
+
 /// How long a node has to say hello after opening the stream.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -264,6 +286,10 @@ impl ConfigService for ConfigStreamService {
                     Some(Kind::Nack(n)) => {
                         warn!(node_id = %claim.node_id(), version = n.version, reason = %n.reason, "node rejected a snapshot");
                         claim.update(|s| s.last_error = Some(format!("v{}: {}", n.version, n.reason)));
+                    }
+                    Some(Kind::Status(s)) => {
+                        let targets = target_statuses(s);
+                        claim.update(|n| n.targets = targets);
                     }
                     _ => {}
                 }

@@ -1,6 +1,7 @@
 use super::{DomainEvent, NodeCredential, State, StoredProviderKey, MAX_NODE_CREDENTIALS};
 use crate::error::Error;
-use aigw_shared::domain::{ApiKey, JwtProvider, Model, ResourceKind};
+use aigw_shared::domain::{ApiKey, JwtProvider, Model, ResourceKind, MAX_FALLBACK_DEPTH};
+use std::collections::{BTreeMap, BTreeSet};
 
 /// A value ready to store: validated on its own, secrets already sealed.
 #[derive(Debug, Clone, PartialEq)]
@@ -155,6 +156,18 @@ pub fn handle(state: &State, command: &Command) -> Result<Vec<DomainEvent>, Erro
                     )));
                 }
             }
+            if *kind == ResourceKind::Model {
+                if let Some(name) = state.models.get(id).map(|r| &r.value.display_name) {
+                    if let Some((mid, m)) = state.models.iter().find(|(mid, m)| {
+                        *mid != id && m.value.fallbacks.aliases().contains(name.as_str())
+                    }) {
+                        return Err(Error::Reference(format!(
+                            "model `{name}` is a fallback of model `{}` (id {mid})",
+                            m.value.display_name
+                        )));
+                    }
+                }
+            }
             if *kind == ResourceKind::JwtProvider {
                 if let Some((kid, k)) = state
                     .api_keys
@@ -295,7 +308,7 @@ fn check_value(state: &State, id: &str, value: &ResourceValue) -> Result<(), Err
                     )));
                 }
             }
-            Ok(())
+            check_fallbacks(state, id, m)
         }
         ResourceValue::ApiKey(k) => {
             if let Some(name) = &k.display_name {
@@ -326,6 +339,69 @@ fn check_value(state: &State, id: &str, value: &ResourceValue) -> Result<(), Err
             }
         }
     }
+}
+
+/// Fallback aliases must name models, form no cycle and chain at most
+/// [`MAX_FALLBACK_DEPTH`] deep, over every model with `m` written as `id`
+/// (a rename must not strand another model's fallback either).
+fn check_fallbacks(state: &State, id: &str, m: &Model) -> Result<(), Error> {
+    let mut graph: BTreeMap<&str, BTreeSet<&str>> = state
+        .models
+        .iter()
+        .filter(|(mid, _)| *mid != id)
+        .map(|(_, r)| (r.value.display_name.as_str(), r.value.fallbacks.aliases()))
+        .collect();
+    graph.insert(m.display_name.as_str(), m.fallbacks.aliases());
+    for (from, to) in &graph {
+        if let Some(missing) = to.iter().find(|a| !graph.contains_key(**a)) {
+            return Err(Error::Reference(if *from == m.display_name {
+                format!("fallbacks: model `{missing}` does not exist")
+            } else {
+                format!("model `{from}` falls back to `{missing}`, which would no longer exist")
+            }));
+        }
+    }
+    let mut depth: BTreeMap<&str, usize> = BTreeMap::new();
+    for start in graph.keys() {
+        let d = chain_depth(&graph, start, &mut depth, &mut Vec::new())?;
+        if d > MAX_FALLBACK_DEPTH {
+            return Err(Error::Invalid(format!(
+                "fallbacks: the chain from `{start}` is {d} deep; at most {MAX_FALLBACK_DEPTH}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Longest fallback chain from `alias` (edges); a cycle is an error.
+fn chain_depth<'a>(
+    graph: &BTreeMap<&'a str, BTreeSet<&'a str>>,
+    alias: &'a str,
+    memo: &mut BTreeMap<&'a str, usize>,
+    path: &mut Vec<&'a str>,
+) -> Result<usize, Error> {
+    if let Some(d) = memo.get(alias) {
+        return Ok(*d);
+    }
+    if path.contains(&alias) {
+        path.push(alias);
+        return Err(Error::Invalid(format!(
+            "fallbacks: cycle {}",
+            path.join(" → ")
+        )));
+    }
+    path.push(alias);
+    let mut longest = 0;
+    for next in graph.get(alias).into_iter().flatten() {
+        longest = longest.max(chain_depth(graph, next, memo, path)? + 1);
+        // Past the bound already: no need to walk further.
+        if longest > MAX_FALLBACK_DEPTH + 1 {
+            break;
+        }
+    }
+    path.pop();
+    memo.insert(alias, longest);
+    Ok(longest)
 }
 
 /// The provider must exist, and one identity (provider, subject) binds one key.

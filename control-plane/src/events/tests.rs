@@ -134,6 +134,8 @@ fn model(name: &str, provider_key_id: &str) -> Model {
         cost: None,
         cache: None,
         log_payloads: false,
+        context_window: None,
+        fallbacks: Default::default(),
     }
 }
 
@@ -150,6 +152,7 @@ fn model_targets(name: &str, provider_key_ids: &[&str]) -> Model {
                 model_name: format!("{name}-{i}"),
                 priority: i as u32,
                 weight: 1,
+                context_window: None,
             })
             .collect(),
         ..model(name, "unused")
@@ -1083,6 +1086,14 @@ fn every_variant() -> Vec<DomainEvent> {
             timeout: Some(HumanDuration(Duration::from_secs(30))),
             stream_idle_timeout: Some(HumanDuration(Duration::from_secs(90))),
             cooldown: Some(HumanDuration(Duration::from_secs(5))),
+            first_token_timeout: Some(HumanDuration(Duration::from_secs(2))),
+            health_check: Some(Box::new(aigw_shared::domain::HealthCheck {
+                path: Some("/status-0123456789abcdef".into()),
+                interval: Some(HumanDuration(Duration::from_secs(10))),
+                timeout: Some(HumanDuration(Duration::from_secs(2))),
+                unhealthy_after: Some(3),
+                healthy_after: Some(2),
+            })),
         }),
         rate_limit: Some(RateLimit {
             rpm: Some(60),
@@ -1537,4 +1548,96 @@ fn masked_payload_never_contains_the_sealed_secret() {
             _ => assert_eq!(masked, raw),
         }
     }
+}
+
+// ---------------------------------------------------------------- fallbacks
+
+/// Model `name` on pk1 falling back (when unavailable) to `to`.
+fn falling_back(name: &str, to: &[&str]) -> Model {
+    let mut m = model(name, "pk1");
+    m.fallbacks.unavailable = to.iter().map(|s| (*s).to_string()).collect();
+    m
+}
+
+fn is_invalid(e: &Error) -> bool {
+    matches!(e, Error::Invalid(_))
+}
+
+#[test]
+fn a_fallback_must_name_an_existing_model() {
+    let e = given([pk_created("pk1", "east")])
+        .when(create("a", ResourceValue::Model(falling_back("a", &["b"]))))
+        .then_expect_error(is_reference);
+    assert!(e.to_string().contains("`b`"), "{e}");
+    given([
+        pk_created("pk1", "east"),
+        model_created("b", model("b", "pk1")),
+    ])
+    .when(create("a", ResourceValue::Model(falling_back("a", &["b"]))))
+    .then_expect(vec![model_created("a", falling_back("a", &["b"]))]);
+}
+
+#[test]
+fn fallback_cycles_are_refused() {
+    let e = given([
+        pk_created("pk1", "east"),
+        model_created("b", model("b", "pk1")),
+        model_created("a", falling_back("a", &["b"])),
+    ])
+    .when(update(
+        "b",
+        ResourceValue::Model(falling_back("b", &["a"])),
+        None,
+        false,
+    ))
+    .then_expect_error(is_invalid);
+    assert!(e.to_string().contains("cycle"), "{e}");
+}
+
+#[test]
+fn fallback_chains_are_at_most_three_deep() {
+    let base = || {
+        vec![
+            pk_created("pk1", "east"),
+            model_created("e", model("e", "pk1")),
+            model_created("d", falling_back("d", &["e"])),
+            model_created("c", falling_back("c", &["d"])),
+        ]
+    };
+    // b → c → d → e: three hops.
+    given(base())
+        .when(create("b", ResourceValue::Model(falling_back("b", &["c"]))))
+        .then_expect(vec![model_created("b", falling_back("b", &["c"]))]);
+    let mut four = base();
+    four.push(model_created("b", falling_back("b", &["c"])));
+    let e = given(four)
+        .when(create("a", ResourceValue::Model(falling_back("a", &["b"]))))
+        .then_expect_error(is_invalid);
+    assert!(e.to_string().contains("4 deep"), "{e}");
+}
+
+#[test]
+fn a_model_named_as_a_fallback_cannot_be_deleted_or_renamed_away() {
+    let given_pair = || {
+        given([
+            pk_created("pk1", "east"),
+            model_created("b", model("b", "pk1")),
+            model_created("a", falling_back("a", &["b"])),
+        ])
+    };
+    given_pair()
+        .when(delete(ResourceKind::Model, "b", None))
+        .then_expect_error(is_reference);
+    given_pair()
+        .when(update(
+            "b",
+            ResourceValue::Model(model("b2", "pk1")),
+            None,
+            false,
+        ))
+        .then_expect_error(is_reference);
+    // The model that falls back may go.
+    given_pair()
+        .when(delete(ResourceKind::Model, "a", None))
+        .then_expect(vec![DomainEvent::ModelDeleted { id: "a".into() }]);
 }

@@ -472,6 +472,8 @@ mod tests {
             cost: Some(cost),
             cache: None,
             log_payloads: false,
+            context_window: None,
+            fallbacks: Default::default(),
         };
         for (id, value) in [
             (

@@ -214,6 +214,8 @@ mod tests {
                 cost: None,
                 cache: None,
                 log_payloads: false,
+                context_window: None,
+                fallbacks: Default::default(),
             },
         );
         s

@@ -7,10 +7,10 @@ use crate::credentials::{CredentialRegistry, TokenProvider};
 use crate::http_client::HttpClient;
 use crate::limits::{Limiter, Limits};
 use crate::openai::{Operation, OPERATIONS};
-use crate::routing::{HealthRegistry, Pool, TargetHealth};
+use crate::routing::{HealthRegistry, Pool, ProbeAuth, ProbeTarget, TargetHealth};
 use aigw_shared::domain::{
-    check_api_version, check_upstream, Credential, Model, Routing as RoutingPolicy,
-    Target as ResolvedTarget,
+    check_api_version, check_upstream, Credential, Fallbacks, HealthCheck, Model,
+    Routing as RoutingPolicy, Target as ResolvedTarget,
 };
 use aigw_shared::snapshot::{ConfigSnapshot, SnapshotProviderKey as ProviderKey, SNAPSHOT_FORMAT};
 use http::{HeaderValue, Uri};
@@ -42,6 +42,8 @@ pub struct Runtime {
     token_providers: HashMap<String, Arc<TokenProvider>>,
     /// Trusted JWT issuers and the api keys bound to JWT identities.
     jwt: crate::jwt::JwtAuth,
+    /// Targets with health probes (one each, the shortest interval asked).
+    probes: Vec<ProbeTarget>,
 }
 
 /// The node services a snapshot is compiled against; each outlives snapshots.
@@ -76,6 +78,14 @@ pub struct Route {
     pub log_payloads: bool,
     /// Counts prompt tokens for token limits (from the first deployment's name).
     pub tokenizer: tiktoken_rs::tokenizer::Tokenizer,
+    /// `context_windows[i]`: target `i`'s context window in tokens, if set.
+    pub context_windows: Vec<Option<u64>>,
+    /// Other aliases to try, by reason this one could not answer.
+    pub fallbacks: Fallbacks,
+    /// Longest wait for a target's first byte or first event.
+    pub first_token_timeout: Option<Duration>,
+    /// The model's `routing.health_check`, if any.
+    pub health_check: Option<HealthCheck>,
 }
 
 pub enum TargetAuth {
@@ -104,6 +114,8 @@ pub struct Target {
     pub served_by: HeaderValue,
     pub auth: TargetAuth,
     pub host: String,
+    /// The provider key's checked `api_base` (no trailing slash), for probes.
+    pub base: String,
     /// A client trusting the provider key's extra CA, if it has one.
     pub client: Option<HttpClient>,
     /// Shared with every snapshot that routes to this deployment.
@@ -155,6 +167,7 @@ impl Runtime {
         let callers = compile_callers(&snapshot, with.limiter)?;
         let mut aliases: Vec<String> = routes.keys().cloned().collect();
         aliases.sort();
+        let probes = probe_targets(&routes)?;
         Ok(Self {
             version: snapshot.version,
             callers,
@@ -162,7 +175,13 @@ impl Runtime {
             aliases,
             token_providers,
             jwt,
+            probes,
         })
+    }
+
+    /// The targets to probe under this snapshot.
+    pub fn probe_targets(&self) -> &[ProbeTarget] {
+        &self.probes
     }
 
     /// Trusted JWT issuers and the api keys bound to JWT identities.
@@ -198,6 +217,52 @@ impl Runtime {
     pub fn aliases(&self) -> &[String] {
         &self.aliases
     }
+}
+
+/// One probe per target of every model with a `health_check`; a target
+/// several models probe differently gets the shortest interval.
+fn probe_targets(routes: &HashMap<String, Arc<Route>>) -> Result<Vec<ProbeTarget>, String> {
+    let mut by_target: HashMap<(String, String), ProbeTarget> = HashMap::new();
+    let mut sorted: Vec<&Arc<Route>> = routes.values().collect();
+    sorted.sort_by(|a, b| a.alias.cmp(&b.alias));
+    for route in sorted {
+        let Some(check) = &route.health_check else {
+            continue;
+        };
+        for t in &route.targets {
+            let path = check.path();
+            let uri: Uri = format!("{}{path}", t.base)
+                .parse()
+                .map_err(|e| format!("model {}: bad health_check URL: {e}", route.alias))?;
+            // Azure's API paths need the key's credential; its status path does not.
+            let auth = path.starts_with("/openai/").then(|| match &t.auth {
+                TargetAuth::ApiKey(k) => ProbeAuth::ApiKey(k.clone()),
+                TargetAuth::Entra(p) => ProbeAuth::Entra(p.clone()),
+            });
+            let probe = ProbeTarget {
+                provider_key_id: t.provider_key_id.clone(),
+                deployment: t.deployment.clone(),
+                uri,
+                auth,
+                client: t.client.clone(),
+                health: t.health.clone(),
+                interval: check.interval(),
+                timeout: check.timeout(),
+                unhealthy_after: check.unhealthy_after(),
+                healthy_after: check.healthy_after(),
+            };
+            let key = (t.provider_key_id.clone(), t.deployment.clone());
+            match by_target.get(&key) {
+                Some(p) if p.interval <= probe.interval => {}
+                _ => {
+                    by_target.insert(key, probe);
+                }
+            }
+        }
+    }
+    let mut v: Vec<ProbeTarget> = by_target.into_values().collect();
+    v.sort_by(|a, b| (&a.provider_key_id, &a.deployment).cmp(&(&b.provider_key_id, &b.deployment)));
+    Ok(v)
 }
 
 /// The api keys that authenticate by key hash.
@@ -251,6 +316,10 @@ fn compile_route(
         limits: Limits::new(limiter, format!("model/{}", m.display_name), m.rate_limit),
         tokenizer,
         log_payloads: m.log_payloads,
+        context_windows: resolved.iter().map(|t| t.context_window).collect(),
+        fallbacks: (*m.fallbacks).clone(),
+        first_token_timeout: routing.first_token_timeout.map(|d| d.0),
+        health_check: routing.health_check.clone().map(|h| *h),
     })
 }
 
@@ -316,6 +385,8 @@ impl<'a> TargetBuilder<'a> {
             .check()
             .and_then(|()| check_api_version(&pk.api_version))
             .map_err(|e| format!("provider key {}: {e}", t.provider_key_id))?;
+        let base = check_upstream(&pk.api_base, pk.allow_insecure_upstream)
+            .map_err(|e| format!("provider key {}: {e}", t.provider_key_id))?;
         let uris = uris(model_id, t, pk)?;
         let host = uris
             .iter()
@@ -333,6 +404,7 @@ impl<'a> TargetBuilder<'a> {
             served_by,
             auth: self.auth(&t.provider_key_id, pk)?,
             host,
+            base: base.trim_end_matches('/').to_string(),
             client: self.client(pk)?,
             health: self.health(t),
             uris,

@@ -12,6 +12,9 @@ use tracing::{info, instrument, warn};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often a node re-sends its targets' status when only probe times
+/// moved (changes in health go at once).
+const STATUS_REFRESH: Duration = Duration::from_secs(10);
 
 pub struct WatchSettings {
     pub control_plane_url: String,
@@ -101,6 +104,16 @@ pub trait Apply: Send + Sync + 'static {
     /// The control plane's `version` could not be applied (`reason`): the
     /// node keeps its previous snapshot and reports how far behind it is.
     fn rejected(&self, version: u64, reason: &str);
+
+    /// What the node's health probes see, for the control plane's node list.
+    fn target_status(&self) -> Vec<pb::TargetHealth> {
+        Vec::new()
+    }
+
+    /// Changes whenever [`Apply::target_status`] does (closed: never).
+    fn status_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        tokio::sync::watch::channel(0).1
+    }
 }
 
 /// Boots from the snapshot file if there is one.
@@ -193,7 +206,25 @@ async fn session(
         .map_err(|s| format!("watch: {}", s.message()))?
         .into_inner();
     info!("connected to the config stream");
-    while let Some(snap) = stream.message().await.map_err(|s| {
+    let mut status = node.status_changes();
+    let mut status_open = true;
+    let mut refresh = tokio::time::interval(STATUS_REFRESH);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reported: Option<Vec<pb::TargetHealth>> = None;
+    loop {
+        let message = tokio::select! {
+            m = stream.message() => m,
+            changed = status.changed(), if status_open => {
+                status_open = changed.is_ok();
+                report_status(node, &tx, &mut reported).await?;
+                continue;
+            }
+            _ = refresh.tick() => {
+                report_status(node, &tx, &mut reported).await?;
+                continue;
+            }
+        };
+        let Some(snap) = message.map_err(|s| {
         let message = format!("stream: {}", s.message());
         // tonic's answer to a message above max_decoding_message_size.
         if s.code() == tonic::Code::OutOfRange {
@@ -209,7 +240,10 @@ async fn session(
             *last_error = Some(reason);
         }
         message
-    })? {
+    })?
+        else {
+            break;
+        };
         *backoff = BACKOFF_MIN;
         let data_key = snap.data_key.map(|k| Sealed {
             nonce: k.nonce,
@@ -255,4 +289,26 @@ async fn session(
         }
     }
     Err("the control plane closed the stream".into())
+}
+
+/// Sends the node's targets' status when it differs from what was sent on
+/// this stream (nothing while no target is probed).
+async fn report_status(
+    node: &dyn Apply,
+    tx: &mpsc::Sender<pb::WatchRequest>,
+    reported: &mut Option<Vec<pb::TargetHealth>>,
+) -> Result<(), String> {
+    let now = node.target_status();
+    if reported.as_ref() == Some(&now) || (reported.is_none() && now.is_empty()) {
+        return Ok(());
+    }
+    tx.send(pb::WatchRequest {
+        kind: Some(Kind::Status(pb::Status {
+            targets: now.clone(),
+        })),
+    })
+    .await
+    .map_err(|_| "request stream closed".to_string())?;
+    *reported = Some(now);
+    Ok(())
 }

@@ -49,6 +49,7 @@ impl Call {
                 max_tokens: None,
                 api_version: None,
                 server_address: String::new(),
+                fallback: String::new(),
                 done: false,
             },
         }
@@ -130,6 +131,8 @@ pub struct CallEnd {
     pub api_version: Option<String>,
     /// The host of the target tried last (kept only when the span records).
     server_address: String,
+    /// The fallbacks taken, as in `x-aigw-fallback`, for the span.
+    pub fallback: String,
     done: bool,
 }
 
@@ -143,6 +146,7 @@ impl CallEnd {
             max_tokens: None,
             api_version: None,
             server_address: String::new(),
+            fallback: String::new(),
             done: true,
         }
     }
@@ -189,6 +193,7 @@ impl CallEnd {
             usage: Some((e.prompt_tokens, e.completion_tokens)),
             server_address: &self.server_address,
             api_version: &acct.api_version,
+            fallback: &self.fallback,
         });
         acct.emit(&trace_id);
         // The permit's concurrency slot goes back now.

@@ -141,7 +141,9 @@ impl Error {
                 "upstream_error",
                 Some("upstream_error"),
             ),
-            Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout", Some("timeout")),
+            Timeout(_) | FirstTokenTimeout(_) => {
+                (StatusCode::GATEWAY_TIMEOUT, "timeout", Some("timeout"))
+            }
             Config(_) | SnapshotFile(_) | Io(_) | Shared(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
@@ -189,6 +191,7 @@ impl Error {
             TargetMisconfigured(m) => TargetMisconfigured(m.clone()),
             UpstreamConnect(m) => UpstreamConnect(m.clone()),
             Timeout(m) => Timeout(m.clone()),
+            FirstTokenTimeout(m) => FirstTokenTimeout(m.clone()),
             other => Upstream(other.to_string()),
         }
     }

@@ -26,8 +26,11 @@
 //!    caching model may be answered here (it still counted as a request in step 7).
 //! 9. **pick a target** (`forward`, `crate::routing`) — the first priority
 //!    group with a healthy target; weighted, round-robin or least-latency inside it.
-//! 10. **call Azure** (`upstream`) — URL, credential, deadline; Azure errors
-//!     mapped; retryable failures go back to step 9 for another target.
+//! 10. **call Azure** (`upstream`) — URL, credential, deadline (and the
+//!     first-token timeout); Azure errors mapped; retryable failures go back
+//!     to step 9 for another target. When the model cannot answer for a
+//!     reason its `fallbacks` name, steps 9–10 run again for the fallback
+//!     alias (`forward`).
 //! 11. **adapt** (`crate::openai`) — OpenAI shape: `model` → alias, filter
 //!     fields stripped; Azure shape: as Azure sent it. Streams pass through
 //!     `sse::SseAdapter` chunk by chunk.
@@ -220,7 +223,7 @@ impl Proxy {
                 .cached(op, &route, store, &parts.headers, request, call)
                 .await;
         }
-        self.forward(op, &route, &parts.headers, &request, call)
+        self.forward_with_fallbacks(op, &route, &parts.headers, &request, call)
             .await
     }
 
@@ -364,14 +367,23 @@ async fn estimate_tokens(
     route: &Route,
     request: &request::Request,
 ) -> Result<u64, Error> {
-    use crate::limits::tokens;
     let counts = |l: &Option<crate::limits::Limits>| {
         l.as_ref().is_some_and(crate::limits::Limits::counts_tokens)
     };
     if !counts(&caller.limits) && !counts(&route.limits) {
         return Ok(0);
     }
-    let tokenizer = route.tokenizer;
+    count_tokens(op, route.tokenizer, request).await
+}
+
+/// The request's tokens as Azure counts them at arrival: the prompt with
+/// the model's tokenizer plus `max_tokens`.
+async fn count_tokens(
+    op: Operation,
+    tokenizer: tiktoken_rs::tokenizer::Tokenizer,
+    request: &request::Request,
+) -> Result<u64, Error> {
+    use crate::limits::tokens;
     // Long prompts take milliseconds to tokenize: not on the reactor.
     if request.fields.prompt_chars < TOKENIZE_INLINE && request.body.len() < TOKENIZE_INLINE {
         let body = request.object()?;

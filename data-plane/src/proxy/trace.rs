@@ -107,6 +107,8 @@ pub struct CallAttributes<'a> {
     pub server_address: &'a str,
     /// The caller's `api-version` on Azure's deployment route.
     pub api_version: &'a str,
+    /// The fallbacks taken (`x-aigw-fallback`), if any.
+    pub fallback: &'a str,
 }
 
 impl CallSpan {
@@ -228,6 +230,7 @@ impl CallSpan {
         str_attr("server.address", a.server_address);
         str_attr("error.type", a.error_code);
         str_attr("aigw.request.api_version", a.api_version);
+        str_attr("aigw.fallback", a.fallback);
         if a.status != 0 {
             kv.push(KeyValue::new(
                 "http.response.status_code",

@@ -42,6 +42,9 @@ pub struct Attempt<'a> {
     pub target: &'a Target,
     /// The model's deadline for the whole call.
     pub deadline: Instant,
+    /// When this attempt is abandoned without a first byte (JSON) or first
+    /// stream chunk (`routing.first_token_timeout`).
+    pub first_token: Option<Instant>,
     /// This attempt's client span: its context goes upstream.
     pub span: &'a AttemptSpan,
 }
@@ -64,7 +67,19 @@ pub async fn send(
     let mut out = if !resp.status().is_success() {
         return Err(error_answer(attempt, resp).await);
     } else if request.fields.stream && !is_json(resp.headers()) {
-        stream_answer(attempt.route, request, resp, call)
+        match attempt.first_token {
+            Some(until) => {
+                let (parts, body) = resp.into_parts();
+                let body = first_chunk(attempt, body, until).await?;
+                stream_answer(
+                    attempt.route,
+                    request,
+                    Response::from_parts(parts, body),
+                    call,
+                )
+            }
+            None => stream_answer(attempt.route, request, resp, call),
+        }
     } else {
         json_answer(attempt, resp, call).await?
     };
@@ -155,7 +170,11 @@ async fn within_deadline(
     >,
 ) -> Result<Response<Incoming>, Error> {
     let target = attempt.target;
-    match tokio::time::timeout_at(attempt.deadline, sent).await {
+    let until = attempt
+        .first_token
+        .map_or(attempt.deadline, |f| f.min(attempt.deadline));
+    match tokio::time::timeout_at(until, sent).await {
+        Err(_) if until < attempt.deadline => Err(first_token_timeout(attempt)),
         Err(_) => Err(Error::Timeout(format!(
             "Azure deployment `{}` did not answer within {:?}",
             target.deployment, attempt.route.timeout
@@ -172,6 +191,53 @@ async fn within_deadline(
             error_chain(&e)
         ))),
         Ok(Ok(r)) => Ok(r),
+    }
+}
+
+fn first_token_timeout(attempt: &Attempt<'_>) -> Error {
+    Error::FirstTokenTimeout(format!(
+        "Azure deployment `{}` sent nothing within the first-token timeout of {:?}",
+        attempt.target.deployment,
+        attempt.route.first_token_timeout.unwrap_or_default()
+    ))
+}
+
+/// A stream body whose first chunk has arrived, that chunk in front.
+struct Started {
+    first: Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>,
+    rest: Incoming,
+}
+
+impl http_body::Body for Started {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        if let Some(first) = self.first.take() {
+            return std::task::Poll::Ready(Some(first));
+        }
+        std::pin::Pin::new(&mut self.rest).poll_frame(cx)
+    }
+}
+
+/// Waits for the stream's first chunk until `until` (past it: the
+/// first-token timeout), and hands the stream on with that chunk in front.
+async fn first_chunk(
+    attempt: &Attempt<'_>,
+    mut body: Incoming,
+    until: Instant,
+) -> Result<Started, Error> {
+    let until = until.min(attempt.deadline);
+    match tokio::time::timeout_at(until, body.frame()).await {
+        Err(_) if until < attempt.deadline => Err(first_token_timeout(attempt)),
+        Err(_) => Err(Error::Timeout(format!(
+            "Azure deployment `{}` did not start its stream within {:?}",
+            attempt.target.deployment, attempt.route.timeout
+        ))),
+        Ok(first) => Ok(Started { first, rest: body }),
     }
 }
 
@@ -197,12 +263,16 @@ async fn error_answer(attempt: &Attempt<'_>, resp: Response<Incoming>) -> Error 
 }
 
 /// A stream, adapted chunk by chunk; it ends the call with its last chunk.
-fn stream_answer(
+fn stream_answer<B>(
     route: &Route,
     request: &Request,
-    resp: Response<Incoming>,
+    resp: Response<B>,
     call: &mut Call,
-) -> Response<ProxyBody> {
+) -> Response<ProxyBody>
+where
+    B: http_body::Body<Data = Bytes> + Unpin + Send + Sync + 'static,
+    B::Error: std::fmt::Display,
+{
     let adapter = SseAdapter::new(
         resp.into_body(),
         route.alias.clone(),
@@ -358,6 +428,12 @@ fn map_error(status: StatusCode, headers: &HeaderMap, body: &[u8], target: &Targ
         400 if code == "content_filter" => Error::ContentFilter {
             message,
             details: detail.content_filter_result(),
+        },
+        // The prompt (plus max_tokens) is over the deployment's window.
+        400 if code == "context_length_exceeded" => Error::InvalidRequest {
+            message,
+            param: Some("messages"),
+            code: Some("context_length_exceeded"),
         },
         401 | 403 => Error::UpstreamAuth(format!(
             "Azure rejected the gateway's credential for provider key `{}` (HTTP {}): {message}",

@@ -6,9 +6,13 @@
 //! - `pick`   — priority groups (lowest first; the next group only when every
 //!   target in the current one is cooling down or open), then weighted,
 //!   round-robin or least-latency (power of two choices) inside the group
+//! - `probe`  — active health probes per target (`routing.health_check`):
+//!   one loop per probed target, verdicts into `health`
 
 mod health;
 mod pick;
+mod probe;
 
-pub use health::{HealthRegistry, Outcome, TargetHealth};
+pub use health::{HealthRegistry, Outcome, ProbeStatus, TargetHealth};
 pub use pick::{pick, Choice, Pool, Unavailable};
+pub use probe::{rfc3339_ms, ProbeAuth, ProbeTarget, Prober};

@@ -15,9 +15,12 @@ pub use jwt_provider::{
     MAX_CLOCK_SKEW,
 };
 pub use model::{
-    check_deployment_name, CacheConfig, Cost, Model, RateLimit, Routing, RoutingStrategy, Target,
-    MAX_CACHE_BYTES, MAX_CACHE_ENTRIES, MAX_CACHE_TTL_SECONDS, MAX_CALL_TIMEOUT, MAX_COOLDOWN,
-    MAX_DEPLOYMENT_NAME, MAX_RATE_LIMIT, MAX_RETRIES, MAX_RETRY_BACKOFF, MAX_STREAM_IDLE_TIMEOUT,
+    check_deployment_name, CacheConfig, Cost, Fallbacks, HealthCheck, Model, RateLimit, Routing,
+    RoutingStrategy, Target, DEFAULT_PROBE_PATH, MAX_CACHE_BYTES, MAX_CACHE_ENTRIES,
+    MAX_CACHE_TTL_SECONDS, MAX_CALL_TIMEOUT, MAX_CONTEXT_WINDOW, MAX_COOLDOWN, MAX_DEPLOYMENT_NAME,
+    MAX_FALLBACKS, MAX_FALLBACK_DEPTH, MAX_FIRST_TOKEN_TIMEOUT, MAX_PROBE_COUNT,
+    MAX_PROBE_INTERVAL, MAX_RATE_LIMIT, MAX_RETRIES, MAX_RETRY_BACKOFF, MAX_STREAM_IDLE_TIMEOUT,
+    MIN_PROBE_INTERVAL,
 };
 pub use provider_key::{
     check_api_version, check_upstream, parse_ca_pem, resolve_api_base, Credential, ProviderKey,
