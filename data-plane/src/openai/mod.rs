@@ -9,6 +9,8 @@
 //!   reads, the rest kept raw (`raw`) so nothing is lost
 //! - `azure`     — what Azure adds (content-filter annotations) and the
 //!   gateway strips from OpenAI-shaped answers
+//! - `responses` — the Responses API: its request fields, response objects
+//!   and stream events
 //!
 //! A new endpoint: a row in `operation`, its required fields in `request`,
 //! and any answer fields it needs in `types`.
@@ -19,6 +21,7 @@ pub mod azure;
 pub mod operation;
 pub mod raw;
 pub mod request;
+pub mod responses;
 pub mod types;
 
 pub use operation::{Inbound, Operation, Shape, Unrouted, OPERATIONS};

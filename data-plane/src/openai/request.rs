@@ -94,8 +94,11 @@ pub struct Fields {
     pub n: u64,
     /// Characters of prompt text, for counting tokens ourselves if need be.
     pub prompt_chars: usize,
-    /// `temperature` exactly 0 and `n` absent or 1: cacheable.
+    /// `temperature` exactly 0 and `n` absent or 1: cacheable (never for
+    /// the Responses API, whose calls are stateful).
     pub deterministic: bool,
+    /// The Responses API's `previous_response_id`, as the caller sent it.
+    pub previous_response_id: Option<String>,
 }
 
 /// Checks what `op` requires of `body` and reads the fields the gateway uses.
@@ -111,6 +114,10 @@ pub fn read_fields(
         None => alias(body)?,
     };
     let prompt = prompt(op, body)?;
+    let responses = match op {
+        Operation::Responses => Some(super::responses::read(body)?),
+        _ => None,
+    };
     let stream = stream(op, body)?;
     let caller_wants_usage = stream && caller_wants_usage(body)?;
     let n = bounded(body, N, MAX_N)?;
@@ -118,14 +125,29 @@ pub fn read_fields(
         .raw(TEMPERATURE)
         .and_then(|t| serde_json::from_str::<f64>(t).ok())
         == Some(0.0);
+    let prompt_chars = prompt.map_or(0, text_chars);
+    if let Some(r) = responses {
+        return Ok(Fields {
+            alias,
+            stream,
+            // Responses streams always end with the usage (`response.completed`).
+            caller_wants_usage: stream,
+            max_tokens: r.max_output_tokens,
+            n: 1,
+            prompt_chars: prompt_chars.saturating_add(r.instructions_chars),
+            deterministic: false,
+            previous_response_id: r.previous_response_id,
+        });
+    }
     Ok(Fields {
         alias,
         stream,
         caller_wants_usage,
         max_tokens: max_tokens(body)?,
         n: n.unwrap_or(1),
-        prompt_chars: prompt.map_or(0, text_chars),
+        prompt_chars,
         deterministic: temperature_zero && n.is_none_or(|n| n == 1),
+        previous_response_id: None,
     })
 }
 

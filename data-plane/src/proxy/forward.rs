@@ -31,6 +31,20 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, Error> {
         let deadline = deadline_after(Instant::now(), route.timeout);
         let mut tried: Vec<usize> = Vec::with_capacity(route.targets.len());
+        if let Some(pk) = call.responses.as_ref().and_then(|r| r.previous.as_ref()) {
+            // A follow-up must reach the resource that stores the response it
+            // follows: every other target counts as tried already.
+            let pk = &pk.provider_key_id;
+            tried.extend(
+                (0..route.targets.len()).filter(|&i| route.targets[i].provider_key_id != *pk),
+            );
+            if tried.len() == route.targets.len() {
+                return Err(Error::ResponseTargetGone(format!(
+                    "the previous response is stored by a provider key that is no longer a target of model `{}`",
+                    route.alias
+                )));
+            }
+        }
         let mut last: Option<Error> = None;
         for attempt in 0..=route.retries {
             let choice = match routing::pick(&route.pool, &tried, monotonic_ms()) {
