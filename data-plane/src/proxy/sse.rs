@@ -515,6 +515,91 @@ mod tests {
         }
     }
 
+    fn adapt_responses(stream: &'static str) -> String {
+        let frames = futures::stream::iter([Ok::<_, std::convert::Infallible>(Frame::data(
+            Bytes::from_static(stream.as_bytes()),
+        ))]);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let scope = IdScope {
+            ids: Arc::new(crate::response_ids::ResponseIds::new(&[5u8; 32])),
+            provider_key_id: "pk".into(),
+            api_key_id: "key".into(),
+            alias: "alias".into(),
+        };
+        let bytes = rt.block_on(async {
+            SseAdapter::new(
+                StreamBody::new(frames),
+                Arc::from("alias"),
+                Shape::OpenAi,
+                true,
+                Duration::from_secs(5),
+                CallEnd::detached(),
+            )
+            .responses(scope)
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+        });
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    const RESPONSES: &str = concat!(
+        "event: response.created\ndata: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_up\",\"model\":\"gpt-4o-2024\",\"status\":\"in_progress\",\"usage\":null}}\n\n",
+        "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"sequence_number\":1,\"item_id\":\"msg_1\",\"delta\":\"Hi\"}\n\n",
+        "event: response.completed\ndata: {\"type\":\"response.completed\",\"sequence_number\":2,\"response\":{\"id\":\"resp_up\",\"model\":\"gpt-4o-2024\",\"status\":\"completed\",\"usage\":{\"input_tokens\":3,\"output_tokens\":1,\"total_tokens\":4}}}\n\n",
+    );
+
+    #[test]
+    fn responses_streams_keep_their_events_and_seal_their_ids() {
+        let out = adapt_responses(RESPONSES);
+        let ev = events(&out);
+        assert_eq!(ev.len(), 3, "no [DONE] on a Responses stream: {out}");
+        let names: Vec<&str> = ev
+            .iter()
+            .map(|e| e.lines().next().unwrap_or_default())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "event: response.created",
+                "event: response.output_text.delta",
+                "event: response.completed"
+            ]
+        );
+        assert!(
+            !out.contains("resp_up") && !out.contains("gpt-4o-2024"),
+            "{out}"
+        );
+        let data = |e: &str| -> serde_json::Value {
+            serde_json::from_str(e.lines().nth(1).unwrap().strip_prefix("data: ").unwrap()).unwrap()
+        };
+        let (created, completed) = (data(&ev[0]), data(&ev[2]));
+        let id = created["response"]["id"].as_str().unwrap();
+        assert!(id.starts_with("resp_"), "{id}");
+        assert_eq!(completed["response"]["id"], id, "one response, one id");
+        assert_eq!(completed["response"]["model"], "alias");
+        assert_eq!(completed["response"]["usage"]["total_tokens"], 4);
+        assert_eq!(data(&ev[1])["item_id"], "msg_1");
+    }
+
+    #[test]
+    fn a_responses_stream_cut_before_its_end_says_so() {
+        let cut = &RESPONSES[..RESPONSES.find("event: response.completed").unwrap()];
+        let out = adapt_responses(Box::leak(cut.to_string().into_boxed_str()));
+        let ev = events(&out);
+        assert_eq!(ev.len(), 3, "{out}");
+        assert!(
+            ev[2].starts_with("event: error\ndata: {") && ev[2].contains("\"type\":\"error\""),
+            "{}",
+            ev[2]
+        );
+        assert!(!out.contains("[DONE]"));
+    }
+
     #[test]
     fn lenient_endings() {
         let chunk = "data: {\"choices\":[{\"delta\":{\"content\":\"x\"},\"index\":0}],\"id\":\"a\",\"model\":\"m\"}\n\n";
