@@ -5,6 +5,7 @@
 //!   `/openai/deployments/{alias}` routes, and the answer [`Shape`] each
 //!   asks for), tracing and upstream URLs all read it
 //! - `request`   — the request fields the gateway checks or rewrites
+//!   (`field`: what every check shares)
 //! - `types`     — answers and stream chunks: the typed fields the gateway
 //!   reads, the rest kept raw (`raw`) so nothing is lost
 //! - `azure`     — what Azure adds (content-filter annotations) and the
@@ -18,6 +19,7 @@
 //! This module depends on nothing else in the crate.
 
 pub mod azure;
+pub mod field;
 pub mod operation;
 pub mod raw;
 pub mod request;

@@ -15,8 +15,8 @@
 //! events) carry the response object, `response.output_text.delta` a
 //! `delta`; no `[DONE]`.
 
+use super::field::{string, Invalid, MAX_COMPLETION_TOKENS_LIMIT};
 use super::raw::{self, Field, RawObject};
-use super::request::{string, Invalid, MAX_COMPLETION_TOKENS_LIMIT};
 use serde::Deserialize;
 use std::borrow::Cow;
 
