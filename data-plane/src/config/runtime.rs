@@ -140,7 +140,8 @@ impl Target {
 
     /// The Responses API URL for `op`: `…/responses` to create, else
     /// `…/responses/{upstream_id}{suffix}`; `query` is the caller's own
-    /// (paging of input items, `include`), minus any `api-version`.
+    /// (paging of input items, `include`), minus any `api-version` and
+    /// `stream`.
     pub fn responses_uri(
         &self,
         op: Operation,
@@ -156,7 +157,11 @@ impl Target {
         let mut params: Vec<String> = query
             .unwrap_or_default()
             .split('&')
-            .filter(|kv| !kv.is_empty() && kv.split('=').next() != Some("api-version"))
+            // Ours, not the caller's: the key's api-version; and a stored
+            // response is read as JSON, never streamed again.
+            .filter(|kv| {
+                !kv.is_empty() && !matches!(kv.split('=').next(), Some("api-version" | "stream"))
+            })
             .map(query_param)
             .collect();
         if let Some(v) = &self.responses.api_version {

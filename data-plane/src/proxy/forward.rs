@@ -40,7 +40,7 @@ impl Proxy {
             );
             if tried.len() == route.targets.len() {
                 return Err(Error::ResponseTargetGone(format!(
-                    "the previous response is stored by a provider key that is no longer a target of model `{}`",
+                    "the previous response is stored by provider key `{pk}`, which is not a target of model `{}`",
                     route.alias
                 )));
             }

@@ -160,14 +160,15 @@ impl Proxy {
         Ok(resp)
     }
 
-    /// One request to Azure about `r`, within `deadline`: its status and body.
+    /// One request to Azure about `r`, within `deadline`: its status and
+    /// body. `caller_response_id` is the id as the caller holds it (for a 404).
     #[allow(clippy::too_many_arguments)]
     async fn send_by_id(
         &self,
         op: Operation,
         target: &Target,
         r: &ResponseRef,
-        (parts, caller_id): (&http::request::Parts, &str),
+        (parts, caller_response_id): (&http::request::Parts, &str),
         deadline: Instant,
         span: &super::trace::AttemptSpan,
         call: &Call,
@@ -238,7 +239,7 @@ impl Proxy {
         };
         if status == StatusCode::NOT_FOUND {
             // Deleted, never stored (`store: false`) or expired: unknown.
-            return Err(not_found(caller_id, None));
+            return Err(not_found(caller_response_id, None));
         }
         if !status.is_success() {
             return Err(upstream::map_error(status, &head.headers, &body, target));
