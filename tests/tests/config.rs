@@ -188,15 +188,36 @@ async fn bad_environment_overrides_are_named() -> Result<()> {
     Ok(())
 }
 
+/// Without `nodes.token` a control plane accepts only node credentials
+/// issued through the admin API; a blank token is a mistake and refused.
 #[tokio::test]
-async fn node_token_is_required_outside_standalone() -> Result<()> {
+async fn without_a_node_token_only_issued_credentials_open_the_config_stream() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let yaml = config_with(&dir, |c| {
-        c.as_object_mut().map(|o| o.remove("nodes"));
-    })?;
-    assert_rejected(&run(&yaml, &[]).await?, &["nodes.token"])?;
     let yaml = config_with(&dir, |c| c["nodes"]["token"] = json!(" "))?;
     assert_rejected(&run(&yaml, &[]).await?, &["nodes.token"])?;
+
+    let cp = ControlPlane::start_with(Options {
+        node_token: None,
+        ..Options::default()
+    })
+    .await?;
+    let url = cp.grpc_url();
+    let channel = || aigw_tests::grpc::channel(&url);
+    let refused = aigw_tests::grpc::config_watch_first(channel().await?, "node-a", "guess")
+        .await?
+        .expect_err("a snapshot without a credential");
+    ensure!(
+        refused.code() == tonic::Code::Unauthenticated,
+        "{refused:?}"
+    );
+    let issued = cp
+        .rest()
+        .post("/admin/v1/nodes", &json!({"node_id": "node-a"}))
+        .await?
+        .expect(201)?;
+    let token = issued["token"].as_str().unwrap_or_default();
+    let snapshot = aigw_tests::grpc::config_watch_first(channel().await?, "node-a", token).await?;
+    ensure!(snapshot.is_ok(), "{snapshot:?}");
     Ok(())
 }
 
