@@ -59,12 +59,11 @@ pub async fn send(
     request: &Request,
     call: &mut Call,
 ) -> Result<Response<ProxyBody>, Error> {
-    let previous = call
-        .responses
-        .as_ref()
-        .and_then(|r| r.previous.as_ref())
-        .map(|p| p.upstream_id.as_str());
-    let mut req = build(attempt, inbound, request, &call.request_id, previous)?;
+    let body = match attempt.op {
+        Operation::Responses => responses_body(attempt.target, request, call).await?,
+        _ => request.body.clone(),
+    };
+    let mut req = build(attempt, inbound, request, body, &call.request_id)?;
     let entra = authorize(attempt.target, &mut req).await?;
     let client = attempt.target.client.as_ref().unwrap_or(client);
     let resp = within_deadline(attempt, send_authenticated(client, req, entra)).await?;
@@ -82,33 +81,44 @@ pub async fn send(
 
 /// The request for the target: its URL, the body, and the headers Azure
 /// gets (never the caller's credentials).
+/// A Responses request's body for `target`: Azure's Responses API takes the
+/// deployment in the body, and Azure's own id of the previous response.
+/// Read off the async workers when large, as every read of the body is.
+async fn responses_body(target: &Target, request: &Request, call: &Call) -> Result<Bytes, Error> {
+    let deployment = target.deployment.clone();
+    let previous = call
+        .responses
+        .as_ref()
+        .and_then(|r| r.previous.as_ref())
+        .map(|p| p.upstream_id.clone());
+    let json = request
+        .with_object(move |object, _| {
+            let mut object = object.clone();
+            crate::openai::responses::upstream_body(&mut object, &deployment, previous.as_deref());
+            object.to_json()
+        })
+        .await?;
+    Ok(Bytes::from(json))
+}
+
+/// `body`: the caller's, or the target's own (Responses).
 fn build(
     attempt: &Attempt<'_>,
     inbound: &HeaderMap,
     request: &Request,
+    body: Bytes,
     request_id: &HeaderValue,
-    previous_upstream_id: Option<&str>,
 ) -> Result<UpstreamRequest, Error> {
-    let (uri, body) = if attempt.op == Operation::Responses {
-        // Azure's Responses API takes the deployment in the body, so the
-        // body is the target's own.
-        let uri = attempt
+    let uri = match attempt.op {
+        Operation::Responses => attempt
             .target
             .responses_uri(attempt.op, None, None)
-            .map_err(Error::Upstream)?;
-        let mut object = request.object()?;
-        crate::openai::responses::upstream_body(
-            &mut object,
-            &attempt.target.deployment,
-            previous_upstream_id,
-        );
-        (uri, Bytes::from(object.to_json()))
-    } else {
-        let uri = attempt
+            .map_err(Error::Upstream)?,
+        op => attempt
             .target
-            .uri(attempt.op)
-            .ok_or_else(|| Error::Upstream(format!("{:?} has no Azure endpoint", attempt.op)))?;
-        (uri.clone(), request.body.clone())
+            .uri(op)
+            .ok_or_else(|| Error::Upstream(format!("{op:?} has no Azure endpoint")))?
+            .clone(),
     };
     let mut req = http::Request::builder()
         .method(Method::POST)
@@ -221,7 +231,7 @@ async fn within_deadline(
 /// Whether the answer says it is JSON. A stream call's 200 is read as SSE
 /// unless it says so: some Azure-compatible proxies stream without any
 /// content type, and a JSON answer to a stream call is still understood.
-pub(super) fn is_json(headers: &HeaderMap) -> bool {
+fn is_json(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
