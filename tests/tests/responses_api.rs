@@ -380,6 +380,21 @@ async fn responses_on_one_gateway() -> Result<()> {
     );
     let r = call(client, Method::GET, &format!("/v1/responses/{bg_id}")).await?;
     expect_openai_error(&r, 404, "response_not_found")?;
+    // A follow-up of a deleted response: unknown to Azure, so to the caller.
+    let r = post(
+        client,
+        "/v1/responses",
+        &json!({"model": RESP, "input": "x", "previous_response_id": bg_id}),
+    )
+    .await?;
+    let e = expect_openai_error(&r, 404, "response_not_found")?;
+    ensure!(e["param"] == "previous_response_id", "{e}");
+    ensure!(
+        e["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&bg_id[..20])),
+        "{e}"
+    );
 
     // Retries before the first byte: the first target fails, the next answers.
     mock.set_behaviour(

@@ -35,6 +35,8 @@ pub const OUTPUT: &str = "output";
 pub const TYPE: &str = "type";
 pub const RESPONSE: &str = "response";
 pub const DELTA: &str = "delta";
+/// The error code of a `previous_response_id` the resource does not have.
+pub const PREVIOUS_NOT_FOUND: &str = "previous_response_not_found";
 
 /// Stream events after which nothing more comes: the response is done
 /// (its usage in `response.usage`) or failed.

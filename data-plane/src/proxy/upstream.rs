@@ -68,7 +68,7 @@ pub async fn send(
     let client = attempt.target.client.as_ref().unwrap_or(client);
     let resp = within_deadline(attempt, send_authenticated(client, req, entra)).await?;
     let mut out = if !resp.status().is_success() {
-        return Err(error_answer(attempt, resp).await);
+        return Err(error_answer(attempt, request, resp).await);
     } else if request.fields.stream && !is_json(resp.headers()) {
         stream_answer(attempt, request, resp, call)
     } else {
@@ -240,12 +240,23 @@ fn is_json(headers: &HeaderMap) -> bool {
 }
 
 /// Azure's error answer, as the caller's error.
-async fn error_answer(attempt: &Attempt<'_>, resp: Response<Incoming>) -> Error {
+async fn error_answer(attempt: &Attempt<'_>, request: &Request, resp: Response<Incoming>) -> Error {
     let status = resp.status();
     let (parts, body) = resp.into_parts();
     let body = read_limited(body, MAX_ERROR_BODY, attempt.deadline)
         .await
         .unwrap_or_default();
+    // The resource no longer has the previous response (deleted, expired):
+    // the caller's id is unknown, as one that never opened (never Azure's id).
+    if let Some(id) = &request.fields.previous_response_id {
+        let code = azure::ErrorBody::parse(&body).code;
+        if code.as_deref() == Some(crate::openai::responses::PREVIOUS_NOT_FOUND) {
+            return Error::ResponseNotFound {
+                id: id.chars().take(64).collect(),
+                param: Some(crate::openai::responses::PREVIOUS_RESPONSE_ID),
+            };
+        }
+    }
     map_error(status, &parts.headers, &body, attempt.target)
 }
 
