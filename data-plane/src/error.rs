@@ -28,6 +28,20 @@ pub enum Error {
     UnknownPath(String),
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// A Responses API id this caller cannot use: unknown, forged, tampered,
+    /// truncated or another api key's, all alike (`param`: where it was).
+    #[error("{}response with id '{id}' not found", if param.is_some() { "previous " } else { "" })]
+    ResponseNotFound {
+        id: String,
+        param: Option<&'static str>,
+    },
+    /// The provider key that stores a response is no longer a target of
+    /// any model (or not of the model asked for).
+    #[error("{0}")]
+    ResponseTargetGone(String),
+    /// The control plane sent no key for Responses API ids.
+    #[error("the Responses API is not available: the control plane sent no response id key (upgrade the control plane)")]
+    ResponsesUnavailable,
     #[error("the gateway has no configuration yet; try again shortly")]
     NotReady,
     /// Azure blocked the prompt; `details` carries Azure's filter result.

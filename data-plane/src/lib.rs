@@ -23,6 +23,8 @@
 //! - `limits` — rate limits (requests, tokens, concurrency) per api key and
 //!   per model, shared with the fleet over NATS
 //! - `metrics` — `/metrics` counters
+//! - `response_ids` — Responses API ids sealed with their provider key and
+//!   caller, so any node routes a follow-up to the resource that stored it
 
 pub mod cache;
 pub mod caller;
@@ -37,6 +39,7 @@ pub mod metrics;
 pub mod node;
 pub mod openai;
 pub mod proxy;
+pub mod response_ids;
 pub mod routing;
 pub mod server;
 pub mod settings;

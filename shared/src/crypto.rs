@@ -82,6 +82,73 @@ impl Cipher {
             .map_err(|_| bad())?;
         String::from_utf8(pt).map_err(|_| bad())
     }
+
+    /// A 32-byte key derived from this cipher's key for `label`: the same
+    /// for every holder of the key (every control-plane replica shares the
+    /// master key), independent for each label, and revealing nothing of
+    /// the key. AES-GCM under a nonce reserved for the label (SHA-256 of
+    /// it) over zeros is AES-CTR's keystream, a PRF of the key; that nonce
+    /// only ever encrypts zeros, and `seal`'s random nonces meet it with
+    /// probability 2⁻⁹⁶.
+    pub fn derive_key(&self, label: &str) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::new()
+            .chain_update(b"aigw derived key v1\0")
+            .chain_update(label.as_bytes())
+            .finalize();
+        let stream = self
+            .aead
+            .encrypt(
+                Nonce::from_slice(&digest[..12]),
+                Payload {
+                    msg: &[0u8; 32],
+                    aad: label.as_bytes(),
+                },
+            )
+            .unwrap_or_default();
+        let mut key = [0u8; 32];
+        if let Some(k) = stream.get(..32) {
+            key.copy_from_slice(k);
+        }
+        key
+    }
+}
+
+/// A 32-byte secret key that never shows in logs (`Debug` masks it) and
+/// travels as base64.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretKey(pub [u8; 32]);
+
+impl std::fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretKey(***)")
+    }
+}
+
+impl SecretKey {
+    pub fn to_base64(&self) -> String {
+        B64.encode(self.0)
+    }
+
+    pub fn from_base64(text: &str) -> Option<Self> {
+        B64.decode(text.trim())
+            .ok()
+            .and_then(|k| k.try_into().ok())
+            .map(Self)
+    }
+}
+
+impl Serialize for SecretKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_base64())
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Self::from_base64(&text).ok_or_else(|| serde::de::Error::custom("not a base64 32-byte key"))
+    }
 }
 
 /// The key a node's snapshot data keys are sealed with: derived from the
@@ -163,5 +230,19 @@ mod tests {
         let other = Cipher::new(&node_seal_key("token-b", "node-1"));
         assert!(open_data_key(&other, "node-1", 7, &sealed).is_err());
         assert_ne!(node_seal_key("t", "a"), node_seal_key("t", "b"));
+    }
+
+    #[test]
+    fn derived_keys_are_stable_per_key_and_label() {
+        let a = Cipher::new(&[1u8; 32]);
+        let k = a.derive_key("x");
+        assert_eq!(k, Cipher::new(&[1u8; 32]).derive_key("x"));
+        assert_ne!(k, a.derive_key("y"));
+        assert_ne!(k, Cipher::new(&[2u8; 32]).derive_key("x"));
+        assert_ne!(k, [0u8; 32]);
+        let s = SecretKey(k);
+        assert_eq!(format!("{s:?}"), "SecretKey(***)");
+        let text = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<SecretKey>(&text).unwrap(), s);
     }
 }

@@ -4,7 +4,7 @@
 //! of that snapshot, which reaches each node wrapped for its own credential
 //! (`crypto::seal_data_key`); a node opens them into a [`ConfigSnapshot`].
 
-use crate::crypto::{Cipher, Sealed};
+use crate::crypto::{Cipher, Sealed, SecretKey};
 use crate::domain::{ApiKey, Credential, JwtProvider, Model};
 use crate::error::Error;
 use serde::{Deserialize, Serialize};
@@ -14,11 +14,13 @@ use std::collections::{BTreeMap, BTreeSet};
 /// v2: provider credentials sealed with the snapshot's data key.
 pub const SNAPSHOT_FORMAT: u32 = 2;
 
-/// A snapshot as it travels: credentials sealed.
-pub type WireSnapshot = ConfigSnapshot<Sealed>;
+/// A snapshot as it travels: credentials and keys sealed.
+pub type WireSnapshot = ConfigSnapshot<Sealed, Sealed>;
 
+/// `C`: a provider credential; `K`: a secret key of the fleet. Both are
+/// plaintext in a node's memory, sealed on the wire and on disk.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ConfigSnapshot<C = Credential> {
+pub struct ConfigSnapshot<C = Credential, K = SecretKey> {
     pub format: u32,
     /// Sequence number of the last event applied (the config version).
     pub version: u64,
@@ -34,6 +36,16 @@ pub struct ConfigSnapshot<C = Credential> {
     /// Trusted issuers of caller JWTs, by id.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub jwt_providers: BTreeMap<String, JwtProvider>,
+    /// The key every data plane seals Responses API ids with, so an id one
+    /// node handed out opens on any other (derived from the master key by
+    /// the control plane; absent from an older control plane).
+    #[serde(default = "no_key", skip_serializing_if = "Option::is_none")]
+    pub response_id_key: Option<K>,
+}
+
+/// A named default: `#[serde(default)]` would ask `K: Default`.
+fn no_key<K>() -> Option<K> {
+    None
 }
 
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
@@ -60,7 +72,7 @@ impl<C> std::fmt::Debug for SnapshotProviderKey<C> {
 }
 
 // By hand: a derive would ask `C: Default`.
-impl<C> Default for ConfigSnapshot<C> {
+impl<C, K> Default for ConfigSnapshot<C, K> {
     fn default() -> Self {
         Self {
             format: 0,
@@ -71,16 +83,19 @@ impl<C> Default for ConfigSnapshot<C> {
             budget_exceeded: BTreeSet::new(),
             cache_purges: BTreeMap::new(),
             jwt_providers: BTreeMap::new(),
+            response_id_key: None,
         }
     }
 }
 
-impl<C> ConfigSnapshot<C> {
-    /// The same snapshot with each provider credential mapped by `f(id, c)`.
-    fn map_credentials<D>(
+impl<C, K> ConfigSnapshot<C, K> {
+    /// The same snapshot with each provider credential mapped by `f(id, c)`
+    /// and the response id key by `g`.
+    fn map_secrets<D, L>(
         self,
         mut f: impl FnMut(&str, C) -> Result<D, Error>,
-    ) -> Result<ConfigSnapshot<D>, Error> {
+        g: impl FnOnce(K) -> Result<L, Error>,
+    ) -> Result<ConfigSnapshot<D, L>, Error> {
         let provider_keys = self
             .provider_keys
             .into_iter()
@@ -109,9 +124,13 @@ impl<C> ConfigSnapshot<C> {
             budget_exceeded: self.budget_exceeded,
             cache_purges: self.cache_purges,
             jwt_providers: self.jwt_providers,
+            response_id_key: self.response_id_key.map(g).transpose()?,
         })
     }
 }
+
+/// Sealing owner of the response id key in a snapshot.
+const RESPONSE_ID_KEY_OWNER: &str = "aigw:snapshot-response-id-key";
 
 /// Sealing owner of a provider key's credential in a snapshot.
 fn credential_owner(provider_key_id: &str) -> String {
@@ -121,22 +140,32 @@ fn credential_owner(provider_key_id: &str) -> String {
 impl ConfigSnapshot {
     /// Seals every provider credential with the snapshot's data key.
     pub fn seal(self, data_key: &Cipher) -> Result<WireSnapshot, Error> {
-        self.map_credentials(|id, c| {
-            let text = serde_json::to_string(&c).map_err(|e| Error::Crypto(e.to_string()))?;
-            data_key.seal(&credential_owner(id), &text)
-        })
+        self.map_secrets(
+            |id, c| {
+                let text = serde_json::to_string(&c).map_err(|e| Error::Crypto(e.to_string()))?;
+                data_key.seal(&credential_owner(id), &text)
+            },
+            |k| data_key.seal(RESPONSE_ID_KEY_OWNER, &k.to_base64()),
+        )
     }
 }
 
 impl WireSnapshot {
     /// Opens every provider credential with the snapshot's data key.
     pub fn open(self, data_key: &Cipher) -> Result<ConfigSnapshot, Error> {
-        self.map_credentials(|id, sealed| {
-            let text = data_key.open(&credential_owner(id), &sealed)?;
-            serde_json::from_str(&text).map_err(|e| {
-                Error::Crypto(format!("provider key {id}: undecodable credential: {e}"))
-            })
-        })
+        self.map_secrets(
+            |id, sealed| {
+                let text = data_key.open(&credential_owner(id), &sealed)?;
+                serde_json::from_str(&text).map_err(|e| {
+                    Error::Crypto(format!("provider key {id}: undecodable credential: {e}"))
+                })
+            },
+            |sealed| {
+                let text = data_key.open(RESPONSE_ID_KEY_OWNER, &sealed)?;
+                SecretKey::from_base64(&text)
+                    .ok_or_else(|| Error::Crypto("malformed response id key".into()))
+            },
+        )
     }
 }
 
@@ -165,10 +194,12 @@ mod tests {
                 },
             },
         );
+        s.response_id_key = Some(SecretKey([9u8; 32]));
         let dk = Cipher::new(&crate::crypto::new_data_key());
         let wire = s.clone().seal(&dk).unwrap();
         let text = serde_json::to_string(&wire).unwrap();
         assert!(!text.contains("sk-canary-123"), "{text}");
+        assert!(!text.contains(&SecretKey([9u8; 32]).to_base64()), "{text}");
         let back: WireSnapshot = serde_json::from_str(&text).unwrap();
         assert_eq!(back.open(&dk).unwrap(), s);
         let other = Cipher::new(&crate::crypto::new_data_key());

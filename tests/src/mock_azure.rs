@@ -11,6 +11,9 @@
 //!   parameter: 404 [`RESOURCE_NOT_FOUND_BODY`].
 //! * `POST /openai/v1/chat/completions` (also `/embeddings`, `/completions`): no
 //!   api-version; the deployment is the body's `"model"`.
+//! * The Responses API: `POST /openai/v1/responses`, `POST /openai/responses?api-version=…`
+//!   (deployment in the body's `model`), and calls by id on both prefixes; see
+//!   [`responses`](self::responses) for its rules.
 //! * Anything else (other paths, other methods): 404 [`RESOURCE_NOT_FOUND_BODY`].
 //!
 //! Checks happen in this order: route, api-version, auth (401 [`UNAUTHORIZED_BODY`]),
@@ -73,6 +76,9 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::{JoinHandle, JoinSet};
+
+mod responses;
+pub use responses::{expected_response_text, expected_response_usage, BACKGROUND_DELAY};
 
 /// The `api-key` accepted until [`MockAzure::set_api_key`] is called.
 pub const DEFAULT_API_KEY: &str = "test-azure-key";
@@ -204,6 +210,8 @@ struct Tables {
     /// Probe requests received, and the last one.
     probes: usize,
     last_probe: Option<RecordedRequest>,
+    /// Responses API: stored responses by id.
+    responses: HashMap<String, responses::Stored>,
 }
 
 struct Shared {
@@ -451,6 +459,17 @@ impl MockAzure {
 
     pub fn last_request(&self, deployment: &str) -> Option<RecordedRequest> {
         self.shared.tables().last.get(deployment).cloned()
+    }
+
+    /// Whether this mock (this Azure resource) stores the Responses API
+    /// response `id` (Azure's own id).
+    pub fn stores_response(&self, id: &str) -> bool {
+        self.shared.tables().responses.contains_key(id)
+    }
+
+    /// How many Responses API responses this mock stores.
+    pub fn stored_responses(&self) -> usize {
+        self.shared.tables().responses.len()
     }
 
     /// Responses whose handler has started and whose body is not finished or dropped yet.
@@ -756,6 +775,8 @@ enum Op {
     Chat,
     Embeddings,
     Completions,
+    /// Responses API creation (`/openai/v1/responses`, `/openai/responses`).
+    Responses,
 }
 
 /// Parsed route: (deployment from the path, or None for v1), operation.
@@ -773,6 +794,9 @@ fn parse_route(method: &Method, path: &str) -> Option<(Option<String>, Op)> {
     match segments.as_slice() {
         ["", "openai", "deployments", deployment, rest @ ..] if !deployment.is_empty() => {
             op_of(rest).map(|op| (Some(deployment.to_string()), op))
+        }
+        ["", "openai", "v1", "responses"] | ["", "openai", "responses"] => {
+            Some((None, Op::Responses))
         }
         ["", "openai", "v1", rest @ ..] => op_of(rest).map(|op| (None, op)),
         _ => None,
@@ -855,6 +879,21 @@ async fn route(shared: &Shared, method: &Method, recorded: RecordedRequest) -> R
             },
         );
     }
+    if let Some(responses::Route::ById { preview, id, what }) =
+        responses::parse(method, &recorded.path)
+    {
+        let mut reply = responses::by_id(shared, &recorded, preview, &id, what);
+        let request_id = random_uuid();
+        set_header(&mut reply, "apim-request-id", &request_id);
+        set_header(&mut reply, "x-request-id", &request_id);
+        set_header(&mut reply, "x-ms-region", REGION);
+        return reply;
+    }
+    // Azure's preview Responses route takes an api-version; its v1 one none.
+    let preview = matches!(
+        responses::parse(method, &recorded.path),
+        Some(responses::Route::Create { preview: true })
+    );
     let Some((path_deployment, op)) = parse_route(method, &recorded.path) else {
         return json_reply(StatusCode::NOT_FOUND, RESOURCE_NOT_FOUND_BODY);
     };
@@ -902,9 +941,10 @@ async fn route(shared: &Shared, method: &Method, recorded: RecordedRequest) -> R
     };
 
     let mut reply = answer(
+        shared,
         &recorded,
         op,
-        v1,
+        v1 && !preview,
         deployment.as_deref(),
         count,
         &key,
@@ -972,6 +1012,7 @@ fn rate_limit_headers(reply: &mut Reply, count: usize, body: Option<&Value>, op:
 
 #[allow(clippy::too_many_arguments)]
 async fn answer(
+    shared: &Shared,
     recorded: &RecordedRequest,
     op: Op,
     v1: bool,
@@ -1092,6 +1133,14 @@ async fn answer(
     if reply.is_none() {
         reply = Some(match body_json {
             None => json_reply(StatusCode::BAD_REQUEST, INVALID_JSON_BODY),
+            Some(body) if op == Op::Responses => {
+                let mut r =
+                    responses::create(shared, deployment, &model, &body, chunk_delay, no_done);
+                if r.status().is_success() {
+                    rate_limit_headers(&mut r, count, Some(&body), op);
+                }
+                r
+            }
             Some(body) => {
                 let mut r = normal(op, &model, &body, chunk_delay, first_delay, no_done);
                 if r.status().is_success() {
@@ -1168,6 +1217,8 @@ fn normal(
             }
             json_reply(StatusCode::OK, embeddings_json(model, body).to_string())
         }
+        // Answered by `responses::create` (it needs the store).
+        Op::Responses => invalid_request("unreachable"),
     }
 }
 

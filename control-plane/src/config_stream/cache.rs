@@ -1,7 +1,7 @@
 use crate::engine::Engine;
 use crate::error::Error;
 use crate::events::State;
-use aigw_shared::crypto::Cipher;
+use aigw_shared::crypto::{Cipher, SecretKey};
 use aigw_shared::domain::Credential;
 use aigw_shared::proto::config::v1 as pb;
 use aigw_shared::snapshot::{ConfigSnapshot, SnapshotProviderKey, SNAPSHOT_FORMAT};
@@ -9,6 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use tokio::sync::watch;
 use tracing::{error, instrument};
+
+/// What the fleet's Responses API id key is derived for from the master key.
+const RESPONSE_ID_KEY_LABEL: &str = "aigw:response-id-key";
 
 /// One encoded snapshot, shared by every node: its provider credentials are
 /// sealed with `data_key`, which each node receives wrapped for itself.
@@ -167,5 +170,8 @@ pub fn build_snapshot(
             .iter()
             .map(|(k, r)| (k.clone(), r.value.clone()))
             .collect(),
+        // Derived, not stored: every replica holds the master key, so every
+        // replica hands the fleet the same key.
+        response_id_key: Some(SecretKey(cipher.derive_key(RESPONSE_ID_KEY_LABEL))),
     })
 }

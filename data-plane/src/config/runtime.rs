@@ -7,6 +7,7 @@ use crate::credentials::{CredentialRegistry, TokenProvider};
 use crate::http_client::HttpClient;
 use crate::limits::{Limiter, Limits};
 use crate::openai::{Operation, OPERATIONS};
+use crate::response_ids::ResponseIds;
 use crate::routing::{HealthRegistry, Pool, ProbeAuth, ProbeTarget, TargetHealth};
 use aigw_shared::domain::{
     check_api_version, check_upstream, Credential, Fallbacks, HealthCheck, Model,
@@ -44,6 +45,12 @@ pub struct Runtime {
     jwt: crate::jwt::JwtAuth,
     /// Targets with health probes (one each, the shortest interval asked).
     probes: Vec<ProbeTarget>,
+    /// Seals and opens Responses API ids (`None`: the control plane sent
+    /// no key, and the Responses API is unavailable).
+    response_ids: Option<Arc<ResponseIds>>,
+    /// A target of each provider key some model routes to: where calls
+    /// about a stored response go (the resource matters, not the deployment).
+    provider_targets: HashMap<String, Arc<Target>>,
 }
 
 /// The node services a snapshot is compiled against; each outlives snapshots.
@@ -122,12 +129,79 @@ pub struct Target {
     pub health: Arc<TargetHealth>,
     /// By `Operation as usize`; `None` for operations Azure does not serve.
     uris: Vec<Option<Uri>>,
+    /// The provider key's Responses API endpoint.
+    responses: ResponsesEndpoint,
+}
+
+/// Where a provider key serves the Responses API: Azure's v1 form
+/// `{api_base}/openai/v1/responses` (no api-version), or for a key pinned
+/// to a dated preview version, `{api_base}/openai/responses?api-version=…`.
+/// Either takes the deployment in the body's `model`.
+#[derive(Debug)]
+struct ResponsesEndpoint {
+    /// `…/openai/v1/responses` or `…/openai/responses`.
+    base: String,
+    /// The preview form's `api-version`.
+    api_version: Option<String>,
 }
 
 impl Target {
     pub fn uri(&self, op: Operation) -> Option<&Uri> {
         self.uris.get(op as usize)?.as_ref()
     }
+
+    /// The Responses API URL for `op`: `…/responses` to create, else
+    /// `…/responses/{upstream_id}{suffix}`; `query` is the caller's own
+    /// (paging of input items, `include`), minus any `api-version` and
+    /// `stream`.
+    pub fn responses_uri(
+        &self,
+        op: Operation,
+        upstream_id: Option<&str>,
+        query: Option<&str>,
+    ) -> Result<Uri, String> {
+        let mut url = self.responses.base.clone();
+        if let Some(id) = upstream_id {
+            url.push('/');
+            url.push_str(&path_segment(id));
+            url.push_str(op.id_suffix());
+        }
+        let mut params: Vec<String> = query
+            .unwrap_or_default()
+            .split('&')
+            // Ours, not the caller's: the key's api-version; and a stored
+            // response is read as JSON, never streamed again.
+            .filter(|kv| {
+                !kv.is_empty() && !matches!(kv.split('=').next(), Some("api-version" | "stream"))
+            })
+            .map(query_param)
+            .collect();
+        if let Some(v) = &self.responses.api_version {
+            params.push(format!("api-version={v}"));
+        }
+        if !params.is_empty() {
+            url.push('?');
+            url.push_str(&params.join("&"));
+        }
+        url.parse::<Uri>()
+            .map_err(|e| format!("bad Responses API URL: {e}"))
+    }
+}
+
+/// A caller's query parameter, safe to put in the upstream URL: anything
+/// but unreserved characters, `=` and existing percent escapes encoded.
+fn query_param(kv: &str) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(kv.len());
+    for b in kv.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'=' | b'%' | b'+')
+        {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
 }
 
 impl Runtime {
@@ -156,6 +230,16 @@ impl Runtime {
             }
         }
         let token_providers = targets.token_providers;
+        let mut provider_targets: HashMap<String, Arc<Target>> = HashMap::new();
+        let mut compiled: Vec<_> = targets.targets.into_iter().collect();
+        compiled.sort_by(|a, b| a.0.cmp(&b.0));
+        for ((pk, _), t) in compiled {
+            provider_targets.entry(pk).or_insert(t);
+        }
+        let response_ids = snapshot
+            .response_id_key
+            .as_ref()
+            .map(|k| Arc::new(ResponseIds::new(&k.0)));
         // JWT-bound api keys leave `api_keys` here; the rest are key hashes.
         let mut snapshot = snapshot;
         let jwt = crate::jwt::JwtAuth::compile(
@@ -176,12 +260,24 @@ impl Runtime {
             token_providers,
             jwt,
             probes,
+            response_ids,
+            provider_targets,
         })
     }
 
     /// The targets to probe under this snapshot.
     pub fn probe_targets(&self) -> &[ProbeTarget] {
         &self.probes
+    }
+
+    /// The Responses API's id sealer, if the control plane sent its key.
+    pub fn response_ids(&self) -> Option<&Arc<ResponseIds>> {
+        self.response_ids.as_ref()
+    }
+
+    /// A target on `provider_key_id`, if any model still routes to it.
+    pub fn provider_target(&self, provider_key_id: &str) -> Option<&Arc<Target>> {
+        self.provider_targets.get(provider_key_id)
     }
 
     /// Trusted JWT issuers and the api keys bound to JWT identities.
@@ -388,6 +484,7 @@ impl<'a> TargetBuilder<'a> {
         let base = check_upstream(&pk.api_base, pk.allow_insecure_upstream)
             .map_err(|e| format!("provider key {}: {e}", t.provider_key_id))?;
         let uris = uris(model_id, t, pk)?;
+        let responses = responses_endpoint(t, pk)?;
         let host = uris
             .iter()
             .flatten()
@@ -408,6 +505,7 @@ impl<'a> TargetBuilder<'a> {
             client: self.client(pk)?,
             health: self.health(t),
             uris,
+            responses,
         });
         self.targets.insert(key, target.clone());
         Ok(target)
@@ -482,6 +580,25 @@ fn uris(model_id: &str, t: &ResolvedTarget, pk: &ProviderKey) -> Result<Vec<Opti
         .collect()
 }
 
+/// The provider key's Responses API endpoint: the preview form for a dated
+/// `-preview` version (the only versions Azure serves it under), else Azure's
+/// v1 form — `v1`, and GA versions, which have no Responses API of their own.
+fn responses_endpoint(t: &ResolvedTarget, pk: &ProviderKey) -> Result<ResponsesEndpoint, String> {
+    let base = check_upstream(&pk.api_base, pk.allow_insecure_upstream)
+        .map_err(|e| format!("provider key {}: {e}", t.provider_key_id))?;
+    Ok(if pk.api_version.ends_with("-preview") {
+        ResponsesEndpoint {
+            base: format!("{base}/openai/responses"),
+            api_version: Some(pk.api_version.clone()),
+        }
+    } else {
+        ResponsesEndpoint {
+            base: format!("{base}/openai/v1/responses"),
+            api_version: None,
+        }
+    })
+}
+
 /// `name` as one URL path segment: every byte but RFC 3986's unreserved ones
 /// percent-encoded, and a segment of dots encoded whole, so a deployment name
 /// can never step out of `/openai/deployments/` or start a query. Names are
@@ -503,7 +620,76 @@ fn path_segment(name: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::path_segment;
+    use super::*;
+
+    fn target(api_version: &str) -> Target {
+        let t = ResolvedTarget {
+            provider_key_id: "pk".into(),
+            model_name: "dep".into(),
+            priority: 0,
+            weight: 1,
+            context_window: None,
+        };
+        let pk = ProviderKey {
+            display_name: "azure".into(),
+            adapter: "azure-openai".into(),
+            api_base: "https://res.openai.azure.com".into(),
+            api_version: api_version.into(),
+            ca_pem: None,
+            allow_insecure_upstream: false,
+            credential: aigw_shared::domain::Credential::ApiKey { key: "k".into() },
+        };
+        Target {
+            provider_key_id: "pk".into(),
+            provider_name: "azure".into(),
+            deployment: "dep".into(),
+            served_by: HeaderValue::from_static("azure/dep"),
+            auth: TargetAuth::ApiKey(HeaderValue::from_static("k")),
+            host: "res.openai.azure.com".into(),
+            base: "https://res.openai.azure.com".into(),
+            client: None,
+            health: HealthRegistry::default().get("pk", "dep"),
+            uris: Vec::new(),
+            responses: responses_endpoint(&t, &pk).unwrap(),
+        }
+    }
+
+    #[test]
+    fn responses_go_to_the_v1_form_or_a_dated_preview() {
+        let v1 = target("v1");
+        let uri = |t: &Target, op, id, q| t.responses_uri(op, id, q).unwrap().to_string();
+        assert_eq!(
+            uri(&v1, Operation::Responses, None, None),
+            "https://res.openai.azure.com/openai/v1/responses"
+        );
+        assert_eq!(
+            uri(&target("2024-10-21"), Operation::Responses, None, None),
+            "https://res.openai.azure.com/openai/v1/responses",
+            "GA versions have no Responses API: the v1 form"
+        );
+        let preview = target("2025-04-01-preview");
+        assert_eq!(
+            uri(&preview, Operation::Responses, None, Some("api-version=1")),
+            "https://res.openai.azure.com/openai/responses?api-version=2025-04-01-preview"
+        );
+        assert_eq!(
+            uri(&preview, Operation::ListInputItems, Some("resp_1"), Some("limit=2&include[]=x&api-version=9")),
+            "https://res.openai.azure.com/openai/responses/resp_1/input_items?limit=2&include%5B%5D=x&api-version=2025-04-01-preview"
+        );
+        assert_eq!(
+            uri(&v1, Operation::CancelResponse, Some("../x?y"), None),
+            "https://res.openai.azure.com/openai/v1/responses/..%2Fx%3Fy/cancel"
+        );
+        assert_eq!(
+            uri(
+                &v1,
+                Operation::DeleteResponse,
+                Some("resp_1"),
+                Some("a=<b>#")
+            ),
+            "https://res.openai.azure.com/openai/v1/responses/resp_1?a=%3Cb%3E%23"
+        );
+    }
 
     #[test]
     fn a_deployment_name_stays_one_path_segment() {

@@ -47,16 +47,60 @@ pub fn estimate(op: Operation, body: &RawObject<'_>, fields: &Fields, tokenizer:
         Operation::Completions | Operation::Embeddings => {
             input_tokens(op.prompt_field().and_then(|f| body.raw(f)), &count)
         }
-        Operation::ListModels => 0,
+        Operation::Responses => responses_prompt(body, &count),
+        Operation::ListModels
+        | Operation::GetResponse
+        | Operation::DeleteResponse
+        | Operation::CancelResponse
+        | Operation::ListInputItems => 0,
     };
     let completion = match op {
-        Operation::Embeddings | Operation::ListModels => 0,
-        _ => fields
+        Operation::ChatCompletions | Operation::Completions | Operation::Responses => fields
             .max_tokens
             .unwrap_or(0)
             .saturating_mul(fields.n.max(1)),
+        _ => 0,
     };
     prompt.saturating_add(completion)
+}
+
+/// A Responses request's prompt: `instructions`, then `input` (a string, or
+/// items: messages framed like chat's, tool calls and their outputs as
+/// text), then the tool definitions. A `previous_response_id`'s context is
+/// billed too but unknown here: the usage corrects it afterwards.
+fn responses_prompt(body: &RawObject<'_>, count: &impl Fn(&str) -> u64) -> u64 {
+    use crate::openai::responses::{INPUT, INSTRUCTIONS, TOOLS};
+    let mut total = REPLY_PRIMING;
+    if let Some(i) = body.raw(INSTRUCTIONS) {
+        total = total.saturating_add(PER_MESSAGE).saturating_add(count(i));
+    }
+    let input = body.raw(INPUT).unwrap_or_default();
+    if input.starts_with('"') {
+        total = total
+            .saturating_add(PER_MESSAGE)
+            .saturating_add(count(input));
+    }
+    for item in raw::items(input) {
+        total = total.saturating_add(PER_MESSAGE);
+        if let Some(role) = raw::lookup(item, "role") {
+            total = total.saturating_add(count(role));
+        }
+        total = total.saturating_add(content_tokens(raw::lookup(item, "content"), count));
+        // Tool calls and their results are text the model reads.
+        for k in ["name", "arguments", "output"] {
+            if let Some(v) = raw::lookup(item, k) {
+                total = total.saturating_add(if v.starts_with('"') {
+                    count(v)
+                } else {
+                    count_text(v, count)
+                });
+            }
+        }
+    }
+    if let Some(v) = body.raw(TOOLS) {
+        total = total.saturating_add(count_text(v, count));
+    }
+    total
 }
 
 /// `count` takes a raw JSON string (anything else counts 0).
@@ -106,7 +150,7 @@ fn content_tokens(content: Option<&str>, count: &impl Fn(&str) -> u64) -> u64 {
         Some(b'[') => raw::items(content.unwrap_or_default())
             .map(|p| {
                 let kind = raw::lookup(p, "type").and_then(request::string);
-                if kind.as_deref() == Some("image_url") {
+                if matches!(kind.as_deref(), Some("image_url" | "input_image")) {
                     PER_IMAGE
                 } else {
                     raw::lookup(p, "text").map_or(0, count)
@@ -186,6 +230,45 @@ mod tests {
         let mut tools = plain;
         tools["tools"] = json!([{"type": "function", "function": {"name": "f"}}]);
         assert!(estimate_of(Operation::ChatCompletions, tools, t) > p);
+    }
+
+    #[test]
+    fn responses_count_instructions_input_items_tools_and_max_output_tokens() {
+        let t = tokenizer_for("gpt-4o");
+        // "Hello, how are you?" is 6 tokens in o200k.
+        let text = json!({"model": "m", "input": "Hello, how are you?", "max_output_tokens": 40});
+        assert_eq!(
+            estimate_of(Operation::Responses, text, t),
+            REPLY_PRIMING + PER_MESSAGE + 6 + 40
+        );
+        // As a message item, with parts: the same text, framed like chat's
+        // ("user" is 1 token); an image costs its low-detail price.
+        let items = json!({"model": "m", "input": [
+            {"role": "user", "content": [{"type": "input_text", "text": "Hello, how are you?"},
+                                          {"type": "input_image", "image_url": "data:x"}]}
+        ]});
+        assert_eq!(
+            estimate_of(Operation::Responses, items, t),
+            REPLY_PRIMING + PER_MESSAGE + 1 + 6 + PER_IMAGE
+        );
+        let plain = json!({"model": "m", "input": "Hello, how are you?"});
+        let base = estimate_of(Operation::Responses, plain.clone(), t);
+        let mut more = plain.clone();
+        more["instructions"] = json!("Hello, how are you?");
+        assert_eq!(
+            estimate_of(Operation::Responses, more, t),
+            base + PER_MESSAGE + 6
+        );
+        let mut tools = plain.clone();
+        tools["tools"] = json!([{"type": "function", "name": "get_weather", "parameters": {}}]);
+        assert!(estimate_of(Operation::Responses, tools, t) > base);
+        let outputs = json!({"model": "m", "input": [
+            {"type": "function_call_output", "call_id": "c1", "output": "Hello, how are you?"}
+        ]});
+        assert_eq!(
+            estimate_of(Operation::Responses, outputs, t),
+            REPLY_PRIMING + PER_MESSAGE + 6
+        );
     }
 
     #[test]

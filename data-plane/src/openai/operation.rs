@@ -9,7 +9,11 @@
 //! - `/openai/deployments/{alias}/{op}?api-version=…` — Azure's deployment
 //!   form, for `AzureOpenAI` clients: the alias is the path's (it wins over
 //!   any body `model`), and answers and errors keep Azure's shape
-//!   ([`Shape::Azure`]).
+//!   ([`Shape::Azure`]);
+//! - `/openai/responses?api-version=…` — Azure's preview Responses route
+//!   (alias in the body's `model`, Azure's errors), and the Responses API's
+//!   calls by id under `/v1/responses/{id}`, `/openai/v1/responses/{id}`
+//!   and `/openai/responses/{id}?api-version=…`.
 
 use http::Method;
 
@@ -20,6 +24,16 @@ pub enum Operation {
     Completions,
     Embeddings,
     ListModels,
+    /// `POST /v1/responses`: the Responses API.
+    Responses,
+    /// `GET /v1/responses/{id}`.
+    GetResponse,
+    /// `DELETE /v1/responses/{id}`.
+    DeleteResponse,
+    /// `POST /v1/responses/{id}/cancel`.
+    CancelResponse,
+    /// `GET /v1/responses/{id}/input_items`.
+    ListInputItems,
 }
 
 /// An operation's row: how callers reach it and how it goes to Azure.
@@ -27,7 +41,7 @@ pub enum Operation {
 pub struct Row {
     pub op: Operation,
     pub method: Method,
-    /// The OpenAI path callers use.
+    /// The OpenAI path callers use; `{id}` stands for a response id.
     pub path: &'static str,
     /// `gen_ai.operation.name`, and the first word of the call's span name.
     pub name: &'static str,
@@ -41,7 +55,7 @@ pub struct Row {
 }
 
 /// Indexed by `Operation as usize`.
-pub const OPERATIONS: [Row; 4] = [
+pub const OPERATIONS: [Row; 9] = [
     Row {
         op: Operation::ChatCompletions,
         method: Method::POST,
@@ -78,7 +92,59 @@ pub const OPERATIONS: [Row; 4] = [
         prompt_field: None,
         streams: false,
     },
+    // Azure serves the Responses API only in its v1 and preview forms, never
+    // under a deployment: no `azure_path` (see `config::runtime`).
+    Row {
+        op: Operation::Responses,
+        method: Method::POST,
+        path: RESPONSES,
+        name: "responses",
+        azure_path: None,
+        prompt_field: Some("input"),
+        streams: true,
+    },
+    Row {
+        op: Operation::GetResponse,
+        method: Method::GET,
+        path: "/v1/responses/{id}",
+        name: "responses.get",
+        azure_path: None,
+        prompt_field: None,
+        streams: false,
+    },
+    Row {
+        op: Operation::DeleteResponse,
+        method: Method::DELETE,
+        path: "/v1/responses/{id}",
+        name: "responses.delete",
+        azure_path: None,
+        prompt_field: None,
+        streams: false,
+    },
+    Row {
+        op: Operation::CancelResponse,
+        method: Method::POST,
+        path: "/v1/responses/{id}/cancel",
+        name: "responses.cancel",
+        azure_path: None,
+        prompt_field: None,
+        streams: false,
+    },
+    Row {
+        op: Operation::ListInputItems,
+        method: Method::GET,
+        path: "/v1/responses/{id}/input_items",
+        name: "responses.input_items",
+        azure_path: None,
+        prompt_field: None,
+        streams: false,
+    },
 ];
+
+const RESPONSES: &str = "/v1/responses";
+/// Longest response id segment routed (the id is checked later, and any
+/// id that does not open is a 404 like an unknown one).
+pub const MAX_PATH_ID: usize = 4096;
 
 /// The span name of a path no operation serves.
 pub const UNKNOWN_NAME: &str = "http";
@@ -98,10 +164,34 @@ impl Operation {
         &OPERATIONS[self as usize]
     }
 
-    /// The operation serving `path` (any of its three forms), whatever the
-    /// method.
+    /// The operation serving `path` (any of its forms), whatever the
+    /// method (the first of a path's operations).
     pub fn for_path(path: &str) -> Option<Self> {
-        parse_path(path).ok().map(|(op, _)| op)
+        let parsed = parse_path(path).ok()?;
+        OPERATIONS
+            .iter()
+            .find(|r| r.path == parsed.pattern)
+            .map(|r| r.op)
+    }
+
+    /// Whether the operation names a stored response in its path.
+    pub fn by_id(self) -> bool {
+        self.row().path.contains("{id}")
+    }
+
+    /// Whether it is a Responses API call (stateful: never cached, its ids
+    /// sealed).
+    pub fn is_responses(self) -> bool {
+        self == Operation::Responses || self.by_id()
+    }
+
+    /// What follows `/responses/{id}` upstream (`""`, `/cancel`,
+    /// `/input_items`).
+    pub fn id_suffix(self) -> &'static str {
+        self.row()
+            .path
+            .split_once("{id}")
+            .map_or("", |(_, rest)| rest)
     }
 
     /// `gen_ai.operation.name`.
@@ -122,9 +212,16 @@ impl Operation {
     }
 }
 
-/// `gen_ai.operation.name` for a request path (`http` when none serves it).
-pub fn span_name(path: &str) -> &'static str {
-    Operation::for_path(path).map_or(UNKNOWN_NAME, Operation::name)
+/// `gen_ai.operation.name` for a request (`http` when none serves it).
+pub fn span_name(method: &Method, path: &str) -> &'static str {
+    let Ok(parsed) = parse_path(path) else {
+        return UNKNOWN_NAME;
+    };
+    let mut rows = OPERATIONS.iter().filter(|r| r.path == parsed.pattern);
+    let first = rows.clone().next();
+    rows.find(|r| r.method == *method)
+        .or(first)
+        .map_or(UNKNOWN_NAME, |r| r.name)
 }
 
 /// The shape of answers and errors, decided by the route a caller used.
@@ -144,6 +241,8 @@ pub enum Shape {
 const DEPLOYMENTS: &str = "/openai/deployments/";
 /// Prefix of Azure's v1 route, which is the OpenAI API under `/openai`.
 const AZURE_V1: &str = "/openai";
+/// Azure's preview Responses route (`?api-version=` required).
+const AZURE_RESPONSES: &str = "/openai/responses";
 /// Longest alias accepted in a path (bytes, decoded). Aliases are looked up,
 /// never sent on; this only bounds what a hostile path can cost.
 pub const MAX_PATH_ALIAS: usize = 256;
@@ -154,7 +253,7 @@ impl Shape {
     /// The shape a path asks for, routed or not: a 404 under
     /// `/openai/deployments/` is answered in Azure's shape too.
     pub fn of_path(path: &str) -> Self {
-        if path.starts_with(DEPLOYMENTS) {
+        if path.starts_with(DEPLOYMENTS) || azure_responses_rest(path).is_some() {
             Shape::Azure
         } else {
             Shape::OpenAi
@@ -171,60 +270,132 @@ pub struct Inbound {
     /// `{alias}` of `/openai/deployments/{alias}/…`, percent-decoded; the
     /// call's alias whatever the body's `model` says.
     pub alias: Option<String>,
-    /// The caller's `api-version` (deployment route only): accepted
+    /// The caller's `api-version` (Azure's routes only): accepted
     /// whatever it is, and recorded; upstream gets the provider key's own.
     pub api_version: Option<String>,
+    /// `{id}` of `/v1/responses/{id}…`: the caller's (sealed) response id.
+    pub response_id: Option<String>,
 }
 
 impl Inbound {
     /// Routes a request line. On the deployment route `api-version` is
     /// required, as Azure requires it (Azure answers a missing one 404).
     pub fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Self, Unrouted> {
-        let (op, alias) = parse_path(path)?;
-        if op.row().method != *method {
-            return Err(Unrouted::MethodNotAllowed);
-        }
-        let Some(alias) = alias else {
+        let parsed = parse_path(path)?;
+        let op = OPERATIONS
+            .iter()
+            .filter(|r| r.path == parsed.pattern)
+            .find(|r| r.method == *method)
+            .ok_or(Unrouted::MethodNotAllowed)?
+            .op;
+        if !parsed.azure {
             return Ok(Self {
                 op,
                 shape: Shape::OpenAi,
                 alias: None,
                 api_version: None,
+                response_id: parsed.id,
             });
-        };
+        }
         let api_version = query
             .and_then(api_version)
             .ok_or(Unrouted::MissingApiVersion)?;
         Ok(Self {
             op,
             shape: Shape::Azure,
-            alias: Some(alias),
+            alias: parsed.alias,
             api_version: Some(api_version.to_string()),
+            response_id: parsed.id,
         })
     }
 }
 
-/// The operation a path names and, on the deployment route, its alias.
-fn parse_path(path: &str) -> Result<(Operation, Option<String>), Unrouted> {
+/// What a path says: its operations' path (`Row::path`), the deployment
+/// route's alias, a response id, and whether it is one of Azure's routes.
+struct Parsed {
+    pattern: &'static str,
+    alias: Option<String>,
+    id: Option<String>,
+    azure: bool,
+}
+
+/// The rest of `/openai/responses…` (empty, or from a `/`).
+fn azure_responses_rest(path: &str) -> Option<&str> {
+    path.strip_prefix(AZURE_RESPONSES)
+        .filter(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+fn parse_path(path: &str) -> Result<Parsed, Unrouted> {
     if let Some(rest) = path.strip_prefix(DEPLOYMENTS) {
         let (segment, op_path) = rest.split_once('/').ok_or(Unrouted::UnknownPath)?;
-        let op = OPERATIONS
+        let row = OPERATIONS
             .iter()
             .find(|r| r.azure_path == Some(op_path))
-            .ok_or(Unrouted::UnknownPath)?
-            .op;
-        return Ok((op, Some(path_alias(segment).ok_or(Unrouted::UnknownPath)?)));
+            .ok_or(Unrouted::UnknownPath)?;
+        return Ok(Parsed {
+            pattern: row.path,
+            alias: Some(path_alias(segment).ok_or(Unrouted::UnknownPath)?),
+            id: None,
+            azure: true,
+        });
+    }
+    if let Some(rest) = azure_responses_rest(path) {
+        let (pattern, id) = responses_path(rest)?;
+        return Ok(Parsed {
+            pattern,
+            alias: None,
+            id,
+            azure: true,
+        });
     }
     // `/openai/v1/…` is `/v1/…`; `/openai/models` and the like are not.
     let path = match path.strip_prefix(AZURE_V1) {
         Some(rest) if rest.starts_with("/v1/") => rest,
         _ => path,
     };
+    if let Some(rest) = path.strip_prefix(RESPONSES) {
+        let (pattern, id) = responses_path(rest)?;
+        return Ok(Parsed {
+            pattern,
+            alias: None,
+            id,
+            azure: false,
+        });
+    }
     let row = OPERATIONS
         .iter()
-        .find(|r| r.path == path)
+        .find(|r| r.path == path && !r.path.contains("{id}"))
         .ok_or(Unrouted::UnknownPath)?;
-    Ok((row.op, None))
+    Ok(Parsed {
+        pattern: row.path,
+        alias: None,
+        id: None,
+        azure: false,
+    })
+}
+
+/// What follows `…/responses`: nothing (create), or `/{id}` with an
+/// optional `/cancel` or `/input_items`. The id is any non-empty segment:
+/// one that does not open later is an unknown response (404).
+fn responses_path(rest: &str) -> Result<(&'static str, Option<String>), Unrouted> {
+    if rest.is_empty() {
+        return Ok((RESPONSES, None));
+    }
+    let rest = rest.strip_prefix('/').ok_or(Unrouted::UnknownPath)?;
+    let (id, suffix) = rest.split_once('/').unwrap_or((rest, ""));
+    if id.is_empty() || id.len() > MAX_PATH_ID {
+        return Err(Unrouted::UnknownPath);
+    }
+    let row = OPERATIONS
+        .iter()
+        .filter(|r| r.path.contains("{id}"))
+        .find(|r| {
+            r.path
+                .split_once("{id}")
+                .is_some_and(|(_, s)| s.strip_prefix('/').unwrap_or(s) == suffix)
+        })
+        .ok_or(Unrouted::UnknownPath)?;
+    Ok((row.path, Some(id.to_string())))
 }
 
 /// A deployment path segment as an alias: percent-decoded (an alias may
@@ -279,7 +450,10 @@ mod tests {
     fn rows_are_indexed_by_their_operation() {
         for (i, row) in OPERATIONS.iter().enumerate() {
             assert_eq!(row.op as usize, i, "{row:?}");
-            assert_eq!(Operation::for_path(row.path), Some(row.op));
+            let path = row.path.replace("{id}", "resp_1");
+            let r = Inbound::route(&row.method, &path, None).unwrap();
+            assert_eq!(r.op, row.op, "{path}");
+            assert_eq!(span_name(&row.method, &path), row.name);
         }
     }
 
@@ -301,8 +475,8 @@ mod tests {
             Inbound::route(&Method::POST, "/v1/nope", None).map(|r| r.op),
             Err(Unrouted::UnknownPath)
         );
-        assert_eq!(span_name("/v1/embeddings"), "embeddings");
-        assert_eq!(span_name("/nope"), "http");
+        assert_eq!(span_name(&Method::POST, "/v1/embeddings"), "embeddings");
+        assert_eq!(span_name(&Method::POST, "/nope"), "http");
     }
 
     fn azure(path: &str, query: Option<&str>) -> Result<Inbound, Unrouted> {
@@ -325,6 +499,7 @@ mod tests {
                     shape: Shape::Azure,
                     alias: Some("gpt-4o".into()),
                     api_version: Some("2024-10-21".into()),
+                    response_id: None,
                 }
             );
         }
@@ -340,7 +515,10 @@ mod tests {
             Shape::Azure,
             "a 404 under the deployment route is Azure's too"
         );
-        assert_eq!(span_name("/openai/deployments/m/embeddings"), "embeddings");
+        assert_eq!(
+            span_name(&Method::POST, "/openai/deployments/m/embeddings"),
+            "embeddings"
+        );
     }
 
     #[test]
@@ -366,6 +544,60 @@ mod tests {
         ] {
             assert_eq!(Operation::for_path(nope), None, "{nope}");
         }
+    }
+
+    #[test]
+    fn responses_routes() {
+        let q = Some("api-version=2025-03-01-preview");
+        for (base, shape, query) in [
+            ("/v1/responses", Shape::OpenAi, None),
+            ("/openai/v1/responses", Shape::OpenAi, None),
+            ("/openai/responses", Shape::Azure, q),
+        ] {
+            let r = Inbound::route(&Method::POST, base, query).unwrap();
+            assert_eq!(
+                (r.op, r.shape, r.response_id),
+                (Operation::Responses, shape, None)
+            );
+            for (method, suffix, op) in [
+                (Method::GET, "", Operation::GetResponse),
+                (Method::DELETE, "", Operation::DeleteResponse),
+                (Method::POST, "/cancel", Operation::CancelResponse),
+                (Method::GET, "/input_items", Operation::ListInputItems),
+            ] {
+                let path = format!("{base}/resp_abc{suffix}");
+                let r = Inbound::route(&method, &path, query).unwrap();
+                assert_eq!(
+                    (r.op, r.shape, r.response_id.as_deref()),
+                    (op, shape, Some("resp_abc")),
+                    "{method} {path}"
+                );
+                assert!(op.by_id() && op.is_responses());
+                assert_eq!(op.id_suffix(), suffix);
+            }
+            assert_eq!(
+                Inbound::route(&Method::PUT, &format!("{base}/r"), query).map(|r| r.op),
+                Err(Unrouted::MethodNotAllowed)
+            );
+            for nope in ["/r/other", "/r/cancel/x", "//cancel", "/"] {
+                assert_eq!(
+                    Inbound::route(&Method::POST, &format!("{base}{nope}"), query).map(|r| r.op),
+                    Err(Unrouted::UnknownPath),
+                    "{base}{nope}"
+                );
+            }
+        }
+        assert_eq!(
+            Inbound::route(&Method::POST, "/openai/responses", None),
+            Err(Unrouted::MissingApiVersion)
+        );
+        assert_eq!(Shape::of_path("/openai/responses/x"), Shape::Azure);
+        assert_eq!(Shape::of_path("/openai/responsesx"), Shape::OpenAi);
+        assert_eq!(
+            span_name(&Method::DELETE, "/v1/responses/r"),
+            "responses.delete"
+        );
+        assert!(!Operation::Responses.by_id() && Operation::Responses.is_responses());
     }
 
     #[test]

@@ -4,9 +4,9 @@
 //! A request therefore costs about its own size in memory, however it is
 //! shaped (a `serde_json::Value` of `[0,0,…]` costs ~30× its bytes).
 
+pub use super::field::{string, Invalid, MAX_COMPLETION_TOKENS_LIMIT};
 use super::raw::{self, Field, RawObject};
 use super::Operation;
-use std::borrow::Cow;
 
 pub const MODEL: &str = "model";
 pub const STREAM: &str = "stream";
@@ -17,25 +17,11 @@ pub const MAX_COMPLETION_TOKENS: &str = "max_completion_tokens";
 pub const TEMPERATURE: &str = "temperature";
 pub const N: &str = "n";
 
-/// Largest `max_tokens` / `max_completion_tokens` accepted: above every
-/// deployment's output limit (the largest today is 128k), so a bigger value
-/// can only be a mistake or an attempt to overflow the token estimate; it is
-/// refused with a 400 rather than clamped, as Azure would refuse it.
-pub const MAX_COMPLETION_TOKENS_LIMIT: u64 = 1 << 20;
 /// Largest `n` (choices per call), as the OpenAI API documents it.
 pub const MAX_N: u64 = 128;
 /// Most top-level fields a request may have (the API has a few dozen); each
 /// is kept while the call runs, so this bounds what tiny fields can cost.
 pub const MAX_FIELDS: usize = 256;
-
-/// A request body that breaks the API: the OpenAI error's message, `param`
-/// and `code`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Invalid {
-    pub message: String,
-    pub param: Option<&'static str>,
-    pub code: Option<&'static str>,
-}
 
 fn invalid(message: impl Into<String>, param: &'static str, code: &'static str) -> Invalid {
     Invalid {
@@ -94,8 +80,11 @@ pub struct Fields {
     pub n: u64,
     /// Characters of prompt text, for counting tokens ourselves if need be.
     pub prompt_chars: usize,
-    /// `temperature` exactly 0 and `n` absent or 1: cacheable.
+    /// `temperature` exactly 0 and `n` absent or 1: cacheable (never for
+    /// the Responses API, whose calls are stateful).
     pub deterministic: bool,
+    /// The Responses API's `previous_response_id`, as the caller sent it.
+    pub previous_response_id: Option<String>,
 }
 
 /// Checks what `op` requires of `body` and reads the fields the gateway uses.
@@ -111,6 +100,10 @@ pub fn read_fields(
         None => alias(body)?,
     };
     let prompt = prompt(op, body)?;
+    let responses = match op {
+        Operation::Responses => Some(super::responses::read(body)?),
+        _ => None,
+    };
     let stream = stream(op, body)?;
     let caller_wants_usage = stream && caller_wants_usage(body)?;
     let n = bounded(body, N, MAX_N)?;
@@ -118,22 +111,30 @@ pub fn read_fields(
         .raw(TEMPERATURE)
         .and_then(|t| serde_json::from_str::<f64>(t).ok())
         == Some(0.0);
+    let prompt_chars = prompt.map_or(0, text_chars);
+    if let Some(r) = responses {
+        return Ok(Fields {
+            alias,
+            stream,
+            // Responses streams always end with the usage (`response.completed`).
+            caller_wants_usage: stream,
+            max_tokens: r.max_output_tokens,
+            n: 1,
+            prompt_chars: prompt_chars.saturating_add(r.instructions_chars),
+            deterministic: false,
+            previous_response_id: r.previous_response_id,
+        });
+    }
     Ok(Fields {
         alias,
         stream,
         caller_wants_usage,
         max_tokens: max_tokens(body)?,
         n: n.unwrap_or(1),
-        prompt_chars: prompt.map_or(0, text_chars),
+        prompt_chars,
         deterministic: temperature_zero && n.is_none_or(|n| n == 1),
+        previous_response_id: None,
     })
-}
-
-/// A JSON string's value; `None` if `raw` is not a string.
-pub fn string(raw: &str) -> Option<Cow<'_, str>> {
-    #[derive(serde::Deserialize)]
-    struct S<'a>(#[serde(borrow)] Cow<'a, str>);
-    serde_json::from_str::<S<'_>>(raw).ok().map(|s| s.0)
 }
 
 fn alias(body: &RawObject<'_>) -> Result<String, Invalid> {

@@ -11,6 +11,7 @@ use super::trace::{AttemptSpan, CallAttributes, CallSpan};
 use crate::config::{Route, Target};
 use crate::limits::{Permit, RateHeaders};
 use crate::openai::{Operation, Shape};
+use crate::response_ids::{IdScope, ResponseIds, ResponseRef};
 use crate::usage::{Accounting, CacheStatus, UsageRecorder};
 use http::HeaderValue;
 use std::sync::Arc;
@@ -29,7 +30,30 @@ pub struct Call {
     pub rate: Option<RateHeaders>,
     /// Upstream attempts made so far.
     pub attempts: u32,
+    /// A Responses API call: its id sealer and the stored response it
+    /// follows up on.
+    pub responses: Option<ResponsesCall>,
     pub end: CallEnd,
+}
+
+/// What a Responses API call carries besides the request.
+pub struct ResponsesCall {
+    pub ids: Arc<ResponseIds>,
+    /// The opened `previous_response_id`: the call goes to its provider key.
+    pub previous: Option<ResponseRef>,
+}
+
+impl Call {
+    /// How the ids of an answer from `target` are sealed for this caller.
+    pub fn id_scope(&self, target: &Target, alias: &str) -> Option<IdScope> {
+        let r = self.responses.as_ref()?;
+        Some(IdScope {
+            ids: r.ids.clone(),
+            provider_key_id: target.provider_key_id.clone(),
+            api_key_id: self.caller.as_ref()?.id.clone(),
+            alias: alias.to_string(),
+        })
+    }
 }
 
 impl Call {
@@ -42,6 +66,7 @@ impl Call {
             route: None,
             rate: None,
             attempts: 0,
+            responses: None,
             end: CallEnd {
                 span,
                 usage: None,

@@ -96,6 +96,21 @@ impl Error {
                 "invalid_request_error",
                 Some("method_not_allowed"),
             ),
+            ResponseNotFound { .. } => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("response_not_found"),
+            ),
+            ResponseTargetGone(_) => (
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                Some("response_target_gone"),
+            ),
+            ResponsesUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                Some("responses_unavailable"),
+            ),
             NotReady => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "service_unavailable",
@@ -208,6 +223,7 @@ impl Error {
             Error::InvalidRequest { param, .. } => param.map_or(Value::Null, Value::from),
             Error::ContentFilter { .. } => Value::from("prompt"),
             Error::ModelNotFound(_) | Error::PermissionDenied(_) => Value::from("model"),
+            Error::ResponseNotFound { param, .. } => param.map_or(Value::Null, Value::from),
             _ => Value::Null,
         };
         let mut error = json!({
@@ -241,6 +257,7 @@ impl Error {
             ),
             Error::PermissionDenied(_) => ("PermissionDenied", message),
             Error::UnknownPath(_) => ("404", "Resource not found".to_string()),
+            Error::ResponseNotFound { .. } => ("404", message),
             Error::RateLimited(_) | Error::UpstreamRateLimited { .. } => ("429", message),
             Error::ContentFilter { details, .. } => {
                 return json!({

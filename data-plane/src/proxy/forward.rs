@@ -197,6 +197,21 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, Error> {
         let deadline = deadline_after(Instant::now(), route.timeout);
         let mut tried = self.too_small(op, route, request).await?;
+        if let Some(pk) = call.responses.as_ref().and_then(|r| r.previous.as_ref()) {
+            // A follow-up must reach the resource that stores the response it
+            // follows: every other target counts as tried already.
+            let pk = &pk.provider_key_id;
+            let elsewhere: Vec<usize> = (0..route.targets.len())
+                .filter(|&i| route.targets[i].provider_key_id != *pk && !tried.contains(&i))
+                .collect();
+            tried.extend(elsewhere);
+            if (0..route.targets.len()).all(|i| tried.contains(&i)) {
+                return Err(Error::ResponseTargetGone(format!(
+                    "the previous response is stored by provider key `{pk}`, which is not a target of model `{}`",
+                    route.alias
+                )));
+            }
+        }
         let mut last: Option<Error> = None;
         for attempt in 0..=route.retries {
             let choice = match routing::pick(&route.pool, &tried, monotonic_ms()) {

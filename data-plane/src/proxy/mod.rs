@@ -35,6 +35,12 @@
 //!     fields stripped; Azure shape: as Azure sent it. Streams pass through
 //!     `sse::SseAdapter` chunk by chunk.
 //!
+//! The Responses API (`responses`) goes the same way — its ids sealed with
+//! the provider key that stores the response, a `previous_response_id`
+//! pinning the call to that key in step 9, never cached in step 8 — and
+//! its calls by id (`GET|DELETE /v1/responses/{id}`, cancel, input items)
+//! go from step 4 straight to the key the id names.
+//!
 //! Errors from any step become the call's shape of error envelope in `edge`. The call's
 //! span, usage record and rate-limit permit end together (`call::CallEnd`)
 //! when the answer is sent — for a stream, with its last chunk or the
@@ -46,6 +52,7 @@ mod call;
 mod edge;
 mod forward;
 mod request;
+mod responses;
 mod sse;
 mod trace;
 mod upstream;
@@ -199,9 +206,12 @@ impl Proxy {
             return self.list_models(req.headers()).await;
         }
         call.op = Some(op);
-        call.end.api_version = inbound.api_version;
+        call.end.api_version = inbound.api_version.clone();
         let runtime = self.config.load().ok_or(Error::NotReady)?;
         self.authenticate(&runtime, op, req.headers(), call).await?;
+        if op.by_id() {
+            return self.by_id(runtime, &inbound, req, call).await;
+        }
         let (mut parts, body) = req.into_parts();
         if let Some(caller) = &call.caller {
             caller.stamp(&mut parts.headers);
@@ -215,6 +225,9 @@ impl Proxy {
         )
         .await?;
         record_request(call, &request);
+        if op == Operation::Responses {
+            call.responses = Some(responses::follow_up(&runtime, call, &request)?);
+        }
         let route = authorise(&runtime, call, &request)?;
         drop(runtime);
         self.limit(op, &route, &request, call).await?;
@@ -253,7 +266,6 @@ impl Proxy {
         request: &request::Request,
         call: &mut Call,
     ) -> Result<(), Error> {
-        use crate::limits::Check;
         let Some(caller) = &call.caller else {
             return Ok(());
         };
@@ -261,30 +273,7 @@ impl Proxy {
             return Ok(());
         }
         let tokens = estimate_tokens(op, caller, route, request).await?;
-        let mut checks = Vec::with_capacity(2);
-        if let Some(l) = &caller.limits {
-            checks.push(Check {
-                scope: &l.scope,
-                limits: &l.rate,
-                what: "api key",
-                id: &caller.id,
-            });
-        }
-        if let Some(l) = &route.limits {
-            checks.push(Check {
-                scope: &l.scope,
-                limits: &l.rate,
-                what: "model",
-                id: &route.alias,
-            });
-        }
-        let permit = self
-            .services
-            .limiter
-            .acquire(&checks, tokens)
-            .map_err(Error::RateLimited)?;
-        call.hold(permit);
-        Ok(())
+        self.admit(Some(route), tokens, call)
     }
 
     /// Step 8: the model's response cache, when this request may use it.
@@ -296,7 +285,8 @@ impl Proxy {
         request: &request::Request,
         call: &mut Call,
     ) -> Option<crate::cache::Store> {
-        if op == Operation::Embeddings || !request.fields.deterministic {
+        // Responses API calls are stateful (stored, followed up): never cached.
+        if op == Operation::Embeddings || op.is_responses() || !request.fields.deterministic {
             return None;
         }
         let store =

@@ -91,7 +91,8 @@ where
         .map_err(|e| Error::Io(std::io::Error::other(format!("checking the request: {e}"))))?
 }
 
-/// The checks and the one rewrite (streams ask Azure for usage).
+/// The checks and the one rewrite (chat and completions streams ask Azure
+/// for usage; a Responses stream always ends with it).
 pub(super) fn check(
     op: Operation,
     path_alias: Option<&str>,
@@ -99,7 +100,7 @@ pub(super) fn check(
 ) -> Result<Request, Error> {
     let mut object = wire::parse(&bytes)?;
     let fields = wire::read_fields(op, &object, path_alias)?;
-    if !fields.stream {
+    if !fields.stream || op == Operation::Responses {
         drop(object);
         return Ok(Request {
             fields,

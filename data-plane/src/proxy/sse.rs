@@ -4,11 +4,20 @@
 //! set to the alias; the Azure shape keeps them all as Azure sent them.
 //! Either way the usage chunk is forwarded only if the caller asked, and the
 //! stream always ends with `data: [DONE]`.
+//!
+//! A Responses API stream ([`SseAdapter::responses`]) keeps its events'
+//! names and order; response ids are sealed (`crate::response_ids`), `model`
+//! is the alias on the OpenAI shape, the usage comes from
+//! `response.completed` (or another terminal event), and there is no
+//! `[DONE]`: a stream that ends before a terminal event gets an `error`
+//! event, and its usage is estimated.
 
 use super::call::CallEnd;
 use super::BoxError;
 use crate::openai::azure::{self, ChunkKind};
+use crate::openai::responses::{self, TERMINAL_EVENTS};
 use crate::openai::{Answer, ChoiceText, Shape};
+use crate::response_ids::IdScope;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http_body::{Body, Frame};
 use std::future::Future;
@@ -44,6 +53,10 @@ pub struct SseAdapter<B> {
     /// Ends the call (usage, span, permit) when the stream ends, or when the
     /// caller goes away (dropped).
     end: CallEnd,
+    /// A Responses API stream: how its ids are sealed.
+    responses: Option<IdScope>,
+    /// A Responses stream reached a terminal event.
+    terminal: bool,
 }
 
 impl<B> SseAdapter<B> {
@@ -68,7 +81,15 @@ impl<B> SseAdapter<B> {
             upstream_done: false,
             sent_done: false,
             end,
+            responses: None,
+            terminal: false,
         }
+    }
+
+    /// The adapter for a Responses API stream, its ids sealed by `ids`.
+    pub fn responses(mut self, ids: IdScope) -> Self {
+        self.responses = Some(ids);
+        self
     }
 
     /// Moves every complete event from `pending` to `out`.
@@ -133,6 +154,10 @@ impl<B> SseAdapter<B> {
             self.finish();
             return;
         }
+        if self.responses.is_some() {
+            self.responses_event(data);
+            return;
+        }
         let Ok(mut chunk) = Answer::parse(data.as_bytes()) else {
             tracing::debug!("dropping an unparseable stream event");
             return;
@@ -192,9 +217,63 @@ impl<B> SseAdapter<B> {
         }
     }
 
+    /// One Responses API event, forwarded with its name: ids sealed,
+    /// `model` the alias (OpenAI shape), usage and text accounted.
+    fn responses_event(&mut self, data: &str) {
+        let Some(scope) = self.responses.as_ref() else {
+            return;
+        };
+        let Ok(mut ev) = responses::Event::parse(data.as_bytes()) else {
+            tracing::debug!("dropping an unparseable stream event");
+            return;
+        };
+        let kind = ev.kind().map(|k| k.into_owned()).unwrap_or_default();
+        let terminal = TERMINAL_EVENTS.contains(&kind.as_str());
+        if let Some(mut r) = ev.response() {
+            if let Some(a) = self.end.usage() {
+                if let Some(m) = r.model() {
+                    a.set_response_model(&m);
+                }
+                if let (true, Some(u)) = (terminal, r.usage()) {
+                    a.set_usage(u.tokens());
+                }
+            }
+            let alias = (self.shape == Shape::OpenAi).then_some(&*self.alias);
+            r.rewrite(&|id| scope.seal(id), alias);
+            ev.set_response(&r);
+        }
+        if let (Some(a), Some(delta)) = (self.end.usage(), ev.text_delta()) {
+            a.mark_first_byte();
+            a.completion_chars += delta.chars().count();
+            if a.wants_completion() {
+                a.add_completion_text(&delta);
+            }
+        }
+        self.terminal |= terminal;
+        if !kind.is_empty() {
+            self.out.extend_from_slice(b"event: ");
+            self.out.extend_from_slice(kind.as_bytes());
+            self.out.extend_from_slice(b"\n");
+        }
+        self.out.extend_from_slice(b"data: ");
+        self.out.extend_from_slice(ev.to_json().as_bytes());
+        self.out.extend_from_slice(b"\n\n");
+    }
+
+    /// The upstream's stream ended: a Responses stream must have reached a
+    /// terminal event, or it was cut.
+    fn upstream_ended(&mut self) {
+        if self.responses.is_some() && !self.terminal && !self.sent_done {
+            self.fail("the upstream stream ended before the response was completed");
+        }
+        self.finish();
+    }
+
     fn finish(&mut self) {
         if !self.sent_done {
-            self.out.extend_from_slice(DONE);
+            if self.responses.is_none() {
+                self.out.extend_from_slice(DONE);
+            }
             self.sent_done = true;
             self.end.close(200, None);
         }
@@ -204,6 +283,15 @@ impl<B> SseAdapter<B> {
     fn fail(&mut self, message: &str) {
         // The caller got a 200 and then a broken stream.
         self.end.close(200, Some("upstream_stream_error"));
+        if self.responses.is_some() {
+            // The Responses API's own error event.
+            let ev = serde_json::json!({"type": "error", "code": "upstream_error", "message": message, "param": null});
+            self.out.extend_from_slice(b"event: error\ndata: ");
+            self.out.extend_from_slice(ev.to_string().as_bytes());
+            self.out.extend_from_slice(b"\n\n");
+            self.finish();
+            return;
+        }
         let ev = serde_json::json!({"error": {"message": message, "type": "upstream_error", "param": null, "code": "upstream_error"}});
         self.out.extend_from_slice(b"data: ");
         self.out.extend_from_slice(ev.to_string().as_bytes());
@@ -251,7 +339,7 @@ where
             }
             if this.upstream_done {
                 this.drain_events(true);
-                this.finish();
+                this.upstream_ended();
                 continue;
             }
             match Pin::new(&mut this.upstream).poll_frame(cx) {
@@ -425,6 +513,91 @@ mod tests {
                 assert_eq!(events(&out).len(), 3, "{sep:?} cut {cut}: {out}");
             }
         }
+    }
+
+    fn adapt_responses(stream: &'static str) -> String {
+        let frames = futures::stream::iter([Ok::<_, std::convert::Infallible>(Frame::data(
+            Bytes::from_static(stream.as_bytes()),
+        ))]);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let scope = IdScope {
+            ids: Arc::new(crate::response_ids::ResponseIds::new(&[5u8; 32])),
+            provider_key_id: "pk".into(),
+            api_key_id: "key".into(),
+            alias: "alias".into(),
+        };
+        let bytes = rt.block_on(async {
+            SseAdapter::new(
+                StreamBody::new(frames),
+                Arc::from("alias"),
+                Shape::OpenAi,
+                true,
+                Duration::from_secs(5),
+                CallEnd::detached(),
+            )
+            .responses(scope)
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+        });
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    const RESPONSES: &str = concat!(
+        "event: response.created\ndata: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_up\",\"model\":\"gpt-4o-2024\",\"status\":\"in_progress\",\"usage\":null}}\n\n",
+        "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"sequence_number\":1,\"item_id\":\"msg_1\",\"delta\":\"Hi\"}\n\n",
+        "event: response.completed\ndata: {\"type\":\"response.completed\",\"sequence_number\":2,\"response\":{\"id\":\"resp_up\",\"model\":\"gpt-4o-2024\",\"status\":\"completed\",\"usage\":{\"input_tokens\":3,\"output_tokens\":1,\"total_tokens\":4}}}\n\n",
+    );
+
+    #[test]
+    fn responses_streams_keep_their_events_and_seal_their_ids() {
+        let out = adapt_responses(RESPONSES);
+        let ev = events(&out);
+        assert_eq!(ev.len(), 3, "no [DONE] on a Responses stream: {out}");
+        let names: Vec<&str> = ev
+            .iter()
+            .map(|e| e.lines().next().unwrap_or_default())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "event: response.created",
+                "event: response.output_text.delta",
+                "event: response.completed"
+            ]
+        );
+        assert!(
+            !out.contains("resp_up") && !out.contains("gpt-4o-2024"),
+            "{out}"
+        );
+        let data = |e: &str| -> serde_json::Value {
+            serde_json::from_str(e.lines().nth(1).unwrap().strip_prefix("data: ").unwrap()).unwrap()
+        };
+        let (created, completed) = (data(&ev[0]), data(&ev[2]));
+        let id = created["response"]["id"].as_str().unwrap();
+        assert!(id.starts_with("resp_"), "{id}");
+        assert_eq!(completed["response"]["id"], id, "one response, one id");
+        assert_eq!(completed["response"]["model"], "alias");
+        assert_eq!(completed["response"]["usage"]["total_tokens"], 4);
+        assert_eq!(data(&ev[1])["item_id"], "msg_1");
+    }
+
+    #[test]
+    fn a_responses_stream_cut_before_its_end_says_so() {
+        let cut = &RESPONSES[..RESPONSES.find("event: response.completed").unwrap()];
+        let out = adapt_responses(Box::leak(cut.to_string().into_boxed_str()));
+        let ev = events(&out);
+        assert_eq!(ev.len(), 3, "{out}");
+        assert!(
+            ev[2].starts_with("event: error\ndata: {") && ev[2].contains("\"type\":\"error\""),
+            "{}",
+            ev[2]
+        );
+        assert!(!out.contains("[DONE]"));
     }
 
     #[test]

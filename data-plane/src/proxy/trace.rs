@@ -128,7 +128,7 @@ impl CallSpan {
         } else {
             Context::new()
         };
-        let op = crate::openai::operation::span_name(path);
+        let op = crate::openai::operation::span_name(method, path);
         // The span keeps this vector: room for what `end` adds, without regrowing.
         let mut attributes = Vec::with_capacity(15);
         attributes.push(KeyValue::new("gen_ai.operation.name", op));

@@ -10,7 +10,9 @@ use crate::config::{Route, Target, TargetAuth};
 use crate::credentials::{Bearer, TokenProvider};
 use crate::error::Error;
 use crate::http_client::{error_chain, HttpClient};
+use crate::openai::responses::ResponseObject;
 use crate::openai::{azure, Answer, Operation, Shape};
+use crate::response_ids::IdScope;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
@@ -20,9 +22,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// Largest upstream JSON answer we read.
-const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
+pub(super) const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
 /// Largest upstream error body we read for its message.
-const MAX_ERROR_BODY: usize = 256 * 1024;
+pub(super) const MAX_ERROR_BODY: usize = 256 * 1024;
 /// Longest wait an upstream's `retry-after` can impose (on the target's
 /// cooldown and the caller's `retry-after`); longer hints are clamped.
 pub const MAX_RETRY_HINT: Duration = Duration::from_secs(300);
@@ -60,25 +62,24 @@ pub async fn send(
     request: &Request,
     call: &mut Call,
 ) -> Result<Response<ProxyBody>, Error> {
-    let mut req = build(attempt, inbound, request, &call.request_id)?;
+    let body = match attempt.op {
+        Operation::Responses => responses_body(attempt.target, request, call).await?,
+        _ => request.body.clone(),
+    };
+    let mut req = build(attempt, inbound, request, body, &call.request_id)?;
     let entra = authorize(attempt.target, &mut req).await?;
     let client = attempt.target.client.as_ref().unwrap_or(client);
     let resp = within_deadline(attempt, send_authenticated(client, req, entra)).await?;
     let mut out = if !resp.status().is_success() {
-        return Err(error_answer(attempt, resp).await);
+        return Err(error_answer(attempt, request, resp).await);
     } else if request.fields.stream && !is_json(resp.headers()) {
         match attempt.first_token {
             Some(until) => {
                 let (parts, body) = resp.into_parts();
                 let body = first_chunk(attempt, body, until).await?;
-                stream_answer(
-                    attempt.route,
-                    request,
-                    Response::from_parts(parts, body),
-                    call,
-                )
+                stream_answer(attempt, request, Response::from_parts(parts, body), call)
             }
-            None => stream_answer(attempt.route, request, resp, call),
+            None => stream_answer(attempt, request, resp, call),
         }
     } else {
         json_answer(attempt, resp, call).await?
@@ -90,29 +91,77 @@ pub async fn send(
 
 /// The request for the target: its URL, the body, and the headers Azure
 /// gets (never the caller's credentials).
+/// A Responses request's body for `target`: Azure's Responses API takes the
+/// deployment in the body, and Azure's own id of the previous response.
+/// Read off the async workers when large, as every read of the body is.
+async fn responses_body(target: &Target, request: &Request, call: &Call) -> Result<Bytes, Error> {
+    let deployment = target.deployment.clone();
+    let previous = call
+        .responses
+        .as_ref()
+        .and_then(|r| r.previous.as_ref())
+        .map(|p| p.upstream_id.clone());
+    let json = request
+        .with_object(move |object, _| {
+            let mut object = object.clone();
+            crate::openai::responses::upstream_body(&mut object, &deployment, previous.as_deref());
+            object.to_json()
+        })
+        .await?;
+    Ok(Bytes::from(json))
+}
+
+/// `body`: the caller's, or the target's own (Responses).
 fn build(
     attempt: &Attempt<'_>,
     inbound: &HeaderMap,
     request: &Request,
+    body: Bytes,
     request_id: &HeaderValue,
 ) -> Result<UpstreamRequest, Error> {
-    let uri = attempt
-        .target
-        .uri(attempt.op)
-        .ok_or_else(|| Error::Upstream(format!("{:?} has no Azure endpoint", attempt.op)))?;
+    let uri = match attempt.op {
+        Operation::Responses => attempt
+            .target
+            .responses_uri(attempt.op, None, None)
+            .map_err(Error::Upstream)?,
+        op => attempt
+            .target
+            .uri(op)
+            .ok_or_else(|| Error::Upstream(format!("{op:?} has no Azure endpoint")))?
+            .clone(),
+    };
     let mut req = http::Request::builder()
         .method(Method::POST)
-        .uri(uri.clone())
-        .body(Full::new(request.body.clone()))
+        .uri(uri)
+        .body(Full::new(body))
         .map_err(|e| Error::Upstream(format!("building the upstream request: {e}")))?;
-    let h = req.headers_mut();
+    stamp_headers(
+        req.headers_mut(),
+        attempt.span,
+        inbound,
+        request_id,
+        request.fields.stream,
+    );
+    Ok(req)
+}
+
+/// The headers every upstream request carries (never the caller's
+/// credentials): content and accepted types, the gateway's agent, the
+/// request id, the trace context, the verified JWT caller.
+pub(super) fn stamp_headers(
+    h: &mut HeaderMap,
+    span: &AttemptSpan,
+    inbound: &HeaderMap,
+    request_id: &HeaderValue,
+    stream: bool,
+) {
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
     h.insert(
         header::ACCEPT,
-        HeaderValue::from_static(if request.fields.stream {
+        HeaderValue::from_static(if stream {
             "text/event-stream"
         } else {
             "application/json"
@@ -125,7 +174,7 @@ fn build(
     h.insert(CLIENT_REQUEST_ID.clone(), request_id.clone());
     // With tracing on, this attempt's span is Azure's parent (same trace
     // as the caller's); without, the caller's headers go on if well formed.
-    if !attempt.span.inject(h) {
+    if !span.inject(h) {
         for name in &TRACE_HEADERS {
             if let Some(v) = super::trace::caller_trace_header(inbound, name.as_str()) {
                 h.insert(name.clone(), v.clone());
@@ -136,12 +185,11 @@ fn build(
     if let Some(v) = inbound.get(&super::auth::CALLER_OBJECT_ID) {
         h.insert(super::auth::CALLER_OBJECT_ID.clone(), v.clone());
     }
-    Ok(req)
 }
 
 /// The target's credential on the request: its API key, or an Entra ID
 /// bearer (returned, to be marked accepted or replaced).
-async fn authorize<'t>(
+pub(super) async fn authorize<'t>(
     target: &'t Target,
     req: &mut UpstreamRequest,
 ) -> Result<Option<(&'t Arc<TokenProvider>, Bearer)>, Error> {
@@ -253,18 +301,29 @@ fn is_json(headers: &HeaderMap) -> bool {
 }
 
 /// Azure's error answer, as the caller's error.
-async fn error_answer(attempt: &Attempt<'_>, resp: Response<Incoming>) -> Error {
+async fn error_answer(attempt: &Attempt<'_>, request: &Request, resp: Response<Incoming>) -> Error {
     let status = resp.status();
     let (parts, body) = resp.into_parts();
     let body = read_limited(body, MAX_ERROR_BODY, attempt.deadline)
         .await
         .unwrap_or_default();
+    // The resource no longer has the previous response (deleted, expired):
+    // the caller's id is unknown, as one that never opened (never Azure's id).
+    if let Some(id) = &request.fields.previous_response_id {
+        let code = azure::ErrorBody::parse(&body).code;
+        if code.as_deref() == Some(crate::openai::responses::PREVIOUS_NOT_FOUND) {
+            return Error::ResponseNotFound {
+                id: id.chars().take(64).collect(),
+                param: Some(crate::openai::responses::PREVIOUS_RESPONSE_ID),
+            };
+        }
+    }
     map_error(status, &parts.headers, &body, attempt.target)
 }
 
 /// A stream, adapted chunk by chunk; it ends the call with its last chunk.
 fn stream_answer<B>(
-    route: &Route,
+    attempt: &Attempt<'_>,
     request: &Request,
     resp: Response<B>,
     call: &mut Call,
@@ -273,6 +332,8 @@ where
     B: http_body::Body<Data = Bytes> + Unpin + Send + Sync + 'static,
     B::Error: std::fmt::Display,
 {
+    let route = attempt.route;
+    let scope = call.id_scope(attempt.target, &route.alias);
     let adapter = SseAdapter::new(
         resp.into_body(),
         route.alias.clone(),
@@ -281,6 +342,10 @@ where
         route.stream_idle_timeout,
         call.hand_off(),
     );
+    let adapter = match scope {
+        Some(ids) => adapter.responses(ids),
+        None => adapter,
+    };
     let mut r = Response::new(adapter.boxed());
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -312,7 +377,11 @@ async fn json_answer(
             )))
         }
     };
-    let adapted = adapt_json(&body, &attempt.route.alias, call).map_err(|e| {
+    let adapted = match call.id_scope(attempt.target, &attempt.route.alias) {
+        Some(ids) => adapt_response(&body, &attempt.route.alias, &ids, call, true),
+        None => adapt_json(&body, &attempt.route.alias, call),
+    }
+    .map_err(|e| {
         Error::Upstream(format!(
             "Azure deployment `{deployment}` returned an unusable body: {e}"
         ))
@@ -351,10 +420,41 @@ fn adapt_json(body: &Bytes, alias: &str, call: &mut Call) -> Result<Bytes, Strin
     Ok(Bytes::from(out))
 }
 
+/// A Responses API object (a response, a deletion) for the caller: its ids
+/// sealed, `model` the alias on the OpenAI shape (Azure's own on Azure's
+/// route). Its usage, model and text go to the call's record; a response
+/// still queued or in progress (`background`) reports no usage yet, so the
+/// call's is estimated.
+/// `account`: the answer's usage is this call's (creation); a response read
+/// again later was accounted when it was created.
+pub(super) fn adapt_response(
+    body: &Bytes,
+    alias: &str,
+    ids: &IdScope,
+    call: &mut Call,
+    account: bool,
+) -> Result<Bytes, String> {
+    let mut r = ResponseObject::parse(body).map_err(|e| format!("not a JSON object ({e})"))?;
+    if let Some(acct) = call.usage() {
+        if let Some(m) = r.model() {
+            acct.set_response_model(&m);
+        }
+        if let (true, Some(u)) = (account, r.usage()) {
+            acct.set_usage(u.tokens());
+        }
+        if account && acct.wants_completion() {
+            acct.add_completion_text(&r.output_text());
+        }
+    }
+    let alias = (call.shape == Shape::OpenAi).then_some(alias);
+    r.rewrite(&|id| ids.seal(id), alias);
+    Ok(Bytes::from(r.to_json()))
+}
+
 /// Sends `req`. With an Entra ID token: marks it accepted when Azure takes it,
 /// and when Azure answers 401 to a token it accepted before (revoked, or
 /// expired in flight), drops it, gets a new one and retries once.
-async fn send_authenticated(
+pub(super) async fn send_authenticated(
     client: &HttpClient,
     req: UpstreamRequest,
     entra: Option<(&Arc<TokenProvider>, Bearer)>,
@@ -393,12 +493,16 @@ async fn send_authenticated(
     Ok(resp)
 }
 
-enum ReadError {
+pub(super) enum ReadError {
     Timeout,
     Other(String),
 }
 
-async fn read_limited<B>(body: B, max: usize, deadline: Instant) -> Result<Bytes, ReadError>
+pub(super) async fn read_limited<B>(
+    body: B,
+    max: usize,
+    deadline: Instant,
+) -> Result<Bytes, ReadError>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -411,7 +515,12 @@ where
 }
 
 /// Maps an Azure error answer to what the caller sees.
-fn map_error(status: StatusCode, headers: &HeaderMap, body: &[u8], target: &Target) -> Error {
+pub(super) fn map_error(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &[u8],
+    target: &Target,
+) -> Error {
     let detail = azure::ErrorBody::parse(body);
     let code = detail.code.as_deref().unwrap_or_default();
     let message = detail.message.clone().unwrap_or_else(|| {
