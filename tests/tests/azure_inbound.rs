@@ -541,3 +541,62 @@ async fn usage_is_accounted_for_azure_shaped_calls_as_for_v1() -> Result<()> {
     assert_eq!(row["errors"], 0, "{v}");
     Ok(())
 }
+
+/// The official `openai` Python SDK (installed by `.ci/run`) against the
+/// gateway: `AzureOpenAI` on the Azure-shaped routes keeps Azure's filter
+/// annotations, `OpenAI` on `/v1` gets them stripped; chat JSON and stream,
+/// embeddings, each answer as the mock gave it.
+#[tokio::test]
+async fn the_official_openai_sdk_works_on_both_shapes() -> Result<()> {
+    let gw = gateway().await?;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/sdk/openai_clients.py");
+    let out = tokio::process::Command::new("python3")
+        .arg(script)
+        .env("AIGW_URL", gw.cp.proxy_url())
+        .env("AIGW_KEY", CALLER)
+        .env("AIGW_ALIAS", SEED_ALIAS)
+        .env("AIGW_EMBED_ALIAS", EMBED_ALIAS)
+        .output()
+        .await
+        .context("running python3 (the SDK test needs python3 with `pip install openai`)")?;
+    ensure!(
+        out.status.success(),
+        "the SDK script failed (needs `python3 -m pip install openai`, as .ci/run does):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| String::from_utf8_lossy(&out.stdout).to_string())?;
+    let asked = json!({"model": SEED_ALIAS, "messages": [{"role": "user", "content": "hello from the sdk"}], "max_tokens": 16});
+    let answer = expected_answer(&asked);
+    for (shape, filters) in [("azure", true), ("v1", false), ("openai_v1", false)] {
+        let chat = &seen[shape]["chat"];
+        ensure!(chat["content"] == answer.as_str(), "{shape}: {chat}");
+        ensure!(
+            chat["content_filter_results"] == filters && chat["prompt_filter_results"] == filters,
+            "{shape}: filter annotations {chat}"
+        );
+        ensure!(
+            chat["total_tokens"].as_u64().unwrap_or(0) > 0,
+            "{shape}: {chat}"
+        );
+    }
+    ensure!(seen["azure"]["chat"]["model"] == AZURE_MODEL, "{seen}");
+    for shape in ["azure", "v1"] {
+        let stream = &seen[shape]["stream"];
+        ensure!(stream["content"] == answer.as_str(), "{shape}: {stream}");
+        ensure!(
+            stream["chunks"].as_u64().unwrap_or(0) > 1,
+            "{shape}: {stream}"
+        );
+        let embeddings = &seen[shape]["embeddings"];
+        ensure!(
+            embeddings["dimensions"].as_u64().unwrap_or(0) > 0,
+            "{shape}: {embeddings}"
+        );
+    }
+    ensure!(
+        gw.mock.requests(SEED_DEPLOYMENT) == 5,
+        "every chat reached Azure once"
+    );
+    Ok(())
+}
