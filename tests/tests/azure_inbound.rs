@@ -600,3 +600,71 @@ async fn the_official_openai_sdk_works_on_both_shapes() -> Result<()> {
     );
     Ok(())
 }
+
+/// A provider key on Azure's v1 API (`api_version: "v1"`): calls go to
+/// `{api_base}/openai/v1/{op}` without an `api-version`, with the deployment
+/// in the body's `model` instead of the caller's alias; the caller sees the
+/// same answers either way.
+#[tokio::test]
+async fn a_provider_key_on_azures_v1_api_sends_the_deployment_in_the_body() -> Result<()> {
+    let mock = MockAzure::start().await;
+    mock.set_api_key(AZURE_SECRET);
+    mock.add_deployment(SEED_DEPLOYMENT, AZURE_MODEL);
+    mock.add_deployment(EMBED_DEPLOYMENT, EMBED_MODEL);
+    let cp = ControlPlane::start_with(Options::standalone()).await?;
+    let admin = cp.rest();
+    let mut pk = fixtures::provider_key_at(SEED_PROVIDER_KEY, AZURE_SECRET, &mock.base_url());
+    pk["api_version"] = json!("v1");
+    let pk = admin.create_id("provider_keys", &pk).await?;
+    for (alias, deployment) in [
+        (SEED_ALIAS, SEED_DEPLOYMENT),
+        (EMBED_ALIAS, EMBED_DEPLOYMENT),
+    ] {
+        admin
+            .create_id("models", &fixtures::model_on(alias, deployment, &pk))
+            .await?;
+    }
+    admin
+        .create_id(
+            "apikeys",
+            &fixtures::api_key(CALLER, &[SEED_ALIAS, EMBED_ALIAS]),
+        )
+        .await?;
+    wait_standalone_synced(&cp).await?;
+    let client = ProxyClient::new(&cp.proxy_url(), Some(CALLER));
+
+    let body = chat_body(SEED_ALIAS, "hello over v1");
+    let resp = client.chat(&body).await?;
+    let answer = resp.expect(200)?;
+    ensure!(
+        answer["choices"][0]["message"]["content"] == expected_answer(&body).as_str(),
+        "{answer}"
+    );
+    let seen = mock
+        .last_request(SEED_DEPLOYMENT)
+        .context("the call reached the deployment")?;
+    ensure!(seen.path == "/openai/v1/chat/completions", "{}", seen.path);
+    ensure!(
+        seen.query.is_empty(),
+        "no api-version on v1: {}",
+        seen.query
+    );
+    let sent: Value = serde_json::from_slice(&seen.body)?;
+    ensure!(sent["model"] == SEED_DEPLOYMENT, "{sent}");
+    ensure!(sent["messages"] == body["messages"], "{sent}");
+
+    let embed = client
+        .post_json(
+            "/v1/embeddings",
+            &json!({"model": EMBED_ALIAS, "input": "hello over v1"}),
+        )
+        .await?;
+    embed.expect(200)?;
+    let seen = mock
+        .last_request(EMBED_DEPLOYMENT)
+        .context("the embeddings call reached its deployment")?;
+    ensure!(seen.path == "/openai/v1/embeddings", "{}", seen.path);
+    let sent: Value = serde_json::from_slice(&seen.body)?;
+    ensure!(sent["model"] == EMBED_DEPLOYMENT, "{sent}");
+    Ok(())
+}

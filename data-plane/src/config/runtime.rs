@@ -131,6 +131,9 @@ pub struct Target {
     uris: Vec<Option<Uri>>,
     /// The provider key's Responses API endpoint.
     responses: ResponsesEndpoint,
+    /// Azure's v1 API (`api_version: v1`): the deployment goes in the
+    /// body's `model`, not in the path.
+    pub model_in_body: bool,
 }
 
 /// Where a provider key serves the Responses API: Azure's v1 form
@@ -506,6 +509,7 @@ impl<'a> TargetBuilder<'a> {
             health: self.health(t),
             uris,
             responses,
+            model_in_body: pk.api_version == V1_API,
         });
         self.targets.insert(key, target.clone());
         Ok(target)
@@ -558,7 +562,12 @@ impl<'a> TargetBuilder<'a> {
     }
 }
 
-/// The target's URL for every operation Azure serves.
+/// `api_version` of a provider key on Azure's v1 API (no dated versions).
+pub const V1_API: &str = "v1";
+
+/// The target's URL for every operation Azure serves: the deployment-path
+/// form with the key's `api-version`, or Azure's v1 form
+/// (`{api_base}/openai/v1/{op}`, deployment in the body).
 fn uris(model_id: &str, t: &ResolvedTarget, pk: &ProviderKey) -> Result<Vec<Option<Uri>>, String> {
     let base = check_upstream(&pk.api_base, pk.allow_insecure_upstream)
         .map_err(|e| format!("provider key {}: {e}", t.provider_key_id))?;
@@ -567,11 +576,15 @@ fn uris(model_id: &str, t: &ResolvedTarget, pk: &ProviderKey) -> Result<Vec<Opti
         .map(|row| {
             row.azure_path
                 .map(|path| {
-                    format!(
-                        "{base}/openai/deployments/{}/{path}?api-version={}",
-                        path_segment(&t.model_name),
-                        pk.api_version
-                    )
+                    if pk.api_version == V1_API {
+                        format!("{base}/openai/v1/{path}")
+                    } else {
+                        format!(
+                            "{base}/openai/deployments/{}/{path}?api-version={}",
+                            path_segment(&t.model_name),
+                            pk.api_version
+                        )
+                    }
                     .parse::<Uri>()
                     .map_err(|e| format!("model {model_id}: bad upstream URL: {e}"))
                 })
@@ -651,6 +664,7 @@ mod tests {
             health: HealthRegistry::default().get("pk", "dep"),
             uris: Vec::new(),
             responses: responses_endpoint(&t, &pk).unwrap(),
+            model_in_body: false,
         }
     }
 

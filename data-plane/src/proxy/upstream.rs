@@ -64,6 +64,7 @@ pub async fn send(
 ) -> Result<Response<ProxyBody>, Error> {
     let body = match attempt.op {
         Operation::Responses => responses_body(attempt.target, request, call).await?,
+        _ if attempt.target.model_in_body => v1_body(attempt.target, request).await?,
         _ => request.body.clone(),
     };
     let mut req = build(attempt, inbound, request, body, &call.request_id)?;
@@ -111,7 +112,24 @@ async fn responses_body(target: &Target, request: &Request, call: &Call) -> Resu
     Ok(Bytes::from(json))
 }
 
-/// `body`: the caller's, or the target's own (Responses).
+/// A body for Azure's v1 API: the deployment in `model` (the caller named
+/// the alias there).
+async fn v1_body(target: &Target, request: &Request) -> Result<Bytes, Error> {
+    let deployment = target.deployment.clone();
+    let json = request
+        .with_object(move |object, _| {
+            let mut object = object.clone();
+            object.set(
+                crate::openai::request::MODEL,
+                crate::openai::raw::Field::Str(std::borrow::Cow::Owned(deployment)),
+            );
+            object.to_json()
+        })
+        .await?;
+    Ok(Bytes::from(json))
+}
+
+/// `body`: the caller's, or the target's own (Responses, Azure's v1 API).
 fn build(
     attempt: &Attempt<'_>,
     inbound: &HeaderMap,

@@ -54,6 +54,7 @@ impl ProviderKey {
         Credential::parse(&self.secret)?;
         check_upstream(&self.api_base, self.allow_insecure_upstream)?;
         check_api_version(&self.api_version)?;
+        check_known_api_version(&self.api_version)?;
         if let Some(pem) = &self.ca_pem {
             parse_ca_pem(pem).map_err(|m| Error::validation("ca_pem", m))?;
         }
@@ -284,6 +285,33 @@ pub fn check_api_version(v: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// The forms Azure OpenAI serves, checked when a key is written (a stored
+/// key of another form still compiles, with the lax check above): `v1`
+/// (Azure's v1 API: `/openai/v1/…`, deployment in the body), or a dated
+/// version `YYYY-MM-DD` / `YYYY-MM-DD-preview` (deployment in the path).
+pub fn check_known_api_version(v: &str) -> Result<(), Error> {
+    let b = v.as_bytes();
+    let dated = |d: &[u8]| {
+        d.len() == 10
+            && d.iter().enumerate().all(|(i, c)| match i {
+                4 | 7 => *c == b'-',
+                _ => c.is_ascii_digit(),
+            })
+    };
+    let known = v == "v1"
+        || dated(b)
+        || v.strip_suffix("-preview")
+            .is_some_and(|d| dated(d.as_bytes()));
+    if known {
+        Ok(())
+    } else {
+        Err(Error::validation(
+            "api_version",
+            "use `v1` (Azure's v1 API) or a dated version such as `2024-10-21` or `2025-04-01-preview`",
+        ))
+    }
+}
+
 /// DER certificates from PEM text; at least one, nothing else allowed.
 pub fn parse_ca_pem(pem: &str) -> Result<Vec<Vec<u8>>, String> {
     let mut certs = Vec::new();
@@ -442,5 +470,27 @@ mod tests {
             Credential::WorkloadIdentity
         );
         assert!(Credential::parse("{not json").is_err());
+    }
+}
+
+#[cfg(test)]
+mod api_version_tests {
+    use super::check_known_api_version;
+
+    #[test]
+    fn only_the_forms_azure_serves_are_written() {
+        for ok in ["v1", "2024-10-21", "2025-04-01-preview"] {
+            assert!(check_known_api_version(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "v2",
+            "2024-1-21",
+            "2024-10-21-beta",
+            "latest",
+            "2024-10-21-preview-x",
+        ] {
+            assert!(check_known_api_version(bad).is_err(), "{bad}");
+        }
     }
 }
