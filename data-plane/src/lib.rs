@@ -116,9 +116,6 @@ impl DataPlane {
         let (stop, stopped) = watch::channel(false);
         let tasks = TaskTracker::new();
 
-        // Tokenizer tables load in the background: the first limited call
-        // should not wait for them.
-        tokio::task::spawn_blocking(limits::tokens::warm_up);
         let bus: Arc<dyn usage::UsageBus> = match (&settings.usage_bus, &settings.nats) {
             (Some(bus), _) => bus.clone(),
             (None, Some(nats)) => {

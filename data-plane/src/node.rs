@@ -91,6 +91,7 @@ pub struct Node {
 impl Node {
     /// Compiles `snapshot` against the node's services and swaps it in.
     pub fn install(&self, snapshot: ConfigSnapshot) -> Result<u64, String> {
+        crate::limits::tokens::warm_up_for(&snapshot);
         let runtime = Runtime::compile(snapshot, self.services.compile_with())?;
         let version = runtime.version;
         self.services.retain(&runtime);

@@ -22,8 +22,35 @@ pub fn tokenizer_for(deployment: &str) -> Tokenizer {
     get_tokenizer(&name).unwrap_or(Tokenizer::O200kBase)
 }
 
-/// Loads the tokenizers' tables, which takes a few hundred milliseconds,
-/// so the first limited call does not pay for it.
+/// Loads the tokenizers' tables in the background, once, when a snapshot
+/// first needs token counts (token limits or context windows): they take a
+/// few hundred milliseconds and tens of MiB, which a node without token
+/// limits never pays; the first limited call does not wait for them.
+pub fn warm_up_for(snapshot: &aigw_shared::snapshot::ConfigSnapshot) {
+    static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !needs_tokenizer(snapshot) || STARTED.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        return;
+    }
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => drop(rt.spawn_blocking(warm_up)),
+        Err(_) => drop(std::thread::spawn(warm_up)),
+    }
+}
+
+/// Whether any token limit or context window applies under `snapshot`.
+pub fn needs_tokenizer(snapshot: &aigw_shared::snapshot::ConfigSnapshot) -> bool {
+    let tokens = |r: &Option<aigw_shared::domain::RateLimit>| {
+        r.as_ref()
+            .is_some_and(|r| r.tpm.is_some() || r.tpd.is_some())
+    };
+    snapshot.models.values().any(|m| {
+        tokens(&m.rate_limit)
+            || m.context_window.is_some()
+            || m.targets.iter().any(|t| t.context_window.is_some())
+    }) || snapshot.api_keys.values().any(|k| tokens(&k.rate_limit))
+}
+
+/// Loads both tables now (benches; nodes use [`warm_up_for`]).
 pub fn warm_up() {
     for t in [Tokenizer::O200kBase, Tokenizer::Cl100kBase] {
         let _ = tiktoken_rs::bpe_for_tokenizer(t);
@@ -276,5 +303,34 @@ mod tests {
         assert_eq!(tokenizer_for("gpt-35-turbo"), Tokenizer::Cl100kBase);
         assert_eq!(tokenizer_for("gpt-4o-mini"), Tokenizer::O200kBase);
         assert_eq!(tokenizer_for("my-prod-deployment"), Tokenizer::O200kBase);
+    }
+}
+
+#[cfg(test)]
+mod tokenizer_need_tests {
+    use super::needs_tokenizer;
+    use aigw_shared::snapshot::ConfigSnapshot;
+
+    #[test]
+    fn only_token_limits_and_context_windows_need_the_tokenizer() {
+        let mut s: ConfigSnapshot = serde_json::from_value(serde_json::json!({
+            "format": 2, "version": 1, "provider_keys": {},
+            "models": {"m": {"display_name": "m", "provider": "azure", "rate_limit": {"rpm": 5}}},
+            "api_keys": {"k": {"key_hash": "00", "allowed_models": ["m"], "rate_limit": {"rpm": 1}}}
+        }))
+        .unwrap();
+        assert!(!needs_tokenizer(&s), "request limits need no token counts");
+        s.api_keys
+            .get_mut("k")
+            .unwrap()
+            .rate_limit
+            .as_mut()
+            .unwrap()
+            .tpm = Some(1000);
+        assert!(needs_tokenizer(&s));
+        s.api_keys.get_mut("k").unwrap().rate_limit = None;
+        assert!(!needs_tokenizer(&s));
+        s.models.get_mut("m").unwrap().context_window = Some(128_000);
+        assert!(needs_tokenizer(&s));
     }
 }
