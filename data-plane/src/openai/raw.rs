@@ -484,14 +484,6 @@ impl<'a> Scanner<'a> {
         self.eat(b'"')?;
         let mut escaped = false;
         loop {
-            // Plain runs in one pass: the profile showed byte-at-a-time
-            // scanning as the parser's main cost.
-            let rest = self.bytes().get(self.at..).unwrap_or_default();
-            let run = rest
-                .iter()
-                .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
-                .unwrap_or(rest.len());
-            self.at += run;
             match self.next()? {
                 b'"' => return Ok(escaped),
                 b'\\' => {
