@@ -447,6 +447,40 @@ impl ProxyClient {
     }
 }
 
+impl ProxyClient {
+    /// Sends `n` chat calls to `alias`, `concurrency` at a time; every one
+    /// must succeed. Returns how many each deployment served (from
+    /// `x-aigw-served-by`).
+    pub async fn served_by_counts(
+        &self,
+        alias: &str,
+        n: usize,
+        concurrency: usize,
+    ) -> Result<std::collections::HashMap<String, usize>> {
+        use futures::StreamExt;
+        let results: Vec<Result<String>> = futures::stream::iter(0..n)
+            .map(|i| async move {
+                let r = self.chat(&chat_body(alias, &format!("call {i}"))).await?;
+                ensure!(
+                    r.status.as_u16() == 200,
+                    "call {i}: {} {}",
+                    r.status,
+                    r.text
+                );
+                let served = r.header("x-aigw-served-by").unwrap_or_default();
+                Ok(served.rsplit('/').next().unwrap_or_default().to_string())
+            })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+        let mut by = std::collections::HashMap::new();
+        for r in results {
+            *by.entry(r?).or_insert(0) += 1;
+        }
+        Ok(by)
+    }
+}
+
 /// A chat request body for `model` with one user message.
 pub fn chat_body(model: &str, text: &str) -> Value {
     json!({

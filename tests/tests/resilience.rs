@@ -13,7 +13,6 @@ use aigw_tests::mock_azure::{Behaviour, MockAzure, DEFAULT_API_KEY};
 use aigw_tests::process::poll_until;
 use aigw_tests::AdminClient;
 use anyhow::{ensure, Context, Result};
-use futures::StreamExt;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -31,39 +30,6 @@ async fn standalone() -> Result<(ControlPlane, AdminClient)> {
 async fn provider_key(admin: &AdminClient, name: &str, mock: &MockAzure) -> Result<String> {
     let pk = provider_key_at(name, DEFAULT_API_KEY, &mock.base_url());
     admin.create_id("provider_keys", &pk).await
-}
-
-/// Sends `n` chat calls to `alias`, `concurrency` at a time; every one must
-/// succeed. How many each deployment served (`x-aigw-served-by`).
-async fn calls(
-    client: &ProxyClient,
-    alias: &str,
-    n: usize,
-    concurrency: usize,
-) -> Result<HashMap<String, usize>> {
-    let results: Vec<Result<String>> = futures::stream::iter(0..n)
-        .map(|i| {
-            let client = client.clone();
-            async move {
-                let r = client.chat(&chat_body(alias, &format!("call {i}"))).await?;
-                ensure!(
-                    r.status.as_u16() == 200,
-                    "call {i}: {} {}",
-                    r.status,
-                    r.text
-                );
-                let served = r.header("x-aigw-served-by").unwrap_or_default();
-                Ok(served.rsplit('/').next().unwrap_or_default().to_string())
-            }
-        })
-        .buffer_unordered(concurrency)
-        .collect()
-        .await;
-    let mut by = HashMap::new();
-    for r in results {
-        *by.entry(r?).or_insert(0) += 1;
-    }
-    Ok(by)
 }
 
 /// `aigw_target_healthy` for `deployment` on the standalone node, if shown.
@@ -142,7 +108,7 @@ async fn probes_take_a_dead_region_out_of_rotation_and_bring_it_back() -> Result
         );
         ensure!(probe.header("authorization").is_none());
     }
-    let by = calls(&client, "multi", 60, 8).await?;
+    let by = client.served_by_counts("multi", 60, 8).await?;
     ensure!(
         by.get("north").is_some_and(|n| *n > 0),
         "north serves while up: {by:?}"
@@ -177,7 +143,7 @@ async fn probes_take_a_dead_region_out_of_rotation_and_bring_it_back() -> Result
     );
 
     let before = north.requests("north");
-    let by = calls(&client, "multi", 1000, 16).await?;
+    let by = client.served_by_counts("multi", 1000, 16).await?;
     ensure!(!by.contains_key("north"), "{by:?}");
     ensure!(by.values().sum::<usize>() == 1000);
     let after = north.requests("north");
@@ -232,7 +198,7 @@ async fn probes_take_a_dead_region_out_of_rotation_and_bring_it_back() -> Result
         50,
         Duration::from_millis(100),
         || async {
-            let by = calls(&client, "multi", 30, 8).await?;
+            let by = client.served_by_counts("multi", 30, 8).await?;
             Ok(by.get("north").is_some_and(|n| *n > 0).then_some(()))
         },
     )

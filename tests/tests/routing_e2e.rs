@@ -8,9 +8,7 @@ use aigw_tests::data_plane::{chat_body, wait_standalone_synced, ProxyClient};
 use aigw_tests::fixtures::{api_key, mock_provider_key};
 use aigw_tests::mock_azure::{Behaviour, MockAzure};
 use anyhow::{ensure, Result};
-use futures::StreamExt;
 use serde_json::{json, Value};
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 const ALIAS: &str = "multi";
@@ -55,38 +53,6 @@ async fn setup(targets: &[(&str, u32, u32)], routing: Value) -> Result<Setup> {
     })
 }
 
-/// Sends `n` chat calls, `concurrency` at a time; every one must succeed.
-/// Returns how many each deployment served (from `x-aigw-served-by`).
-async fn calls(
-    client: &ProxyClient,
-    n: usize,
-    concurrency: usize,
-) -> Result<HashMap<String, usize>> {
-    let results: Vec<Result<String>> = futures::stream::iter(0..n)
-        .map(|i| {
-            let client = client.clone();
-            async move {
-                let r = client.chat(&chat_body(ALIAS, &format!("call {i}"))).await?;
-                ensure!(
-                    r.status.as_u16() == 200,
-                    "call {i}: {} {}",
-                    r.status,
-                    r.text
-                );
-                let served = r.header("x-aigw-served-by").unwrap_or_default();
-                Ok(served.rsplit('/').next().unwrap_or_default().to_string())
-            }
-        })
-        .buffer_unordered(concurrency)
-        .collect()
-        .await;
-    let mut by = HashMap::new();
-    for r in results {
-        *by.entry(r?).or_insert(0) += 1;
-    }
-    Ok(by)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_broken_target_is_routed_around_with_zero_caller_errors() -> Result<()> {
     let s = setup(
@@ -103,7 +69,7 @@ async fn a_broken_target_is_routed_around_with_zero_caller_errors() -> Result<()
     );
     let started = Instant::now();
     let concurrency = 8;
-    let by = calls(&s.client, 2000, concurrency).await?;
+    let by = s.client.served_by_counts(ALIAS, 2000, concurrency).await?;
     let elapsed = started.elapsed();
     assert_eq!(
         by.get("north"),
@@ -130,7 +96,7 @@ async fn weights_three_to_one_hold_within_three_percent() -> Result<()> {
         json!({"strategy": "weighted"}),
     )
     .await?;
-    let by = calls(&s.client, 4000, 16).await?;
+    let by = s.client.served_by_counts(ALIAS, 4000, 16).await?;
     let east = *by.get("east").unwrap_or(&0) as f64 / 4000.0;
     println!("east share {east:.4} (want 0.75 ± 0.03): {by:?}");
     ensure!((east - 0.75).abs() <= 0.03, "east share {east}");
@@ -145,7 +111,7 @@ async fn round_robin_alternates_strictly() -> Result<()> {
         json!({"strategy": "round_robin"}),
     )
     .await?;
-    let by = calls(&s.client, 300, 1).await?;
+    let by = s.client.served_by_counts(ALIAS, 300, 1).await?;
     for d in DEPLOYMENTS {
         assert_eq!(by.get(d), Some(&100), "{by:?}");
     }
@@ -169,7 +135,7 @@ async fn a_429_cools_its_target_for_the_hinted_time() -> Result<()> {
     // Until east has been hit once; every caller still gets a 200 (retried on west).
     let mut n = 0;
     while s.mock.requests("east") == 0 {
-        calls(&s.client, 1, 1).await?;
+        s.client.served_by_counts(ALIAS, 1, 1).await?;
         n += 1;
         ensure!(n < 200, "east never chosen");
     }
@@ -177,7 +143,7 @@ async fn a_429_cools_its_target_for_the_hinted_time() -> Result<()> {
     s.mock.set_behaviour("east", Behaviour::Normal);
     // No traffic to east while it cools (the cooldown began just before `hit`).
     while hit.elapsed() < Duration::from_millis(1850) {
-        calls(&s.client, 4, 4).await?;
+        s.client.served_by_counts(ALIAS, 4, 4).await?;
         assert_eq!(
             s.mock.requests("east"),
             1,
@@ -187,7 +153,7 @@ async fn a_429_cools_its_target_for_the_hinted_time() -> Result<()> {
     }
     // Then it comes back.
     while s.mock.requests("east") == 1 {
-        calls(&s.client, 2, 2).await?;
+        s.client.served_by_counts(ALIAS, 2, 2).await?;
         ensure!(
             hit.elapsed() < Duration::from_secs(4),
             "east still cooling after {:?}",
@@ -211,7 +177,7 @@ async fn priority_groups_fail_over_to_the_next_group_only_when_needed() -> Resul
         json!({"retries": 2, "cooldown": "10s"}),
     )
     .await?;
-    let by = calls(&s.client, 50, 4).await?;
+    let by = s.client.served_by_counts(ALIAS, 50, 4).await?;
     assert_eq!(by.get("east"), Some(&50), "{by:?}");
     s.mock.set_behaviour(
         "east",
@@ -220,7 +186,7 @@ async fn priority_groups_fail_over_to_the_next_group_only_when_needed() -> Resul
             body: "{}".into(),
         },
     );
-    let by = calls(&s.client, 100, 4).await?;
+    let by = s.client.served_by_counts(ALIAS, 100, 4).await?;
     assert_eq!(by.get("east"), None, "{by:?}");
     assert_eq!(
         by.get("west").unwrap_or(&0) + by.get("north").unwrap_or(&0),
