@@ -106,6 +106,7 @@ impl DataPlane {
         let services = Arc::new(node::Services::new(metrics.clone())?);
         let config = Arc::new(ConfigHandle::default());
         let node = Arc::new(node::Node {
+            installed: Default::default(),
             services: services.clone(),
             config: config.clone(),
         });

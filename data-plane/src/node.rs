@@ -12,7 +12,7 @@ use crate::metrics::Metrics;
 use crate::routing::{HealthRegistry, Prober};
 use aigw_shared::crypto::Cipher;
 use aigw_shared::snapshot::{ConfigSnapshot, WireSnapshot, SNAPSHOT_FORMAT};
-use std::collections::HashSet;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
 pub struct Services {
@@ -86,6 +86,31 @@ impl Services {
 pub struct Node {
     pub services: Arc<Services>,
     pub config: Arc<ConfigHandle>,
+    /// What the live snapshot was made of, to know a snapshot the node has
+    /// already (another control-plane replica sends the same version).
+    pub installed: Installed,
+}
+
+/// A snapshot's identity beyond its version: the budget and cache-purge
+/// state the control plane adds at the same version.
+#[derive(Default)]
+pub struct Installed(std::sync::Mutex<Option<Identity>>);
+
+#[derive(PartialEq)]
+struct Identity {
+    version: u64,
+    budget_exceeded: BTreeSet<String>,
+    cache_purges: BTreeMap<String, u64>,
+}
+
+impl Identity {
+    fn of<C, K>(s: &ConfigSnapshot<C, K>) -> Self {
+        Self {
+            version: s.version,
+            budget_exceeded: s.budget_exceeded.clone(),
+            cache_purges: s.cache_purges.clone(),
+        }
+    }
 }
 
 impl Node {
@@ -100,6 +125,16 @@ impl Node {
             .reconcile(runtime.probe_targets().to_vec());
         self.config.store(Arc::new(runtime));
         Ok(version)
+    }
+}
+
+impl Installed {
+    fn get(&self) -> std::sync::MutexGuard<'_, Option<Identity>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set(&self, identity: Identity) {
+        *self.get() = Some(identity);
     }
 }
 
@@ -122,8 +157,18 @@ impl crate::config::Apply for Node {
         }
         let wire: WireSnapshot =
             serde_json::from_slice(body).map_err(|e| format!("undecodable snapshot: {e}"))?;
+        let identity = Identity::of(&wire);
+        if self.installed.get().as_ref() == Some(&identity) {
+            tracing::info!(
+                version = identity.version,
+                "the snapshot is the one this node serves; nothing to compile"
+            );
+            return Ok(identity.version);
+        }
         let snapshot = wire.open(data_key).map_err(|e| e.to_string())?;
-        self.install(snapshot)
+        let version = self.install(snapshot)?;
+        self.installed.set(identity);
+        Ok(version)
     }
 
     fn version(&self) -> u64 {

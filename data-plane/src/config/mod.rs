@@ -233,6 +233,7 @@ mod tests {
     #[tokio::test]
     async fn a_node_that_cannot_apply_snapshots_keeps_serving_and_stops_being_ready() {
         let node = crate::node::Node {
+            installed: Default::default(),
             services: Arc::new(crate::node::Services::new(Arc::default()).unwrap()),
             config: Arc::default(),
         };

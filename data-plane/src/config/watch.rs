@@ -219,7 +219,8 @@ fn start_index(node_id: &str, n: usize) -> usize {
 #[derive(Debug, PartialEq, Eq)]
 enum Take {
     Apply,
-    /// The node has it already (another replica of the same log): ack only.
+    /// The node serves this version (another replica of the same log):
+    /// only a budget or cache-purge change in it is applied.
     Have,
     /// Older than what the node serves: a replica catching up. Held back
     /// until [`BEHIND_GRACE`] passes with nothing newer.
@@ -316,22 +317,18 @@ async fn session(
         };
         *backoff = BACKOFF_MIN;
         let forced = held_until.is_some() && behind.is_none();
-        match take(node.version(), snap.version) {
+        let take = take(node.version(), snap.version);
+        let same = take == Take::Have;
+        match take {
             Take::Apply => behind = None,
             Take::Behind if forced => {}
             Take::Have => {
+                // The node compiles it only if budgets or purges moved.
                 behind = None;
                 info!(
                     version = snap.version,
-                    "the control plane is at this node's version; nothing to apply"
+                    "the control plane is at this node's version"
                 );
-                let ack = Kind::Ack(pb::Ack {
-                    version: snap.version,
-                });
-                if tx.send(pb::WatchRequest { kind: Some(ack) }).await.is_err() {
-                    break;
-                }
-                continue;
             }
             Take::Behind => {
                 info!(
@@ -353,7 +350,9 @@ async fn session(
             .and_then(|dk| node.apply(&snap.body, &dk));
         let reply = match applied {
             Ok(version) => {
-                info!(version, "applied config snapshot");
+                if !same {
+                    info!(version, "applied config snapshot");
+                }
                 let (file, body) = (file.clone(), snap.body);
                 // The body keeps its credentials sealed; the file keeps the
                 // data key as sealed for this node.

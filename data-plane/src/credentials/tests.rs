@@ -291,6 +291,7 @@ async fn the_cache_survives_snapshots_until_the_credential_changes_or_goes() {
     let mut services = crate::node::Services::new(Arc::default()).unwrap();
     services.credentials = Arc::new(registry);
     let node = crate::node::Node {
+        installed: Default::default(),
         services: Arc::new(services),
         config: Arc::default(),
     };

@@ -132,6 +132,7 @@ impl Harness {
         .unwrap();
         let metrics: Arc<crate::metrics::Metrics> = Arc::default();
         let node = Node {
+            installed: Default::default(),
             services: Arc::new(Services::new(metrics.clone()).unwrap()),
             config: Arc::default(),
         };
