@@ -58,41 +58,39 @@ impl Default for ConsoleConfig {
 /// token: a value in `admin_values` makes an admin, one in `viewer_values` a
 /// viewer (reads only); anyone else is refused.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct ConsoleOidc {
     /// `iss`; its `/.well-known/openid-configuration` is read at sign-in.
     pub issuer: String,
     pub client_id: String,
     /// For a confidential client; PKCE alone for a public one.
-    #[serde(default)]
     pub client_secret: Option<String>,
     /// `https://<console host>/console/oidc/callback`, as registered at the issuer.
     pub redirect_url: String,
-    #[serde(default = "default_oidc_scopes")]
     pub scopes: Vec<String>,
     /// A string or list-of-strings claim (Entra ID app roles: `roles`).
-    #[serde(default = "default_role_claim")]
     pub role_claim: String,
-    #[serde(default)]
     pub admin_values: Vec<String>,
-    #[serde(default)]
     pub viewer_values: Vec<String>,
     /// The claim naming the person in the audit log's `actor`
     /// (`sub` when absent from the token).
-    #[serde(default = "default_identity_claim")]
     pub identity_claim: String,
 }
 
-fn default_oidc_scopes() -> Vec<String> {
-    vec!["openid".into(), "profile".into(), "email".into()]
-}
-
-fn default_role_claim() -> String {
-    "roles".into()
-}
-
-fn default_identity_claim() -> String {
-    "preferred_username".into()
+impl Default for ConsoleOidc {
+    fn default() -> Self {
+        Self {
+            issuer: String::new(),
+            client_id: String::new(),
+            client_secret: None,
+            redirect_url: String::new(),
+            scopes: vec!["openid".into(), "profile".into(), "email".into()],
+            role_claim: "roles".into(),
+            admin_values: Vec::new(),
+            viewer_values: Vec::new(),
+            identity_claim: "preferred_username".into(),
+        }
+    }
 }
 
 impl ConsoleConfig {

@@ -215,9 +215,12 @@ async fn login(State(ctx): State<Ctx>, headers: HeaderMap, Form(pairs): Form<Vec
 }
 
 fn start_session(ctx: &Console, identity: String, role: Role) -> Response {
+    start_session_with(ctx, identity, role, see_other("/console/"))
+}
+
+fn start_session_with(ctx: &Console, identity: String, role: Role, mut resp: Response) -> Response {
     let s = ctx.sessions.create(identity, role, ctx.ttl);
     tracing::info!(identity = %s.identity, role = role.name(), "console sign-in");
-    let mut resp = see_other("/console/");
     resp.headers_mut()
         .insert(header::SET_COOKIE, session_cookie(ctx, &s.id, Some(ctx.ttl)));
     resp
@@ -264,7 +267,10 @@ async fn oidc_callback(State(ctx): State<Ctx>, Query(q): Query<Callback>) -> Res
         return page_error(StatusCode::BAD_REQUEST, "the callback needs code and state");
     };
     match o.finish(&code, &state).await {
-        Ok((identity, role)) => start_session(&ctx, identity, role),
+        // Not a redirect: after a redirect chain that began at the issuer (another
+        // site) the browser would withhold the SameSite=Strict cookie just set. A
+        // page of ours moving on is a same-site navigation.
+        Ok((identity, role)) => start_session_with(&ctx, identity, role, html(pages::signed_in())),
         Err(e) => page_error(e.http_status(), &e.to_string()),
     }
 }

@@ -88,6 +88,20 @@ pub fn error_page(status: StatusCode, msg: &str) -> Markup {
     }
 }
 
+/// After single sign-on: moves on to the console from a page of its own site.
+pub fn signed_in() -> Markup {
+    html! {
+        (DOCTYPE)
+        head {
+            meta charset="utf-8";
+            meta http-equiv="refresh" content="0;url=/console/";
+            title { "Signed in · aigw console" }
+            link rel="stylesheet" href="/console/assets/console.css";
+        }
+        body { main #main.narrow { p { "Signed in. " a href="/console/" { "Continue to the console" } } } }
+    }
+}
+
 pub fn login(csrf_token: &str, sso: bool, error: Option<&str>) -> Markup {
     html! {
         (head("Sign in"))
@@ -137,7 +151,8 @@ fn field(st: &FormState, name: &str, label: &str, kind: &str, hint: Option<&str>
     html! {
         div.field.invalid[bad] {
             label for=(id) { (label) }
-            input id=(id) type=(kind) name=(name) value=(st.values.get(name))
+            // A typed secret is not sent back into the page, even after an error.
+            input id=(id) type=(kind) name=(name) value=(if kind == "password" { "" } else { st.values.get(name) })
                 aria-invalid=[bad.then_some("true")] aria-describedby=[bad.then(|| err_id(name))];
             @if let Some(h) = hint { small { (h) } }
             (field_error(st, name))
@@ -326,7 +341,7 @@ fn summary(r: &RecordView) -> Markup {
                 @for t in m.resolved_targets() {
                     li { (t.provider_key_id) " / " (t.model_name) " · priority " (t.priority) " · weight " (t.weight) }
                 }
-                @if let Some(r) = &m.routing { li { "routing: " (format!("{:?}", r.strategy).to_lowercase()) } }
+                @if let Some(r) = &m.routing { li { "routing: " (snake(&r.strategy)) } }
                 @if let Some(l) = &m.rate_limit { li { "limits: " (limits(l)) } }
                 @if let Some(c) = &m.cost { li { "cost: $" (c.input_per_1k) " in / $" (c.output_per_1k) " out per 1k" } }
                 @if m.cache.is_some_and(|c| c.enabled) { li { "cache on" } }
@@ -337,11 +352,19 @@ fn summary(r: &RecordView) -> Markup {
             @if let Some(p) = &k.jwt_provider_id { "JWT of " (p) " · " }
             "models: " (if k.allowed_models.is_empty() { "none".to_string() } else { k.allowed_models.join(", ") })
             @if let Some(l) = &k.rate_limit { " · limits: " (limits(l)) }
-            @if let Some(b) = &k.budget { " · budget $" (b.max_usd) " / " (format!("{:?}", b.period).to_lowercase()) }
+            @if let Some(b) = &k.budget { " · budget $" (b.max_usd) " / " (snake(&b.period)) }
             @if let Some(e) = &k.expires_at { " · expires " (crate::events::format_rfc3339(*e)) }
         },
         View::JwtProvider(p) => html! { (p.issuer) " · audiences " (p.audiences.join(", ")) },
     }
+}
+
+/// An enum as the API writes it (`round_robin`).
+fn snake<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 fn limits(l: &aigw_shared::domain::RateLimit) -> String {
