@@ -96,7 +96,9 @@ impl Default for ConsoleOidc {
 impl ConsoleConfig {
     pub fn validate(&self) -> Result<(), Error> {
         let ttl = self.session_ttl.0;
-        if ttl < std::time::Duration::from_secs(60) || ttl > std::time::Duration::from_secs(7 * 86400) {
+        if ttl < std::time::Duration::from_secs(60)
+            || ttl > std::time::Duration::from_secs(7 * 86400)
+        {
             return Err(invalid(
                 "admin.console.session_ttl",
                 "between 1 minute and 7 days",
@@ -116,7 +118,11 @@ impl ConsoleConfig {
             .map_err(|e| invalid("admin.console.oidc.issuer", e.to_string()))?;
         crate::domain::check_endpoint("redirect_url", &o.redirect_url)
             .map_err(|e| invalid("admin.console.oidc.redirect_url", e.to_string()))?;
-        if !o.redirect_url.trim_end_matches('/').ends_with("/console/oidc/callback") {
+        if !o
+            .redirect_url
+            .trim_end_matches('/')
+            .ends_with("/console/oidc/callback")
+        {
             return Err(invalid(
                 "admin.console.oidc.redirect_url",
                 "must end with /console/oidc/callback",
@@ -126,10 +132,16 @@ impl ConsoleConfig {
             return Err(invalid("admin.console.oidc.client_id", "must not be empty"));
         }
         if !o.scopes.iter().any(|s| s == "openid") {
-            return Err(invalid("admin.console.oidc.scopes", "must include `openid`"));
+            return Err(invalid(
+                "admin.console.oidc.scopes",
+                "must include `openid`",
+            ));
         }
         if o.role_claim.trim().is_empty() {
-            return Err(invalid("admin.console.oidc.role_claim", "must not be empty"));
+            return Err(invalid(
+                "admin.console.oidc.role_claim",
+                "must not be empty",
+            ));
         }
         if o.admin_values.is_empty() && o.viewer_values.is_empty() {
             return Err(invalid(

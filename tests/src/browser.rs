@@ -40,7 +40,8 @@ impl Browser {
                  (.ci/run does this)"
             );
         };
-        let Some(chromium) = find_program(&["chromium", "chromium-browser", "google-chrome"]) else {
+        let Some(chromium) = find_program(&["chromium", "chromium-browser", "google-chrome"])
+        else {
             bail!(
                 "Chromium not found on PATH: apt-get install -y chromium chromium-driver \
                  (.ci/run does this)"
@@ -54,15 +55,20 @@ impl Browser {
         let driver = Process::spawn(cmd, profile.path(), "chromedriver", &[])?;
         let url = format!("http://{addr}");
         let http = reqwest::Client::new();
-        poll_until("chromedriver /status", 100, Duration::from_millis(100), || {
-            let (http, url) = (http.clone(), url.clone());
-            async move {
-                Ok(match http.get(format!("{url}/status")).send().await {
-                    Ok(r) if r.status().is_success() => Some(()),
-                    _ => None,
-                })
-            }
-        })
+        poll_until(
+            "chromedriver /status",
+            100,
+            Duration::from_millis(100),
+            || {
+                let (http, url) = (http.clone(), url.clone());
+                async move {
+                    Ok(match http.get(format!("{url}/status")).send().await {
+                        Ok(r) if r.status().is_success() => Some(()),
+                        _ => None,
+                    })
+                }
+            },
+        )
         .await
         .with_context(|| format!("chromedriver did not start: {}", driver.logs()))?;
         let user_data = profile.path().join("chromium-profile");
@@ -80,13 +86,11 @@ impl Browser {
                 ],
             }),
         );
-        let client = ClientBuilder::new(
-            hyper_util::client::legacy::connect::HttpConnector::new(),
-        )
-        .capabilities(caps)
-        .connect(&url)
-        .await
-        .with_context(|| format!("starting a Chromium session: {}", driver.logs()))?;
+        let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps)
+            .connect(&url)
+            .await
+            .with_context(|| format!("starting a Chromium session: {}", driver.logs()))?;
         Ok(Self {
             client,
             _driver: driver,
@@ -96,7 +100,10 @@ impl Browser {
     }
 
     pub async fn goto(&self, url: &str) -> Result<()> {
-        self.client.goto(url).await.with_context(|| format!("goto {url}"))
+        self.client
+            .goto(url)
+            .await
+            .with_context(|| format!("goto {url}"))
     }
 
     /// Waits for the element `css` to appear; the failure shows the page it was not on.
@@ -110,7 +117,12 @@ impl Browser {
         {
             Ok(e) => Ok(e),
             Err(e) => {
-                let url = self.client.current_url().await.map(|u| u.to_string()).unwrap_or_default();
+                let url = self
+                    .client
+                    .current_url()
+                    .await
+                    .map(|u| u.to_string())
+                    .unwrap_or_default();
                 let body = match self.client.find(Locator::Css("body")).await {
                     Ok(b) => b.text().await.unwrap_or_default(),
                     Err(_) => String::new(),

@@ -289,21 +289,26 @@ impl MockOidc {
     /// with `key` (also published in the JWKS).
     pub fn enable_code_flow(&self, key: TestKey, client_id: &str) {
         self.publish(&[&key]);
-        *self.shared.code_flow.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(Arc::new(CodeFlow {
-                key,
-                client_id: client_id.into(),
-                user: Mutex::new(("nobody".into(), Vec::new())),
-                grants: Mutex::new(Default::default()),
-                pkce_refusals: AtomicUsize::new(0),
-            }));
+        *self
+            .shared
+            .code_flow
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(CodeFlow {
+            key,
+            client_id: client_id.into(),
+            user: Mutex::new(("nobody".into(), Vec::new())),
+            grants: Mutex::new(Default::default()),
+            pkce_refusals: AtomicUsize::new(0),
+        }));
     }
 
     /// Who the next `/authorize` signs in: `preferred_username` and `roles`.
     pub fn login_as(&self, subject: &str, roles: &[&str]) {
         let flow = self.code_flow();
-        *flow.user.lock().unwrap_or_else(|e| e.into_inner()) =
-            (subject.into(), roles.iter().map(|r| r.to_string()).collect());
+        *flow.user.lock().unwrap_or_else(|e| e.into_inner()) = (
+            subject.into(),
+            roles.iter().map(|r| r.to_string()).collect(),
+        );
     }
 
     /// `/token` requests refused for a wrong PKCE verifier.
@@ -363,11 +368,10 @@ async fn route(
         .unwrap_or_else(|e| e.into_inner())
         .clone();
     let path = req.uri().path().to_string();
-    let query: std::collections::HashMap<String, String> = url::form_urlencoded::parse(
-        req.uri().query().unwrap_or_default().as_bytes(),
-    )
-    .into_owned()
-    .collect();
+    let query: std::collections::HashMap<String, String> =
+        url::form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes())
+            .into_owned()
+            .collect();
     match (path.as_str(), flow) {
         ("/authorize", Some(flow)) => {
             let q = |k: &str| query.get(k).cloned().unwrap_or_default();
@@ -381,17 +385,20 @@ async fn route(
             }
             let code = format!("code-{}", rand_hex());
             let (subject, roles) = flow.user.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            flow.grants.lock().unwrap_or_else(|e| e.into_inner()).insert(
-                code.clone(),
-                Grant {
-                    client_id: q("client_id"),
-                    redirect_uri: q("redirect_uri"),
-                    challenge: q("code_challenge"),
-                    nonce: q("nonce"),
-                    subject,
-                    roles,
-                },
-            );
+            flow.grants
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(
+                    code.clone(),
+                    Grant {
+                        client_id: q("client_id"),
+                        redirect_uri: q("redirect_uri"),
+                        challenge: q("code_challenge"),
+                        nonce: q("nonce"),
+                        subject,
+                        roles,
+                    },
+                );
             let mut back = url::Url::parse(&q("redirect_uri")).expect("redirect_uri");
             back.query_pairs_mut()
                 .append_pair("code", &code)
@@ -399,11 +406,20 @@ async fn route(
             (302, String::new(), Some(back.to_string()))
         }
         ("/token", Some(flow)) => {
-            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
             let form: std::collections::HashMap<String, String> =
                 url::form_urlencoded::parse(&body).into_owned().collect();
             let f = |k: &str| form.get(k).cloned().unwrap_or_default();
-            let grant = flow.grants.lock().unwrap_or_else(|e| e.into_inner()).remove(&f("code"));
+            let grant = flow
+                .grants
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&f("code"));
             let Some(grant) = grant else {
                 return (400, json!({"error": "invalid_grant"}).to_string(), None);
             };
@@ -411,7 +427,11 @@ async fn route(
             let computed = b64(&sha2::Sha256::digest(f("code_verifier").as_bytes()));
             if computed != grant.challenge {
                 flow.pkce_refusals.fetch_add(1, Ordering::SeqCst);
-                return (400, json!({"error": "invalid_grant", "error_description": "PKCE"}).to_string(), None);
+                return (
+                    400,
+                    json!({"error": "invalid_grant", "error_description": "PKCE"}).to_string(),
+                    None,
+                );
             }
             if f("grant_type") != "authorization_code"
                 || f("client_id") != grant.client_id

@@ -114,7 +114,10 @@ async fn console_end_to_end_in_a_browser() -> Result<()> {
     // Model on that key's deployment, with a cost so usage has one.
     b.goto(&format!("{base}/console/models")).await?;
     b.fill("#display_name", ALIAS).await?;
-    b.wait("#targets-0--provider_key_id").await?.select_by_value(&pk_id).await?;
+    b.wait("#targets-0--provider_key_id")
+        .await?
+        .select_by_value(&pk_id)
+        .await?;
     b.fill("#targets-0--model_name", DEPLOYMENT).await?;
     b.fill("#cost-input_per_1k", "0.5").await?;
     b.fill("#cost-output_per_1k", "1.5").await?;
@@ -134,20 +137,33 @@ async fn console_end_to_end_in_a_browser() -> Result<()> {
     b.click("#create").await?;
     let shown = b.wait("#new-key").await?;
     let caller_key = shown.prop("value").await?.context("no key shown")?;
-    ensure!(caller_key.starts_with("sk-aigw-") && caller_key.len() > 40, "{caller_key}");
+    ensure!(
+        caller_key.starts_with("sk-aigw-") && caller_key.len() > 40,
+        "{caller_key}"
+    );
     b.click("button[data-copy=new-key]").await?;
     b.screenshot("05-api-key-shown-once").await?;
     let key_id = row_id(&b, KEY_NAME).await?;
     // Only the hash is kept: the list after a reload does not show the key.
     b.goto(&format!("{base}/console/api_keys")).await?;
     b.wait("#list").await?;
-    ensure!(!b.client.source().await?.contains(&caller_key), "the key is shown twice");
+    ensure!(
+        !b.client.source().await?.contains(&caller_key),
+        "the key is shown twice"
+    );
 
     // The copied key works on the proxy...
     wait_standalone_synced(&env.cp).await?;
     let proxy = ProxyClient::new(&env.cp.proxy_url(), Some(&caller_key));
-    let r = proxy.chat(&chat_body(ALIAS, "hello from the console test")).await?;
-    ensure!(r.status == 200, "proxy call with the console's key: {} {}", r.status, r.text);
+    let r = proxy
+        .chat(&chat_body(ALIAS, "hello from the console test"))
+        .await?;
+    ensure!(
+        r.status == 200,
+        "proxy call with the console's key: {} {}",
+        r.status,
+        r.text
+    );
 
     // ...and in the playground, through the data plane, with latency, tokens and target.
     b.goto(&format!("{base}/console/playground")).await?;
@@ -159,34 +175,52 @@ async fn console_end_to_end_in_a_browser() -> Result<()> {
     let served_by = b.text("#result-served-by").await?;
     ensure!(served_by.contains(DEPLOYMENT), "served by {served_by}");
     ensure!(!b.text("#result-answer").await?.is_empty());
-    ensure!(b.text("#result-tokens").await?.chars().any(|c| c.is_ascii_digit()));
+    ensure!(b
+        .text("#result-tokens")
+        .await?
+        .chars()
+        .any(|c| c.is_ascii_digit()));
     b.screenshot("06-playground").await?;
 
     // Usage shows the calls once aggregated (the REST view says when).
     let admin = env.cp.rest();
-    poll_until("usage of the console's key", 300, Duration::from_millis(200), || {
-        let admin = admin.clone();
-        let key_id = key_id.clone();
-        async move {
-            let rows = admin.get("/admin/v1/usage?group_by=api_key").await?.json()?;
-            let n = rows["rows"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|r| r["group"]["api_key"] == json!(key_id))
-                .map(|r| r["requests"].as_u64().unwrap_or(0))
-                .sum::<u64>();
-            Ok((n >= 2).then_some(()))
-        }
-    })
+    poll_until(
+        "usage of the console's key",
+        300,
+        Duration::from_millis(200),
+        || {
+            let admin = admin.clone();
+            let key_id = key_id.clone();
+            async move {
+                let rows = admin
+                    .get("/admin/v1/usage?group_by=api_key")
+                    .await?
+                    .json()?;
+                let n = rows["rows"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|r| r["group"]["api_key"] == json!(key_id))
+                    .map(|r| r["requests"].as_u64().unwrap_or(0))
+                    .sum::<u64>();
+                Ok((n >= 2).then_some(()))
+            }
+        },
+    )
     .await?;
-    b.goto(&format!("{base}/console/usage?group_by=api_key")).await?;
+    b.goto(&format!("{base}/console/usage?group_by=api_key"))
+        .await?;
     let table = b.text("#usage-table").await?;
     ensure!(table.contains(KEY_NAME), "usage table:\n{table}");
     b.wait("#chart-cost-per-day").await?;
     b.wait("#chart-top-keys").await?;
     b.screenshot("07-usage").await?;
-    let csv = b.wait("#csv").await?.attr("href").await?.context("csv link")?;
+    let csv = b
+        .wait("#csv")
+        .await?
+        .attr("href")
+        .await?
+        .context("csv link")?;
     ensure!(csv.starts_with("/console/usage.csv?"));
 
     // The three writes, each with the console's actor.
@@ -217,7 +251,12 @@ async fn console_end_to_end_in_a_browser() -> Result<()> {
     b.wait("#create-form").await?;
     b.screenshot("09-jwt-providers").await?;
     b.goto(&format!("{base}/console/models/{model_id}")).await?;
-    let value = b.wait("#value").await?.prop("value").await?.unwrap_or_default();
+    let value = b
+        .wait("#value")
+        .await?
+        .prop("value")
+        .await?
+        .unwrap_or_default();
     ensure!(value.contains(DEPLOYMENT), "edit form: {value}");
     b.screenshot("10-model-edit").await?;
     b.goto(&format!("{base}/console/sessions")).await?;
@@ -245,7 +284,8 @@ async fn console_end_to_end_in_a_browser() -> Result<()> {
     ensure!(anon.status() == 401, "{}", anon.status());
 
     // Sign out ends the session.
-    b.click("header form[action='/console/logout'] button").await?;
+    b.click("header form[action='/console/logout'] button")
+        .await?;
     b.wait("#admin_key").await?;
     b.goto(&format!("{base}/console/models")).await?;
     b.wait("#admin_key").await?;
@@ -267,14 +307,21 @@ async fn console_end_to_end_in_a_browser() -> Result<()> {
         let writes = b
             .find_all("#create, #create-form, button.danger, form[action$='/purge']")
             .await?;
-        ensure!(writes.is_empty(), "the viewer sees {} write controls on {page}", writes.len());
+        ensure!(
+            writes.is_empty(),
+            "the viewer sees {} write controls on {page}",
+            writes.len()
+        );
     }
     b.goto(&format!("{base}/console/api_keys")).await?;
     ensure!(b.text("#list").await?.contains(KEY_NAME));
     b.screenshot("12-viewer-api-keys").await?;
     b.goto(&format!("{base}/console/models/{model_id}")).await?;
     b.wait("#value").await?;
-    ensure!(b.find_all("#save").await?.is_empty(), "the viewer has a save button");
+    ensure!(
+        b.find_all("#save").await?.is_empty(),
+        "the viewer has a save button"
+    );
     // The viewer's own CSRF token, as a forger inside the page would use it.
     let csrf = b
         .wait("input[name=csrf]")
@@ -283,19 +330,30 @@ async fn console_end_to_end_in_a_browser() -> Result<()> {
         .await?
         .context("csrf token")?;
     let status = b
-        .fetch_status(&format!("/console/models/{model_id}/delete"), &format!("csrf={csrf}"))
+        .fetch_status(
+            &format!("/console/models/{model_id}/delete"),
+            &format!("csrf={csrf}"),
+        )
         .await?;
     ensure!(status == 403, "the viewer's forged delete got {status}");
     let status = b
-        .fetch_status("/console/api_keys", &format!("csrf={csrf}&display_name=forged&allowed_models=*"))
+        .fetch_status(
+            "/console/api_keys",
+            &format!("csrf={csrf}&display_name=forged&allowed_models=*"),
+        )
         .await?;
     ensure!(status == 403, "the viewer's forged create got {status}");
     ensure!(admin.list("models").await?.len() == before);
-    ensure!(!admin.list("apikeys").await?.iter().any(|k| k["value"]["display_name"] == json!("forged")));
+    ensure!(!admin
+        .list("apikeys")
+        .await?
+        .iter()
+        .any(|k| k["value"]["display_name"] == json!("forged")));
     ensure!(env.oidc.pkce_refusals() == 0);
 
     // SSO as an admin: the mapping gives writes.
-    b.click("header form[action='/console/logout'] button").await?;
+    b.click("header form[action='/console/logout'] button")
+        .await?;
     env.oidc.login_as("alice", &["console.admin"]);
     b.goto(&format!("{base}/console/login")).await?;
     b.click("#sso").await?;

@@ -239,7 +239,14 @@ fn model(form: &FormData) -> Result<Value, Error> {
         if !form.has(&f("provider_key_id")) && !form.has(&f("model_name")) {
             continue;
         }
-        let n = |name: &str| int(form, &f(name)).map_err(|_| invalid("targets", &format!("row {}: {name} must be a whole number", i + 1)));
+        let n = |name: &str| {
+            int(form, &f(name)).map_err(|_| {
+                invalid(
+                    "targets",
+                    &format!("row {}: {name} must be a whole number", i + 1),
+                )
+            })
+        };
         targets.push(json!({
             "provider_key_id": form.get(&f("provider_key_id")),
             "model_name": form.get(&f("model_name")),
@@ -253,7 +260,10 @@ fn model(form: &FormData) -> Result<Value, Error> {
     } else {
         Value::Null
     };
-    let cost = match (num(form, "cost.input_per_1k")?, num(form, "cost.output_per_1k")?) {
+    let cost = match (
+        num(form, "cost.input_per_1k")?,
+        num(form, "cost.output_per_1k")?,
+    ) {
         (None, None) => Value::Null,
         (i, o) => json!({ "input_per_1k": i.unwrap_or(0.0), "output_per_1k": o.unwrap_or(0.0) }),
     };
@@ -316,8 +326,8 @@ fn jwt_provider(form: &FormData) -> Value {
 
 /// The edit form's JSON text as the API's value (the same parse as a REST body).
 pub fn json_input(kind: ResourceKind, text: &str) -> Result<Input, Error> {
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| Error::Invalid(format!("malformed JSON: {e}")))?;
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| Error::Invalid(format!("malformed JSON: {e}")))?;
     from_value(kind, value)
 }
 
@@ -346,7 +356,12 @@ mod tests {
     use super::*;
 
     fn form(pairs: &[(&str, &str)]) -> FormData {
-        FormData::new(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+        FormData::new(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
     }
 
     #[test]
@@ -382,7 +397,11 @@ mod tests {
 
     #[test]
     fn an_api_key_form_stores_only_the_hash() {
-        let f = form(&[("allowed_models", "a"), ("allowed_models", "b"), ("expires_at", "2030-01-02")]);
+        let f = form(&[
+            ("allowed_models", "a"),
+            ("allowed_models", "b"),
+            ("expires_at", "2030-01-02"),
+        ]);
         let Input::ApiKey(k) = input(ResourceKind::ApiKey, &f, Some("sk-1")).unwrap() else {
             panic!("not an api key")
         };

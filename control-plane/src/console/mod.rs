@@ -55,15 +55,22 @@ pub struct Console {
 type Ctx = Arc<Console>;
 
 /// The console's routes, to merge into the admin listener's router.
-pub fn router(admin: Admin, keys: AdminKeys, cfg: &ConsoleConfig, max_body: usize) -> Result<Router, Error> {
+pub fn router(
+    admin: Admin,
+    keys: AdminKeys,
+    cfg: &ConsoleConfig,
+    max_body: usize,
+) -> Result<Router, Error> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .redirect(reqwest::redirect::Policy::none())
         .build()
-        .map_err(|e| Error::Config(aigw_shared::Error::ConfigInvalid {
-            key: "admin.console".into(),
-            message: format!("HTTP client: {e}"),
-        }))?;
+        .map_err(|e| {
+            Error::Config(aigw_shared::Error::ConfigInvalid {
+                key: "admin.console".into(),
+                message: format!("HTTP client: {e}"),
+            })
+        })?;
     let secure = cfg
         .oidc
         .as_ref()
@@ -86,12 +93,21 @@ pub fn router(admin: Admin, keys: AdminKeys, cfg: &ConsoleConfig, max_body: usiz
         .route("/console/logout", post(logout))
         .route("/console/oidc/start", get(oidc_start))
         .route("/console/oidc/callback", get(oidc_callback))
-        .route("/console/assets/console.css", get(|| async { asset("text/css", CSS) }))
-        .route("/console/assets/console.js", get(|| async { asset("text/javascript", JS) }))
+        .route(
+            "/console/assets/console.css",
+            get(|| async { asset("text/css", CSS) }),
+        )
+        .route(
+            "/console/assets/console.js",
+            get(|| async { asset("text/javascript", JS) }),
+        )
         .route("/console/usage", get(usage))
         .route("/console/usage.csv", get(usage_csv))
         .route("/console/audit", get(audit))
-        .route("/console/playground", get(playground_page).post(playground_send))
+        .route(
+            "/console/playground",
+            get(playground_page).post(playground_send),
+        )
         .route("/console/sessions", get(sessions_page))
         .route("/console/{section}", get(list).post(create))
         .route("/console/{section}/{id}", get(edit_page).post(update))
@@ -111,8 +127,14 @@ async fn harden(mut resp: Response) -> Response {
         ),
     );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     if !h.contains_key(header::CACHE_CONTROL) {
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
@@ -144,24 +166,25 @@ impl FromRequestParts<Ctx> for Signed {
                 if parts.method == http::Method::GET {
                     Redirect::to("/console/login").into_response()
                 } else {
-                    page_error(StatusCode::UNAUTHORIZED, "sign in first (session missing or expired)")
+                    page_error(
+                        StatusCode::UNAUTHORIZED,
+                        "sign in first (session missing or expired)",
+                    )
                 }
             })
     }
 }
 
 /// A write from a form: its CSRF token must be the session's, and the session an admin's.
-fn authorize_write(s: &Session, form: &FormData) -> Result<(), Response> {
+fn authorize_write(s: &Session, form: &FormData) -> Result<(), Error> {
     if !s.csrf_ok(form.get("csrf")) {
-        return Err(page_error(
-            StatusCode::FORBIDDEN,
-            "this form has no valid CSRF token; reload the page and try again",
+        return Err(Error::Forbidden(
+            "this form has no valid CSRF token; reload the page and try again".into(),
         ));
     }
     if s.role != Role::Admin {
-        return Err(page_error(
-            StatusCode::FORBIDDEN,
-            "your role (viewer) can read but not change anything",
+        return Err(Error::Forbidden(
+            "your role (viewer) can read but not change anything".into(),
         ));
     }
     Ok(())
@@ -180,8 +203,13 @@ fn see_other(to: &str) -> Response {
 }
 
 fn session_cookie(ctx: &Console, value: &str, max_age: Option<Duration>) -> HeaderValue {
-    HeaderValue::from_str(&session::set_cookie(session::COOKIE, value, max_age, ctx.secure))
-        .unwrap_or_else(|_| HeaderValue::from_static(""))
+    HeaderValue::from_str(&session::set_cookie(
+        session::COOKIE,
+        value,
+        max_age,
+        ctx.secure,
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 async fn login_page(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
@@ -191,21 +219,37 @@ async fn login_page(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
         .map(str::to_string)
         .unwrap_or_else(session::random_token);
     let mut resp = html(pages::login(&token, ctx.oidc.is_some(), None));
-    let cookie = session::set_cookie(session::LOGIN_COOKIE, &token, Some(Duration::from_secs(3600)), ctx.secure);
+    let cookie = session::set_cookie(
+        session::LOGIN_COOKIE,
+        &token,
+        Some(Duration::from_secs(3600)),
+        ctx.secure,
+    );
     if let Ok(v) = HeaderValue::from_str(&cookie) {
         resp.headers_mut().insert(header::SET_COOKIE, v);
     }
     resp
 }
 
-async fn login(State(ctx): State<Ctx>, headers: HeaderMap, Form(pairs): Form<Vec<(String, String)>>) -> Response {
+async fn login(
+    State(ctx): State<Ctx>,
+    headers: HeaderMap,
+    Form(pairs): Form<Vec<(String, String)>>,
+) -> Response {
     let form = FormData::new(pairs);
     let expected = session::cookie(&headers, session::LOGIN_COOKIE).unwrap_or_default();
     if expected.is_empty() || !session::same(expected, form.get("csrf")) {
-        return page_error(StatusCode::FORBIDDEN, "the sign-in form has no valid CSRF token; reload it");
+        return page_error(
+            StatusCode::FORBIDDEN,
+            "the sign-in form has no valid CSRF token; reload it",
+        );
     }
     let Some(actor) = ctx.keys.check(form.get("admin_key")) else {
-        let mut resp = html(pages::login(expected, ctx.oidc.is_some(), Some("That is not an admin key.")));
+        let mut resp = html(pages::login(
+            expected,
+            ctx.oidc.is_some(),
+            Some("That is not an admin key."),
+        ));
         *resp.status_mut() = StatusCode::UNAUTHORIZED;
         return resp;
     };
@@ -221,12 +265,18 @@ fn start_session(ctx: &Console, identity: String, role: Role) -> Response {
 fn start_session_with(ctx: &Console, identity: String, role: Role, mut resp: Response) -> Response {
     let s = ctx.sessions.create(identity, role, ctx.ttl);
     tracing::info!(identity = %s.identity, role = role.name(), "console sign-in");
-    resp.headers_mut()
-        .insert(header::SET_COOKIE, session_cookie(ctx, &s.id, Some(ctx.ttl)));
+    resp.headers_mut().insert(
+        header::SET_COOKIE,
+        session_cookie(ctx, &s.id, Some(ctx.ttl)),
+    );
     resp
 }
 
-async fn logout(State(ctx): State<Ctx>, Signed(s): Signed, Form(pairs): Form<Vec<(String, String)>>) -> Response {
+async fn logout(
+    State(ctx): State<Ctx>,
+    Signed(s): Signed,
+    Form(pairs): Form<Vec<(String, String)>>,
+) -> Response {
     if !s.csrf_ok(FormData::new(pairs).get("csrf")) {
         return page_error(StatusCode::FORBIDDEN, "this form has no valid CSRF token");
     }
@@ -239,7 +289,10 @@ async fn logout(State(ctx): State<Ctx>, Signed(s): Signed, Form(pairs): Form<Vec
 
 async fn oidc_start(State(ctx): State<Ctx>) -> Response {
     let Some(o) = &ctx.oidc else {
-        return page_error(StatusCode::NOT_FOUND, "single sign-on is not configured (admin.console.oidc)");
+        return page_error(
+            StatusCode::NOT_FOUND,
+            "single sign-on is not configured (admin.console.oidc)",
+        );
     };
     match o.start().await {
         Ok(url) => see_other(&url),
@@ -260,7 +313,10 @@ async fn oidc_callback(State(ctx): State<Ctx>, Query(q): Query<Callback>) -> Res
         return page_error(StatusCode::NOT_FOUND, "single sign-on is not configured");
     };
     if let Some(e) = q.error {
-        let msg = format!("the identity provider refused: {e} {}", q.error_description.unwrap_or_default());
+        let msg = format!(
+            "the identity provider refused: {e} {}",
+            q.error_description.unwrap_or_default()
+        );
         return page_error(StatusCode::UNAUTHORIZED, &msg);
     }
     let (Some(code), Some(state)) = (q.code, q.state) else {
@@ -282,7 +338,12 @@ async fn overview(State(ctx): State<Ctx>, Signed(s): Signed) -> Response {
         .usage(None, Some(&today), Some(&today))
         .unwrap_or_default();
     let version = ctx.admin.engine().read().version;
-    html(pages::overview(&s, version, &ctx.admin.node_list(), totals.first()))
+    html(pages::overview(
+        &s,
+        version,
+        &ctx.admin.node_list(),
+        totals.first(),
+    ))
 }
 
 fn kind_of(section: &str) -> Option<ResourceKind> {
@@ -299,7 +360,13 @@ async fn list(State(ctx): State<Ctx>, Signed(s): Signed, Path(section): Path<Str
     let Some(kind) = kind_of(&section) else {
         return page_error(StatusCode::NOT_FOUND, "no such page");
     };
-    html(pages::resources(&s, &ctx.admin, kind, &forms::FormState::default(), None))
+    html(pages::resources(
+        &s,
+        &ctx.admin,
+        kind,
+        &forms::FormState::default(),
+        None,
+    ))
 }
 
 async fn create(
@@ -312,8 +379,8 @@ async fn create(
         return page_error(StatusCode::NOT_FOUND, "no such page");
     };
     let form = FormData::new(pairs);
-    if let Err(r) = authorize_write(&s, &form) {
-        return r;
+    if let Err(e) = authorize_write(&s, &form) {
+        return page_error(e.http_status(), &e.to_string());
     }
     // An API key made here gets a fresh secret, shown once; the log keeps its hash.
     let generated = (kind == ResourceKind::ApiKey && form.get("jwt_provider_id").is_empty())
@@ -326,7 +393,13 @@ async fn create(
     match result {
         Ok(rec) => {
             let shown = generated.map(|key| (rec.id.clone(), key));
-            html(pages::resources(&s, &ctx.admin, kind, &forms::FormState::default(), shown.as_ref()))
+            html(pages::resources(
+                &s,
+                &ctx.admin,
+                kind,
+                &forms::FormState::default(),
+                shown.as_ref(),
+            ))
         }
         Err(e) => {
             let st = forms::FormState::from_error(&form, &e);
@@ -361,20 +434,28 @@ async fn update(
         return page_error(StatusCode::NOT_FOUND, "no such page");
     };
     let form = FormData::new(pairs);
-    if let Err(r) = authorize_write(&s, &form) {
-        return r;
+    if let Err(e) = authorize_write(&s, &form) {
+        return page_error(e.http_status(), &e.to_string());
     }
     let result = async {
         let input = forms::json_input(kind, form.get("value"))?;
         let revision = form.get("revision").parse::<u64>().ok();
-        ctx.admin.update(&s.actor(), &id, input, revision, false).await
+        ctx.admin
+            .update(&s.actor(), &id, input, revision, false)
+            .await
     }
     .await;
     match result {
         Ok(_) => see_other(&format!("/console/{section}")),
         Err(e) => match ctx.admin.get(kind, &id) {
             Ok(rec) => {
-                let mut resp = html(pages::edit(&s, kind, &rec, Some(form.get("value")), Some(&e.to_string())));
+                let mut resp = html(pages::edit(
+                    &s,
+                    kind,
+                    &rec,
+                    Some(form.get("value")),
+                    Some(&e.to_string()),
+                ));
                 *resp.status_mut() = e.http_status();
                 resp
             }
@@ -391,15 +472,18 @@ async fn action(
     Form(pairs): Form<Vec<(String, String)>>,
 ) -> Response {
     let form = FormData::new(pairs);
-    if let Err(r) = authorize_write(&s, &form) {
-        return r;
+    if let Err(e) = authorize_write(&s, &form) {
+        return page_error(e.http_status(), &e.to_string());
     }
     let result = match (section.as_str(), action.as_str()) {
         ("sessions", "revoke") => {
             ctx.sessions.revoke_handle(&id);
             return see_other("/console/sessions");
         }
-        ("models", "purge") => ctx.admin.purge_cache(&id).map(|g| format!("Cache of `{id}` purged (generation {g}).")),
+        ("models", "purge") => ctx
+            .admin
+            .purge_cache(&id)
+            .map(|g| format!("Cache of `{id}` purged (generation {g}).")),
         (_, "delete") => match kind_of(&section) {
             Some(kind) => ctx
                 .admin
@@ -445,11 +529,17 @@ impl UsageParams {
     }
 }
 
-async fn usage(State(ctx): State<Ctx>, Signed(s): Signed, Query(q): Query<UsageParams>) -> Response {
+async fn usage(
+    State(ctx): State<Ctx>,
+    Signed(s): Signed,
+    Query(q): Query<UsageParams>,
+) -> Response {
     let (from, to, group) = q.resolved();
     let data = (|| {
         Ok::<_, Error>(pages::UsageData {
-            rows: ctx.admin.usage(Some(&format!("day,{group}")), Some(&from), Some(&to))?,
+            rows: ctx
+                .admin
+                .usage(Some(&format!("day,{group}")), Some(&from), Some(&to))?,
             per_day: ctx.admin.usage(Some("day"), Some(&from), Some(&to))?,
             per_key: ctx.admin.usage(Some("api_key"), Some(&from), Some(&to))?,
         })
@@ -458,7 +548,15 @@ async fn usage(State(ctx): State<Ctx>, Signed(s): Signed, Query(q): Query<UsageP
     match data {
         Ok(d) => html(pages::usage(&s, &from, &to, &group, &d, &names, None)),
         Err(e) => {
-            let mut resp = html(pages::usage(&s, &from, &to, &group, &pages::UsageData::default(), &names, Some(&e.to_string())));
+            let mut resp = html(pages::usage(
+                &s,
+                &from,
+                &to,
+                &group,
+                &pages::UsageData::default(),
+                &names,
+                Some(&e.to_string()),
+            ));
             *resp.status_mut() = e.http_status();
             resp
         }
@@ -476,9 +574,16 @@ fn api_key_names(admin: &Admin) -> std::collections::HashMap<String, String> {
         .collect()
 }
 
-async fn usage_csv(State(ctx): State<Ctx>, Signed(_): Signed, Query(q): Query<UsageParams>) -> Response {
+async fn usage_csv(
+    State(ctx): State<Ctx>,
+    Signed(_): Signed,
+    Query(q): Query<UsageParams>,
+) -> Response {
     let (from, to, group) = q.resolved();
-    match ctx.admin.usage(Some(&format!("day,{group}")), Some(&from), Some(&to)) {
+    match ctx
+        .admin
+        .usage(Some(&format!("day,{group}")), Some(&from), Some(&to))
+    {
         Ok(rows) => (
             [
                 (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_string()),
@@ -499,10 +604,18 @@ struct AuditParams {
     resource: Option<String>,
 }
 
-async fn audit(State(ctx): State<Ctx>, Signed(s): Signed, Query(q): Query<AuditParams>) -> Response {
+async fn audit(
+    State(ctx): State<Ctx>,
+    Signed(s): Signed,
+    Query(q): Query<AuditParams>,
+) -> Response {
     const SHOWN: u64 = 200;
     let version = ctx.admin.engine().read().version;
-    let resource = q.resource.as_deref().filter(|r| !r.is_empty()).and_then(ResourceKind::parse);
+    let resource = q
+        .resource
+        .as_deref()
+        .filter(|r| !r.is_empty())
+        .and_then(ResourceKind::parse);
     let filter = EventFilter {
         resource,
         // The newest events (the log's sequence numbers follow the version).
@@ -520,7 +633,13 @@ async fn audit(State(ctx): State<Ctx>, Signed(s): Signed, Query(q): Query<AuditP
 }
 
 async fn playground_page(State(ctx): State<Ctx>, Signed(s): Signed) -> Response {
-    html(pages::playground(&s, &model_aliases(&ctx.admin), ctx.playground_url.as_deref(), &FormData::default(), None))
+    html(pages::playground(
+        &s,
+        &model_aliases(&ctx.admin),
+        ctx.playground_url.as_deref(),
+        &FormData::default(),
+        None,
+    ))
 }
 
 fn model_aliases(admin: &Admin) -> Vec<String> {
@@ -541,13 +660,22 @@ async fn playground_send(
     let form = FormData::new(pairs);
     // Reads only (a caller's own key pays), so viewers may use it; the CSRF token still counts.
     if !s.csrf_ok(form.get("csrf")) {
-        return page_error(StatusCode::FORBIDDEN, "this form has no valid CSRF token; reload the page");
+        return page_error(
+            StatusCode::FORBIDDEN,
+            "this form has no valid CSRF token; reload the page",
+        );
     }
     let outcome = match &ctx.playground_url {
         Some(base) => playground::send(&ctx.http, base, &form).await,
         None => Err("no data plane to call: set admin.console.playground_url".to_string()),
     };
-    html(pages::playground(&s, &model_aliases(&ctx.admin), ctx.playground_url.as_deref(), &form, Some(&outcome)))
+    html(pages::playground(
+        &s,
+        &model_aliases(&ctx.admin),
+        ctx.playground_url.as_deref(),
+        &form,
+        Some(&outcome),
+    ))
 }
 
 async fn sessions_page(State(ctx): State<Ctx>, Signed(s): Signed) -> Response {

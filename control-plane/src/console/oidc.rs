@@ -218,7 +218,8 @@ impl Oidc {
 
     /// The ID token's claims once its signature, issuer, audience and times check out.
     async fn verify(&self, d: &Discovery, token: &str) -> Result<Map<String, Value>, Error> {
-        let header = jsonwebtoken::decode_header(token).map_err(|e| fail(format!("ID token: {e}")))?;
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| fail(format!("ID token: {e}")))?;
         // Asymmetric algorithms only: an HMAC "signed" with public data proves nothing.
         if !matches!(
             header.alg,
@@ -231,7 +232,10 @@ impl Oidc {
                 | Algorithm::ES256
                 | Algorithm::ES384
         ) {
-            return Err(fail(format!("ID token: algorithm {:?} refused", header.alg)));
+            return Err(fail(format!(
+                "ID token: algorithm {:?} refused",
+                header.alg
+            )));
         }
         let key = self.key(d, header.kid.as_deref()).await?;
         let mut v = Validation::new(header.alg);
@@ -309,8 +313,14 @@ mod tests {
         }))
         .unwrap();
         let claims = |v: Value| json!({ "roles": v }).as_object().unwrap().clone();
-        assert_eq!(role_of(&cfg, &claims(json!(["x", "gw.admin"]))), Some(Role::Admin));
-        assert_eq!(role_of(&cfg, &claims(json!("gw.viewer"))), Some(Role::Viewer));
+        assert_eq!(
+            role_of(&cfg, &claims(json!(["x", "gw.admin"]))),
+            Some(Role::Admin)
+        );
+        assert_eq!(
+            role_of(&cfg, &claims(json!("gw.viewer"))),
+            Some(Role::Viewer)
+        );
         assert_eq!(
             role_of(&cfg, &claims(json!(["gw.viewer", "gw.admin"]))),
             Some(Role::Admin)

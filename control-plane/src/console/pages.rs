@@ -136,7 +136,13 @@ fn field_error(st: &FormState, name: &str) -> Markup {
 
 fn input_id(name: &str) -> String {
     name.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect()
 }
 
@@ -187,7 +193,10 @@ fn select(st: &FormState, name: &str, label: &str, options: &[(String, String)])
 }
 
 fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
-    items.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    items
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
 }
 
 pub fn overview(s: &Session, version: u64, nodes: &[NodeView], today: Option<&UsageRow>) -> Markup {
@@ -196,7 +205,6 @@ pub fn overview(s: &Session, version: u64, nodes: &[NodeView], today: Option<&Us
         section aria-labelledby="today" {
             h2 #today { "Today (UTC)" }
             dl.stats {
-                div { dt { "Config version" } dd #config-version { (version) } }
                 div { dt { "Requests" } dd #requests-today { (t.as_ref().map_or(0, |r| r.requests)) } }
                 div { dt { "Errors" } dd { (t.as_ref().map_or(0, |r| r.errors)) } }
                 div { dt { "Tokens" } dd { (t.as_ref().map_or(0, |r| r.total_tokens)) } }
@@ -205,6 +213,7 @@ pub fn overview(s: &Session, version: u64, nodes: &[NodeView], today: Option<&Us
         }
         section aria-labelledby="nodes" {
             h2 #nodes { "Nodes" }
+            p { "Config version " strong #config-version { (version) } "; each node shows the version it applied." }
             @if nodes.is_empty() {
                 p.empty { "No data plane has connected yet." }
             } @else {
@@ -368,10 +377,16 @@ fn snake<T: serde::Serialize>(v: &T) -> String {
 }
 
 fn limits(l: &aigw_shared::domain::RateLimit) -> String {
-    let parts: Vec<String> = [("rpm", l.rpm), ("tpm", l.tpm), ("rpd", l.rpd), ("tpd", l.tpd), ("concurrency", l.concurrency)]
-        .into_iter()
-        .filter_map(|(n, v)| v.map(|v| format!("{v} {n}")))
-        .collect();
+    let parts: Vec<String> = [
+        ("rpm", l.rpm),
+        ("tpm", l.tpm),
+        ("rpd", l.rpd),
+        ("tpd", l.tpd),
+        ("concurrency", l.concurrency),
+    ]
+    .into_iter()
+    .filter_map(|(n, v)| v.map(|v| format!("{v} {n}")))
+    .collect();
     parts.join(", ")
 }
 
@@ -410,7 +425,12 @@ fn create_fields(admin: &Admin, kind: ResourceKind, st: &FormState) -> Markup {
         },
         ResourceKind::Model => {
             let keys: Vec<(String, String)> = std::iter::once((String::new(), "—".to_string()))
-                .chain(admin.list(ResourceKind::ProviderKey).iter().map(|r| (r.id.clone(), format!("{} ({})", name_of(r), r.id))))
+                .chain(
+                    admin
+                        .list(ResourceKind::ProviderKey)
+                        .iter()
+                        .map(|r| (r.id.clone(), format!("{} ({})", name_of(r), r.id))),
+                )
                 .collect();
             html! {
                 (field(st, "display_name", "Alias (what callers send as model)", "text", None))
@@ -453,9 +473,15 @@ fn create_fields(admin: &Admin, kind: ResourceKind, st: &FormState) -> Markup {
             let models: Vec<String> = std::iter::once("*".to_string())
                 .chain(admin.list(ResourceKind::Model).iter().map(name_of))
                 .collect();
-            let providers: Vec<(String, String)> = std::iter::once((String::new(), "— (a generated key)".to_string()))
-                .chain(admin.list(ResourceKind::JwtProvider).iter().map(|r| (r.id.clone(), name_of(r))))
-                .collect();
+            let providers: Vec<(String, String)> =
+                std::iter::once((String::new(), "— (a generated key)".to_string()))
+                    .chain(
+                        admin
+                            .list(ResourceKind::JwtProvider)
+                            .iter()
+                            .map(|r| (r.id.clone(), name_of(r))),
+                    )
+                    .collect();
             let chosen = st.values.all("allowed_models");
             html! {
                 (field(st, "display_name", "Name", "text", None))
@@ -498,11 +524,17 @@ fn create_fields(admin: &Admin, kind: ResourceKind, st: &FormState) -> Markup {
 }
 
 /// One resource as JSON (secrets masked): editable by admins, read-only for viewers.
-pub fn edit(s: &Session, kind: ResourceKind, rec: &RecordView, typed: Option<&str>, error: Option<&str>) -> Markup {
+pub fn edit(
+    s: &Session,
+    kind: ResourceKind,
+    rec: &RecordView,
+    typed: Option<&str>,
+    error: Option<&str>,
+) -> Markup {
     let (section, title) = section_of(kind);
-    let json = typed.map(str::to_string).unwrap_or_else(|| {
-        serde_json::to_string_pretty(&rec.value).unwrap_or_default()
-    });
+    let json = typed
+        .map(str::to_string)
+        .unwrap_or_else(|| serde_json::to_string_pretty(&rec.value).unwrap_or_default());
     let is_admin = s.role == Role::Admin;
     let body = html! {
         p { a href=(format!("/console/{section}")) { "← " (title) } }
@@ -518,7 +550,12 @@ pub fn edit(s: &Session, kind: ResourceKind, rec: &RecordView, typed: Option<&st
             @if is_admin { button #save type="submit" { "Save" } }
         }
     };
-    layout(s, &format!("/console/{section}"), &format!("{} · {}", title, rec.id), body)
+    layout(
+        s,
+        &format!("/console/{section}"),
+        &format!("{} · {}", title, rec.id),
+        body,
+    )
 }
 
 #[derive(Default)]
@@ -541,7 +578,7 @@ fn bars(id: &str, label: &str, items: &[(String, f64)], unit: &str) -> Markup {
                 svg #(id) role="img" aria-label=(label) viewBox=(format!("0 0 600 {height}")) width="100%" height=(height) {
                     @for (i, (name, v)) in items.iter().enumerate() {
                         @let y = i * row;
-                        @let w = if max > 0.0 { (v / max * 380.0).max(1.0) } else { 1.0 };
+                        @let w = if max > 0.0 { (v / max * 330.0).max(1.0) } else { 1.0 };
                         text x="0" y=(y + 17) class="axis" { (truncate(name, 24)) }
                         rect x="170" y=(y + 4) width=(format!("{w:.1}")) height="18" class="bar" {}
                         text x=(format!("{:.1}", 176.0 + w)) y=(y + 17) class="value" { (unit) (format!("{v:.4}")) }
@@ -583,7 +620,12 @@ pub fn usage(
     let mut top: Vec<(String, f64)> = d
         .per_key
         .iter()
-        .map(|r| (label("api_key", r.group.get("api_key").map_or("", String::as_str)), r.cost_usd))
+        .map(|r| {
+            (
+                label("api_key", r.group.get("api_key").map_or("", String::as_str)),
+                r.cost_usd,
+            )
+        })
         .collect();
     top.sort_by(|a, b| b.1.total_cmp(&a.1));
     top.truncate(8);
@@ -617,7 +659,7 @@ pub fn usage(
                 @if d.rows.is_empty() { tr { td colspan="8" .empty { "No usage in this range." } } }
                 @for r in &d.rows {
                     tr {
-                        td { (r.group.get("day").map_or("", String::as_str)) }
+                        td.nowrap { (r.group.get("day").map_or("", String::as_str)) }
                         td { (label(group, r.group.get(group).map_or("", String::as_str))) }
                         td.num { (r.requests) } td.num { (r.errors) }
                         td.num { (r.prompt_tokens) } td.num { (r.completion_tokens) }
@@ -633,7 +675,11 @@ pub fn usage(
 pub fn usage_csv(group: &str, rows: &[UsageRow]) -> String {
     // Quoted as RFC 4180 asks; a leading formula character is defused for spreadsheets.
     let cell = |v: &str| {
-        let v = if v.starts_with(['=', '+', '-', '@']) { format!("'{v}") } else { v.to_string() };
+        let v = if v.starts_with(['=', '+', '-', '@']) {
+            format!("'{v}")
+        } else {
+            v.to_string()
+        };
         format!("\"{}\"", v.replace('"', "\"\""))
     };
     let mut out = format!("day,{group},requests,errors,prompt_tokens,completion_tokens,total_tokens,cost_usd,cache_hits\n");
@@ -642,7 +688,13 @@ pub fn usage_csv(group: &str, rows: &[UsageRow]) -> String {
             "{},{},{},{},{},{},{},{:.6},{}\n",
             cell(r.group.get("day").map_or("", String::as_str)),
             cell(r.group.get(group).map_or("", String::as_str)),
-            r.requests, r.errors, r.prompt_tokens, r.completion_tokens, r.total_tokens, r.cost_usd, r.cache_hits
+            r.requests,
+            r.errors,
+            r.prompt_tokens,
+            r.completion_tokens,
+            r.total_tokens,
+            r.cost_usd,
+            r.cache_hits
         ));
     }
     out
@@ -671,7 +723,7 @@ pub fn audit(s: &Session, events: &[EventView], resource: Option<ResourceKind>) 
                 @for e in events {
                     tr {
                         td { (e.seq) }
-                        td { (e.at) }
+                        td.nowrap title=(e.at) { (e.at.split_once('.').map_or(e.at.clone(), |(s, _)| format!("{s}Z"))) }
                         td.actor { (e.actor) }
                         td { (e.type_name) }
                         td { (e.resource) " " code { (e.resource_id) } }
@@ -706,7 +758,8 @@ pub fn playground(
                 }
                 div.field {
                     label for="caller_key" { "Caller API key" }
-                    input #caller_key type="password" name="caller_key" autocomplete="off" value=(form.get("caller_key"));
+                    // Not echoed back into the page after a call.
+                    input #caller_key type="password" name="caller_key" autocomplete="off";
                 }
             }
             div.field {

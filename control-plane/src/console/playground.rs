@@ -19,7 +19,11 @@ pub struct Outcome {
 }
 
 pub async fn send(http: &reqwest::Client, base: &str, form: &FormData) -> Result<Outcome, String> {
-    let (alias, key, message) = (form.get("model"), form.get("caller_key"), form.get("message"));
+    let (alias, key, message) = (
+        form.get("model"),
+        form.get("caller_key"),
+        form.get("message"),
+    );
     if alias.is_empty() || key.is_empty() || message.is_empty() {
         return Err("choose a model, and type a caller key and a message".into());
     }
@@ -62,11 +66,18 @@ pub async fn send(http: &reqwest::Client, base: &str, form: &FormData) -> Result
     }
     let mut usage = Value::Null;
     if stream {
-        for data in text.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim) {
+        for data in text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .map(str::trim)
+        {
             let Ok(chunk) = serde_json::from_str::<Value>(data) else {
                 continue;
             };
-            if let Some(s) = chunk.pointer("/choices/0/delta/content").and_then(Value::as_str) {
+            if let Some(s) = chunk
+                .pointer("/choices/0/delta/content")
+                .and_then(Value::as_str)
+            {
                 out.answer.push_str(s);
             }
             if chunk.get("usage").is_some_and(|u| !u.is_null()) {

@@ -93,11 +93,7 @@ impl Sessions {
         let now = Instant::now();
         map.retain(|_, s| s.expires > now);
         if map.len() >= MAX_SESSIONS {
-            if let Some(oldest) = map
-                .values()
-                .min_by_key(|s| s.expires)
-                .map(|s| s.id.clone())
-            {
+            if let Some(oldest) = map.values().min_by_key(|s| s.expires).map(|s| s.id.clone()) {
                 map.remove(&oldest);
             }
         }
@@ -137,7 +133,7 @@ impl Sessions {
         let now = Instant::now();
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         let mut v: Vec<Session> = map.values().filter(|s| s.expires > now).cloned().collect();
-        v.sort_by(|a, b| b.created.cmp(&a.created));
+        v.sort_by_key(|s| std::cmp::Reverse(s.created));
         v
     }
 }
@@ -186,7 +182,10 @@ mod tests {
     #[test]
     fn cookies_are_parsed_and_set_strict() {
         let mut h = http::HeaderMap::new();
-        h.insert(http::header::COOKIE, "a=1; aigw_console=xyz".parse().unwrap());
+        h.insert(
+            http::header::COOKIE,
+            "a=1; aigw_console=xyz".parse().unwrap(),
+        );
         assert_eq!(cookie(&h, COOKIE), Some("xyz"));
         assert_eq!(cookie(&h, "b"), None);
         let c = set_cookie(COOKIE, "v", Some(Duration::from_secs(5)), true);
