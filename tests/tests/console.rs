@@ -259,6 +259,24 @@ async fn console_end_to_end_in_a_browser() -> Result<()> {
         .unwrap_or_default();
     ensure!(value.contains(DEPLOYMENT), "edit form: {value}");
     b.screenshot("10-model-edit").await?;
+    // An edit goes through the API's parse: an unknown field is named above the form...
+    let textarea = b.wait("#value").await?;
+    textarea.clear().await?;
+    textarea
+        .send_keys(&value.replace("\"display_name\"", "\"display_nam\""))
+        .await?;
+    b.click("#save").await?;
+    let err = b.text("#form-error").await?;
+    ensure!(err.contains("display_nam"), "edit error: {err}");
+    // ...and a valid one is saved (weight 1 -> 4) and listed.
+    let textarea = b.wait("#value").await?;
+    textarea.clear().await?;
+    textarea
+        .send_keys(&value.replace("\"weight\": 1", "\"weight\": 4"))
+        .await?;
+    b.click("#save").await?;
+    let listed = b.text("#list").await?;
+    ensure!(listed.contains("weight 4"), "after the edit:\n{listed}");
     b.goto(&format!("{base}/console/sessions")).await?;
     b.wait("#sessions-table").await?;
     b.screenshot("11-sessions").await?;
