@@ -181,6 +181,17 @@ async fn console_end_to_end_in_a_browser() -> Result<()> {
         .chars()
         .any(|c| c.is_ascii_digit()));
     b.screenshot("06-playground").await?;
+    // The same as a stream (SSE): the answer is put together from its chunks.
+    b.wait("#model").await?.select_by_value(ALIAS).await?;
+    b.fill("#caller_key", &caller_key).await?;
+    b.click("#stream").await?;
+    b.click("#send").await?;
+    ensure!(b.text("#result-status").await? == "200");
+    ensure!(
+        !b.text("#result-answer").await?.is_empty(),
+        "empty streamed answer"
+    );
+    ensure!(b.text("#result-served-by").await?.contains(DEPLOYMENT));
 
     // Usage shows the calls once aggregated (the REST view says when).
     let admin = env.cp.rest();
