@@ -112,13 +112,21 @@ impl ControlPlane {
             grpc: Gate::new("grpc", &cp.connections),
         };
         listener::reserve_open_files(&[&gates.admin, &gates.grpc]);
-        let router = admin::rest::router(
+        let mut router = admin::rest::router(
             admin.clone(),
             keys.clone(),
             cp.max_body_bytes,
             gates.clone(),
             cp.metrics_auth.clone(),
         );
+        if config.admin.console.enabled {
+            router = router.merge(crate::console::router(
+                admin.clone(),
+                keys.clone(),
+                &config.admin.console,
+                cp.max_body_bytes,
+            )?);
+        }
         tasks.spawn(
             listener::serve(
                 rest_listener,

@@ -97,6 +97,54 @@ mod tests {
     }
 
     #[test]
+    fn console_sso_settings_are_checked() {
+        let with = |oidc: serde_json::Value| {
+            let mut cfg = config("127.0.0.1:3001", "own-key-123", "t0k3n-x");
+            cfg.admin.console.oidc = Some(serde_json::from_value(oidc).unwrap());
+            cfg.validate().map_err(|e| e.to_string())
+        };
+        let good = serde_json::json!({
+            "issuer": "https://login.microsoftonline.com/t/v2.0",
+            "client_id": "c",
+            "redirect_url": "https://gw.example/console/oidc/callback",
+            "admin_values": ["aigw.admin"],
+        });
+        with(good.clone()).unwrap();
+        let bad = |patch: serde_json::Value, key: &str| {
+            let mut v = good.clone();
+            for (k, x) in patch.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            let err = with(v).unwrap_err();
+            assert!(err.contains(key), "{err}");
+        };
+        bad(
+            serde_json::json!({"issuer": "http://login.example"}),
+            "admin.console.oidc.issuer",
+        );
+        bad(
+            serde_json::json!({"redirect_url": "https://gw.example/elsewhere"}),
+            "redirect_url",
+        );
+        bad(serde_json::json!({"client_id": ""}), "client_id");
+        bad(serde_json::json!({"scopes": ["profile"]}), "scopes");
+        bad(serde_json::json!({"admin_values": []}), "admin_values");
+        // A local issuer over http is fine (tests, a dev IdP).
+        let mut local = good.clone();
+        local["issuer"] = serde_json::json!("http://127.0.0.1:5556");
+        with(local).unwrap();
+
+        let mut cfg = config("127.0.0.1:3001", "own-key-123", "t0k3n-x");
+        cfg.admin.console.session_ttl =
+            aigw_shared::domain::HumanDuration(std::time::Duration::from_secs(5));
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("session_ttl"));
+    }
+
+    #[test]
     fn a_published_node_token_is_refused_on_a_public_grpc_listener() {
         let mut cfg = config(
             "127.0.0.1:3001",

@@ -24,6 +24,12 @@ pub enum Error {
     StaleRevision { expected: u64, current: u64 },
     #[error("missing or invalid admin key")]
     Unauthenticated,
+    /// A console sign-in that did not succeed (bad key, failed single sign-on).
+    #[error("{0}")]
+    SignIn(String),
+    /// Signed in, but not allowed (a viewer's write, a form without its CSRF token).
+    #[error("{0}")]
+    Forbidden(String),
     #[error("request body exceeds {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("event store: {0}")]

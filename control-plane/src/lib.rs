@@ -2,6 +2,7 @@
 //!
 //! Where things live:
 //! - `admin/`   — the admin API: REST shim, gRPC service, admin-key auth, error edge
+//! - `console/` — the web console on the admin listener (`/console/`): pages, sessions, SSO
 //! - `events/`  — commands, events, the pure `handle` and `apply`, upcasting
 //! - `store/`   — the append-only event log (sled) behind the `EventStore` trait
 //! - `engine`   — the write path: handle → durable append → apply → notify
@@ -21,6 +22,7 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod config_stream;
+pub mod console;
 pub mod engine;
 pub mod error;
 pub mod events;

@@ -25,6 +25,132 @@ pub const MASTER_KEY_ENV: &str = "AIGW_MASTER_KEY";
 pub struct AdminConfig {
     /// Bearer keys accepted by the admin API.
     pub keys: Vec<String>,
+    /// The web console on the admin listener (`/console/`).
+    pub console: ConsoleConfig,
+}
+
+/// The admin console: pages served by the control plane under `/console/`,
+/// signed in with an admin key or through OpenID Connect.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    pub enabled: bool,
+    /// A console session ends this long after sign-in.
+    pub session_ttl: HumanDuration,
+    /// Base URL of a data plane for the playground (standalone: its own node).
+    pub playground_url: Option<String>,
+    /// Single sign-on (authorization code + PKCE) against an OpenID issuer.
+    pub oidc: Option<ConsoleOidc>,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            session_ttl: HumanDuration(std::time::Duration::from_secs(8 * 3600)),
+            playground_url: None,
+            oidc: None,
+        }
+    }
+}
+
+/// The console's OpenID Connect client. Roles come from one claim of the ID
+/// token: a value in `admin_values` makes an admin, one in `viewer_values` a
+/// viewer (reads only); anyone else is refused.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleOidc {
+    /// `iss`; its `/.well-known/openid-configuration` is read at sign-in.
+    pub issuer: String,
+    pub client_id: String,
+    /// For a confidential client; PKCE alone for a public one.
+    pub client_secret: Option<String>,
+    /// `https://<console host>/console/oidc/callback`, as registered at the issuer.
+    pub redirect_url: String,
+    pub scopes: Vec<String>,
+    /// A string or list-of-strings claim (Entra ID app roles: `roles`).
+    pub role_claim: String,
+    pub admin_values: Vec<String>,
+    pub viewer_values: Vec<String>,
+    /// The claim naming the person in the audit log's `actor`
+    /// (`sub` when absent from the token).
+    pub identity_claim: String,
+}
+
+impl Default for ConsoleOidc {
+    fn default() -> Self {
+        Self {
+            issuer: String::new(),
+            client_id: String::new(),
+            client_secret: None,
+            redirect_url: String::new(),
+            scopes: vec!["openid".into(), "profile".into(), "email".into()],
+            role_claim: "roles".into(),
+            admin_values: Vec::new(),
+            viewer_values: Vec::new(),
+            identity_claim: "preferred_username".into(),
+        }
+    }
+}
+
+impl ConsoleConfig {
+    pub fn validate(&self) -> Result<(), Error> {
+        let ttl = self.session_ttl.0;
+        if ttl < std::time::Duration::from_secs(60)
+            || ttl > std::time::Duration::from_secs(7 * 86400)
+        {
+            return Err(invalid(
+                "admin.console.session_ttl",
+                "between 1 minute and 7 days",
+            ));
+        }
+        if let Some(u) = &self.playground_url {
+            let ok = url::Url::parse(u).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
+            if !ok {
+                return Err(invalid(
+                    "admin.console.playground_url",
+                    "expected an http(s) URL of a data plane",
+                ));
+            }
+        }
+        let Some(o) = &self.oidc else { return Ok(()) };
+        crate::domain::check_endpoint("issuer", &o.issuer)
+            .map_err(|e| invalid("admin.console.oidc.issuer", e.to_string()))?;
+        crate::domain::check_endpoint("redirect_url", &o.redirect_url)
+            .map_err(|e| invalid("admin.console.oidc.redirect_url", e.to_string()))?;
+        if !o
+            .redirect_url
+            .trim_end_matches('/')
+            .ends_with("/console/oidc/callback")
+        {
+            return Err(invalid(
+                "admin.console.oidc.redirect_url",
+                "must end with /console/oidc/callback",
+            ));
+        }
+        if o.client_id.trim().is_empty() {
+            return Err(invalid("admin.console.oidc.client_id", "must not be empty"));
+        }
+        if !o.scopes.iter().any(|s| s == "openid") {
+            return Err(invalid(
+                "admin.console.oidc.scopes",
+                "must include `openid`",
+            ));
+        }
+        if o.role_claim.trim().is_empty() {
+            return Err(invalid(
+                "admin.console.oidc.role_claim",
+                "must not be empty",
+            ));
+        }
+        if o.admin_values.is_empty() && o.viewer_values.is_empty() {
+            return Err(invalid(
+                "admin.console.oidc.admin_values",
+                "list the role claim values of admins (admin_values) or viewers (viewer_values)",
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -586,7 +712,7 @@ impl AdminConfig {
         if self.keys.iter().any(|k| k.trim().is_empty()) {
             return Err(invalid("admin.keys", "admin keys must not be empty"));
         }
-        Ok(())
+        self.console.validate()
     }
 }
 

@@ -2,6 +2,8 @@
 //!
 //! - [`process`]: locate a binary in `target/<profile>/`, free ports, child
 //!   processes with output captured to files (killed on drop), bounded polling.
+//! - [`browser`]: chromedriver on a free port and headless Chromium (WebDriver),
+//!   screenshots beside the binaries, for the console tests.
 //! - [`control_plane`]: start `aigw-control-plane` on free ports with its own
 //!   temp data dir; kill -9 and restart it on the same data dir.
 //! - [`rest`]: a REST admin client; [`grpc`]: gRPC admin and reflection clients.
@@ -21,6 +23,7 @@
 //!
 //! Every test starts its own processes, so tests can run in parallel.
 
+pub mod browser;
 pub mod control_plane;
 pub mod data_plane;
 pub mod fixtures;

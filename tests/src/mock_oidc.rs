@@ -3,6 +3,12 @@
 //! loopback, with test RSA (RS256) and EC P-256 (ES256) keys generated in the
 //! test, and helpers that sign tokens — well-formed or deliberately bad
 //! (`alg: none`, HS256 keyed with the public key, tampered payloads).
+//!
+//! With [`MockOidc::enable_code_flow`] it is also an authorization server
+//! for browser sign-in (the console's SSO): `/authorize` signs in whoever
+//! [`MockOidc::login_as`] names and redirects back with a code and the
+//! `state`; `/token` checks the PKCE verifier against the challenge and
+//! answers with an ID token carrying the `nonce` and a `roles` claim.
 
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::rsa::{KeyPair as RsaKeyPair, KeySize, PublicKeyComponents};
@@ -166,7 +172,28 @@ pub fn tampered(token: &str, claims: &Value) -> String {
     )
 }
 
+/// A code handed out by `/authorize`, waiting for `/token`.
+struct Grant {
+    client_id: String,
+    redirect_uri: String,
+    challenge: String,
+    nonce: String,
+    subject: String,
+    roles: Vec<String>,
+}
+
+/// The code flow's state: the signing key, the client, who signs in next.
+struct CodeFlow {
+    key: TestKey,
+    client_id: String,
+    user: Mutex<(String, Vec<String>)>,
+    grants: Mutex<std::collections::HashMap<String, Grant>>,
+    /// `/token` answers refused for a PKCE verifier that does not match.
+    pkce_refusals: AtomicUsize,
+}
+
 struct Shared {
+    code_flow: Mutex<Option<Arc<CodeFlow>>>,
     issuer: String,
     jwks: Mutex<Value>,
     down: AtomicBool,
@@ -194,6 +221,7 @@ impl MockOidc {
             .expect("mock oidc: bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("mock oidc: local addr");
         let shared = Arc::new(Shared {
+            code_flow: Mutex::new(None),
             issuer: format!("http://{addr}"),
             jwks: Mutex::new(json!({"keys": []})),
             down: AtomicBool::new(false),
@@ -212,15 +240,24 @@ impl MockOidc {
                 let shared = server.clone();
                 connections.spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
-                        let (status, body) = answer(&shared, req.uri().path());
-                        let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
-                        *resp.status_mut() =
-                            hyper::StatusCode::from_u16(status).expect("status code");
-                        resp.headers_mut().insert(
-                            hyper::header::CONTENT_TYPE,
-                            hyper::header::HeaderValue::from_static("application/json"),
-                        );
-                        async move { Ok::<_, Infallible>(resp) }
+                        let shared = shared.clone();
+                        async move {
+                            let (status, body, location) = route(&shared, req).await;
+                            let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
+                            *resp.status_mut() =
+                                hyper::StatusCode::from_u16(status).expect("status code");
+                            resp.headers_mut().insert(
+                                hyper::header::CONTENT_TYPE,
+                                hyper::header::HeaderValue::from_static("application/json"),
+                            );
+                            if let Some(l) = location {
+                                resp.headers_mut().insert(
+                                    hyper::header::LOCATION,
+                                    hyper::header::HeaderValue::from_str(&l).expect("location"),
+                                );
+                            }
+                            Ok::<_, Infallible>(resp)
+                        }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)
@@ -246,6 +283,46 @@ impl MockOidc {
     pub fn publish(&self, keys: &[&TestKey]) {
         let keys: Vec<Value> = keys.iter().map(|k| k.jwk()).collect();
         *self.shared.jwks.lock().unwrap_or_else(|e| e.into_inner()) = json!({ "keys": keys });
+    }
+
+    /// Serves `/authorize` and `/token` for `client_id`, signing ID tokens
+    /// with `key` (also published in the JWKS).
+    pub fn enable_code_flow(&self, key: TestKey, client_id: &str) {
+        self.publish(&[&key]);
+        *self
+            .shared
+            .code_flow
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(CodeFlow {
+            key,
+            client_id: client_id.into(),
+            user: Mutex::new(("nobody".into(), Vec::new())),
+            grants: Mutex::new(Default::default()),
+            pkce_refusals: AtomicUsize::new(0),
+        }));
+    }
+
+    /// Who the next `/authorize` signs in: `preferred_username` and `roles`.
+    pub fn login_as(&self, subject: &str, roles: &[&str]) {
+        let flow = self.code_flow();
+        *flow.user.lock().unwrap_or_else(|e| e.into_inner()) = (
+            subject.into(),
+            roles.iter().map(|r| r.to_string()).collect(),
+        );
+    }
+
+    /// `/token` requests refused for a wrong PKCE verifier.
+    pub fn pkce_refusals(&self) -> usize {
+        self.code_flow().pkce_refusals.load(Ordering::SeqCst)
+    }
+
+    fn code_flow(&self) -> Arc<CodeFlow> {
+        self.shared
+            .code_flow
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .expect("enable_code_flow first")
     }
 
     /// While down, every request gets a 503.
@@ -279,6 +356,120 @@ impl MockOidc {
     }
 }
 
+/// Answers one request: the code flow's endpoints, or discovery and keys.
+async fn route(
+    shared: &Shared,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> (u16, String, Option<String>) {
+    use http_body_util::BodyExt;
+    let flow = shared
+        .code_flow
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let path = req.uri().path().to_string();
+    let query: std::collections::HashMap<String, String> =
+        url::form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes())
+            .into_owned()
+            .collect();
+    match (path.as_str(), flow) {
+        ("/authorize", Some(flow)) => {
+            let q = |k: &str| query.get(k).cloned().unwrap_or_default();
+            if q("response_type") != "code"
+                || q("client_id") != flow.client_id
+                || q("code_challenge_method") != "S256"
+                || q("code_challenge").is_empty()
+                || q("state").is_empty()
+            {
+                return (400, json!({"error": "invalid_request"}).to_string(), None);
+            }
+            let code = format!("code-{}", rand_hex());
+            let (subject, roles) = flow.user.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            flow.grants
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(
+                    code.clone(),
+                    Grant {
+                        client_id: q("client_id"),
+                        redirect_uri: q("redirect_uri"),
+                        challenge: q("code_challenge"),
+                        nonce: q("nonce"),
+                        subject,
+                        roles,
+                    },
+                );
+            let mut back = url::Url::parse(&q("redirect_uri")).expect("redirect_uri");
+            back.query_pairs_mut()
+                .append_pair("code", &code)
+                .append_pair("state", &q("state"));
+            (302, String::new(), Some(back.to_string()))
+        }
+        ("/token", Some(flow)) => {
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let form: std::collections::HashMap<String, String> =
+                url::form_urlencoded::parse(&body).into_owned().collect();
+            let f = |k: &str| form.get(k).cloned().unwrap_or_default();
+            let grant = flow
+                .grants
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&f("code"));
+            let Some(grant) = grant else {
+                return (400, json!({"error": "invalid_grant"}).to_string(), None);
+            };
+            use sha2::Digest;
+            let computed = b64(&sha2::Sha256::digest(f("code_verifier").as_bytes()));
+            if computed != grant.challenge {
+                flow.pkce_refusals.fetch_add(1, Ordering::SeqCst);
+                return (
+                    400,
+                    json!({"error": "invalid_grant", "error_description": "PKCE"}).to_string(),
+                    None,
+                );
+            }
+            if f("grant_type") != "authorization_code"
+                || f("client_id") != grant.client_id
+                || f("redirect_uri") != grant.redirect_uri
+            {
+                return (400, json!({"error": "invalid_request"}).to_string(), None);
+            }
+            let now = now();
+            let id_token = flow.key.sign(&json!({
+                "iss": shared.issuer,
+                "aud": grant.client_id,
+                "sub": format!("sub-{}", grant.subject),
+                "preferred_username": grant.subject,
+                "roles": grant.roles,
+                "nonce": grant.nonce,
+                "iat": now,
+                "exp": now + 600,
+            }));
+            (
+                200,
+                json!({"access_token": "opaque", "token_type": "Bearer", "expires_in": 600, "id_token": id_token}).to_string(),
+                None,
+            )
+        }
+        _ => {
+            let (status, body) = answer(shared, &path);
+            (status, body, None)
+        }
+    }
+}
+
+fn rand_hex() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
 fn answer(shared: &Shared, path: &str) -> (u16, String) {
     let counter = match path {
         "/.well-known/openid-configuration" => Some(&shared.discovery_requests),
@@ -297,6 +488,10 @@ fn answer(shared: &Shared, path: &str) -> (u16, String) {
             json!({
                 "issuer": shared.issuer,
                 "jwks_uri": format!("{}/keys", shared.issuer),
+                "authorization_endpoint": format!("{}/authorize", shared.issuer),
+                "token_endpoint": format!("{}/token", shared.issuer),
+                "response_types_supported": ["code"],
+                "code_challenge_methods_supported": ["S256"],
                 "id_token_signing_alg_values_supported": ["RS256", "ES256"],
             })
             .to_string(),

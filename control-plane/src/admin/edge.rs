@@ -13,7 +13,8 @@ impl Error {
             Error::Duplicate(_) | Error::Reference(_) | Error::StaleRevision { .. } => {
                 StatusCode::CONFLICT
             }
-            Error::Unauthenticated => StatusCode::UNAUTHORIZED,
+            Error::Unauthenticated | Error::SignIn(_) => StatusCode::UNAUTHORIZED,
+            Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Storage(_) | Error::Crypto(_) | Error::Config(_) | Error::Io(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -45,7 +46,8 @@ impl From<Error> for tonic::Status {
             Error::Duplicate(_) => Code::AlreadyExists,
             Error::Reference(_) => Code::FailedPrecondition,
             Error::StaleRevision { .. } => Code::Aborted,
-            Error::Unauthenticated => Code::Unauthenticated,
+            Error::Unauthenticated | Error::SignIn(_) => Code::Unauthenticated,
+            Error::Forbidden(_) => Code::PermissionDenied,
             Error::PayloadTooLarge { .. } => Code::ResourceExhausted,
             Error::Storage(_) | Error::Crypto(_) | Error::Config(_) | Error::Io(_) => {
                 tracing::error!(error = %e, "admin request failed");

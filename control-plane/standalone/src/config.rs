@@ -31,7 +31,15 @@ impl Config {
         Ok(file.split())
     }
 
-    fn split(self) -> (aigw_control_plane::Config, aigw_data_plane::Config) {
+    fn split(mut self) -> (aigw_control_plane::Config, aigw_data_plane::Config) {
+        // The console's playground calls this process's own node unless told otherwise.
+        if self.admin.console.playground_url.is_none() {
+            let mut listen = self.data_plane.listen;
+            if listen.ip().is_unspecified() {
+                listen.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            self.admin.console.playground_url = Some(format!("http://{listen}"));
+        }
         let control_plane = aigw_control_plane::Config {
             admin: self.admin,
             secrets: self.secrets,
