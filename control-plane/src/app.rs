@@ -65,6 +65,15 @@ impl ControlPlane {
         };
         let (engine, rotating) =
             Engine::open_rotating(store, cipher, previous.clone(), cp.snapshot_every).await?;
+        // The log of record in JetStream: in sync before anything reads the state.
+        let log = match &cp.replication {
+            Some(r) => {
+                let log = crate::replication::Log::connect(&config.nats, r).await?;
+                engine.replicate(log.clone()).await?;
+                Some(log)
+            }
+            None => None,
+        };
         if let (true, Some(previous)) = (rotating, &previous) {
             // Before anything reads a secret (snapshots, nodes).
             let n = engine.finish_rotation(previous).await?;
@@ -188,11 +197,26 @@ impl ControlPlane {
                 }
             });
         }
+        if let Some(log) = &log {
+            // Other replicas' writes, applied here and pushed to this replica's nodes.
+            background.spawn(crate::replication::follow(
+                engine.clone(),
+                log.clone(),
+                stopped.clone(),
+            ));
+        }
         let in_process_bus = match &config.nats.url {
             Some(_) => {
+                // Replicated: every replica its own durable consumer and its
+                // own complete aggregates (see usage::consumer).
+                let durable = match &log {
+                    Some(log) => format!("aigw-control-plane-{}", log.replica_id()),
+                    None => crate::usage::DURABLE.to_string(),
+                };
                 background.spawn(crate::usage::run_nats_consumer(
                     config.nats.clone(),
                     usage.clone(),
+                    durable,
                     stopped.clone(),
                 ));
                 None

@@ -3,13 +3,22 @@
 
 use crate::error::Error;
 use crate::events::{handle, Command, State, StoredEvent};
+use crate::replication::log::{AppendError, Entry, Log};
 use crate::secrets::Cipher;
 use crate::store::EventStore;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
 use time::OffsetDateTime;
-use tokio::sync::{watch, Mutex};
+use tokio::sync::{watch, Mutex, Notify};
 use tracing::{info, instrument, warn};
+
+/// Meta key: stream sequence of the last replicated-log message in sled.
+const KEY_STREAM_SEQ: &str = "replication.stream_seq";
+/// How long one write keeps trying to reach the replicated log.
+const WRITE_DEADLINE: Duration = Duration::from_secs(20);
+/// Largest batch of events in one message when publishing a sled history.
+const MIGRATION_CHUNK: usize = 256;
 
 const SNAPSHOT_FORMAT: u32 = 1;
 const KEY_CHECK: &str = "key_check";
@@ -20,13 +29,24 @@ pub struct Engine {
     state: RwLock<State>,
     /// Serialises handle → append → apply, so sequence numbers are gapless and
     /// every command is checked against the state its event follows.
-    writer: Mutex<()>,
+    writer: Mutex<Writer>,
+    /// The log of record when replicated (`control_plane.replication`).
+    log: OnceLock<Arc<Log>>,
+    /// Wakes the follower (a reader waits for a sequence).
+    kick: Notify,
     cipher: Cipher,
     snapshot_every: u64,
     version: watch::Sender<u64>,
     /// Set when an append failed: memory and disk may disagree, so no more
     /// writes until a restart replays the log.
     failed: AtomicBool,
+}
+
+/// What the writer lock guards besides the order of writes.
+#[derive(Debug, Default)]
+struct Writer {
+    /// Stream sequence of the last replicated-log message applied.
+    stream_seq: u64,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -71,7 +91,9 @@ impl Engine {
         let engine = Arc::new(Self {
             store,
             state: RwLock::new(state),
-            writer: Mutex::new(()),
+            writer: Mutex::new(Writer::default()),
+            log: OnceLock::new(),
+            kick: Notify::new(),
             cipher,
             snapshot_every: snapshot_every.max(1),
             version,
@@ -124,7 +146,13 @@ impl Engine {
         }
         let n = commands.len();
         for command in commands {
-            engine.execute(command, ACTOR).await?;
+            match engine.execute(command, ACTOR).await {
+                Ok(_) => {}
+                // Another replica re-sealed it first (replicated log).
+                Err(Error::StaleRevision { .. } | Error::NotFound { .. })
+                    if engine.log.get().is_some() => {}
+                Err(e) => return Err(e),
+            }
         }
         engine.confirm_master_key()?;
         Ok(n)
@@ -138,49 +166,158 @@ impl Engine {
     /// Handles, stores durably and applies one command; returns its events.
     #[instrument(skip_all, fields(actor = %actor, seq))]
     pub async fn execute(&self, command: Command, actor: &str) -> Result<Vec<StoredEvent>, Error> {
-        let _guard = self.writer.lock().await;
-        if self.failed.load(Ordering::Acquire) {
-            return Err(Error::Storage(
-                "an earlier write failed to reach the disk; restart the control plane to recover from the log".into(),
-            ));
-        }
-        let (events, base) = {
-            let state = self.read();
-            (handle(&state, &command)?, state.version)
-        };
-        let at = OffsetDateTime::now_utc();
-        let stored: Vec<StoredEvent> = events
-            .into_iter()
-            .enumerate()
-            .map(|(i, event)| StoredEvent {
-                seq: base + 1 + i as u64,
-                at,
-                actor: actor.to_string(),
-                event,
-            })
-            .collect();
-        let store = self.store.clone();
-        let batch = stored.clone();
-        let appended = tokio::task::spawn_blocking(move || store.append(&batch))
-            .await
-            .map_err(|e| Error::Storage(format!("append task failed: {e}")))
-            .and_then(|r| r);
-        if let Err(e) = appended {
-            // The batch may or may not be on disk; refuse to guess.
-            self.failed.store(true, Ordering::Release);
-            tracing::error!(error = %e, "appending to the event log failed; refusing further writes");
-            return Err(e);
-        }
-        let new_version = {
-            let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
-            for e in &stored {
-                state.apply(e);
+        let mut writer = self.writer.lock().await;
+        self.check_failed()?;
+        let stored = match self.log.get() {
+            Some(log) => {
+                self.execute_replicated(&mut writer, log, &command, actor)
+                    .await?
             }
-            state.version
+            None => {
+                let stored = {
+                    let state = self.read();
+                    stamp(handle(&state, &command)?, state.version, actor)
+                };
+                let store = self.store.clone();
+                let batch = stored.clone();
+                let appended = tokio::task::spawn_blocking(move || store.append(&batch))
+                    .await
+                    .map_err(|e| Error::Storage(format!("append task failed: {e}")))
+                    .and_then(|r| r);
+                if let Err(e) = appended {
+                    return Err(self.fail(e));
+                }
+                self.apply_local(&stored).await;
+                stored
+            }
         };
-        tracing::Span::current().record("seq", new_version);
+        tracing::Span::current().record("seq", self.read().version);
         let (resource, op) = command.describe();
         crate::metrics::METRICS.mutation(resource.collection(), op);
+        Ok(stored)
+    }
+
+    /// The replicated write: validated against this replica's state at
+    /// stream sequence N, appended with "expected last sequence N", kept
+    /// once JetStream acknowledged it. On a conflict: catch up, validate
+    /// again, retry (the caller sees only its own validation errors).
+    async fn execute_replicated(
+        &self,
+        writer: &mut Writer,
+        log: &Log,
+        command: &Command,
+        actor: &str,
+    ) -> Result<Vec<StoredEvent>, Error> {
+        let deadline = Instant::now() + WRITE_DEADLINE;
+        let mut backoff = Duration::from_millis(25);
+        loop {
+            let stored = {
+                let state = self.read();
+                stamp(handle(&state, command)?, state.version, actor)
+            };
+            if stored.is_empty() {
+                return Ok(stored);
+            }
+            let body = crate::replication::log::encode(&stored)?;
+            let msg_id = log.next_msg_id();
+            let expected = writer.stream_seq;
+            // The same id and expectation on every retry: a message whose
+            // ack was lost is answered as a duplicate with its sequence.
+            let landed = loop {
+                match log.append(body.clone(), &msg_id, expected).await {
+                    Ok(seq) => break Some(seq),
+                    Err(AppendError::Conflict) => break None,
+                    Err(AppendError::Fatal(e)) => return Err(e),
+                    Err(AppendError::Transient(e)) => {
+                        if Instant::now() >= deadline {
+                            return Err(Error::Unavailable(format!(
+                                "the replicated event log did not acknowledge the write within {}s (it may still land): {e}",
+                                WRITE_DEADLINE.as_secs()
+                            )));
+                        }
+                        warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "appending to the replicated log: retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_millis(500));
+                    }
+                }
+            };
+            match landed {
+                Some(seq) if seq == expected + 1 => {
+                    self.commit(writer, seq, &stored).await?;
+                    return Ok(stored);
+                }
+                Some(seq) => {
+                    // Cannot be with "expected last sequence"; trust the log.
+                    warn!(seq, expected, "the log acknowledged at an unexpected sequence; catching up");
+                    self.catch_up_locked(writer, log).await?;
+                    if let Some(mine) = self.read_entry_events(log, seq, &msg_id).await? {
+                        return Ok(mine);
+                    }
+                }
+                None => {
+                    self.catch_up_locked(writer, log).await?;
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Unavailable(
+                    "the replicated event log kept moving ahead of this write; retry".into(),
+                ));
+            }
+        }
+    }
+
+    /// The events of message `seq` if it carries `msg_id`.
+    async fn read_entry_events(
+        &self,
+        log: &Log,
+        seq: u64,
+        msg_id: &str,
+    ) -> Result<Option<Vec<StoredEvent>>, Error> {
+        Ok(log
+            .get(seq)
+            .await?
+            .filter(|e| e.msg_id.as_deref() == Some(msg_id))
+            .map(|e| e.events))
+    }
+
+    /// Keeps events the log acknowledged at stream sequence `stream_seq`:
+    /// sled (with the sequence), then memory, then readers.
+    async fn commit(
+        &self,
+        writer: &mut Writer,
+        stream_seq: u64,
+        events: &[StoredEvent],
+    ) -> Result<(), Error> {
+        let store = self.store.clone();
+        let batch = events.to_vec();
+        let appended = tokio::task::spawn_blocking(move || {
+            store.append_marked(&batch, KEY_STREAM_SEQ, &stream_seq.to_be_bytes())
+        })
+        .await
+        .map_err(|e| Error::Storage(format!("append task failed: {e}")))
+        .and_then(|r| r);
+        if let Err(e) = appended {
+            return Err(self.fail(e));
+        }
+        writer.stream_seq = stream_seq;
+        self.apply_local(events).await;
+        Ok(())
+    }
+
+    /// Folds events already on disk into the state, writes a snapshot when
+    /// one is due, and tells readers.
+    async fn apply_local(&self, events: &[StoredEvent]) {
+        if events.is_empty() {
+            return;
+        }
+        let (base, new_version) = {
+            let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+            let base = state.version;
+            for e in events {
+                state.apply(e);
+            }
+            (base, state.version)
+        };
         if new_version / self.snapshot_every > base / self.snapshot_every {
             // Serialised and written on a blocking thread, not an async worker.
             let state = self.read().clone();
@@ -195,7 +332,242 @@ impl Engine {
             }
         }
         self.version.send_replace(new_version);
-        Ok(stored)
+    }
+
+    fn check_failed(&self) -> Result<(), Error> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(Error::Storage(
+                "an earlier write failed to reach the disk; restart the control plane to recover from the log".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses further writes: memory and disk may disagree.
+    fn fail(&self, e: Error) -> Error {
+        // The batch may or may not be on disk; refuse to guess.
+        self.failed.store(true, Ordering::Release);
+        tracing::error!(error = %e, "appending to the event log failed; refusing further writes");
+        e
+    }
+
+    /// Whether a failed local append stopped this engine's writes.
+    pub fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// Makes `log` the log of record: publishes the sled history to an empty
+    /// stream (migration), checks that the sled copy agrees with the stream,
+    /// and applies what the stream has beyond it. Refuses, naming the first
+    /// differing sequence, a sled copy that disagrees.
+    pub async fn replicate(&self, log: Arc<Log>) -> Result<(), Error> {
+        let mut writer = self.writer.lock().await;
+        let store = self.store.clone();
+        let (marked, local_last) = tokio::task::spawn_blocking(move || -> Result<_, Error> {
+            let marked = match store.meta_get(KEY_STREAM_SEQ)? {
+                Some(b) => u64::from_be_bytes(
+                    b.as_slice()
+                        .try_into()
+                        .map_err(|_| Error::Storage(format!("malformed meta {KEY_STREAM_SEQ}")))?,
+                ),
+                None => 0,
+            };
+            Ok((marked, store.last_seq()?))
+        })
+        .await
+        .map_err(|e| Error::Storage(format!("reading the data dir: {e}")))??;
+        let stream_last = log.last_seq().await?;
+        if marked > stream_last {
+            return Err(Error::Storage(format!(
+                "this data_dir applied the replicated log up to message {marked}, but stream {} ends at {stream_last}: it is another stream (or was recreated); move the data_dir away to rebuild this replica from the stream",
+                log_name(&log)
+            )));
+        }
+        if stream_last == 0 && local_last > 0 {
+            self.publish_history(&mut writer, &log, local_last).await?;
+        } else if marked > 0 {
+            // Where this copy left the stream: the same message on both sides?
+            let entry = log.get(marked).await?.ok_or_else(|| {
+                Error::Unavailable(format!("stream message {marked} could not be read"))
+            })?;
+            self.check_same(&entry).await?;
+        }
+        writer.stream_seq = marked.max(writer.stream_seq);
+        let applied = self.catch_up_locked(&mut writer, &log).await?;
+        let local_last = self.store.last_seq()?;
+        let log_last = match writer.stream_seq {
+            0 => 0,
+            seq => log
+                .get(seq)
+                .await?
+                .and_then(|e| e.events.last().map(|e| e.seq))
+                .unwrap_or(0),
+        };
+        if local_last > log_last {
+            return Err(Error::Storage(format!(
+                "this data_dir holds events up to seq {local_last}, but stream {} ends at seq {log_last}: the sled copy disagrees with the log of record (first differing seq {}); move the data_dir away to rebuild this replica from the stream",
+                log_name(&log),
+                log_last + 1
+            )));
+        }
+        info!(
+            stream_seq = writer.stream_seq,
+            version = log_last,
+            applied,
+            "replicated event log in sync"
+        );
+        let _ = self.log.set(log);
+        Ok(())
+    }
+
+    /// Publishes the sled log to an empty stream, in chunks.
+    async fn publish_history(
+        &self,
+        writer: &mut Writer,
+        log: &Log,
+        local_last: u64,
+    ) -> Result<(), Error> {
+        let store = self.store.clone();
+        let events = tokio::task::spawn_blocking(move || {
+            store.read_from(1).collect::<Result<Vec<_>, Error>>()
+        })
+        .await
+        .map_err(|e| Error::Storage(format!("reading the log: {e}")))??;
+        info!(events = local_last, stream = %log_name(log), "publishing this data_dir's event log to the empty stream");
+        let deadline = Instant::now() + START_DEADLINE;
+        for (i, chunk) in events.chunks(MIGRATION_CHUNK).enumerate() {
+            let body = crate::replication::log::encode(chunk)?;
+            let first = chunk.first().map(|e| e.seq).unwrap_or_default();
+            let msg_id = format!("migrate-{first}");
+            let expected = i as u64;
+            loop {
+                match log.append(body.clone(), &msg_id, expected).await {
+                    Ok(seq) => {
+                        let store = self.store.clone();
+                        tokio::task::spawn_blocking(move || {
+                            store.meta_put(KEY_STREAM_SEQ, &seq.to_be_bytes())
+                        })
+                        .await
+                        .map_err(|e| Error::Storage(format!("writing meta: {e}")))??;
+                        writer.stream_seq = seq;
+                        break;
+                    }
+                    // Someone else publishes too: the catch-up compares.
+                    Err(AppendError::Conflict) => return Ok(()),
+                    Err(AppendError::Fatal(e)) => return Err(e),
+                    Err(AppendError::Transient(e)) if Instant::now() < deadline => {
+                        warn!(error = %e, "publishing the history: retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(AppendError::Transient(e)) => return Err(Error::Unavailable(e)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses an entry whose events differ from the sled copy's.
+    async fn check_same(&self, entry: &Entry) -> Result<(), Error> {
+        let store = self.store.clone();
+        let events = entry.events.clone();
+        let stream_seq = entry.stream_seq;
+        tokio::task::spawn_blocking(move || -> Result<(), Error> {
+            let Some(first) = events.first() else {
+                return Ok(());
+            };
+            let mut local = store.read_from(first.seq);
+            for theirs in &events {
+                match local.next().transpose()? {
+                    Some(mine) if mine == *theirs => {}
+                    Some(_) => {
+                        return Err(Error::Storage(format!(
+                            "the sled copy of the event log disagrees with the replicated log: seq {} differs (stream message {stream_seq}); move the data_dir away to rebuild this replica from the stream",
+                            theirs.seq
+                        )))
+                    }
+                    None => return Ok(()),
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::Storage(format!("comparing the log: {e}")))?
+    }
+
+    /// Applies what other replicas appended; returns how many events.
+    pub async fn catch_up(&self) -> Result<usize, Error> {
+        let Some(log) = self.log.get() else {
+            return Ok(0);
+        };
+        let mut writer = self.writer.lock().await;
+        self.check_failed()?;
+        self.catch_up_locked(&mut writer, log).await
+    }
+
+    async fn catch_up_locked(&self, writer: &mut Writer, log: &Log) -> Result<usize, Error> {
+        let mut applied = 0;
+        while let Some(entry) = log.get(writer.stream_seq + 1).await? {
+            applied += self.apply_entry(writer, entry).await?;
+        }
+        Ok(applied)
+    }
+
+    /// Applies one message of the log: events this copy already has (a
+    /// crash between the sled append and its mark, or the history this
+    /// replica published) must be the same; the rest must follow on.
+    async fn apply_entry(&self, writer: &mut Writer, entry: Entry) -> Result<usize, Error> {
+        let version = self.read().version;
+        let (known, new): (Vec<_>, Vec<_>) =
+            entry.events.iter().cloned().partition(|e| e.seq <= version);
+        if !known.is_empty() {
+            self.check_same(&Entry {
+                events: known,
+                ..entry.clone()
+            })
+            .await?;
+        }
+        if let Some(first) = new.first() {
+            if first.seq != version + 1 {
+                return Err(Error::Storage(format!(
+                    "replicated log message {} starts at seq {}, this replica is at {version}: the log has a gap",
+                    entry.stream_seq, first.seq
+                )));
+            }
+        }
+        let n = new.len();
+        self.commit(writer, entry.stream_seq, &new).await?;
+        Ok(n)
+    }
+
+    /// Waits until this replica has applied `min` (read-your-writes on any
+    /// replica), at most `timeout`.
+    pub async fn wait_for_version(&self, min: u64, timeout: Duration) -> Result<u64, Error> {
+        let mut versions = self.subscribe();
+        if *versions.borrow() >= min {
+            return Ok(*versions.borrow());
+        }
+        self.kick.notify_one();
+        let reached = tokio::time::timeout(timeout, async {
+            versions.wait_for(|v| *v >= min).await.map(|v| *v).ok()
+        })
+        .await;
+        match reached {
+            Ok(Some(v)) => Ok(v),
+            _ => Err(Error::Unavailable(format!(
+                "this replica is at seq {}, not yet at the requested {min}; retry, or ask another replica",
+                self.read().version
+            ))),
+        }
+    }
+
+    /// Resolves when a reader asks the follower to catch up now.
+    pub async fn kicked(&self) {
+        self.kick.notified().await
+    }
+
+    /// The replicated log, when this engine writes through one.
+    pub fn log(&self) -> Option<&Arc<Log>> {
+        self.log.get()
     }
 
     /// Writes a compacted snapshot of the current state.
@@ -221,6 +593,29 @@ impl Engine {
     pub fn store(&self) -> &dyn EventStore {
         &*self.store
     }
+}
+
+/// How long start-up keeps trying to publish a sled history.
+const START_DEADLINE: Duration = Duration::from_secs(60);
+
+fn log_name(log: &Log) -> String {
+    log.stream_name().to_string()
+}
+
+/// The stored form of a command's events: sequence numbers after `base`,
+/// one time and actor.
+fn stamp(events: Vec<crate::events::DomainEvent>, base: u64, actor: &str) -> Vec<StoredEvent> {
+    let at = OffsetDateTime::now_utc();
+    events
+        .into_iter()
+        .enumerate()
+        .map(|(i, event)| StoredEvent {
+            seq: base + 1 + i as u64,
+            at,
+            actor: actor.to_string(),
+            event,
+        })
+        .collect()
 }
 
 fn save_snapshot(store: &dyn EventStore, state: State) -> Result<u64, Error> {

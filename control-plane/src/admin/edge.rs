@@ -15,6 +15,7 @@ impl Error {
             }
             Error::Unauthenticated => StatusCode::UNAUTHORIZED,
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Storage(_) | Error::Crypto(_) | Error::Config(_) | Error::Io(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -47,6 +48,7 @@ impl From<Error> for tonic::Status {
             Error::StaleRevision { .. } => Code::Aborted,
             Error::Unauthenticated => Code::Unauthenticated,
             Error::PayloadTooLarge { .. } => Code::ResourceExhausted,
+            Error::Unavailable(_) => Code::Unavailable,
             Error::Storage(_) | Error::Crypto(_) | Error::Config(_) | Error::Io(_) => {
                 tracing::error!(error = %e, "admin request failed");
                 Code::Internal

@@ -9,7 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::{error, info, warn};
 
-const DURABLE: &str = "aigw-control-plane";
+/// The durable consumer of a single control plane. Replicas each have their
+/// own (`aigw-control-plane-<replica_id>`): each reads every event and keeps
+/// complete aggregates, deduplicated by event id, so totals are exact on
+/// every replica and budgets are computed wherever a data plane connects.
+pub const DURABLE: &str = "aigw-control-plane";
 const BATCH: usize = 1000;
 
 /// Consumes usage events with a durable pull consumer and acks each message
@@ -17,12 +21,13 @@ const BATCH: usize = 1000;
 pub async fn run_nats_consumer(
     nats: NatsConfig,
     aggregator: Arc<Aggregator>,
+    durable: String,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(200);
     loop {
         tokio::select! {
-            r = consume(&nats, &aggregator) => {
+            r = consume(&nats, &aggregator, &durable) => {
                 if let Err(e) = r {
                     warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "usage consumer interrupted");
                 }
@@ -37,7 +42,11 @@ pub async fn run_nats_consumer(
     }
 }
 
-async fn consume(nats: &NatsConfig, aggregator: &Arc<Aggregator>) -> Result<(), String> {
+async fn consume(
+    nats: &NatsConfig,
+    aggregator: &Arc<Aggregator>,
+    durable: &str,
+) -> Result<(), String> {
     let client =
         aigw_shared::nats::connect(nats, "aigw-control-plane", aigw_shared::nats::Start::Now)
             .await
@@ -50,9 +59,9 @@ async fn consume(nats: &NatsConfig, aggregator: &Arc<Aggregator>) -> Result<(), 
         .map_err(|e| e.to_string())?;
     let consumer: jetstream::consumer::Consumer<pull::Config> = stream
         .get_or_create_consumer(
-            DURABLE,
+            durable,
             pull::Config {
-                durable_name: Some(DURABLE.into()),
+                durable_name: Some(durable.into()),
                 ack_policy: AckPolicy::Explicit,
                 ack_wait: Duration::from_secs(30),
                 max_ack_pending: 20_000,

@@ -1,0 +1,89 @@
+//! A highly available control plane: the admin event log of record is a
+//! JetStream stream (`control_plane.replication`), replicated by JetStream's
+//! Raft; every replica keeps its own copy of the log, its projection and its
+//! snapshots in sled, and serves reads and writes.
+//!
+//! - [`log`]    — the stream: one message per command carrying its events;
+//!   optimistic appends with `Nats-Expected-Last-Sequence`
+//! - `engine`   — (crate root) writes through [`log::Log::append`], catches
+//!   up on a conflict and re-validates; [`follow`] applies other replicas' writes
+//! - [`lease`]  — one replica at a time does the fleet's once-only duties
+//! - [`node_status`] — node status shared through a KV bucket, so any
+//!   replica lists every node
+//!
+//! All replicas share `secrets.master_key`: they apply each other's sealed
+//! events verbatim.
+
+pub mod log;
+
+use crate::engine::Engine;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+pub use log::Log;
+
+/// Keeps `engine` up to date with what other replicas append: on every
+/// message seen on the log's subject (a nudge) and at least every
+/// `POLL`, it reads the stream from its applied sequence on.
+pub async fn follow(engine: Arc<Engine>, log: Arc<Log>, mut stop: watch::Receiver<bool>) {
+    const POLL: Duration = Duration::from_millis(500);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut nudges = match log.nudges().await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(error = %e, "subscribing to the event log failed; polling");
+                None
+            }
+        };
+        loop {
+            let ended = tokio::select! {
+                n = next_nudge(&mut nudges) => n.is_none(),
+                _ = tokio::time::sleep(POLL) => nudges.is_none(),
+                _ = engine.kicked() => false,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            // Nudges that queued meanwhile are covered by this catch-up.
+            if let Some(sub) = nudges.as_mut() {
+                use futures::{FutureExt, StreamExt};
+                while let Some(Some(_)) = sub.next().now_or_never() {}
+            }
+            match engine.catch_up().await {
+                Ok(n) => {
+                    backoff = Duration::from_millis(100);
+                    if n > 0 {
+                        tracing::debug!(applied = n, "applied events from other replicas");
+                    }
+                }
+                Err(e) => {
+                    if engine.is_failed() {
+                        warn!(error = %e, "the local copy of the log failed; no longer following");
+                        return;
+                    }
+                    warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "catching up with the event log failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+            if ended {
+                break;
+            }
+        }
+        info!("re-subscribing to the event log");
+    }
+}
+
+/// The next nudge; `None` once the subscription ended. Never resolves
+/// without one.
+async fn next_nudge(sub: &mut Option<async_nats::Subscriber>) -> Option<()> {
+    use futures::StreamExt;
+    match sub {
+        Some(s) => s.next().await.map(|_| ()),
+        None => std::future::pending().await,
+    }
+}
