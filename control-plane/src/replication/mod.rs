@@ -14,7 +14,9 @@
 //! All replicas share `secrets.master_key`: they apply each other's sealed
 //! events verbatim.
 
+pub mod lease;
 pub mod log;
+pub mod node_status;
 
 use crate::engine::Engine;
 use std::sync::Arc;
@@ -23,6 +25,53 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 pub use log::Log;
+
+/// Refuses to serve secrets sealed with another master key: every replica
+/// applies the others' sealed events verbatim, so all share one key.
+pub fn check_master_key(engine: &Engine) -> Result<(), crate::error::Error> {
+    let state = engine.read();
+    if let Some((id, r)) = state.provider_keys.iter().next() {
+        if engine.cipher().open(id, &r.value.secret).is_err() {
+            return Err(crate::error::Error::Crypto(
+                "the replicated log's secrets are sealed with another master key: every \
+                 replica needs the same secrets.master_key"
+                    .into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Finishes a master key rotation once in the fleet: under the
+/// `master-key-rotation` lease, after catching up (a replica that comes
+/// second finds the secrets already re-sealed by the first).
+pub async fn rotate_once(
+    engine: &Engine,
+    log: &Log,
+    previous: &crate::secrets::Cipher,
+) -> Result<usize, crate::error::Error> {
+    let bucket = lease::bucket(log).await?;
+    let mut held = lease::Lease::acquire(
+        &bucket,
+        "master-key-rotation",
+        log.replica_id(),
+        lease::TTL * 4,
+    )
+    .await?;
+    let work = async {
+        engine.catch_up().await?;
+        engine.finish_rotation(previous).await
+    };
+    tokio::pin!(work);
+    let done = loop {
+        tokio::select! {
+            r = &mut work => break r,
+            _ = tokio::time::sleep(lease::TTL / 3) => held.renew().await?,
+        }
+    };
+    held.release().await;
+    done
+}
 
 /// Keeps `engine` up to date with what other replicas append: on every
 /// message seen on the log's subject (a nudge) and at least every

@@ -1,7 +1,7 @@
 use super::Aggregator;
 use aigw_shared::config::NatsConfig;
 use aigw_shared::proto::usage::v1::UsageEvent;
-use aigw_shared::usage_bus::{ensure_stream, STREAM_NAME};
+use aigw_shared::usage_bus::{ensure_stream_with, STREAM_NAME};
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy, AckKind};
 use futures::StreamExt;
 use prost::Message;
@@ -22,12 +22,13 @@ pub async fn run_nats_consumer(
     nats: NatsConfig,
     aggregator: Arc<Aggregator>,
     durable: String,
+    replicas: usize,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(200);
     loop {
         tokio::select! {
-            r = consume(&nats, &aggregator, &durable) => {
+            r = consume(&nats, &aggregator, &durable, replicas) => {
                 if let Err(e) = r {
                     warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "usage consumer interrupted");
                 }
@@ -46,13 +47,14 @@ async fn consume(
     nats: &NatsConfig,
     aggregator: &Arc<Aggregator>,
     durable: &str,
+    replicas: usize,
 ) -> Result<(), String> {
     let client =
         aigw_shared::nats::connect(nats, "aigw-control-plane", aigw_shared::nats::Start::Now)
             .await
             .map_err(|e| e.to_string())?;
     let js = jetstream::new(client);
-    ensure_stream(&js).await?;
+    ensure_stream_with(&js, replicas).await?;
     let stream = js
         .get_stream(STREAM_NAME)
         .await
