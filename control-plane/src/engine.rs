@@ -34,6 +34,8 @@ pub struct Engine {
     log: OnceLock<Arc<Log>>,
     /// Wakes the follower (a reader waits for a sequence).
     kick: Notify,
+    /// `Writer::stream_seq`, for readers that do not take the writer lock.
+    stream_seq: std::sync::atomic::AtomicU64,
     cipher: Cipher,
     snapshot_every: u64,
     version: watch::Sender<u64>,
@@ -94,6 +96,7 @@ impl Engine {
             writer: Mutex::new(Writer::default()),
             log: OnceLock::new(),
             kick: Notify::new(),
+            stream_seq: std::sync::atomic::AtomicU64::new(0),
             cipher,
             snapshot_every: snapshot_every.max(1),
             version,
@@ -300,6 +303,7 @@ impl Engine {
             return Err(self.fail(e));
         }
         writer.stream_seq = stream_seq;
+        self.stream_seq.store(stream_seq, Ordering::Release);
         self.apply_local(events).await;
         Ok(())
     }
@@ -393,6 +397,7 @@ impl Engine {
             self.check_same(&entry).await?;
         }
         writer.stream_seq = marked.max(writer.stream_seq);
+        self.stream_seq.store(writer.stream_seq, Ordering::Release);
         let applied = self.catch_up_locked(&mut writer, &log).await?;
         let local_last = self.store.last_seq()?;
         let log_last = match writer.stream_seq {
@@ -450,6 +455,7 @@ impl Engine {
                         .await
                         .map_err(|e| Error::Storage(format!("writing meta: {e}")))??;
                         writer.stream_seq = seq;
+                        self.stream_seq.store(seq, Ordering::Release);
                         break;
                     }
                     // Someone else publishes too: the catch-up compares.
@@ -563,6 +569,12 @@ impl Engine {
     /// Resolves when a reader asks the follower to catch up now.
     pub async fn kicked(&self) {
         self.kick.notified().await
+    }
+
+    /// Stream sequence of the last replicated-log message applied (0
+    /// without replication).
+    pub fn stream_seq(&self) -> u64 {
+        self.stream_seq.load(Ordering::Acquire)
     }
 
     /// The replicated log, when this engine writes through one.

@@ -156,6 +156,7 @@ async fn writer(
         let started = Instant::now();
         let mut uncertain = false;
         let mut attempt = 0usize;
+        let mut last = String::new();
         loop {
             let i = (w + j + attempt) % admins.len();
             attempt += 1;
@@ -184,13 +185,17 @@ async fn writer(
                 }
                 Ok(r) if r.status.is_server_error() => {
                     uncertain = true;
+                    last = format!("replica {i}: {} {}", r.status, r.text);
                 }
                 Ok(r) => bail!("writer {w} create {j}: {} {}", r.status, r.text),
-                Err(_) => uncertain = true,
+                Err(e) => {
+                    uncertain = true;
+                    last = format!("replica {i}: {e:#}");
+                }
             }
             ensure!(
                 started.elapsed() < Duration::from_secs(60),
-                "writer {w} create {j} not acknowledged within 60 s"
+                "writer {w} create {j} not acknowledged within 60 s (last: {last})"
             );
             // Backoff before the next replica, not synchronisation.
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -206,7 +211,11 @@ async fn writer(
 async fn proxy_load(client: ProxyClient, stop: Arc<AtomicBool>) -> (u64, u64, Vec<String>) {
     let (mut ok, mut failed, mut errors) = (0, 0, Vec::new());
     let mut i = 0u64;
+    // Paced (50 calls/s per node): a steady stream of calls, not a load
+    // test that starves the writers on a small machine.
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
     while !stop.load(Ordering::Acquire) {
+        tick.tick().await;
         i += 1;
         match client
             .chat(&chat_body(ALIAS, &format!("call {i}")))
@@ -258,25 +267,37 @@ async fn writes_on_any_replica_survive_a_replica_and_a_nats_server_dying() -> Re
     let admins: Vec<AdminClient> = cps.iter().map(ControlPlane::rest).collect();
     let alive = Arc::new((0..REPLICAS).map(|_| AtomicBool::new(true)).collect::<Vec<_>>());
     let stats = Arc::new(WriteStats::default());
+    let failed_writer = Arc::new(Mutex::new(None::<String>));
     let writers: Vec<_> = (0..WRITERS)
         .map(|w| {
-            tokio::spawn(writer(
-                w,
-                MUTATIONS / WRITERS,
+            let (admins, alive, stats, failed) = (
                 admins.clone(),
                 alive.clone(),
                 stats.clone(),
-            ))
+                failed_writer.clone(),
+            );
+            tokio::spawn(async move {
+                let r = writer(w, MUTATIONS / WRITERS, admins, alive, stats).await;
+                if let Err(e) = &r {
+                    *failed.lock().unwrap() = Some(format!("{e:#}"));
+                }
+                r
+            })
         })
         .collect();
 
     // A replica dies a quarter of the way in, a NATS server at two thirds.
     let reached = |n: usize| {
-        let stats = stats.clone();
+        let (stats, failed) = (stats.clone(), failed_writer.clone());
         async move {
             poll_until("writes to progress", 6000, Duration::from_millis(20), || {
-                let stats = stats.clone();
-                async move { Ok((stats.count.load(Ordering::Relaxed) >= n).then_some(())) }
+                let (stats, failed) = (stats.clone(), failed.clone());
+                async move {
+                    if let Some(e) = failed.lock().unwrap().clone() {
+                        bail!("a writer failed: {e}");
+                    }
+                    Ok((stats.count.load(Ordering::Relaxed) >= n).then_some(()))
+                }
             })
             .await
         }

@@ -10,8 +10,8 @@
 //! own sled copy and its own aggregates.
 
 use crate::error::Error;
+use crate::replication::bucket::{Bucket, CasError};
 use crate::replication::Log;
-use async_nats::jetstream::kv;
 use std::time::{Duration, Instant};
 use tracing::info;
 
@@ -21,65 +21,46 @@ pub const TTL: Duration = Duration::from_secs(15);
 
 /// A lease this replica holds. Renew it every `TTL / 3`; drop it with
 /// [`Lease::release`].
-pub struct Lease {
-    bucket: kv::Store,
+pub struct Lease<'a> {
+    bucket: &'a Bucket,
     name: String,
     holder: String,
     revision: u64,
 }
 
 /// Opens (creating if needed) the lease bucket.
-pub async fn bucket(log: &Log) -> Result<kv::Store, Error> {
-    let js = log.jetstream();
-    if let Ok(b) = js.get_key_value(BUCKET).await {
-        return Ok(b);
-    }
-    js.create_key_value(kv::Config {
-        bucket: BUCKET.into(),
-        description: "aigw: leases for once-in-the-fleet duties".into(),
-        history: 1,
-        max_age: TTL,
-        num_replicas: log.replicas(),
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| Error::Unavailable(format!("lease bucket {BUCKET}: {e}")))
+pub async fn bucket(log: &Log) -> Result<Bucket, Error> {
+    Bucket::open(log, BUCKET, TTL).await
 }
 
-impl Lease {
+impl<'a> Lease<'a> {
     /// Takes lease `name` if it is free (or already this holder's).
     pub async fn try_acquire(
-        bucket: &kv::Store,
+        bucket: &'a Bucket,
         name: &str,
         holder: &str,
     ) -> Result<Option<Self>, Error> {
-        let unavailable = |e: String| Error::Unavailable(format!("lease {name}: {e}"));
+        let mut lease = Self {
+            bucket,
+            name: name.into(),
+            holder: holder.into(),
+            revision: 0,
+        };
         match bucket.create(name, holder.to_string().into()).await {
             Ok(revision) => {
-                return Ok(Some(Self {
-                    bucket: bucket.clone(),
-                    name: name.into(),
-                    holder: holder.into(),
-                    revision,
-                }))
+                lease.revision = revision;
+                return Ok(Some(lease));
             }
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
-            Err(e) => return Err(unavailable(e.to_string())),
+            Err(CasError::Changed) => {}
+            Err(CasError::Unavailable(e)) => return Err(Error::Unavailable(e)),
         }
         // Ours from before a restart: take it back at its revision.
-        let entry = bucket
-            .entry(name)
-            .await
-            .map_err(|e| unavailable(e.to_string()))?;
-        if let Some(entry) = entry.filter(|e| e.value.as_ref() == holder.as_bytes()) {
-            let mut lease = Self {
-                bucket: bucket.clone(),
-                name: name.into(),
-                holder: holder.into(),
-                revision: entry.revision,
-            };
-            if lease.renew().await.is_ok() {
-                return Ok(Some(lease));
+        if let Some((revision, value)) = bucket.entry(name).await? {
+            if value.as_ref() == holder.as_bytes() {
+                lease.revision = revision;
+                if lease.renew().await.is_ok() {
+                    return Ok(Some(lease));
+                }
             }
         }
         Ok(None)
@@ -87,7 +68,7 @@ impl Lease {
 
     /// Waits up to `wait` for lease `name`.
     pub async fn acquire(
-        bucket: &kv::Store,
+        bucket: &'a Bucket,
         name: &str,
         holder: &str,
         wait: Duration,
@@ -113,15 +94,12 @@ impl Lease {
             .bucket
             .update(&self.name, self.holder.clone().into(), self.revision)
             .await
-            .map_err(|e| Error::Unavailable(format!("lease {} lost: {e}", self.name)))?;
+            .map_err(|e| Error::Unavailable(format!("lease {} lost: {e:?}", self.name)))?;
         Ok(())
     }
 
     /// Gives the lease up at once.
     pub async fn release(self) {
-        let _ = self
-            .bucket
-            .delete_expect_revision(&self.name, Some(self.revision))
-            .await;
+        let _ = self.bucket.delete(&self.name).await;
     }
 }

@@ -28,7 +28,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long start-up waits for JetStream (a cluster electing its leaders).
 const START_WAIT: Duration = Duration::from_secs(60);
 /// Header naming the replica that wrote a message (diagnostics only).
-const REPLICA_HEADER: &str = "Aigw-Replica";
+pub const REPLICA_HEADER: &str = "Aigw-Replica";
 
 /// One message of the log.
 #[derive(Debug, Clone, PartialEq)]

@@ -14,6 +14,7 @@
 //! All replicas share `secrets.master_key`: they apply each other's sealed
 //! events verbatim.
 
+pub mod bucket;
 pub mod lease;
 pub mod log;
 pub mod node_status;
@@ -88,12 +89,18 @@ pub async fn follow(engine: Arc<Engine>, log: Arc<Log>, mut stop: watch::Receive
             }
         };
         loop {
-            let ended = tokio::select! {
-                n = next_nudge(&mut nudges) => n.is_none(),
-                _ = tokio::time::sleep(POLL) => nudges.is_none(),
-                _ = engine.kicked() => false,
+            let (ended, news) = tokio::select! {
+                n = next_nudge(&mut nudges) => match n {
+                    Some(m) => (false, is_news(&m, &engine, &log)),
+                    None => (true, true),
+                },
+                _ = tokio::time::sleep(POLL) => (nudges.is_none(), true),
+                _ = engine.kicked() => (false, true),
                 _ = stop.wait_for(|s| *s) => return,
             };
+            if !news {
+                continue;
+            }
             // Nudges that queued meanwhile are covered by this catch-up.
             if let Some(sub) = nudges.as_mut() {
                 use futures::{FutureExt, StreamExt};
@@ -129,10 +136,33 @@ pub async fn follow(engine: Arc<Engine>, log: Arc<Log>, mut stop: watch::Receive
 
 /// The next nudge; `None` once the subscription ended. Never resolves
 /// without one.
-async fn next_nudge(sub: &mut Option<async_nats::Subscriber>) -> Option<()> {
+async fn next_nudge(sub: &mut Option<async_nats::Subscriber>) -> Option<async_nats::Message> {
     use futures::StreamExt;
     match sub {
-        Some(s) => s.next().await.map(|_| ()),
+        Some(s) => s.next().await,
         None => std::future::pending().await,
+    }
+}
+
+/// Whether a publish seen on the log's subject may hold a message this
+/// replica has not applied: not its own (its writer applies those), and
+/// expecting a position at or past this replica's (one expecting an earlier
+/// position was applied already or refused).
+fn is_news(m: &async_nats::Message, engine: &Engine, log: &Log) -> bool {
+    let Some(headers) = m.headers.as_ref() else {
+        return true;
+    };
+    if headers
+        .get(log::REPLICA_HEADER)
+        .is_some_and(|v| v.as_str() == log.replica_id())
+    {
+        return false;
+    }
+    match headers
+        .get(async_nats::header::NATS_EXPECTED_LAST_SEQUENCE)
+        .and_then(|v| v.as_str().parse::<u64>().ok())
+    {
+        Some(expected) => expected >= engine.stream_seq(),
+        None => true,
     }
 }

@@ -4,9 +4,8 @@
 //! reads everyone's back, so `/admin/v1/nodes` on any replica lists every node.
 
 use crate::nodes::{NodeRegistry, NodeStatus};
+use crate::replication::bucket::Bucket;
 use crate::replication::Log;
-use async_nats::jetstream::kv;
-use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,41 +44,24 @@ pub async fn share(log: Arc<Log>, nodes: Arc<NodeRegistry>, mut stop: watch::Rec
     }
 }
 
-async fn open(log: &Log) -> Result<kv::Store, String> {
-    let js = log.jetstream();
-    match js.get_key_value(BUCKET).await {
-        Ok(b) => Ok(b),
-        Err(_) => js
-            .create_key_value(kv::Config {
-                bucket: BUCKET.into(),
-                description: "aigw: data-plane node status by control-plane replica".into(),
-                history: 1,
-                max_age: TTL,
-                num_replicas: log.replicas(),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string()),
-    }
+async fn open(log: &Log) -> Result<Bucket, String> {
+    Bucket::open(log, BUCKET, TTL)
+        .await
+        .map_err(|e| e.to_string())
 }
 
-async fn exchange(bucket: &kv::Store, log: &Log, nodes: &NodeRegistry) -> Result<(), String> {
+async fn exchange(bucket: &Bucket, log: &Log, nodes: &NodeRegistry) -> Result<(), String> {
     let mine = nodes.connected_here();
     for mut status in mine.iter().cloned() {
         status.replica = Some(log.replica_id().to_string());
         let value = serde_json::to_vec(&status).map_err(|e| e.to_string())?;
         bucket
-            .put(hex::encode(&status.node_id), value.into())
+            .put(&hex::encode(&status.node_id), value.into())
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| format!("{e:?}"))?;
     }
     let mut others = BTreeMap::new();
-    let mut keys = bucket.keys().await.map_err(|e| e.to_string())?;
-    while let Some(key) = keys.next().await {
-        let key = key.map_err(|e| e.to_string())?;
-        let Some(value) = bucket.get(&key).await.map_err(|e| e.to_string())? else {
-            continue;
-        };
+    for value in bucket.values().await.map_err(|e| e.to_string())? {
         let Ok(status) = serde_json::from_slice::<NodeStatus>(&value) else {
             continue;
         };
