@@ -157,7 +157,7 @@ impl DataPlane {
         ));
         tasks.spawn(config::watch_control_plane(
             WatchSettings {
-                control_plane_url: settings.control_plane_url.clone(),
+                control_plane_urls: settings.control_plane_urls.clone(),
                 node_id: settings.node_id.clone(),
                 token: settings.token.clone(),
                 address: proxy_addr.to_string(),

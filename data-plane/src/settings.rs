@@ -67,7 +67,8 @@ impl Config {
 pub struct Settings {
     pub listen: SocketAddr,
     pub metrics_listen: SocketAddr,
-    pub control_plane_url: String,
+    /// Control-plane replicas, tried in turn.
+    pub control_plane_urls: Vec<String>,
     pub control_plane_tls: aigw_shared::config::GrpcClientTls,
     pub max_snapshot_bytes: usize,
     pub metrics_auth: aigw_shared::config::MetricsAuth,
@@ -97,7 +98,7 @@ impl Settings {
         Ok(Self {
             listen: dp.listen,
             metrics_listen: dp.metrics_listen,
-            control_plane_url: dp.control_plane_url.clone(),
+            control_plane_urls: dp.control_plane_urls(),
             control_plane_tls: dp.control_plane_tls.clone(),
             max_snapshot_bytes: dp.max_snapshot_bytes,
             metrics_auth: dp.metrics_auth.clone(),

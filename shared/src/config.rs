@@ -268,7 +268,12 @@ impl Default for ControlPlaneConfig {
 pub struct DataPlaneConfig {
     pub listen: SocketAddr,
     pub metrics_listen: SocketAddr,
-    pub control_plane_url: String,
+    /// The control plane's config stream (one URL; a DNS name may resolve to
+    /// several replicas). Default `http://127.0.0.1:50051`.
+    pub control_plane_url: Option<String>,
+    /// Several control-plane replicas, tried in turn: on loss of one the node
+    /// moves to the next. Set this or `control_plane_url`, not both.
+    pub control_plane_urls: Vec<String>,
     /// Defaults to the host name.
     pub node_id: Option<String>,
     pub snapshot_cache: PathBuf,
@@ -298,7 +303,8 @@ impl Default for DataPlaneConfig {
         Self {
             listen: ([0, 0, 0, 0], 3000).into(),
             metrics_listen: ([0, 0, 0, 0], 9090).into(),
-            control_plane_url: "http://127.0.0.1:50051".into(),
+            control_plane_url: None,
+            control_plane_urls: Vec::new(),
             node_id: None,
             snapshot_cache: PathBuf::from("./data/snapshot-cache.json"),
             usage_spool: None,
@@ -729,17 +735,43 @@ impl GrpcServerTls {
     }
 }
 
+/// Default [`DataPlaneConfig::control_plane_url`].
+pub const DEFAULT_CONTROL_PLANE_URL: &str = "http://127.0.0.1:50051";
+
 impl DataPlaneConfig {
+    /// The control-plane URLs to try, in order.
+    pub fn control_plane_urls(&self) -> Vec<String> {
+        match &self.control_plane_url {
+            _ if !self.control_plane_urls.is_empty() => self.control_plane_urls.clone(),
+            Some(url) => vec![url.clone()],
+            None => vec![DEFAULT_CONTROL_PLANE_URL.to_string()],
+        }
+    }
+
     pub fn validate(&self) -> Result<(), Error> {
         if self.max_body_bytes == 0 {
             return Err(invalid("data_plane.max_body_bytes", "must be at least 1"));
         }
-        let url = &self.control_plane_url;
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
+        let key = if self.control_plane_urls.is_empty() {
+            "data_plane.control_plane_url"
+        } else {
+            "data_plane.control_plane_urls"
+        };
+        if self.control_plane_url.is_some() && !self.control_plane_urls.is_empty() {
             return Err(invalid(
-                "data_plane.control_plane_url",
-                "must be an http(s) URL",
+                key,
+                "set control_plane_url (one) or control_plane_urls (several), not both",
             ));
+        }
+        if self.control_plane_urls.len() > MAX_CONTROL_PLANE_URLS {
+            return Err(invalid(
+                key,
+                format!("at most {MAX_CONTROL_PLANE_URLS} URLs"),
+            ));
+        }
+        let urls = self.control_plane_urls();
+        for url in &urls {
+            self.validate_control_plane_url(key, url)?;
         }
         if self.max_snapshot_bytes < 64 * 1024 {
             return Err(invalid(
@@ -756,28 +788,42 @@ impl DataPlaneConfig {
                 "cert_file and key_file go together",
             ));
         }
+        let any_tls = urls.iter().any(|u| u.starts_with("https://"));
+        if !any_tls && (tls.ca_file.is_some() || tls.cert_file.is_some()) {
+            return Err(invalid(
+                "data_plane.control_plane_tls",
+                format!(
+                    "TLS settings need an https:// {}",
+                    &key["data_plane.".len()..]
+                ),
+            ));
+        }
+        self.connections.validate("data_plane")
+    }
+
+    fn validate_control_plane_url(&self, key: &str, url: &str) -> Result<(), Error> {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(invalid(key, format!("{url:?} must be an http(s) URL")));
+        }
         if url.starts_with("http://") {
             let loopback = url::Url::parse(url)
                 .ok()
                 .is_some_and(|u| u.host().is_some_and(is_loopback_host));
-            if tls.ca_file.is_some() || tls.cert_file.is_some() {
+            if !loopback && !self.control_plane_tls.insecure {
                 return Err(invalid(
-                    "data_plane.control_plane_tls",
-                    "TLS settings need an https:// control_plane_url",
-                ));
-            }
-            if !loopback && !tls.insecure {
-                return Err(invalid(
-                    "data_plane.control_plane_url",
+                    key,
                     "plaintext to a control plane on another host would carry provider \
                      secrets in clear: use https:// (with control_plane_tls.ca_file for a \
                      private CA), or set control_plane_tls.insecure: true for a trusted network",
                 ));
             }
         }
-        self.connections.validate("data_plane")
+        Ok(())
     }
 }
+
+/// Bound on [`DataPlaneConfig::control_plane_urls`]: replicas, not a scan list.
+const MAX_CONTROL_PLANE_URLS: usize = 16;
 
 impl NodesConfig {
     /// `required`: data planes present the token, so only a process that
@@ -1138,5 +1184,45 @@ mod tests {
         let (_dir, file) = write("nodes: {token: t}\ncontrol_plane: {}\n");
         let err = Node::load(Some(&file), Vec::new()).unwrap_err().to_string();
         assert!(err.contains("control_plane"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod control_plane_url_tests {
+    use super::*;
+
+    fn key_of(dp: &DataPlaneConfig) -> String {
+        match dp.validate() {
+            Err(Error::ConfigInvalid { key, message }) => format!("{key}: {message}"),
+            other => format!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn one_url_or_a_list_of_replicas_each_checked() {
+        let mut dp = DataPlaneConfig::default();
+        assert_eq!(dp.control_plane_urls(), vec![DEFAULT_CONTROL_PLANE_URL]);
+        dp.control_plane_urls = vec!["http://127.0.0.1:1".into(), "http://127.0.0.1:2".into()];
+        assert!(dp.validate().is_ok());
+        assert_eq!(dp.control_plane_urls().len(), 2);
+
+        dp.control_plane_url = Some("http://127.0.0.1:3".into());
+        assert!(key_of(&dp).contains("not both"), "{}", key_of(&dp));
+
+        dp.control_plane_url = None;
+        dp.control_plane_urls = vec!["http://127.0.0.1:1".into(), "ftp://x".into()];
+        let err = key_of(&dp);
+        assert!(
+            err.starts_with("data_plane.control_plane_urls:") && err.contains("ftp://x"),
+            "{err}"
+        );
+
+        dp.control_plane_urls = vec!["http://10.0.0.7:50051".into()];
+        assert!(key_of(&dp).contains("plaintext"), "{}", key_of(&dp));
+        dp.control_plane_tls.insecure = true;
+        assert!(dp.validate().is_ok());
+
+        dp.control_plane_urls = (0..17).map(|i| format!("http://127.0.0.1:{i}")).collect();
+        assert!(key_of(&dp).contains("at most 16"), "{}", key_of(&dp));
     }
 }

@@ -31,6 +31,9 @@ pub struct DataPlaneOptions {
     pub node_id: String,
     /// `data_plane.control_plane_url`, e.g. `http://127.0.0.1:50051`.
     pub control_plane_url: String,
+    /// `data_plane.control_plane_urls` (replicas); when set,
+    /// `control_plane_url` is left out of the file.
+    pub control_plane_urls: Vec<String>,
     /// `nodes.token`; must equal the control plane's.
     pub node_token: String,
     /// Merged over the generated config file, e.g.
@@ -49,6 +52,7 @@ impl DataPlaneOptions {
         Self {
             node_id: node_id.to_string(),
             control_plane_url: cp.grpc_url(),
+            control_plane_urls: Vec::new(),
             node_token: cp
                 .node_token()
                 .expect("the control plane has no nodes.token")
@@ -77,6 +81,13 @@ impl DataPlaneOptions {
             "nodes": { "token": self.node_token },
             "telemetry": { "log_format": "json", "log_level": "info" },
         });
+        if !self.control_plane_urls.is_empty() {
+            let dp = &mut cfg["data_plane"];
+            dp["control_plane_urls"] = json!(self.control_plane_urls);
+            if let Some(o) = dp.as_object_mut() {
+                o.remove("control_plane_url");
+            }
+        }
         merge(&mut cfg, self.config.clone());
         cfg
     }

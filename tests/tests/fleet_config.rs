@@ -349,3 +349,166 @@ async fn nodes_keep_serving_without_the_control_plane() -> Result<()> {
     }
     Ok(())
 }
+
+/// Where `node` is connected, from each control plane's node list.
+async fn connected_to(admins: &[&AdminClient], node: &str) -> Result<Vec<bool>> {
+    let mut out = Vec::new();
+    for admin in admins {
+        let body = admin.get("/admin/v1/nodes").await?.expect(200)?;
+        out.push(body["list"].as_array().is_some_and(|l| {
+            l.iter()
+                .any(|n| n["node_id"] == node && n["connected"] == true)
+        }));
+    }
+    Ok(out)
+}
+
+/// The node's whole stdout log (`logs()` is only its tail).
+fn full_log(dp: &DataPlane) -> String {
+    dp.process().map(|p| p.stdout()).unwrap_or_default()
+}
+
+/// Polls the node's log until it holds `needle`.
+async fn wait_log(dp: &DataPlane, needle: &str) -> Result<()> {
+    for _ in 0..400 {
+        if full_log(dp).contains(needle) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    bail!("the node never logged {needle:?}:\n{}", dp.logs())
+}
+
+fn applies(dp: &DataPlane) -> usize {
+    full_log(dp).matches("applied config snapshot").count()
+}
+
+/// `data_plane.control_plane_urls`: a node whose control plane dies moves to
+/// another within 2 s, serving throughout; it does not re-apply the version
+/// it has, and holds back a snapshot older than its own (a replica still
+/// catching up) instead of going back in time.
+#[tokio::test]
+async fn a_node_fails_over_between_control_plane_replicas() -> Result<()> {
+    let mock = MockAzure::start().await;
+    mock.add_deployment(SEED_DEPLOYMENT, "gpt-4o-2024-08-06");
+    let token = aigw_tests::control_plane::random_token("node");
+    let grpc = [free_addr(), free_addr()];
+    let mut cps = Vec::new();
+    for addr in grpc {
+        let mut opts = Options::default()
+            .with_config(json!({"control_plane": {"grpc_listen": addr.to_string()}}));
+        opts.node_token = Some(token.clone());
+        let cp = ControlPlane::start_with(opts).await?;
+        // The same three writes on each: both at the same version.
+        seed_azure(&cp.rest(), &mock.base_url(), DEFAULT_API_KEY).await?;
+        cps.push(cp);
+    }
+    let version = control_plane_version(&cps[0].rest()).await?;
+    assert_eq!(control_plane_version(&cps[1].rest()).await?, version);
+
+    let mut opts = DataPlaneOptions::for_control_plane(&cps[0], "node-ha");
+    opts.control_plane_urls = cps.iter().map(ControlPlane::grpc_url).collect();
+    let dp = DataPlane::start_ready(opts).await?;
+    assert_eq!(dp.wait_version(version).await?, version);
+    let admins = [cps[0].rest(), cps[1].rest()];
+    let admin_refs = [&admins[0], &admins[1]];
+    let mut on = Vec::new();
+    for _ in 0..400 {
+        on = connected_to(&admin_refs, "node-ha").await?;
+        if on.iter().filter(|c| **c).count() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let primary = on
+        .iter()
+        .position(|c| *c)
+        .context("the node is connected to neither control plane")?;
+    let other = 1 - primary;
+    assert_eq!(applies(&dp), 1, "{}", dp.logs());
+
+    // Calls keep flowing while the primary dies.
+    let client = dp.client(Some(SEED_CALLER_KEY));
+    let calls = tokio::spawn(async move {
+        let mut failed = Vec::new();
+        for i in 0..300 {
+            match client
+                .chat(&chat_body(SEED_ALIAS, &format!("ha {i}")))
+                .await
+            {
+                Ok(r) if r.status == 200 => {}
+                Ok(r) => failed.push(format!("{} {}", r.status, r.text)),
+                Err(e) => failed.push(e.to_string()),
+            }
+        }
+        failed
+    });
+
+    let killed = Instant::now();
+    cps[primary].kill9();
+    let took = loop {
+        if connected_to(&[admin_refs[other]], "node-ha").await?[0] {
+            break killed.elapsed();
+        }
+        ensure!(
+            killed.elapsed() < Duration::from_secs(10),
+            "the node never reached the other control plane:\n{}",
+            dp.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    println!("failover to the other control plane took {took:?}");
+    ensure!(took < Duration::from_secs(2), "failover took {took:?}");
+    // Same version there: not sent again, so not applied again (the count
+    // after the next change proves it).
+    assert_eq!(dp.readyz().await?, (200, Some(version)));
+    let failed = calls.await?;
+    ensure!(
+        failed.is_empty(),
+        "calls failed during the failover: {failed:?}"
+    );
+
+    // A change on the survivor reaches the node.
+    let pk = admins[other].list("provider_keys").await?[0]["id"]
+        .as_str()
+        .context("provider key id")?
+        .to_string();
+    admins[other]
+        .create_id(
+            "models",
+            &fixtures::model_on("ha-new", SEED_DEPLOYMENT, &pk),
+        )
+        .await?;
+    assert_eq!(dp.wait_version(version + 1).await?, version + 1);
+    assert_eq!(
+        applies(&dp),
+        2,
+        "only the new version was applied:\n{}",
+        dp.logs()
+    );
+
+    // The old primary comes back behind the node (at `version`), the
+    // survivor dies: the node holds its newer snapshot rather than going
+    // back, then takes the next version the old primary reaches.
+    cps[primary].restart().await?;
+    cps[other].kill9();
+    wait_log(&dp, "the control plane is behind this node").await?;
+    assert_eq!(dp.readyz().await?, (200, Some(version + 1)));
+    let admin = cps[primary].rest();
+    let pk = admin.list("provider_keys").await?[0]["id"]
+        .as_str()
+        .context("provider key id")?
+        .to_string();
+    admin
+        .create_id("models", &fixtures::model_on("ha-a", SEED_DEPLOYMENT, &pk))
+        .await?;
+    admin
+        .create_id("models", &fixtures::model_on("ha-b", SEED_DEPLOYMENT, &pk))
+        .await?;
+    assert_eq!(dp.wait_version(version + 2).await?, version + 2);
+    dp.client(Some(SEED_CALLER_KEY))
+        .chat(&chat_body(SEED_ALIAS, "after"))
+        .await?
+        .expect(200)?;
+    Ok(())
+}

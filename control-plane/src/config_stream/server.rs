@@ -303,7 +303,11 @@ impl ConfigService for ConfigStreamService {
         let mut stop = self.stop.clone();
         let node_id = hello.node_id;
         let ended = cut.clone();
+        // A node that has the version already (from its snapshot file, or
+        // from another replica) is not sent it again.
+        let has = hello.version;
         let out = WatchStream::new(self.cache.subscribe())
+            .filter(move |s| futures::future::ready(has == 0 || s.version != has))
             .map(move |s| {
                 crate::metrics::METRICS.snapshot_pushed();
                 s.for_node(&node_key, &node_id).map_err(|e| {

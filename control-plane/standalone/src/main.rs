@@ -55,7 +55,7 @@ async fn run(
     let mut settings =
         aigw_data_plane::Settings::new(&data_plane, cp.node_token().map(str::to_string))
             .context("data plane")?;
-    settings.control_plane_url = format!("http://{}", cp.grpc_addr);
+    settings.control_plane_urls = vec![format!("http://{}", cp.grpc_addr)];
     settings.usage_bus = cp.in_process_bus();
     let dp = aigw_data_plane::DataPlane::start(settings)
         .await

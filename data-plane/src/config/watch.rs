@@ -16,8 +16,15 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// moved (changes in health go at once).
 const STATUS_REFRESH: Duration = Duration::from_secs(10);
 
+/// How long a node connected to a control plane that is behind it (a
+/// replica still catching up) waits for it to reach the node's version
+/// before taking the older snapshot as the truth (a control plane restored
+/// from an older log).
+const BEHIND_GRACE: Duration = Duration::from_secs(30);
+
 pub struct WatchSettings {
-    pub control_plane_url: String,
+    /// Control-plane replicas, tried in turn (at least one).
+    pub control_plane_urls: Vec<String>,
     pub node_id: String,
     pub token: String,
     /// Address this node serves on, shown in the node list.
@@ -30,14 +37,17 @@ pub struct WatchSettings {
 
 /// The channel to the control plane: TLS for `https://` (system roots or
 /// the configured CA, a client certificate for mutual TLS).
-fn endpoint(settings: &WatchSettings) -> Result<tonic::transport::Endpoint, String> {
+fn endpoint(settings: &WatchSettings, url: &str) -> Result<tonic::transport::Endpoint, String> {
     use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-    let mut endpoint = tonic::transport::Endpoint::from_shared(settings.control_plane_url.clone())
-        .map_err(|e| format!("data_plane.control_plane_url: {e}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .http2_keep_alive_interval(Duration::from_secs(10))
+    // A killed replica's socket resets at once; keep-alive finds one whose
+    // host vanished. A dead address costs at most the connect timeout
+    // before the next replica is tried.
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| format!("data_plane.control_plane_url {url}: {e}"))?
+        .connect_timeout(Duration::from_secs(1))
+        .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5));
-    if settings.control_plane_url.starts_with("https://") {
+    if url.starts_with("https://") {
         let tls = &settings.tls;
         let read = |path: &std::path::Path, key: &str| {
             std::fs::read(path).map_err(|e| {
@@ -134,9 +144,10 @@ pub fn boot_from_file(node: &dyn Apply, file: &SnapshotFile, key: &NodeKey) {
 }
 
 /// Keeps the node's configuration in step with the control plane until
-/// `stop` flips: the stream becomes snapshots applied to the node, with reconnects and
-/// jittered exponential backoff when it breaks. While away, the node keeps
-/// serving its last snapshot.
+/// `stop` flips: the stream becomes snapshots applied to the node. When a
+/// stream breaks the node moves to the next replica at once; once every
+/// replica failed in a row it waits with jittered exponential backoff.
+/// While away, the node keeps serving its last snapshot.
 #[instrument(skip_all, fields(node_id = %settings.node_id))]
 pub async fn watch_control_plane(
     settings: WatchSettings,
@@ -147,9 +158,15 @@ pub async fn watch_control_plane(
     let mut backoff = BACKOFF_MIN;
     let mut last_error = None;
     let key = NodeKey::new(&settings.token, &settings.node_id);
+    let urls = &settings.control_plane_urls;
+    // Nodes start on different replicas so a fleet spreads over them.
+    let mut at = start_index(&settings.node_id, urls.len());
+    let mut failed_in_a_row = 0usize;
     loop {
+        let url = &urls[at % urls.len().max(1)];
         let session = session(
             &settings,
+            url,
             &key,
             &*node,
             &file,
@@ -159,29 +176,75 @@ pub async fn watch_control_plane(
         tokio::select! {
             r = session => {
                 if let Err(e) = r {
-                    warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "config stream unavailable; serving the last snapshot");
+                    warn!(error = %e, control_plane = %url, "config stream unavailable; serving the last snapshot");
                 }
             }
             _ = crate::shutdown::stopped(&mut stop) => return,
         }
-        let jittered = backoff.mul_f64(rand::thread_rng().gen_range(0.5..1.0));
+        at = at.wrapping_add(1);
+        if backoff == BACKOFF_MIN {
+            // The stream had worked (a snapshot came): a fresh round.
+            failed_in_a_row = 0;
+        }
+        failed_in_a_row += 1;
+        let wait = if failed_in_a_row < urls.len() {
+            BACKOFF_MIN
+        } else {
+            let w = backoff;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            w
+        };
+        let jittered = wait.mul_f64(rand::thread_rng().gen_range(0.5..1.0));
         tokio::select! {
             _ = tokio::time::sleep(jittered) => {}
             _ = crate::shutdown::stopped(&mut stop) => return,
         }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+fn grace_end() -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(BEHIND_GRACE).unwrap_or(now)
+}
+
+fn start_index(node_id: &str, n: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    node_id.hash(&mut h);
+    (h.finish() % n.max(1) as u64) as usize
+}
+
+/// What a node does with a snapshot of `incoming` version while it serves
+/// `current`.
+#[derive(Debug, PartialEq, Eq)]
+enum Take {
+    Apply,
+    /// The node has it already (another replica of the same log): ack only.
+    Have,
+    /// Older than what the node serves: a replica catching up. Held back
+    /// until [`BEHIND_GRACE`] passes with nothing newer.
+    Behind,
+}
+
+fn take(current: u64, incoming: u64) -> Take {
+    match incoming.cmp(&current) {
+        std::cmp::Ordering::Greater => Take::Apply,
+        std::cmp::Ordering::Equal if current > 0 => Take::Have,
+        std::cmp::Ordering::Equal => Take::Apply,
+        std::cmp::Ordering::Less => Take::Behind,
     }
 }
 
 async fn session(
     settings: &WatchSettings,
+    url: &str,
     key: &NodeKey,
     node: &dyn Apply,
     file: &Arc<SnapshotFile>,
     backoff: &mut Duration,
     last_error: &mut Option<String>,
 ) -> Result<(), String> {
-    let channel = endpoint(settings)?
+    let channel = endpoint(settings, url)?
         .connect()
         .await
         .map_err(|e| format!("connect: {e}"))?;
@@ -205,15 +268,22 @@ async fn session(
         .await
         .map_err(|s| format!("watch: {}", s.message()))?
         .into_inner();
-    info!("connected to the config stream");
+    info!(control_plane = %url, "connected to the config stream");
     let mut status = node.status_changes();
     let mut status_open = true;
     let mut refresh = tokio::time::interval(STATUS_REFRESH);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reported: Option<Vec<pb::TargetHealth>> = None;
+    // An older snapshot held back, and until when.
+    let mut behind: Option<(pb::Snapshot, tokio::time::Instant)> = None;
     loop {
+        let held_until = behind.as_ref().map(|(_, until)| *until);
         let message = tokio::select! {
             m = stream.message() => m,
+            () = async { if let Some(t) = held_until { tokio::time::sleep_until(t).await } }, if held_until.is_some() => {
+                warn!(applied = node.version(), "the control plane stayed behind this node's version: taking its snapshot as the truth");
+                Ok(behind.take().map(|(snap, _)| snap))
+            }
             changed = status.changed(), if status_open => {
                 status_open = changed.is_ok();
                 report_status(node, &tx, &mut reported).await?;
@@ -245,6 +315,35 @@ async fn session(
             break;
         };
         *backoff = BACKOFF_MIN;
+        let forced = held_until.is_some() && behind.is_none();
+        match take(node.version(), snap.version) {
+            Take::Apply => behind = None,
+            Take::Behind if forced => {}
+            Take::Have => {
+                behind = None;
+                info!(
+                    version = snap.version,
+                    "the control plane is at this node's version; nothing to apply"
+                );
+                let ack = Kind::Ack(pb::Ack {
+                    version: snap.version,
+                });
+                if tx.send(pb::WatchRequest { kind: Some(ack) }).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            Take::Behind => {
+                info!(
+                    version = snap.version,
+                    applied = node.version(),
+                    "the control plane is behind this node; waiting for it to catch up"
+                );
+                let until = behind.as_ref().map_or_else(grace_end, |(_, u)| *u);
+                behind = Some((snap, until));
+                continue;
+            }
+        }
         let data_key = snap.data_key.map(|k| Sealed {
             nonce: k.nonce,
             ciphertext: k.ciphertext,
@@ -311,4 +410,29 @@ async fn report_status(
     .map_err(|_| "request stream closed".to_string())?;
     *reported = Some(now);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_applies_newer_acks_its_own_and_holds_back_older_versions() {
+        assert_eq!(take(0, 1), Take::Apply);
+        assert_eq!(take(0, 0), Take::Apply);
+        assert_eq!(take(7, 8), Take::Apply);
+        assert_eq!(take(7, 7), Take::Have);
+        assert_eq!(take(7, 3), Take::Behind);
+    }
+
+    #[test]
+    fn nodes_spread_over_replicas_from_a_stable_start() {
+        assert_eq!(start_index("n1", 1), 0);
+        assert_eq!(start_index("n1", 0), 0);
+        assert_eq!(start_index("n1", 3), start_index("n1", 3));
+        let starts: std::collections::HashSet<usize> = (0..64)
+            .map(|i| start_index(&format!("node-{i}"), 3))
+            .collect();
+        assert_eq!(starts.len(), 3, "64 nodes should start on all 3 replicas");
+    }
 }
