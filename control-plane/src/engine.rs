@@ -34,6 +34,8 @@ pub struct Engine {
     log: OnceLock<Arc<Log>>,
     /// Wakes the follower (a reader waits for a sequence).
     kick: Notify,
+    /// Commands waiting for the next replicated batch.
+    queue: std::sync::Mutex<Vec<Pending>>,
     /// `Writer::stream_seq`, for readers that do not take the writer lock.
     stream_seq: std::sync::atomic::AtomicU64,
     cipher: Cipher,
@@ -42,6 +44,25 @@ pub struct Engine {
     /// Set when an append failed: memory and disk may disagree, so no more
     /// writes until a restart replays the log.
     failed: AtomicBool,
+}
+
+/// Most commands in one replicated message (group commit).
+const MAX_BATCH: usize = 64;
+
+/// A command waiting for the next replicated batch.
+struct Pending {
+    command: Command,
+    actor: String,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<StoredEvent>, Error>>,
+}
+
+/// The same failure for every command of a batch.
+fn same_error(e: &Error) -> Error {
+    match e {
+        Error::Unavailable(m) => Error::Unavailable(m.clone()),
+        Error::Invalid(m) => Error::Invalid(m.clone()),
+        other => Error::Storage(other.to_string()),
+    }
 }
 
 /// What the writer lock guards besides the order of writes.
@@ -97,6 +118,7 @@ impl Engine {
             log: OnceLock::new(),
             kick: Notify::new(),
             stream_seq: std::sync::atomic::AtomicU64::new(0),
+            queue: std::sync::Mutex::new(Vec::new()),
             cipher,
             snapshot_every: snapshot_every.max(1),
             version,
@@ -169,14 +191,12 @@ impl Engine {
     /// Handles, stores durably and applies one command; returns its events.
     #[instrument(skip_all, fields(actor = %actor, seq))]
     pub async fn execute(&self, command: Command, actor: &str) -> Result<Vec<StoredEvent>, Error> {
-        let mut writer = self.writer.lock().await;
-        self.check_failed()?;
+        let (resource, op) = command.describe();
         let stored = match self.log.get() {
-            Some(log) => {
-                self.execute_replicated(&mut writer, log, &command, actor)
-                    .await?
-            }
+            Some(log) => self.execute_grouped(log, command, actor).await?,
             None => {
+                let _writer = self.writer.lock().await;
+                self.check_failed()?;
                 let stored = {
                     let state = self.read();
                     stamp(handle(&state, &command)?, state.version, actor)
@@ -195,33 +215,122 @@ impl Engine {
             }
         };
         tracing::Span::current().record("seq", self.read().version);
-        let (resource, op) = command.describe();
         crate::metrics::METRICS.mutation(resource.collection(), op);
         Ok(stored)
     }
 
-    /// The replicated write: validated against this replica's state at
-    /// stream sequence N, appended with "expected last sequence N", kept
-    /// once JetStream acknowledged it. On a conflict: catch up, validate
-    /// again, retry (the caller sees only its own validation errors).
-    async fn execute_replicated(
+    /// Group commit on the replicated log: a command waits in the queue;
+    /// whoever holds the writer lock takes every queued command (up to a
+    /// bound), validates them in order, and appends their events as one
+    /// message, answering each. A caller whose command a batch already
+    /// answered returns that answer.
+    async fn execute_grouped(
+        &self,
+        log: &Log,
+        command: Command,
+        actor: &str,
+    ) -> Result<Vec<StoredEvent>, Error> {
+        let (reply, mut answer) = tokio::sync::oneshot::channel();
+        self.queue().push(Pending {
+            command,
+            actor: actor.to_string(),
+            reply,
+        });
+        let mut writer = self.writer.lock().await;
+        if let Ok(r) = answer.try_recv() {
+            return r;
+        }
+        let batch: Vec<Pending> = {
+            let mut queue = self.queue();
+            let n = queue.len().min(MAX_BATCH);
+            queue.drain(..n).collect()
+        };
+        if let Err(e) = self.check_failed() {
+            for p in batch {
+                let _ = p.reply.send(Err(same_error(&e)));
+            }
+        } else {
+            self.run_batch(&mut writer, log, batch).await;
+        }
+        drop(writer);
+        match answer.try_recv() {
+            Ok(r) => r,
+            // Still queued behind a full batch: take the lock again.
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {
+                Box::pin(self.await_queued(log, answer)).await
+            }
+            Err(e) => Err(Error::Storage(format!("write batch dropped: {e}"))),
+        }
+    }
+
+    /// Runs batches until the one holding `answer`'s command has run.
+    async fn await_queued(
+        &self,
+        log: &Log,
+        mut answer: tokio::sync::oneshot::Receiver<Result<Vec<StoredEvent>, Error>>,
+    ) -> Result<Vec<StoredEvent>, Error> {
+        loop {
+            let mut writer = self.writer.lock().await;
+            if let Ok(r) = answer.try_recv() {
+                return r;
+            }
+            let batch: Vec<Pending> = {
+                let mut queue = self.queue();
+                let n = queue.len().min(MAX_BATCH);
+                queue.drain(..n).collect()
+            };
+            self.run_batch(&mut writer, log, batch).await;
+            drop(writer);
+            if let Ok(r) = answer.try_recv() {
+                return r;
+            }
+        }
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Vec<Pending>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One replicated write of `batch`: every command validated against
+    /// this replica's state at stream sequence N (and the batch's earlier
+    /// commands), the events appended as one message with "expected last
+    /// sequence N", kept once JetStream acknowledged it. On a conflict:
+    /// catch up, validate again, retry (callers see only their own
+    /// validation errors). Answers every command of the batch.
+    async fn run_batch(&self, writer: &mut Writer, log: &Log, batch: Vec<Pending>) {
+        if batch.is_empty() {
+            return;
+        }
+        let outcome = self.replicate_batch(writer, log, &batch).await;
+        match outcome {
+            Ok(results) => {
+                for (p, r) in batch.into_iter().zip(results) {
+                    let _ = p.reply.send(r);
+                }
+            }
+            Err(e) => {
+                for p in batch {
+                    let _ = p.reply.send(Err(same_error(&e)));
+                }
+            }
+        }
+    }
+
+    #[instrument(skip_all, fields(commands = batch.len(), stream_seq))]
+    async fn replicate_batch(
         &self,
         writer: &mut Writer,
         log: &Log,
-        command: &Command,
-        actor: &str,
-    ) -> Result<Vec<StoredEvent>, Error> {
+        batch: &[Pending],
+    ) -> Result<Vec<Result<Vec<StoredEvent>, Error>>, Error> {
         let deadline = Instant::now() + WRITE_DEADLINE;
         let mut backoff = Duration::from_millis(25);
         loop {
-            let stored = {
-                let state = self.read();
-                stamp(handle(&state, command)?, state.version, actor)
-            };
-            if stored.is_empty() {
-                return Ok(stored);
+            let (results, events) = self.validate(batch);
+            if events.is_empty() {
+                return Ok(results);
             }
-            let body = crate::replication::log::encode(&stored)?;
+            let body = crate::replication::log::encode(&events)?;
             let msg_id = log.next_msg_id();
             let expected = writer.stream_seq;
             // The same id and expectation on every retry: a message whose
@@ -246,15 +355,16 @@ impl Engine {
             };
             match landed {
                 Some(seq) if seq == expected + 1 => {
-                    self.commit(writer, seq, &stored).await?;
-                    return Ok(stored);
+                    tracing::Span::current().record("stream_seq", seq);
+                    self.commit(writer, seq, &events).await?;
+                    return Ok(results);
                 }
                 Some(seq) => {
                     // Cannot be with "expected last sequence"; trust the log.
                     warn!(seq, expected, "the log acknowledged at an unexpected sequence; catching up");
                     self.catch_up_locked(writer, log).await?;
-                    if let Some(mine) = self.read_entry_events(log, seq, &msg_id).await? {
-                        return Ok(mine);
+                    if self.read_entry_events(log, seq, &msg_id).await?.is_some() {
+                        return Ok(results);
                     }
                 }
                 None => {
@@ -267,6 +377,45 @@ impl Engine {
                 ));
             }
         }
+    }
+
+    /// Each command of `batch` handled in order against the current state
+    /// and the events of the commands before it: per command its events or
+    /// its validation error, and all events in log order.
+    fn validate(
+        &self,
+        batch: &[Pending],
+    ) -> (Vec<Result<Vec<StoredEvent>, Error>>, Vec<StoredEvent>) {
+        let mut results = Vec::with_capacity(batch.len());
+        let mut all = Vec::new();
+        let state = self.read();
+        if let [one] = batch {
+            match handle(&state, &one.command) {
+                Ok(events) => {
+                    let stored = stamp(events, state.version, &one.actor);
+                    all.extend(stored.iter().cloned());
+                    results.push(Ok(stored));
+                }
+                Err(e) => results.push(Err(e)),
+            }
+            return (results, all);
+        }
+        let mut work = state.clone();
+        drop(state);
+        for p in batch {
+            match handle(&work, &p.command) {
+                Ok(events) => {
+                    let stored = stamp(events, work.version, &p.actor);
+                    for e in &stored {
+                        work.apply(e);
+                    }
+                    all.extend(stored.iter().cloned());
+                    results.push(Ok(stored));
+                }
+                Err(e) => results.push(Err(e)),
+            }
+        }
+        (results, all)
     }
 
     /// The events of message `seq` if it carries `msg_id`.

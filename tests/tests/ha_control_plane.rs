@@ -86,12 +86,13 @@ async fn ha() -> Result<Ha> {
     Ok(Ha { mock, nats, cps })
 }
 
-/// A node of replica `cp`, publishing usage to the cluster.
-async fn node(cp: &ControlPlane, id: &str, urls: &str) -> Result<DataPlane> {
-    DataPlane::start_ready(
-        DataPlaneOptions::for_control_plane(cp, id).with_config(json!({"nats": {"url": urls}})),
-    )
-    .await
+/// A node following `cps` (failing over in that order), publishing usage
+/// to the cluster.
+async fn node(cps: &[&ControlPlane], id: &str, urls: &str) -> Result<DataPlane> {
+    let mut opts = DataPlaneOptions::for_control_plane(cps[0], id)
+        .with_config(json!({"nats": {"url": urls}}));
+    opts.control_plane_urls = cps.iter().map(|cp| cp.grpc_url()).collect();
+    DataPlane::start_ready(opts).await
 }
 
 /// The sequence a replica's answers reflect.
@@ -253,10 +254,10 @@ async fn writes_on_any_replica_survive_a_replica_and_a_nats_server_dying() -> Re
         mut cps,
     } = ha().await?;
     let urls = nats.urls();
-    // Nodes on the replicas that stay up (data-plane failover is its own test).
+    // node-0 starts on the replica that dies and fails over.
     let dps = vec![
-        node(&cps[1], "node-0", &urls).await?,
-        node(&cps[2], "node-1", &urls).await?,
+        node(&[&cps[0], &cps[1], &cps[2]], "node-0", &urls).await?,
+        node(&[&cps[1], &cps[2], &cps[0]], "node-1", &urls).await?,
     ];
     let stop = Arc::new(AtomicBool::new(false));
     let loads: Vec<_> = dps
@@ -353,6 +354,19 @@ async fn writes_on_any_replica_survive_a_replica_and_a_nats_server_dying() -> Re
     }
     ensure!(hashes.values().all(|n| *n == 1), "a key was created twice");
 
+    // Any replica lists every node, wherever its config stream is.
+    for a in survivors {
+        poll_until("every node on every replica", 100, Duration::from_millis(100), || async {
+            let v = a.get("/admin/v1/nodes").await?.expect(200)?;
+            let connected = v["list"]
+                .as_array()
+                .map(|l| l.iter().filter(|n| n["connected"] == true).count())
+                .unwrap_or(0);
+            Ok((connected == 2).then_some(()))
+        })
+        .await?;
+    }
+
     // The killed replica comes back from its sled copy and the stream's tail.
     cps[0].restart().await?;
     let (hash0, events0) = projection(&cps[0].rest(), version).await?;
@@ -394,9 +408,10 @@ async fn usage_is_exact_on_every_replica_across_a_replica_restart() -> Result<()
         mut cps,
     } = ha().await?;
     let urls = nats.urls();
+    // node-0 starts on the replica that is killed and restarted.
     let dps = vec![
-        node(&cps[0], "node-0", &urls).await?,
-        node(&cps[2], "node-1", &urls).await?,
+        node(&[&cps[1], &cps[0], &cps[2]], "node-0", &urls).await?,
+        node(&[&cps[2], &cps[0], &cps[1]], "node-1", &urls).await?,
     ];
     let clients: Vec<ProxyClient> = dps.iter().map(|d| d.client(Some(CALLER))).collect();
     let done = Arc::new(AtomicUsize::new(0));
