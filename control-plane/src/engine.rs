@@ -361,7 +361,10 @@ impl Engine {
                 }
                 Some(seq) => {
                     // Cannot be with "expected last sequence"; trust the log.
-                    warn!(seq, expected, "the log acknowledged at an unexpected sequence; catching up");
+                    warn!(
+                        seq,
+                        expected, "the log acknowledged at an unexpected sequence; catching up"
+                    );
                     self.catch_up_locked(writer, log).await?;
                     if self.read_entry_events(log, seq, &msg_id).await?.is_some() {
                         return Ok(results);

@@ -115,7 +115,11 @@ impl NodeRegistry {
 
     /// The nodes whose config stream this replica holds now.
     pub fn connected_here(&self) -> Vec<NodeStatus> {
-        self.lock().values().filter(|n| n.connected).cloned().collect()
+        self.lock()
+            .values()
+            .filter(|n| n.connected)
+            .cloned()
+            .collect()
     }
 
     /// Replaces what other replicas report.

@@ -88,7 +88,10 @@ impl Default for ReplicationConfig {
 impl ReplicationConfig {
     /// The configured replica id, else the host name.
     pub fn replica_id(&self) -> String {
-        let id = self.replica_id.clone().unwrap_or_else(crate::node::hostname);
+        let id = self
+            .replica_id
+            .clone()
+            .unwrap_or_else(crate::node::hostname);
         // Host names may hold dots; consumer and key names may not.
         id.chars()
             .map(|c| {

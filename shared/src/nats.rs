@@ -62,8 +62,10 @@ pub async fn connect(
     // Several servers of one cluster, comma-separated: tried in turn, and
     // the client fails over between them (and those the cluster announces).
     let urls: Vec<&str> = url.split(',').map(str::trim).collect();
-    opts.connect(urls.as_slice()).await.map_err(|e| Error::Nats {
-        url: url.to_string(),
-        message: e.to_string(),
-    })
+    opts.connect(urls.as_slice())
+        .await
+        .map_err(|e| Error::Nats {
+            url: url.to_string(),
+            message: e.to_string(),
+        })
 }

@@ -32,7 +32,12 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 
 /// `total` creates by `writers` concurrent writers, writer `w` on
 /// `admins[w % admins.len()]`; returns (writes/s, p50 µs, p99 µs).
-async fn run(admins: &[AdminClient], writers: usize, total: usize, tag: &str) -> Result<(f64, u64, u64)> {
+async fn run(
+    admins: &[AdminClient],
+    writers: usize,
+    total: usize,
+    tag: &str,
+) -> Result<(f64, u64, u64)> {
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let tasks: Vec<_> = (0..writers)
@@ -102,8 +107,17 @@ async fn main() -> Result<()> {
         );
     }
     let all: Vec<AdminClient> = cps.iter().map(ControlPlane::rest).collect();
-    row("replicated R3, 1 writer", run(&all[..1], 1, total, "r1").await?);
-    row("replicated R3, 8 writers on one replica", run(&all[..1], 8, total, "r8").await?);
-    row("replicated R3, 8 writers over 3 replicas", run(&all, 8, total, "r83").await?);
+    row(
+        "replicated R3, 1 writer",
+        run(&all[..1], 1, total, "r1").await?,
+    );
+    row(
+        "replicated R3, 8 writers on one replica",
+        run(&all[..1], 8, total, "r8").await?,
+    );
+    row(
+        "replicated R3, 8 writers over 3 replicas",
+        run(&all, 8, total, "r83").await?,
+    );
     Ok(())
 }

@@ -187,17 +187,24 @@ impl NatsCluster {
         let m = &mut self.members[i];
         m.starts += 1;
         let mut cmd = Command::new(nats_server_bin());
-        cmd.args(["-a", "127.0.0.1", "-p", &m.addr.port().to_string(), "-n", &m.name])
-            .args(["-js", "-sd"])
-            .arg(m.dir.path().join("store"))
-            .args([
-                "--cluster_name",
-                "aigw-test",
-                "--cluster",
-                &format!("nats://{}", m.cluster_addr),
-                "--routes",
-                &routes,
-            ]);
+        cmd.args([
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &m.addr.port().to_string(),
+            "-n",
+            &m.name,
+        ])
+        .args(["-js", "-sd"])
+        .arg(m.dir.path().join("store"))
+        .args([
+            "--cluster_name",
+            "aigw-test",
+            "--cluster",
+            &format!("nats://{}", m.cluster_addr),
+            "--routes",
+            &routes,
+        ]);
         let label = format!("nats-{}-{}", m.name, m.starts);
         m.process =
             Some(Process::spawn(cmd, m.dir.path(), &label, &[]).context("starting nats-server")?);

@@ -89,8 +89,8 @@ async fn ha() -> Result<Ha> {
 /// A node following `cps` (failing over in that order), publishing usage
 /// to the cluster.
 async fn node(cps: &[&ControlPlane], id: &str, urls: &str) -> Result<DataPlane> {
-    let mut opts = DataPlaneOptions::for_control_plane(cps[0], id)
-        .with_config(json!({"nats": {"url": urls}}));
+    let mut opts =
+        DataPlaneOptions::for_control_plane(cps[0], id).with_config(json!({"nats": {"url": urls}}));
     opts.control_plane_urls = cps.iter().map(|cp| cp.grpc_url()).collect();
     DataPlane::start_ready(opts).await
 }
@@ -126,7 +126,11 @@ async fn projection(admin: &AdminClient, seq: u64) -> Result<(String, Vec<Value>
             "the log has a gap at {i}: {e}"
         );
     }
-    ensure!(events.len() as u64 == seq, "{} events, seq {seq}", events.len());
+    ensure!(
+        events.len() as u64 == seq,
+        "{} events, seq {seq}",
+        events.len()
+    );
     Ok((sha256_hex(&text), events))
 }
 
@@ -157,7 +161,7 @@ async fn writer(
         let started = Instant::now();
         let mut uncertain = false;
         let mut attempt = 0usize;
-        let mut last = String::new();
+        let mut last: String;
         loop {
             let i = (w + j + attempt) % admins.len();
             attempt += 1;
@@ -167,10 +171,7 @@ async fn writer(
             let t = Instant::now();
             match admins[i].post("/admin/v1/apikeys", &body).await {
                 Ok(r) if r.status.as_u16() == 201 => {
-                    let id = r.json()?["id"]
-                        .as_str()
-                        .context("created id")?
-                        .to_string();
+                    let id = r.json()?["id"].as_str().context("created id")?.to_string();
                     stats
                         .latencies_us
                         .lock()
@@ -218,10 +219,7 @@ async fn proxy_load(client: ProxyClient, stop: Arc<AtomicBool>) -> (u64, u64, Ve
     while !stop.load(Ordering::Acquire) {
         tick.tick().await;
         i += 1;
-        match client
-            .chat(&chat_body(ALIAS, &format!("call {i}")))
-            .await
-        {
+        match client.chat(&chat_body(ALIAS, &format!("call {i}"))).await {
             Ok(r) if r.status.as_u16() == 200 => ok += 1,
             Ok(r) => {
                 failed += 1;
@@ -266,7 +264,11 @@ async fn writes_on_any_replica_survive_a_replica_and_a_nats_server_dying() -> Re
         .collect();
 
     let admins: Vec<AdminClient> = cps.iter().map(ControlPlane::rest).collect();
-    let alive = Arc::new((0..REPLICAS).map(|_| AtomicBool::new(true)).collect::<Vec<_>>());
+    let alive = Arc::new(
+        (0..REPLICAS)
+            .map(|_| AtomicBool::new(true))
+            .collect::<Vec<_>>(),
+    );
     let stats = Arc::new(WriteStats::default());
     let failed_writer = Arc::new(Mutex::new(None::<String>));
     let writers: Vec<_> = (0..WRITERS)
@@ -291,25 +293,36 @@ async fn writes_on_any_replica_survive_a_replica_and_a_nats_server_dying() -> Re
     let reached = |n: usize| {
         let (stats, failed) = (stats.clone(), failed_writer.clone());
         async move {
-            poll_until("writes to progress", 6000, Duration::from_millis(20), || {
-                let (stats, failed) = (stats.clone(), failed.clone());
-                async move {
-                    if let Some(e) = failed.lock().unwrap().clone() {
-                        bail!("a writer failed: {e}");
+            poll_until(
+                "writes to progress",
+                6000,
+                Duration::from_millis(20),
+                || {
+                    let (stats, failed) = (stats.clone(), failed.clone());
+                    async move {
+                        if let Some(e) = failed.lock().unwrap().clone() {
+                            bail!("a writer failed: {e}");
+                        }
+                        Ok((stats.count.load(Ordering::Relaxed) >= n).then_some(()))
                     }
-                    Ok((stats.count.load(Ordering::Relaxed) >= n).then_some(()))
-                }
-            })
+                },
+            )
             .await
         }
     };
     reached(MUTATIONS / 4).await?;
     alive[0].store(false, Ordering::Release);
     cps[0].kill9();
-    eprintln!("killed replica cp-0 after {} writes", stats.count.load(Ordering::Relaxed));
+    eprintln!(
+        "killed replica cp-0 after {} writes",
+        stats.count.load(Ordering::Relaxed)
+    );
     reached(MUTATIONS * 2 / 3).await?;
     nats.kill(1);
-    eprintln!("killed NATS server n1 after {} writes", stats.count.load(Ordering::Relaxed));
+    eprintln!(
+        "killed NATS server n1 after {} writes",
+        stats.count.load(Ordering::Relaxed)
+    );
     for w in writers {
         w.await??;
     }
@@ -318,7 +331,11 @@ async fn writes_on_any_replica_survive_a_replica_and_a_nats_server_dying() -> Re
     let mut calls = 0;
     for l in loads {
         let (ok, failed, errors) = l.await?;
-        ensure!(failed == 0, "{failed} failed proxy calls: {:?}", &errors[..errors.len().min(5)]);
+        ensure!(
+            failed == 0,
+            "{failed} failed proxy calls: {:?}",
+            &errors[..errors.len().min(5)]
+        );
         calls += ok;
     }
 
@@ -342,35 +359,56 @@ async fn writes_on_any_replica_survive_a_replica_and_a_nats_server_dying() -> Re
                 .entry(e["resource_id"].as_str().unwrap_or_default().to_string())
                 .or_default() += 1;
             *hashes
-                .entry(e["payload"]["value"]["key_hash"].as_str().unwrap_or_default().to_string())
+                .entry(
+                    e["payload"]["value"]["key_hash"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                )
                 .or_default() += 1;
         }
     }
     let acked = stats.acked.lock().unwrap().clone();
     ensure!(acked.len() + stats.unacked.lock().unwrap().len() == MUTATIONS);
     for (id, key_hash) in &acked {
-        ensure!(created.get(id) == Some(&1), "acknowledged {id} is in the log {:?} times", created.get(id));
-        ensure!(hashes.get(key_hash) == Some(&1), "key {key_hash} created {:?} times", hashes.get(key_hash));
+        ensure!(
+            created.get(id) == Some(&1),
+            "acknowledged {id} is in the log {:?} times",
+            created.get(id)
+        );
+        ensure!(
+            hashes.get(key_hash) == Some(&1),
+            "key {key_hash} created {:?} times",
+            hashes.get(key_hash)
+        );
     }
     ensure!(hashes.values().all(|n| *n == 1), "a key was created twice");
 
     // Any replica lists every node, wherever its config stream is.
     for a in survivors {
-        poll_until("every node on every replica", 100, Duration::from_millis(100), || async {
-            let v = a.get("/admin/v1/nodes").await?.expect(200)?;
-            let connected = v["list"]
-                .as_array()
-                .map(|l| l.iter().filter(|n| n["connected"] == true).count())
-                .unwrap_or(0);
-            Ok((connected == 2).then_some(()))
-        })
+        poll_until(
+            "every node on every replica",
+            100,
+            Duration::from_millis(100),
+            || async {
+                let v = a.get("/admin/v1/nodes").await?.expect(200)?;
+                let connected = v["list"]
+                    .as_array()
+                    .map(|l| l.iter().filter(|n| n["connected"] == true).count())
+                    .unwrap_or(0);
+                Ok((connected == 2).then_some(()))
+            },
+        )
         .await?;
     }
 
     // The killed replica comes back from its sled copy and the stream's tail.
     cps[0].restart().await?;
     let (hash0, events0) = projection(&cps[0].rest(), version).await?;
-    ensure!(hash0 == hash && events0 == events, "the restarted replica differs");
+    ensure!(
+        hash0 == hash && events0 == events,
+        "the restarted replica differs"
+    );
 
     // The nodes applied the final version.
     for dp in &dps {
@@ -409,7 +447,7 @@ async fn usage_is_exact_on_every_replica_across_a_replica_restart() -> Result<()
     } = ha().await?;
     let urls = nats.urls();
     // node-0 starts on the replica that is killed and restarted.
-    let dps = vec![
+    let dps = [
         node(&[&cps[1], &cps[0], &cps[2]], "node-0", &urls).await?,
         node(&[&cps[2], &cps[0], &cps[1]], "node-1", &urls).await?,
     ];
@@ -425,7 +463,12 @@ async fn usage_is_exact_on_every_replica_across_a_replica_restart() -> Result<()
                     async move {
                         let body = chat_body(ALIAS, &"word ".repeat(1 + i % 37));
                         let r = client.chat(&body).await?;
-                        ensure!(r.status.as_u16() == 200, "call {i}: {} {}", r.status, r.text);
+                        ensure!(
+                            r.status.as_u16() == 200,
+                            "call {i}: {} {}",
+                            r.status,
+                            r.text
+                        );
                         done.fetch_add(1, Ordering::Relaxed);
                         let (prompt, completion) = expected_usage(&body);
                         Ok(Totals {
@@ -459,10 +502,16 @@ async fn usage_is_exact_on_every_replica_across_a_replica_restart() -> Result<()
     };
     reached(CALLS / 4).await?;
     cps[1].kill9();
-    eprintln!("killed replica cp-1 after {} calls", done.load(Ordering::Relaxed));
+    eprintln!(
+        "killed replica cp-1 after {} calls",
+        done.load(Ordering::Relaxed)
+    );
     reached(CALLS / 2).await?;
     cps[1].restart().await?;
-    eprintln!("restarted replica cp-1 after {} calls", done.load(Ordering::Relaxed));
+    eprintln!(
+        "restarted replica cp-1 after {} calls",
+        done.load(Ordering::Relaxed)
+    );
     let expected = load.await??;
     let call_secs = started.elapsed().as_secs_f64();
     for cp in &cps {

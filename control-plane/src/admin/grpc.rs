@@ -57,7 +57,9 @@ impl GrpcAdmin {
             .to_str()
             .ok()
             .and_then(|v| v.trim().parse().ok())
-            .ok_or_else(|| Status::invalid_argument("x-aigw-min-seq: must be a non-negative integer"))?;
+            .ok_or_else(|| {
+                Status::invalid_argument("x-aigw-min-seq: must be a non-negative integer")
+            })?;
         self.admin
             .engine()
             .wait_for_version(min, std::time::Duration::from_secs(5))

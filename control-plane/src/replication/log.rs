@@ -165,7 +165,12 @@ impl Log {
     /// Appends one command's events after stream sequence `expected`;
     /// returns the message's stream sequence once JetStream (its quorum)
     /// has it.
-    pub async fn append(&self, body: Bytes, msg_id: &str, expected: u64) -> Result<u64, AppendError> {
+    pub async fn append(
+        &self,
+        body: Bytes,
+        msg_id: &str,
+        expected: u64,
+    ) -> Result<u64, AppendError> {
         let publish = jetstream::message::PublishMessage::build()
             .payload(body)
             .message_id(msg_id)
