@@ -871,3 +871,91 @@ fn write_key_check(store: &dyn EventStore, cipher: &Cipher) -> Result<(), Error>
         &serde_json::to_vec(&sealed).map_err(|e| Error::Storage(e.to_string()))?,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{ResourceValue, StoredProviderKey};
+    use crate::store::SledStore;
+    use aigw_shared::domain::{Model, ProviderKey};
+
+    fn pending(command: Command) -> Pending {
+        let (reply, _) = tokio::sync::oneshot::channel();
+        Pending {
+            command,
+            actor: "admin:test".into(),
+            reply,
+        }
+    }
+
+    fn model(name: &str, pk: &str) -> Command {
+        Command::Create {
+            id: format!("id-{name}"),
+            value: ResourceValue::Model(Model {
+                display_name: name.into(),
+                provider: "azure".into(),
+                model_name: Some("d".into()),
+                provider_key_id: Some(pk.into()),
+                targets: vec![],
+                routing: None,
+                rate_limit: None,
+                cost: None,
+                cache: None,
+                log_payloads: false,
+                context_window: None,
+                fallbacks: Default::default(),
+            }),
+        }
+    }
+
+    /// A replicated batch: each command sees the ones before it (a model
+    /// on a provider key created earlier in the batch), a command that
+    /// breaks a rule fails alone, and the events continue the log without
+    /// a gap, so the batch is one valid log message.
+    #[tokio::test]
+    async fn a_batch_validates_each_command_after_the_ones_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SledStore::open(dir.path()).unwrap());
+        let engine = Engine::open(store, Cipher::new(&[9; 32]), 1_000)
+            .await
+            .unwrap();
+        let pk = ProviderKey {
+            display_name: "pk".into(),
+            provider: String::new(),
+            adapter: "azure-openai".into(),
+            secret: "k".into(),
+            api_base: "https://acme.openai.azure.com".into(),
+            api_version: "2024-10-21".into(),
+            ca_pem: None,
+            allow_insecure_upstream: false,
+        };
+        let sealed = engine.cipher().seal("pk", "k").unwrap();
+        engine
+            .execute(model("before", "missing"), "admin:test")
+            .await
+            .unwrap_err();
+        let batch = vec![
+            pending(Command::Create {
+                id: "pk".into(),
+                value: ResourceValue::ProviderKey(StoredProviderKey::new(pk, sealed)),
+            }),
+            pending(model("a", "pk")),
+            pending(model("a", "pk")),
+            pending(model("b", "missing")),
+            pending(model("c", "pk")),
+        ];
+        let (results, events) = engine.validate(&batch);
+        let ok: Vec<bool> = results.iter().map(Result::is_ok).collect();
+        assert_eq!(ok, [true, true, false, false, true]);
+        assert!(
+            matches!(results[2], Err(Error::Duplicate(_))),
+            "{results:?}"
+        );
+        let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [1, 2, 3]);
+        let body = crate::replication::log::encode(&events).unwrap();
+        assert_eq!(crate::replication::log::decode(&body).unwrap(), events);
+        // Validation alone changes nothing.
+        assert_eq!(engine.read().version, 0);
+    }
+}
