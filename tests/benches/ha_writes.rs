@@ -9,7 +9,10 @@
 //! cargo bench -p aigw-tests --bench ha_writes     # BENCH_WRITES=2000 by default
 //! ```
 //!
-//! `AIGW_CONTROL_PLANE_BIN` points it at another build. Rows with 8 writers
+//! `AIGW_CONTROL_PLANE_BIN` points it at another build; e.g. a release
+//! control plane driven by a debug load generator (less to compile):
+//! `AIGW_CONTROL_PLANE_BIN=target/release/aigw-control-plane cargo bench -p
+//! aigw-tests --bench ha_writes --profile dev`. Rows with 8 writers
 //! on the replicated log: all on one replica, and spread over the three
 //! (every write then also races the others' for the next log position).
 
