@@ -31,10 +31,33 @@ pub fn warm_up_for(snapshot: &aigw_shared::snapshot::ConfigSnapshot) {
     if !needs_tokenizer(snapshot) || STARTED.swap(true, std::sync::atomic::Ordering::AcqRel) {
         return;
     }
+    // Only the tables the routes count with (each route uses its first
+    // target's): a fleet of gpt-4o deployments never loads cl100k's ~20 MiB.
+    // A later snapshot with other models loads the rest on first use.
+    let wanted = tokenizers_of(snapshot);
+    let load = move || {
+        for t in wanted {
+            let _ = tiktoken_rs::bpe_for_tokenizer(t);
+        }
+    };
     match tokio::runtime::Handle::try_current() {
-        Ok(rt) => drop(rt.spawn_blocking(warm_up)),
-        Err(_) => drop(std::thread::spawn(warm_up)),
+        Ok(rt) => drop(rt.spawn_blocking(load)),
+        Err(_) => drop(std::thread::spawn(load)),
     }
+}
+
+/// The tokenizers `snapshot`'s routes count with, each once.
+fn tokenizers_of(snapshot: &aigw_shared::snapshot::ConfigSnapshot) -> Vec<Tokenizer> {
+    let mut out = Vec::new();
+    for m in snapshot.models.values() {
+        let mut targets = m.resolved_targets();
+        targets.sort_by_key(|t| t.priority);
+        let t = tokenizer_for(targets.first().map_or("", |t| t.model_name.as_str()));
+        if !out.contains(&t) {
+            out.push(t);
+        }
+    }
+    out
 }
 
 /// Whether any token limit or context window applies under `snapshot`.
