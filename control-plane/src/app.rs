@@ -65,14 +65,29 @@ impl ControlPlane {
         };
         let (engine, rotating) =
             Engine::open_rotating(store, cipher, previous.clone(), cp.snapshot_every).await?;
+        // The log of record in JetStream: in sync before anything reads the state.
+        let log = match &cp.replication {
+            Some(r) => {
+                let log = crate::replication::Log::connect(&config.nats, r).await?;
+                engine.replicate(log.clone()).await?;
+                Some(log)
+            }
+            None => None,
+        };
         if let (true, Some(previous)) = (rotating, &previous) {
             // Before anything reads a secret (snapshots, nodes).
-            let n = engine.finish_rotation(previous).await?;
+            let n = match &log {
+                Some(log) => crate::replication::rotate_once(&engine, log, previous).await?,
+                None => engine.finish_rotation(previous).await?,
+            };
             warn!(resealed = n, "master key rotated: every secret is sealed with the new key; remove secrets.previous_master_key");
+        }
+        if log.is_some() {
+            crate::replication::check_master_key(&engine)?;
         }
         let nodes = Arc::new(NodeRegistry::default());
         let usage = crate::usage::Aggregator::open(&cp.data_dir, engine.clone())?;
-        let admin = Admin::new(engine.clone(), nodes, usage.clone());
+        let admin = Admin::new(engine.clone(), nodes.clone(), usage.clone());
         let keys = AdminKeys::new(&config.admin.keys);
         // Before any listener answers: /readyz means the data dir is complete.
         let node_token = match &config.nodes.token {
@@ -196,11 +211,36 @@ impl ControlPlane {
                 }
             });
         }
+        if let Some(log) = &log {
+            // Other replicas' writes, applied here and pushed to this replica's nodes.
+            background.spawn(crate::replication::follow(
+                engine.clone(),
+                log.clone(),
+                stopped.clone(),
+            ));
+            // Every node on every replica's /admin/v1/nodes.
+            background.spawn(crate::replication::node_status::share(
+                log.clone(),
+                nodes.clone(),
+                stopped.clone(),
+            ));
+        }
         let in_process_bus = match &config.nats.url {
             Some(_) => {
+                // Replicated: every replica its own durable consumer and its
+                // own complete aggregates (see usage::consumer).
+                let (durable, replicas) = match &log {
+                    Some(log) => (
+                        format!("aigw-control-plane-{}", log.replica_id()),
+                        log.replicas(),
+                    ),
+                    None => (crate::usage::DURABLE.to_string(), 1),
+                };
                 background.spawn(crate::usage::run_nats_consumer(
                     config.nats.clone(),
                     usage.clone(),
+                    durable,
+                    replicas,
                     stopped.clone(),
                 ));
                 None

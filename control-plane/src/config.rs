@@ -59,6 +59,12 @@ impl ProcessConfig for Config {
             refuse_well_known("nodes.token", token, cp.grpc_listen)?;
         }
         self.nats.validate()?;
+        if cp.replication.is_some() && self.nats.url.is_none() {
+            return Err(Error::ConfigInvalid {
+                key: "control_plane.replication".into(),
+                message: "the replicated log lives in NATS JetStream: set nats.url".into(),
+            });
+        }
         self.telemetry.validate()
     }
 }

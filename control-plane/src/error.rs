@@ -34,6 +34,10 @@ pub enum Error {
     PayloadTooLarge { limit: usize },
     #[error("event store: {0}")]
     Storage(String),
+    /// Retrying may help: the replicated log (JetStream) is out of reach, or
+    /// this replica has not caught up with a requested sequence yet.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
     #[error("secrets: {0}")]
     Crypto(String),
     #[error(transparent)]

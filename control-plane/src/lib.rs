@@ -6,6 +6,7 @@
 //! - `events/`  — commands, events, the pure `handle` and `apply`, upcasting
 //! - `store/`   — the append-only event log (sled) behind the `EventStore` trait
 //! - `engine`   — the write path: handle → durable append → apply → notify
+//! - `replication` — several replicas over one log of record in NATS JetStream
 //! - `secrets`  — AES-256-GCM sealing of provider secrets
 //! - `config_stream` — snapshots for data planes and the Watch stream that pushes them
 //! - `nodes`    — data-plane nodes seen on the config stream
@@ -28,6 +29,7 @@ pub mod error;
 pub mod events;
 pub mod metrics;
 pub mod nodes;
+pub mod replication;
 pub mod secrets;
 pub mod store;
 pub mod usage;

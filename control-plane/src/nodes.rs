@@ -1,11 +1,11 @@
 //! Data-plane nodes seen on the config stream, with the version each applied.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct NodeStatus {
     pub node_id: String,
     pub address: String,
@@ -13,23 +13,27 @@ pub struct NodeStatus {
     /// RFC 3339.
     pub last_seen: String,
     pub connected: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     /// What the node's health probes found, per target (empty without probes).
     pub targets: Vec<TargetStatus>,
+    /// The control-plane replica holding its config stream (replicated
+    /// control plane only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 /// One target's probe status as a node reported it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TargetStatus {
     pub provider_key_id: String,
     pub deployment: String,
     pub healthy: bool,
     /// RFC 3339; absent before the first probe.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_probe: Option<String>,
     pub consecutive_failures: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
 }
 
@@ -39,6 +43,9 @@ pub struct NodeRegistry {
     /// Node id → the config-stream session holding it.
     live: Mutex<HashMap<String, u64>>,
     sessions: AtomicU64,
+    /// Nodes other replicas hold (replicated control plane), refreshed
+    /// from the shared bucket by `replication::node_status`.
+    remote: Mutex<BTreeMap<String, NodeStatus>>,
 }
 
 /// A config-stream session's hold on its node id: while it lives no other
@@ -84,13 +91,40 @@ impl NodeStatus {
             connected: false,
             last_error: None,
             targets: Vec::new(),
+            replica: None,
         }
     }
 }
 
 impl NodeRegistry {
+    /// Every node this replica saw, and those other replicas hold now: a
+    /// node connected elsewhere shows as they report it.
     pub fn list(&self) -> Vec<NodeStatus> {
-        self.lock().values().cloned().collect()
+        let mut all = self.lock().clone();
+        let remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, status) in remote.iter() {
+            match all.get(id) {
+                Some(local) if local.connected => {}
+                _ => {
+                    all.insert(id.clone(), status.clone());
+                }
+            }
+        }
+        all.into_values().collect()
+    }
+
+    /// The nodes whose config stream this replica holds now.
+    pub fn connected_here(&self) -> Vec<NodeStatus> {
+        self.lock()
+            .values()
+            .filter(|n| n.connected)
+            .cloned()
+            .collect()
+    }
+
+    /// Replaces what other replicas report.
+    pub fn set_remote(&self, nodes: BTreeMap<String, NodeStatus>) {
+        *self.remote.lock().unwrap_or_else(|p| p.into_inner()) = nodes;
     }
 
     /// Takes `node_id` for a new config-stream session; `None` while another

@@ -180,6 +180,85 @@ pub struct ControlPlaneConfig {
     pub grpc_tls: GrpcServerTls,
     /// Who may read the admin port's `/metrics` (admin keys always may).
     pub metrics_auth: MetricsAuth,
+    /// Several replicas over one log of record in NATS JetStream (the `nats`
+    /// section's server); absent: this process's sled directory is the log.
+    pub replication: Option<ReplicationConfig>,
+}
+
+/// `control_plane.replication`: the event log of record is a JetStream
+/// stream; every replica keeps a local copy in sled and serves reads and
+/// writes. All replicas share `secrets.master_key`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationConfig {
+    /// The stream holding the admin event log.
+    pub stream: String,
+    /// JetStream replicas of the stream and buckets (3 for a fault-tolerant
+    /// cluster; 1 on a single server).
+    pub replicas: usize,
+    /// This replica's name, unique in the fleet: its usage consumer and its
+    /// messages are named after it. Defaults to the host name.
+    pub replica_id: Option<String>,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        Self {
+            stream: "AIGW_EVENTS".into(),
+            replicas: 3,
+            replica_id: None,
+        }
+    }
+}
+
+impl ReplicationConfig {
+    /// The configured replica id, else the host name.
+    pub fn replica_id(&self) -> String {
+        let id = self
+            .replica_id
+            .clone()
+            .unwrap_or_else(crate::node::hostname);
+        // Host names may hold dots; consumer and key names may not.
+        id.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect()
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        let name_ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 64
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        };
+        if !name_ok(&self.stream) {
+            return Err(invalid(
+                "control_plane.replication.stream",
+                "1 to 64 letters, digits, `-` or `_`",
+            ));
+        }
+        if !(1..=5).contains(&self.replicas) {
+            return Err(invalid(
+                "control_plane.replication.replicas",
+                "between 1 and 5 (3 tolerates one server down)",
+            ));
+        }
+        if let Some(id) = &self.replica_id {
+            if !name_ok(id) {
+                return Err(invalid(
+                    "control_plane.replication.replica_id",
+                    "1 to 64 letters, digits, `-` or `_`",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The control plane's gRPC TLS. Without a certificate the listener speaks
@@ -308,6 +387,7 @@ impl Default for ControlPlaneConfig {
             connections: ConnectionsConfig::default(),
             grpc_tls: GrpcServerTls::default(),
             metrics_auth: MetricsAuth::default(),
+            replication: None,
         }
     }
 }
@@ -751,6 +831,9 @@ impl ControlPlaneConfig {
         self.grpc_tls.validate(self.grpc_listen)?;
         self.metrics_auth
             .validate("control_plane.metrics_auth.token")?;
+        if let Some(r) = &self.replication {
+            r.validate()?;
+        }
         self.connections.validate("control_plane")
     }
 }

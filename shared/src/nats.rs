@@ -59,8 +59,13 @@ pub async fn connect(
     if matches!(start, Start::Background) {
         opts = opts.retry_on_initial_connect();
     }
-    opts.connect(url).await.map_err(|e| Error::Nats {
-        url: url.to_string(),
-        message: e.to_string(),
-    })
+    // Several servers of one cluster, comma-separated: tried in turn, and
+    // the client fails over between them (and those the cluster announces).
+    let urls: Vec<&str> = url.split(',').map(str::trim).collect();
+    opts.connect(urls.as_slice())
+        .await
+        .map_err(|e| Error::Nats {
+            url: url.to_string(),
+            message: e.to_string(),
+        })
 }

@@ -28,15 +28,35 @@ pub trait UsageBus: Send + Sync + 'static {
 
 /// Creates the usage stream if it is missing; either plane may be first.
 pub async fn ensure_stream(js: &jetstream::Context) -> Result<(), String> {
-    js.get_or_create_stream(stream::Config {
-        name: STREAM_NAME.into(),
-        subjects: vec![SUBJECT.into()],
-        storage: stream::StorageType::File,
-        duplicate_window: DUPLICATE_WINDOW,
-        max_age: MAX_AGE,
-        ..Default::default()
-    })
-    .await
-    .map(|_| ())
-    .map_err(|e| format!("creating stream {STREAM_NAME}: {e}"))
+    ensure_stream_with(js, 1).await
+}
+
+/// [`ensure_stream`] with `replicas` JetStream replicas (a replicated
+/// control plane asks for its own count): a stream with fewer, e.g. created
+/// by a data plane first, is scaled up.
+pub async fn ensure_stream_with(js: &jetstream::Context, replicas: usize) -> Result<(), String> {
+    let mut stream = js
+        .get_or_create_stream(stream::Config {
+            name: STREAM_NAME.into(),
+            subjects: vec![SUBJECT.into()],
+            storage: stream::StorageType::File,
+            duplicate_window: DUPLICATE_WINDOW,
+            max_age: MAX_AGE,
+            num_replicas: replicas.max(1),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("creating stream {STREAM_NAME}: {e}"))?;
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| format!("stream {STREAM_NAME}: {e}"))?;
+    if info.config.num_replicas < replicas {
+        let mut config = info.config.clone();
+        config.num_replicas = replicas;
+        js.update_stream(config)
+            .await
+            .map_err(|e| format!("scaling stream {STREAM_NAME} to {replicas} replicas: {e}"))?;
+    }
+    Ok(())
 }

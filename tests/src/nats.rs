@@ -115,3 +115,155 @@ impl Drop for NatsServer {
         self.stop();
     }
 }
+
+/// A JetStream cluster of `nats-server`s on free loopback ports (client and
+/// route ports), each with its own store; members can be killed (-9) and
+/// started again on the same ports and store.
+pub struct NatsCluster {
+    members: Vec<Member>,
+}
+
+struct Member {
+    name: String,
+    addr: SocketAddr,
+    cluster_addr: SocketAddr,
+    dir: tempfile::TempDir,
+    process: Option<Process>,
+    starts: u32,
+}
+
+impl NatsCluster {
+    /// Starts `n` servers routed to each other and waits until JetStream
+    /// can place a stream with `n` replicas (its meta leader is elected).
+    pub async fn start(n: usize) -> Result<Self> {
+        let mut members = Vec::with_capacity(n);
+        for i in 0..n {
+            members.push(Member {
+                name: format!("n{i}"),
+                addr: free_addr(),
+                cluster_addr: free_addr(),
+                dir: tempfile::tempdir()?,
+                process: None,
+                starts: 0,
+            });
+        }
+        let mut cluster = Self { members };
+        for i in 0..n {
+            cluster.resume(i).await?;
+        }
+        cluster.wait_jetstream(n).await?;
+        Ok(cluster)
+    }
+
+    /// Every member's client URL, comma-separated (`nats.url`).
+    pub fn urls(&self) -> String {
+        (0..self.members.len())
+            .map(|i| self.url(i))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn url(&self, i: usize) -> String {
+        format!("nats://{}", self.members[i].addr)
+    }
+
+    /// Kills member `i` (SIGKILL).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut p) = self.members[i].process.take() {
+            p.kill();
+        }
+    }
+
+    /// Starts member `i` (again) on its ports and store.
+    pub async fn resume(&mut self, i: usize) -> Result<()> {
+        let routes = self
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, m)| format!("nats://{}", m.cluster_addr))
+            .collect::<Vec<_>>()
+            .join(",");
+        let m = &mut self.members[i];
+        m.starts += 1;
+        let mut cmd = Command::new(nats_server_bin());
+        cmd.args([
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &m.addr.port().to_string(),
+            "-n",
+            &m.name,
+        ])
+        .args(["-js", "-sd"])
+        .arg(m.dir.path().join("store"))
+        .args([
+            "--cluster_name",
+            "aigw-test",
+            "--cluster",
+            &format!("nats://{}", m.cluster_addr),
+            "--routes",
+            &routes,
+        ]);
+        let label = format!("nats-{}-{}", m.name, m.starts);
+        m.process =
+            Some(Process::spawn(cmd, m.dir.path(), &label, &[]).context("starting nats-server")?);
+        let addr = m.addr;
+        poll_until(
+            "nats-server to accept connections",
+            500,
+            Duration::from_millis(20),
+            || async move { Ok(tokio::net::TcpStream::connect(addr).await.ok().map(|_| ())) },
+        )
+        .await
+    }
+
+    /// Waits until a stream with `replicas` replicas can be created (then
+    /// deletes it).
+    pub async fn wait_jetstream(&self, replicas: usize) -> Result<()> {
+        use async_nats::jetstream::{self, stream};
+        let urls = self.urls();
+        poll_until(
+            "the NATS cluster to elect its JetStream leaders",
+            300,
+            Duration::from_millis(100),
+            || {
+                let urls = urls.clone();
+                async move {
+                    let addrs: Vec<&str> = urls.split(',').collect();
+                    let Ok(client) = async_nats::ConnectOptions::new()
+                        .connection_timeout(Duration::from_secs(1))
+                        .connect(addrs.as_slice())
+                        .await
+                    else {
+                        return Ok(None);
+                    };
+                    let js = jetstream::new(client);
+                    let created = js
+                        .create_stream(stream::Config {
+                            name: "AIGW_PROBE".into(),
+                            subjects: vec!["aigw.probe".into()],
+                            num_replicas: replicas,
+                            storage: stream::StorageType::Memory,
+                            ..Default::default()
+                        })
+                        .await;
+                    if created.is_err() {
+                        return Ok(None);
+                    }
+                    let _ = js.delete_stream("AIGW_PROBE").await;
+                    Ok(Some(()))
+                }
+            },
+        )
+        .await
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}

@@ -16,6 +16,7 @@ impl Error {
             Error::Unauthenticated | Error::SignIn(_) => StatusCode::UNAUTHORIZED,
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Storage(_) | Error::Crypto(_) | Error::Config(_) | Error::Io(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -49,6 +50,7 @@ impl From<Error> for tonic::Status {
             Error::Unauthenticated | Error::SignIn(_) => Code::Unauthenticated,
             Error::Forbidden(_) => Code::PermissionDenied,
             Error::PayloadTooLarge { .. } => Code::ResourceExhausted,
+            Error::Unavailable(_) => Code::Unavailable,
             Error::Storage(_) | Error::Crypto(_) | Error::Config(_) | Error::Io(_) => {
                 tracing::error!(error = %e, "admin request failed");
                 Code::Internal

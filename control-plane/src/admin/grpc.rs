@@ -46,6 +46,28 @@ pub struct GrpcAdmin {
     admin: Admin,
 }
 
+impl GrpcAdmin {
+    /// Read your writes on any replica: `x-aigw-min-seq` metadata waits
+    /// (at most 5 s) until this replica has applied that sequence.
+    async fn caught_up<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let Some(v) = req.metadata().get("x-aigw-min-seq") else {
+            return Ok(());
+        };
+        let min: u64 = v
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| {
+                Status::invalid_argument("x-aigw-min-seq: must be a non-negative integer")
+            })?;
+        self.admin
+            .engine()
+            .wait_for_version(min, std::time::Duration::from_secs(5))
+            .await?;
+        Ok(())
+    }
+}
+
 fn actor<T>(req: &Request<T>) -> Result<String, Status> {
     req.extensions()
         .get::<Actor>()
@@ -153,6 +175,7 @@ impl AdminService for GrpcAdmin {
         &self,
         req: Request<pb::GetProviderKeyRequest>,
     ) -> R<pb::ProviderKeyRecord> {
+        self.caught_up(&req).await?;
         let rec = self
             .admin
             .get(ResourceKind::ProviderKey, &req.into_inner().id)?;
@@ -161,8 +184,9 @@ impl AdminService for GrpcAdmin {
 
     async fn list_provider_keys(
         &self,
-        _: Request<pb::ListProviderKeysRequest>,
+        req: Request<pb::ListProviderKeysRequest>,
     ) -> R<pb::ListProviderKeysResponse> {
+        self.caught_up(&req).await?;
         let list: Vec<_> = self
             .list(ResourceKind::ProviderKey)
             .into_iter()
@@ -207,11 +231,13 @@ impl AdminService for GrpcAdmin {
     }
 
     async fn get_model(&self, req: Request<pb::GetModelRequest>) -> R<pb::ModelRecord> {
+        self.caught_up(&req).await?;
         let rec = self.admin.get(ResourceKind::Model, &req.into_inner().id)?;
         Ok(Response::new(model_record(rec)?))
     }
 
-    async fn list_models(&self, _: Request<pb::ListModelsRequest>) -> R<pb::ListModelsResponse> {
+    async fn list_models(&self, req: Request<pb::ListModelsRequest>) -> R<pb::ListModelsResponse> {
+        self.caught_up(&req).await?;
         let list: Vec<_> = self
             .list(ResourceKind::Model)
             .into_iter()
@@ -255,14 +281,16 @@ impl AdminService for GrpcAdmin {
     }
 
     async fn get_api_key(&self, req: Request<pb::GetApiKeyRequest>) -> R<pb::ApiKeyRecord> {
+        self.caught_up(&req).await?;
         let rec = self.admin.get(ResourceKind::ApiKey, &req.into_inner().id)?;
         Ok(Response::new(api_key_record(rec)?))
     }
 
     async fn list_api_keys(
         &self,
-        _: Request<pb::ListApiKeysRequest>,
+        req: Request<pb::ListApiKeysRequest>,
     ) -> R<pb::ListApiKeysResponse> {
+        self.caught_up(&req).await?;
         let list: Vec<_> = self
             .list(ResourceKind::ApiKey)
             .into_iter()
@@ -312,6 +340,7 @@ impl AdminService for GrpcAdmin {
         &self,
         req: Request<pb::GetJwtProviderRequest>,
     ) -> R<pb::JwtProviderRecord> {
+        self.caught_up(&req).await?;
         let rec = self
             .admin
             .get(ResourceKind::JwtProvider, &req.into_inner().id)?;
@@ -320,8 +349,9 @@ impl AdminService for GrpcAdmin {
 
     async fn list_jwt_providers(
         &self,
-        _: Request<pb::ListJwtProvidersRequest>,
+        req: Request<pb::ListJwtProvidersRequest>,
     ) -> R<pb::ListJwtProvidersResponse> {
+        self.caught_up(&req).await?;
         let list: Vec<_> = self
             .list(ResourceKind::JwtProvider)
             .into_iter()
@@ -360,6 +390,7 @@ impl AdminService for GrpcAdmin {
     }
 
     async fn list_events(&self, req: Request<pb::ListEventsRequest>) -> R<pb::ListEventsResponse> {
+        self.caught_up(&req).await?;
         let r = req.into_inner();
         let resource = match r.resource.as_str() {
             "" => None,
@@ -395,7 +426,8 @@ impl AdminService for GrpcAdmin {
         }))
     }
 
-    async fn list_nodes(&self, _: Request<pb::ListNodesRequest>) -> R<pb::ListNodesResponse> {
+    async fn list_nodes(&self, req: Request<pb::ListNodesRequest>) -> R<pb::ListNodesResponse> {
+        self.caught_up(&req).await?;
         let list: Vec<pb::Node> = self
             .admin
             .node_list()

@@ -120,10 +120,57 @@ async fn authenticate(State(ctx): State<Ctx>, mut req: Request, next: Next) -> R
     match admin_actor(&ctx.keys, req.headers()) {
         Some(actor) => {
             req.extensions_mut().insert(Actor(actor));
-            next.run(req).await
+            // Read your writes on any replica: wait until this one has
+            // applied the sequence asked for; every answer says where it is.
+            let engine = ctx.admin.engine().clone();
+            match min_seq(&req) {
+                Ok(Some(min)) => {
+                    if let Err(e) = engine.wait_for_version(min, MIN_SEQ_WAIT).await {
+                        return with_seq(e.into_response(), engine.read().version);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => return e.into_response(),
+            }
+            let response = next.run(req).await;
+            let version = engine.read().version;
+            with_seq(response, version)
         }
         None => Error::Unauthenticated.into_response(),
     }
+}
+
+/// How long a read waits for `min_seq` before answering 503.
+const MIN_SEQ_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// The request header asking for a sequence (also `?min_seq=`).
+pub const MIN_SEQ_HEADER: &str = "x-aigw-min-seq";
+/// The response header naming the sequence the answer reflects.
+pub const SEQ_HEADER: &str = "x-aigw-seq";
+
+/// `X-Aigw-Min-Seq` or `?min_seq=`, if the request has either.
+fn min_seq(req: &Request) -> Result<Option<u64>, Error> {
+    let bad = || Error::Invalid("min_seq: must be a non-negative integer".into());
+    if let Some(v) = req.headers().get(MIN_SEQ_HEADER) {
+        return v
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .map(Some)
+            .ok_or_else(bad);
+    }
+    for pair in req.uri().query().unwrap_or_default().split('&') {
+        if let Some(v) = pair.strip_prefix("min_seq=") {
+            return v.parse().map(Some).map_err(|_| bad());
+        }
+    }
+    Ok(None)
+}
+
+fn with_seq(mut response: Response, version: u64) -> Response {
+    response
+        .headers_mut()
+        .insert(SEQ_HEADER, HeaderValue::from(version));
+    response
 }
 
 fn kind_of(collection: &str) -> Result<ResourceKind, Error> {
@@ -275,6 +322,9 @@ struct EventsQuery {
     from_seq: Option<u64>,
     to_seq: Option<u64>,
     limit: Option<usize>,
+    /// Taken by the authentication layer (read-your-writes).
+    #[allow(dead_code)]
+    min_seq: Option<u64>,
 }
 
 async fn list_events(
@@ -374,6 +424,9 @@ struct UsageQuery {
     group_by: Option<String>,
     from: Option<String>,
     to: Option<String>,
+    /// Taken by the authentication layer (read-your-writes).
+    #[allow(dead_code)]
+    min_seq: Option<u64>,
 }
 
 async fn query_usage(

@@ -26,4 +26,11 @@ pub trait EventStore: Send + Sync + 'static {
     /// A small key-value area for store-wide metadata (e.g. the key check).
     fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>, Error>;
     fn meta_put(&self, key: &str, value: &[u8]) -> Result<(), Error>;
+    /// Appends `events` (possibly none) and sets meta `key` to `value`,
+    /// durably. After a crash the meta value never runs ahead of the events
+    /// (the events may be there without it).
+    fn append_marked(&self, events: &[StoredEvent], key: &str, value: &[u8]) -> Result<(), Error> {
+        self.append(events)?;
+        self.meta_put(key, value)
+    }
 }

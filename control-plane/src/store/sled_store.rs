@@ -67,8 +67,8 @@ impl SledStore {
     }
 }
 
-impl EventStore for SledStore {
-    fn append(&self, events: &[StoredEvent]) -> Result<(), Error> {
+impl SledStore {
+    fn append_unflushed(&self, events: &[StoredEvent]) -> Result<(), Error> {
         let Some(first) = events.first() else {
             return Ok(());
         };
@@ -84,7 +84,23 @@ impl EventStore for SledStore {
             batch.insert(&e.seq.to_be_bytes(), e.encode()?);
         }
         self.events.apply_batch(batch)?;
+        Ok(())
+    }
+}
+
+impl EventStore for SledStore {
+    fn append(&self, events: &[StoredEvent]) -> Result<(), Error> {
+        self.append_unflushed(events)?;
         // sled's background flush is no durability guarantee: flush before we answer.
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn append_marked(&self, events: &[StoredEvent], key: &str, value: &[u8]) -> Result<(), Error> {
+        // One flush for both; sled recovers a prefix of its writes, so the
+        // mark (written last) is never there without the events.
+        self.append_unflushed(events)?;
+        self.meta.insert(key, value)?;
         self.db.flush()?;
         Ok(())
     }

@@ -314,12 +314,19 @@ impl Aggregator {
         let month = &today[..7];
         let mut over = BTreeSet::new();
         {
-            let state = self.engine.read();
+            // Never both locks at once here: `ingest` holds `mem` while it
+            // reads the state, and a writer waiting for the state lock would
+            // otherwise close a cycle (a deadlock under writes and usage).
+            let budgets: Vec<(String, aigw_shared::domain::Budget)> = {
+                let state = self.engine.read();
+                state
+                    .api_keys
+                    .iter()
+                    .filter_map(|(id, rec)| rec.value.budget.map(|b| (id.clone(), b)))
+                    .collect()
+            };
             let mem = self.mem();
-            for (id, rec) in &state.api_keys {
-                let Some(budget) = rec.value.budget else {
-                    continue;
-                };
+            for (id, budget) in &budgets {
                 let days = mem.spend.get(id);
                 let spent: u64 = match budget.period {
                     BudgetPeriod::Day => days.and_then(|d| d.get(&today)).copied().unwrap_or(0),

@@ -1,7 +1,7 @@
 use super::Aggregator;
 use aigw_shared::config::NatsConfig;
 use aigw_shared::proto::usage::v1::UsageEvent;
-use aigw_shared::usage_bus::{ensure_stream, STREAM_NAME};
+use aigw_shared::usage_bus::{ensure_stream_with, STREAM_NAME};
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy, AckKind};
 use futures::StreamExt;
 use prost::Message;
@@ -9,7 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::{error, info, warn};
 
-const DURABLE: &str = "aigw-control-plane";
+/// The durable consumer of a single control plane. Replicas each have their
+/// own (`aigw-control-plane-<replica_id>`): each reads every event and keeps
+/// complete aggregates, deduplicated by event id, so totals are exact on
+/// every replica and budgets are computed wherever a data plane connects.
+pub const DURABLE: &str = "aigw-control-plane";
 const BATCH: usize = 1000;
 
 /// Consumes usage events with a durable pull consumer and acks each message
@@ -17,12 +21,14 @@ const BATCH: usize = 1000;
 pub async fn run_nats_consumer(
     nats: NatsConfig,
     aggregator: Arc<Aggregator>,
+    durable: String,
+    replicas: usize,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(200);
     loop {
         tokio::select! {
-            r = consume(&nats, &aggregator) => {
+            r = consume(&nats, &aggregator, &durable, replicas) => {
                 if let Err(e) = r {
                     warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "usage consumer interrupted");
                 }
@@ -37,22 +43,27 @@ pub async fn run_nats_consumer(
     }
 }
 
-async fn consume(nats: &NatsConfig, aggregator: &Arc<Aggregator>) -> Result<(), String> {
+async fn consume(
+    nats: &NatsConfig,
+    aggregator: &Arc<Aggregator>,
+    durable: &str,
+    replicas: usize,
+) -> Result<(), String> {
     let client =
         aigw_shared::nats::connect(nats, "aigw-control-plane", aigw_shared::nats::Start::Now)
             .await
             .map_err(|e| e.to_string())?;
     let js = jetstream::new(client);
-    ensure_stream(&js).await?;
+    ensure_stream_with(&js, replicas).await?;
     let stream = js
         .get_stream(STREAM_NAME)
         .await
         .map_err(|e| e.to_string())?;
     let consumer: jetstream::consumer::Consumer<pull::Config> = stream
         .get_or_create_consumer(
-            DURABLE,
+            durable,
             pull::Config {
-                durable_name: Some(DURABLE.into()),
+                durable_name: Some(durable.into()),
                 ack_policy: AckPolicy::Explicit,
                 ack_wait: Duration::from_secs(30),
                 max_ack_pending: 20_000,

@@ -17,4 +17,4 @@ pub use aggregator::{
     day_of, unix_ms_now, Aggregator, Counters, Dimension, IngestStats, UsageQuery, UsageRow,
 };
 pub use bus::InProcessBus;
-pub use consumer::run_nats_consumer;
+pub use consumer::{run_nats_consumer, DURABLE};
