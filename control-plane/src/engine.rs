@@ -591,7 +591,8 @@ impl Engine {
         .await
         .map_err(|e| Error::Storage(format!("reading the log: {e}")))??;
         info!(events = local_last, stream = %log_name(log), "publishing this data_dir's event log to the empty stream");
-        let deadline = Instant::now() + START_DEADLINE;
+        let now = Instant::now();
+        let deadline = now.checked_add(START_DEADLINE).unwrap_or(now);
         for (i, chunk) in events.chunks(MIGRATION_CHUNK).enumerate() {
             let body = crate::replication::log::encode(chunk)?;
             let first = chunk.first().map(|e| e.seq).unwrap_or_default();

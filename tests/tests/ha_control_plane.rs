@@ -596,3 +596,73 @@ async fn an_existing_log_migrates_and_a_disagreeing_copy_is_refused() -> Result<
     );
     Ok(())
 }
+
+/// Budgets with replicas: every replica aggregates every usage event, so a
+/// crossed budget is refused on every node within 2 s while a replica (the
+/// one a node was on) is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crossed_budget_is_refused_on_every_node_with_a_replica_down() -> Result<()> {
+    const BUDGETED: &str = "sk-ha-budgeted";
+    let Ha {
+        mock: _mock,
+        nats,
+        mut cps,
+    } = ha().await?;
+    let urls = nats.urls();
+    // $0.01 a day, written on replica 1: one call crosses it.
+    let mut k = api_key(BUDGETED, &[ALIAS]);
+    k["budget"] = json!({"max_usd": 0.01, "period": "day"});
+    let created = cps[1].rest().post("/admin/v1/apikeys", &k).await?;
+    created.expect(201)?;
+    let seq: u64 = created
+        .header("x-aigw-seq")
+        .context("a write answers with X-Aigw-Seq")?
+        .parse()?;
+    let dps = [
+        node(&[&cps[0], &cps[1], &cps[2]], "node-0", &urls).await?,
+        node(&[&cps[2], &cps[1], &cps[0]], "node-1", &urls).await?,
+    ];
+    for d in &dps {
+        d.wait_version(seq).await?;
+    }
+    // node-0's replica dies; node-0 moves on to cp-1.
+    cps[0].kill9();
+    let clients: Vec<ProxyClient> = dps.iter().map(|d| d.client(Some(BUDGETED))).collect();
+    let mut spent = 0u64;
+    let mut i = 0usize;
+    let crossed = loop {
+        let body = chat_body(ALIAS, &"word ".repeat(1 + i % 37));
+        let r = clients[i % clients.len()].chat(&body).await?;
+        ensure!(
+            r.status.as_u16() == 200,
+            "call {i} before the budget: {} {}",
+            r.status,
+            r.text
+        );
+        let (prompt, completion) = expected_usage(&body);
+        spent += nanos(prompt, completion);
+        i += 1;
+        if spent >= 10_000_000 {
+            break Instant::now();
+        }
+    };
+    for (n, c) in clients.iter().enumerate() {
+        poll_until(
+            &format!("node-{n} to refuse the key over budget"),
+            400,
+            Duration::from_millis(10),
+            || async {
+                let r = c.chat(&chat_body(ALIAS, "one more")).await?;
+                Ok((r.status.as_u16() == 429 && r.text.contains("budget_exceeded")).then_some(()))
+            },
+        )
+        .await?;
+    }
+    let took = crossed.elapsed();
+    eprintln!("budget refused on both nodes {took:?} after {i} calls crossed it, cp-0 down");
+    ensure!(
+        took < Duration::from_secs(2),
+        "budget enforced on all nodes after {took:?}"
+    );
+    Ok(())
+}
