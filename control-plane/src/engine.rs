@@ -323,7 +323,8 @@ impl Engine {
         log: &Log,
         batch: &[Pending],
     ) -> Result<Vec<Result<Vec<StoredEvent>, Error>>, Error> {
-        let deadline = Instant::now() + WRITE_DEADLINE;
+        let now = Instant::now();
+        let deadline = now.checked_add(WRITE_DEADLINE).unwrap_or(now);
         let mut backoff = Duration::from_millis(25);
         loop {
             let (results, events) = self.validate(batch);
