@@ -77,13 +77,13 @@ impl ControlPlane {
         if let (true, Some(previous)) = (rotating, &previous) {
             // Before anything reads a secret (snapshots, nodes).
             let n = match &log {
-                Some(log) => crate::replication::rotate_once(&engine, log, previous).await?,
+                Some(log) => crate::replica::rotate_once(&engine, log, previous).await?,
                 None => engine.finish_rotation(previous).await?,
             };
             warn!(resealed = n, "master key rotated: every secret is sealed with the new key; remove secrets.previous_master_key");
         }
         if log.is_some() {
-            crate::replication::check_master_key(&engine)?;
+            crate::replica::check_master_key(&engine)?;
         }
         let nodes = Arc::new(NodeRegistry::default());
         let usage = crate::usage::Aggregator::open(&cp.data_dir, engine.clone())?;
@@ -213,7 +213,7 @@ impl ControlPlane {
         }
         if let Some(log) = &log {
             // Other replicas' writes, applied here and pushed to this replica's nodes.
-            background.spawn(crate::replication::follow(
+            background.spawn(crate::replica::follow(
                 engine.clone(),
                 log.clone(),
                 stopped.clone(),

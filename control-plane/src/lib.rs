@@ -29,6 +29,7 @@ pub mod error;
 pub mod events;
 pub mod metrics;
 pub mod nodes;
+pub mod replica;
 pub mod replication;
 pub mod secrets;
 pub mod store;
