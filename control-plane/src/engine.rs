@@ -230,37 +230,13 @@ impl Engine {
         command: Command,
         actor: &str,
     ) -> Result<Vec<StoredEvent>, Error> {
-        let (reply, mut answer) = tokio::sync::oneshot::channel();
+        let (reply, answer) = tokio::sync::oneshot::channel();
         self.queue().push(Pending {
             command,
             actor: actor.to_string(),
             reply,
         });
-        let mut writer = self.writer.lock().await;
-        if let Ok(r) = answer.try_recv() {
-            return r;
-        }
-        let batch: Vec<Pending> = {
-            let mut queue = self.queue();
-            let n = queue.len().min(MAX_BATCH);
-            queue.drain(..n).collect()
-        };
-        if let Err(e) = self.check_failed() {
-            for p in batch {
-                let _ = p.reply.send(Err(same_error(&e)));
-            }
-        } else {
-            self.run_batch(&mut writer, log, batch).await;
-        }
-        drop(writer);
-        match answer.try_recv() {
-            Ok(r) => r,
-            // Still queued behind a full batch: take the lock again.
-            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {
-                Box::pin(self.await_queued(log, answer)).await
-            }
-            Err(e) => Err(Error::Storage(format!("write batch dropped: {e}"))),
-        }
+        self.await_queued(log, answer).await
     }
 
     /// Runs batches until the one holding `answer`'s command has run.
@@ -279,10 +255,19 @@ impl Engine {
                 let n = queue.len().min(MAX_BATCH);
                 queue.drain(..n).collect()
             };
-            self.run_batch(&mut writer, log, batch).await;
+            if let Err(e) = self.check_failed() {
+                for p in batch {
+                    let _ = p.reply.send(Err(same_error(&e)));
+                }
+            } else {
+                self.run_batch(&mut writer, log, batch).await;
+            }
             drop(writer);
-            if let Ok(r) = answer.try_recv() {
-                return r;
+            match answer.try_recv() {
+                Ok(r) => return r,
+                // Still queued behind a full batch: take the lock again.
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
+                Err(e) => return Err(Error::Storage(format!("write batch dropped: {e}"))),
             }
         }
     }
