@@ -401,16 +401,7 @@ mod append_json_fields_tests {
 
     #[test]
     fn span_fields_stay_one_json_object_as_they_grow() {
-        let (writer, lines) = CaptureWriter::new();
-        let subscriber = tracing_subscriber::registry().with(
-            fmt::layer()
-                .with_writer(writer)
-                .json()
-                .flatten_event(true)
-                .with_span_list(false)
-                .fmt_fields(AppendJsonFields),
-        );
-        tracing::subscriber::with_default(subscriber, || {
+        let line = logged_line(|| {
             let span = tracing::info_span!(
                 "serve",
                 request_id = "r-1",
@@ -422,8 +413,6 @@ mod append_json_fields_tests {
             let _in = span.enter();
             tracing::info!(ok = true, "inside");
         });
-        let text = lines.text();
-        let line: serde_json::Value = serde_json::from_str(text.trim()).expect(&text);
         assert_eq!(line["message"], "inside");
         assert_eq!(line["span"]["request_id"], "r-1");
         assert_eq!(line["span"]["api_key_id"], "k \"quoted\"\n");
@@ -431,6 +420,17 @@ mod append_json_fields_tests {
         assert_eq!(line["span"]["name"], "serve");
 
         // A span with no field at first gets its first one without a comma.
+        let line = logged_line(|| {
+            let span = tracing::info_span!("late", a = tracing::field::Empty);
+            span.record("a", -3i64);
+            let _in = span.enter();
+            tracing::info!("inside");
+        });
+        assert_eq!(line["span"]["a"], -3);
+    }
+
+    /// The one JSON line `log` writes through the JSON layer the logs use.
+    fn logged_line(log: impl FnOnce()) -> serde_json::Value {
         let (writer, lines) = CaptureWriter::new();
         let subscriber = tracing_subscriber::registry().with(
             fmt::layer()
@@ -440,15 +440,9 @@ mod append_json_fields_tests {
                 .with_span_list(false)
                 .fmt_fields(AppendJsonFields),
         );
-        tracing::subscriber::with_default(subscriber, || {
-            let span = tracing::info_span!("late", a = tracing::field::Empty);
-            span.record("a", -3i64);
-            let _in = span.enter();
-            tracing::info!("inside");
-        });
+        tracing::subscriber::with_default(subscriber, log);
         let text = lines.text();
-        let line: serde_json::Value = serde_json::from_str(text.trim()).expect(&text);
-        assert_eq!(line["span"]["a"], -3);
+        serde_json::from_str(text.trim()).expect(&text)
     }
 
     #[derive(Clone)]
