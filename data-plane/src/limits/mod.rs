@@ -41,6 +41,7 @@
 //! node enforces an even share, `limit / N` with N the fleet size it last
 //! saw, on its own counts alone; `aigw_ratelimit_fleet_sync` is then 0.
 
+mod bpe;
 mod sync;
 pub mod tokens;
 pub mod window;

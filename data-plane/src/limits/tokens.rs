@@ -2,11 +2,12 @@
 //! its own token limits: the prompt counted with the model's tokenizer, plus
 //! the completion the caller allows (`max_tokens` × `n`).
 
+use super::bpe::Bpe;
 use crate::openai::raw::{self, RawObject};
 use crate::openai::request::{self, Fields};
 use crate::openai::Operation;
+use std::sync::OnceLock;
 use tiktoken_rs::tokenizer::{get_tokenizer, Tokenizer};
-use tiktoken_rs::CoreBPE;
 
 /// Framing tokens around each chat message, and the reply's priming (OpenAI cookbook).
 const PER_MESSAGE: u64 = 3;
@@ -22,22 +23,22 @@ pub fn tokenizer_for(deployment: &str) -> Tokenizer {
     get_tokenizer(&name).unwrap_or(Tokenizer::O200kBase)
 }
 
-/// Loads the tokenizers' tables in the background, once, when a snapshot
-/// first needs token counts (token limits or context windows): they take a
-/// few hundred milliseconds and tens of MiB, which a node without token
-/// limits never pays; the first limited call does not wait for them.
+/// Indexes the tokenizers' tables in the background, once, when a snapshot
+/// first needs token counts (token limits or context windows): some tens of
+/// milliseconds and ~3 MiB each, which a node without token limits never
+/// pays; the first limited call does not wait for them.
 pub fn warm_up_for(snapshot: &aigw_shared::snapshot::ConfigSnapshot) {
     static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if !needs_tokenizer(snapshot) || STARTED.swap(true, std::sync::atomic::Ordering::AcqRel) {
         return;
     }
     // Only the tables the routes count with (each route uses its first
-    // target's): a fleet of gpt-4o deployments never loads cl100k's ~20 MiB.
+    // target's): a fleet of gpt-4o deployments never indexes cl100k.
     // A later snapshot with other models loads the rest on first use.
     let wanted = tokenizers_of(snapshot);
     let load = move || {
         for t in wanted {
-            let _ = tiktoken_rs::bpe_for_tokenizer(t);
+            let _ = bpe(t);
         }
     };
     match tokio::runtime::Handle::try_current() {
@@ -76,12 +77,29 @@ pub fn needs_tokenizer(snapshot: &aigw_shared::snapshot::ConfigSnapshot) -> bool
 /// Loads both tables now (benches; nodes use [`warm_up_for`]).
 pub fn warm_up() {
     for t in [Tokenizer::O200kBase, Tokenizer::Cl100kBase] {
-        let _ = tiktoken_rs::bpe_for_tokenizer(t);
+        let _ = bpe(t);
     }
 }
 
-fn bpe(t: Tokenizer) -> Option<&'static CoreBPE> {
-    tiktoken_rs::bpe_for_tokenizer(t).ok()
+/// `t`'s tables, read on first use; `None` (no token counts) if they cannot be.
+fn bpe(t: Tokenizer) -> Option<&'static Bpe> {
+    static TABLES: [OnceLock<Option<Bpe>>; 7] = [const { OnceLock::new() }; 7];
+    let slot = match t {
+        Tokenizer::O200kBase => 0,
+        Tokenizer::O200kHarmony => 1,
+        Tokenizer::Cl100kBase => 2,
+        Tokenizer::P50kBase => 3,
+        Tokenizer::P50kEdit => 4,
+        Tokenizer::R50kBase => 5,
+        Tokenizer::Gpt2 => 6,
+    };
+    TABLES[slot]
+        .get_or_init(|| {
+            Bpe::load(t)
+                .map_err(|e| tracing::error!(error = %e, "token counts off: the tokenizer's tables did not load"))
+                .ok()
+        })
+        .as_ref()
 }
 
 /// Estimated tokens of a whole call: prompt plus the allowed completion
@@ -90,8 +108,7 @@ pub fn estimate(op: Operation, body: &RawObject<'_>, fields: &Fields, tokenizer:
     let Some(bpe) = bpe(tokenizer) else {
         return 0;
     };
-    let count =
-        |s: &str| -> u64 { request::string(s).map_or(0, |s| bpe.count_ordinary(&s) as u64) };
+    let count = |s: &str| -> u64 { request::string(s).map_or(0, |s| bpe.count(&s) as u64) };
     let prompt = match op {
         Operation::ChatCompletions => chat_prompt(body, &count),
         Operation::Completions | Operation::Embeddings => {
