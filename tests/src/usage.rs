@@ -68,3 +68,26 @@ pub async fn assert_totals(admin: &AdminClient, expected: Totals, attempts: u32)
     );
     Ok(())
 }
+
+/// Waits (≤ 4 s) until every client's key is refused `429 budget_exceeded`
+/// on a chat call to `alias`: a crossed budget reaching each node.
+pub async fn wait_budget_refused(
+    clients: &[crate::data_plane::ProxyClient],
+    alias: &str,
+) -> Result<()> {
+    for (n, c) in clients.iter().enumerate() {
+        poll_until(
+            &format!("node-{n} to refuse the key over budget"),
+            400,
+            Duration::from_millis(10),
+            || async {
+                let r = c
+                    .chat(&crate::data_plane::chat_body(alias, "one more"))
+                    .await?;
+                Ok((r.status.as_u16() == 429 && r.text.contains("budget_exceeded")).then_some(()))
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}

@@ -11,7 +11,7 @@ use aigw_tests::fixtures::{api_key, model_on, provider_key_at};
 use aigw_tests::mock_azure::{expected_usage, MockAzure};
 use aigw_tests::nats::NatsCluster;
 use aigw_tests::process::poll_until;
-use aigw_tests::usage::{assert_totals, Totals};
+use aigw_tests::usage::{assert_totals, wait_budget_refused, Totals};
 use aigw_tests::{sha256_hex, AdminClient};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
@@ -646,18 +646,7 @@ async fn a_crossed_budget_is_refused_on_every_node_with_a_replica_down() -> Resu
             break Instant::now();
         }
     };
-    for (n, c) in clients.iter().enumerate() {
-        poll_until(
-            &format!("node-{n} to refuse the key over budget"),
-            400,
-            Duration::from_millis(10),
-            || async {
-                let r = c.chat(&chat_body(ALIAS, "one more")).await?;
-                Ok((r.status.as_u16() == 429 && r.text.contains("budget_exceeded")).then_some(()))
-            },
-        )
-        .await?;
-    }
+    wait_budget_refused(&clients, ALIAS).await?;
     let took = crossed.elapsed();
     eprintln!("budget refused on both nodes {took:?} after {i} calls crossed it, cp-0 down");
     ensure!(

@@ -9,7 +9,7 @@ use aigw_tests::fixtures::{api_key, model_on, provider_key_at};
 use aigw_tests::mock_azure::{expected_usage, Behaviour, MockAzure};
 use aigw_tests::nats::NatsServer;
 use aigw_tests::process::poll_until;
-use aigw_tests::usage::{assert_totals, Totals};
+use aigw_tests::usage::{assert_totals, wait_budget_refused, Totals};
 use aigw_tests::AdminClient;
 use anyhow::{ensure, Result};
 use futures::StreamExt;
@@ -270,18 +270,7 @@ async fn budget_is_enforced_on_every_node_within_two_seconds() -> Result<()> {
             break Instant::now();
         }
     };
-    for (n, c) in cs.iter().enumerate() {
-        poll_until(
-            &format!("node-{n} to refuse the key"),
-            400,
-            Duration::from_millis(10),
-            || async {
-                let r = c.chat(&chat_body(ALIAS, "one more")).await?;
-                Ok((r.status.as_u16() == 429 && r.text.contains("budget_exceeded")).then_some(()))
-            },
-        )
-        .await?;
-    }
+    wait_budget_refused(&cs, ALIAS).await?;
     let took = crossed.elapsed();
     ensure!(
         took < Duration::from_secs(2),

@@ -2,7 +2,7 @@
 
 mod sled_store;
 
-pub use sled_store::{open_sled, SledStore};
+pub use sled_store::{open_sled, SledStore, SLED_CACHE_BYTES};
 
 use crate::error::Error;
 use crate::events::StoredEvent;

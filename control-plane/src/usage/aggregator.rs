@@ -164,7 +164,10 @@ impl Aggregator {
     /// Opens `usage.sled` in `data_dir` and loads the aggregates.
     pub fn open(data_dir: &Path, engine: Arc<Engine>) -> Result<Arc<Self>, Error> {
         let path = data_dir.join("usage.sled");
-        let db = crate::store::open_sled(sled::Config::new().path(&path), &path)?;
+        let config = sled::Config::new()
+            .path(&path)
+            .cache_capacity(crate::store::SLED_CACHE_BYTES);
+        let db = crate::store::open_sled(config, &path)?;
         let tree = db.open_tree("usage")?;
         let mut mem = Mem::default();
         for item in tree.scan_prefix(ROW) {
