@@ -220,7 +220,7 @@ impl CallEnd {
             api_version: &acct.api_version,
             fallback: &self.fallback,
         });
-        acct.emit(&trace_id);
+        acct.emit(trace_id.as_str());
         // The permit's concurrency slot goes back now.
         self.permit = None;
     }

@@ -83,6 +83,20 @@ impl Extractor for Extract<'_> {
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
+/// A trace id in hex, or nothing (see [`CallSpan::trace_id`]).
+#[derive(Default)]
+pub struct TraceIdHex([u8; 32], bool);
+
+impl TraceIdHex {
+    pub fn as_str(&self) -> &str {
+        if self.1 {
+            std::str::from_utf8(&self.0).unwrap_or_default()
+        } else {
+            ""
+        }
+    }
+}
+
 /// The server span of one call (`{operation} {alias}`), or nothing when
 /// traces are not exported. Ended once, by [`CallSpan::end`], when the call
 /// ends (`call::CallEnd`; a stream's with its last chunk).
@@ -153,17 +167,17 @@ impl CallSpan {
         self.cx.as_ref().is_some_and(|cx| cx.span().is_recording())
     }
 
-    /// The trace id for logs; empty when untraced.
-    pub fn trace_id(&self) -> String {
-        let Some(cx) = &self.cx else {
-            return String::new();
-        };
-        let span = cx.span();
-        let sc = span.span_context();
-        if !sc.is_valid() {
-            return String::new();
+    /// The trace id for logs (hex, on the stack); empty when untraced.
+    pub fn trace_id(&self) -> TraceIdHex {
+        let mut id = TraceIdHex::default();
+        if let Some(cx) = &self.cx {
+            let span = cx.span();
+            let sc = span.span_context();
+            if sc.is_valid() && hex::encode_to_slice(sc.trace_id().to_bytes(), &mut id.0).is_ok() {
+                id.1 = true;
+            }
         }
-        hex::encode(sc.trace_id().to_bytes())
+        id
     }
 
     /// Starts the client span of one upstream attempt, a child of this call.
