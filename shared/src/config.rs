@@ -621,6 +621,10 @@ pub struct TelemetryConfig {
     pub log_format: LogFormat,
     /// `tracing` filter directive, e.g. `info,aigw_control_plane=debug`.
     pub log_level: String,
+    /// Longest an access-log line waits to be written with the lines after
+    /// it (nginx's `access_log ... flush=`); 0 writes each line at once.
+    /// Other log lines never wait.
+    pub access_log_flush_ms: u64,
 }
 
 impl Default for TelemetryConfig {
@@ -630,6 +634,7 @@ impl Default for TelemetryConfig {
             sample_ratio: 1.0,
             log_format: LogFormat::Json,
             log_level: "info".into(),
+            access_log_flush_ms: 25,
         }
     }
 }
@@ -1027,6 +1032,12 @@ impl TelemetryConfig {
     pub fn validate(&self) -> Result<(), Error> {
         if !(0.0..=1.0).contains(&self.sample_ratio) {
             return Err(invalid("telemetry.sample_ratio", "must be between 0 and 1"));
+        }
+        if self.access_log_flush_ms > 60_000 {
+            return Err(invalid(
+                "telemetry.access_log_flush_ms",
+                "must be at most 60000 (a minute)",
+            ));
         }
         Ok(())
     }

@@ -11,6 +11,7 @@ pub mod domain;
 pub mod error;
 pub mod listener;
 pub mod log_line;
+pub mod log_writer;
 pub mod nats;
 pub mod node;
 pub mod process;

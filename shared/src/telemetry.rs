@@ -31,7 +31,7 @@ pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
     export: Option<ExportThread>,
     /// The log writer thread: dropping it writes out the lines still queued.
-    logs: Option<tracing_appender::non_blocking::WorkerGuard>,
+    logs: Option<crate::log_writer::LogWriterGuard>,
 }
 
 /// A thread with its own single-threaded tokio runtime for the OTLP gRPC
@@ -110,15 +110,15 @@ static TRACER: OnceLock<SdkTracer> = OnceLock::new();
 
 /// The log writer, when logs are JSON lines: for lines their callers format
 /// themselves (`log_line`).
-static JSON_LINES: OnceLock<tracing_appender::non_blocking::NonBlocking> = OnceLock::new();
+static JSON_LINES: OnceLock<crate::log_writer::LogWriter> = OnceLock::new();
 
 /// Writes one complete JSON log line (newline included) through the log
 /// writer thread; `false` when logs are not JSON lines (log through
 /// `tracing` then).
 pub fn write_json_line(line: &str) -> bool {
     JSON_LINES.get().is_some_and(|w| {
-        let mut w = w.clone();
-        std::io::Write::write_all(&mut w, line.as_bytes()).is_ok()
+        w.append(line.as_bytes());
+        true
     })
 }
 
@@ -243,18 +243,24 @@ pub fn init(cfg: &TelemetryConfig, service: &str, node_id: &str) -> Telemetry {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cfg.log_level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    // Calls format their line; a dedicated thread writes the lines, many per
-    // write(2) when they come fast (nginx's buffered access log), instead of
-    // one locked stdout write per line on the worker serving the call.
-    // Lossless: when the writer falls behind by 128k lines, callers wait.
-    let (writer, log_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("aigw-log-writer")
-        .finish(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stdout(),
-        ));
+    // Calls format their line; a thread of its own writes the lines, many
+    // per write(2), instead of one locked stdout write per line on the
+    // worker serving the call (see `log_writer`).
+    let (writer, log_guard) = match crate::log_writer::LogWriter::start(
+        std::io::stdout(),
+        "aigw-log-writer",
+        std::time::Duration::from_millis(cfg.access_log_flush_ms),
+    ) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("cannot start the log writer thread: {e}");
+            return Telemetry::default();
+        }
+    };
+    // The access log (`write_json_line`) is buffered; what goes through the
+    // subscriber is written at once.
     let lines = (cfg.log_format == LogFormat::Json).then(|| writer.clone());
+    let writer = writer.urgent();
     let fmt_layer = match cfg.log_format {
         LogFormat::Json => fmt::layer()
             .with_writer(writer)

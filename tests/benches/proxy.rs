@@ -20,7 +20,7 @@
 //!    `BENCH_ROUNDS` (5) rounds, the rows taking turns; each request is
 //!    scheduled on a timer and its latency counted from the scheduled time
 //!    (no coordinated omission): p50/p99, time to first body byte for
-//!    streams, and aigw's added p99 as the median over rounds;
+//!    streams, and the p99 aigw (and nginx) add as the median over rounds;
 //! 2. max throughput, closed loop: 32 connections for `BENCH_SECS` s; for
 //!    aigw rows also the CPU time aigw spent per call (`/proc/<pid>/stat`);
 //! 3. aigw's RSS (`VmRSS`) idle and after the load.
@@ -552,18 +552,34 @@ async fn run() -> Result<()> {
             show(&p99_by_round[row])
         );
     }
-    let mut added: Vec<f64> = p99_by_round[aigw_at]
-        .iter()
-        .zip(&p99_by_round[0])
-        .map(|(a, d)| a - d)
-        .collect();
-    added.sort_by(f64::total_cmp);
+    // What a row adds to the direct row's p99, round by round, sorted.
+    let added_p99 = |row: usize| -> Vec<f64> {
+        let mut v: Vec<f64> = p99_by_round[row]
+            .iter()
+            .zip(&p99_by_round[0])
+            .map(|(a, d)| a - d)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let median = |v: &[f64]| v.get(v.len() / 2).copied().unwrap_or_default();
+    let added = added_p99(aigw_at);
     println!(
         "  added p99 by aigw, median of {} rounds: {:+.3} ms  (goal <= +0.5 ms; per round: {})",
         added.len(),
-        added.get(added.len() / 2).copied().unwrap_or_default(),
+        median(&added),
         show(&added)
     );
+    if aigw_at == 2 {
+        // The same figure for a proxy doing no work: the box's own floor.
+        let nginx = added_p99(1);
+        println!(
+            "  added p99 by nginx, median of {} rounds: {:+.3} ms  (per round: {})",
+            nginx.len(),
+            median(&nginx),
+            show(&nginx)
+        );
+    }
     println!("  upstream calls while serving cache hits: {upstream_while_hits}");
     println!(
         "  aigw RSS (standalone: control plane + data plane): idle {}, after load {}  (goal <= 64 / 150 MiB)",

@@ -117,6 +117,14 @@ async fn wrong_types_are_named() -> Result<()> {
             Box::new(|c| c["telemetry"]["log_format"] = json!("xml")),
             "telemetry.log_format",
         ),
+        (
+            Box::new(|c| c["telemetry"]["access_log_flush_ms"] = json!(3_600_000)),
+            "telemetry.access_log_flush_ms",
+        ),
+        (
+            Box::new(|c| c["telemetry"]["access_log_flush_ms"] = json!(-1)),
+            "telemetry.access_log_flush_ms",
+        ),
     ];
     for (edit, key) in cases {
         let yaml = config_with(&dir, edit)?;

@@ -547,3 +547,62 @@ async fn prompts_and_completions_are_logged_only_for_models_that_opt_in() -> Res
     );
     Ok(())
 }
+
+/// The access log is buffered (written a moment after the call, many lines
+/// per write): every call still gets its line, and a graceful stop writes
+/// out what is buffered.
+#[tokio::test]
+async fn every_call_gets_one_access_line_and_a_stop_flushes_them() -> Result<()> {
+    let mock = MockAzure::start().await;
+    mock.set_api_key(AZURE_SECRET);
+    mock.add_deployment(SEED_DEPLOYMENT, AZURE_MODEL);
+    // Long enough that every line is still buffered when the stop comes.
+    let mut cp = ControlPlane::start_with(
+        Options::standalone().with_config(json!({"telemetry": {"access_log_flush_ms": 60_000}})),
+    )
+    .await?;
+    seed_azure(&cp.rest(), &mock.base_url(), AZURE_SECRET).await?;
+    wait_standalone_synced(&cp).await?;
+    let proxy = ProxyClient::new(&cp.proxy_url(), Some(SEED_CALLER_KEY));
+    // 100 lines stay under the 64 KiB that cut the interval short.
+    let ids: Vec<String> = (0..100).map(|i| format!("access-{i:04}")).collect();
+    for chunk in ids.chunks(20) {
+        let calls = chunk.iter().map(|id| {
+            ProxyClient::send(
+                proxy
+                    .request(http::Method::POST, "/v1/chat/completions")
+                    .header("x-request-id", id.as_str())
+                    .json(&chat_body(SEED_ALIAS, "hello")),
+            )
+        });
+        for r in futures::future::join_all(calls).await {
+            ensure!(r?.status == 200);
+        }
+    }
+    let before_stop = cp.stdout();
+    ensure!(
+        !before_stop.contains("access-0000"),
+        "an access line was written before the interval was out:\n{before_stop}"
+    );
+    let status = cp
+        .process_mut()
+        .context("no control plane process")?
+        .terminate(200)
+        .await?;
+    ensure!(status.success(), "aigw exited with {status}");
+    let out = cp.stdout();
+    let mut logged: Vec<String> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["target"] == "aigw_data_plane::access")
+        .map(|l| l["request_id"].as_str().unwrap_or_default().to_string())
+        .filter(|id| id.starts_with("access-"))
+        .collect();
+    logged.sort();
+    ensure!(
+        logged == ids,
+        "access lines for {} of 200 calls",
+        logged.len()
+    );
+    Ok(())
+}

@@ -12,6 +12,7 @@ use super::UsageEvent;
 use prost::Message;
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Starts every record; chosen to be unlikely in protobuf text.
 const MARKER: [u8; 4] = [0xA1, b'G', b'W', 0x5E];
@@ -25,6 +26,10 @@ pub struct Spool {
     /// The file's length after this process's last good append: while the
     /// file still has that length, its end is known intact without a scan.
     good_end: std::sync::Mutex<Option<u64>>,
+    /// Seen empty (or cleared) since this process last appended: the
+    /// publisher asks before every batch, and a `stat` per batch was a
+    /// syscall per call at low rates. Only this process writes the file.
+    known_empty: AtomicBool,
 }
 
 /// What a read of the spool found.
@@ -40,6 +45,7 @@ impl Spool {
         Self {
             path: path.to_path_buf(),
             good_end: std::sync::Mutex::new(None),
+            known_empty: AtomicBool::new(false),
         }
     }
 
@@ -54,6 +60,7 @@ impl Spool {
         if events.is_empty() {
             return Ok(());
         }
+        self.known_empty.store(false, Ordering::Relaxed);
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
@@ -125,14 +132,22 @@ impl Spool {
     }
 
     pub fn is_empty(&self) -> bool {
-        std::fs::metadata(&self.path).map_or(true, |m| m.len() == 0)
+        if self.known_empty.load(Ordering::Relaxed) {
+            return true;
+        }
+        let empty = std::fs::metadata(&self.path).map_or(true, |m| m.len() == 0);
+        self.known_empty.store(empty, Ordering::Relaxed);
+        empty
     }
 
     /// Removes the spool: only once the bus acknowledged every event in it.
     pub fn clear(&self) -> std::io::Result<()> {
         match std::fs::remove_file(&self.path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+            _ => {
+                self.known_empty.store(true, Ordering::Relaxed);
+                Ok(())
+            }
         }
     }
 }
