@@ -149,8 +149,22 @@ impl Browser {
         Ok(())
     }
 
+    /// The element's text. A page that re-renders between finding the
+    /// element and reading it (a streamed answer replacing the result block)
+    /// leaves a stale reference: find it again, a few times at most.
     pub async fn text(&self, css: &str) -> Result<String> {
-        Ok(self.wait(css).await?.text().await?)
+        let mut tries = 0;
+        loop {
+            match self.wait(css).await?.text().await {
+                Err(fantoccini::error::CmdError::Standard(e))
+                    if e.error == fantoccini::error::ErrorStatus::StaleElementReference
+                        && tries < 5 =>
+                {
+                    tries += 1;
+                }
+                r => return Ok(r?),
+            }
+        }
     }
 
     /// Saves a PNG of the page as `<name>.png` in the screenshot dir.
