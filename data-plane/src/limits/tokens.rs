@@ -149,19 +149,20 @@ fn responses_prompt(body: &RawObject<'_>, count: &impl Fn(&str) -> u64) -> u64 {
     }
     for item in raw::items(input) {
         total = total.saturating_add(PER_MESSAGE);
-        if let Some(role) = raw::lookup(item, "role") {
+        // One pass over the item, however long its content.
+        let [role, content, name, arguments, output] =
+            raw::lookup_each(item, ["role", "content", "name", "arguments", "output"]);
+        if let Some(role) = role {
             total = total.saturating_add(count(role));
         }
-        total = total.saturating_add(content_tokens(raw::lookup(item, "content"), count));
+        total = total.saturating_add(content_tokens(content, count));
         // Tool calls and their results are text the model reads.
-        for k in ["name", "arguments", "output"] {
-            if let Some(v) = raw::lookup(item, k) {
-                total = total.saturating_add(if v.starts_with('"') {
-                    count(v)
-                } else {
-                    count_text(v, count)
-                });
-            }
+        for v in [name, arguments, output].into_iter().flatten() {
+            total = total.saturating_add(if v.starts_with('"') {
+                count(v)
+            } else {
+                count_text(v, count)
+            });
         }
     }
     if let Some(v) = body.raw(TOOLS) {
@@ -179,19 +180,23 @@ fn chat_prompt(body: &RawObject<'_>, count: &impl Fn(&str) -> u64) -> u64 {
         .unwrap_or_default();
     for m in raw::items(messages) {
         total = total.saturating_add(PER_MESSAGE);
-        if let Some(role) = raw::lookup(m, "role") {
+        // One pass over the message, however long its content.
+        let [role, name, content, tool_calls] =
+            raw::lookup_each(m, ["role", "name", "content", "tool_calls"]);
+        if let Some(role) = role {
             total = total.saturating_add(count(role));
         }
-        if let Some(name) = raw::lookup(m, "name") {
-            total = total.saturating_add(count(name) + PER_NAME);
+        if let Some(name) = name {
+            total = total.saturating_add(count(name).saturating_add(PER_NAME));
         }
-        total = total.saturating_add(content_tokens(raw::lookup(m, "content"), count));
-        for call in raw::items(raw::lookup(m, "tool_calls").unwrap_or_default()) {
+        total = total.saturating_add(content_tokens(content, count));
+        for call in raw::items(tool_calls.unwrap_or_default()) {
             if let Some(f) = raw::lookup(call, "function") {
-                for k in ["name", "arguments"] {
-                    if let Some(s) = raw::lookup(f, k) {
-                        total = total.saturating_add(count(s));
-                    }
+                for s in raw::lookup_each(f, ["name", "arguments"])
+                    .into_iter()
+                    .flatten()
+                {
+                    total = total.saturating_add(count(s));
                 }
             }
         }
@@ -297,6 +302,28 @@ mod tests {
         let mut tools = plain;
         tools["tools"] = json!([{"type": "function", "function": {"name": "f"}}]);
         assert!(estimate_of(Operation::ChatCompletions, tools, t) > p);
+    }
+
+    #[test]
+    fn names_and_tool_calls_count_like_their_text() {
+        let t = tokenizer_for("gpt-4o");
+        let hello = "Hello, how are you?"; // 6 tokens in o200k
+        let chat = |m: serde_json::Value| json!({"model": "m", "messages": [m]});
+        let p = estimate_of(
+            Operation::ChatCompletions,
+            chat(json!({"role": "assistant", "content": hello})),
+            t,
+        );
+        let named = chat(json!({"content": hello, "role": "assistant", "name": hello}));
+        assert_eq!(
+            estimate_of(Operation::ChatCompletions, named, t),
+            p + 6 + PER_NAME
+        );
+        let calls = chat(json!({"tool_calls": [
+            {"id": "c1", "type": "function", "function": {"arguments": hello, "name": hello}},
+            {"id": "c2", "type": "function", "function": {"name": hello}}
+        ], "role": "assistant", "content": hello}));
+        assert_eq!(estimate_of(Operation::ChatCompletions, calls, t), p + 18);
     }
 
     #[test]

@@ -277,11 +277,18 @@ pub fn prompt_json(op: Operation, body: &RawObject<'_>) -> String {
 /// parts with `text`), arrays of those.
 pub fn text_chars(v: &str) -> usize {
     match v.as_bytes().first() {
-        Some(b'"') => string(v).map_or(0, |s| s.chars().count()),
+        // Without escapes the characters are those between the quotes: no
+        // decoding, no copy of a long prompt.
+        Some(b'"') => match v.get(1..v.len().saturating_sub(1)) {
+            Some(inner) if v.len() >= 2 && v.ends_with('"') && !v.contains('\\') => {
+                inner.chars().count()
+            }
+            _ => string(v).map_or(0, |s| s.chars().count()),
+        },
         Some(b'[') => raw::items(v).map(text_chars).sum(),
-        Some(b'{') => ["content", "text"]
-            .iter()
-            .filter_map(|k| raw::lookup(v, k))
+        Some(b'{') => raw::lookup_each(v, ["content", "text"])
+            .into_iter()
+            .flatten()
             .map(text_chars)
             .sum(),
         _ => 0,
@@ -416,6 +423,15 @@ mod tests {
         assert_eq!(text_chars(&v.to_string()), 5 + 1 + 2);
         assert_eq!(text_chars("\"\\u00e9\""), 1);
         assert_eq!(text_chars("12"), 0);
+        // No escapes: counted between the quotes, in characters, not bytes.
+        assert_eq!(text_chars("\"h\u{e9}llo \u{1f600}\""), 7);
+        assert_eq!(text_chars("\"\""), 0);
+        assert_eq!(text_chars("\""), 0, "not a string");
+        // Both fields of one part; the first of duplicate keys.
+        assert_eq!(
+            text_chars(r#"{"text":"abc","x":"zzzz","content":"de","content":"fghij"}"#),
+            5
+        );
     }
 
     #[test]
