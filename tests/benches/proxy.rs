@@ -592,7 +592,7 @@ async fn run() -> Result<()> {
     let median = |v: &[f64]| v.get(v.len() / 2).copied().unwrap_or_default();
     // nginx (a proxy doing no work) gives the same figure's floor on this box.
     let proxies: &[(usize, &str)] = if aigw_at == 2 {
-        &[(2, "aigw"), (1, "nginx")]
+        &[(aigw_at, "aigw"), (1, "nginx")]
     } else {
         &[(aigw_at, "aigw")]
     };

@@ -311,8 +311,7 @@ pub fn lookup_each<'a, const N: usize>(text: &'a str, keys: [&str; N]) -> [Optio
     if s.eat(b'}').is_ok() {
         return found;
     }
-    let mut missing = N;
-    while missing > 0 {
+    while found.iter().any(Option::is_none) {
         s.ws();
         let Ok(k) = s.key() else { break };
         s.ws();
@@ -327,7 +326,6 @@ pub fn lookup_each<'a, const N: usize>(text: &'a str, keys: [&str; N]) -> [Optio
         if let Some(i) = keys.iter().position(|want| *want == k) {
             if found[i].is_none() {
                 found[i] = s.slice(from).ok();
-                missing -= 1;
             }
         }
         s.ws();

@@ -279,10 +279,8 @@ pub fn text_chars(v: &str) -> usize {
     match v.as_bytes().first() {
         // Without escapes the characters are those between the quotes: no
         // decoding, no copy of a long prompt.
-        Some(b'"') => match v.get(1..v.len().saturating_sub(1)) {
-            Some(inner) if v.len() >= 2 && v.ends_with('"') && !v.contains('\\') => {
-                inner.chars().count()
-            }
+        Some(b'"') => match v.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
+            Some(inner) if !inner.contains('\\') => inner.chars().count(),
             _ => string(v).map_or(0, |s| s.chars().count()),
         },
         Some(b'[') => raw::items(v).map(text_chars).sum(),
