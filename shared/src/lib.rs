@@ -17,6 +17,7 @@ pub mod node;
 pub mod process;
 pub mod proto;
 pub mod snapshot;
+pub mod span_export;
 pub mod telemetry;
 pub mod tls;
 pub mod usage_bus;

@@ -29,6 +29,9 @@ use tracing_subscriber::{fmt, EnvFilter, Layer};
 #[derive(Default)]
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    /// The proxy's call spans ([`tracer`]), exported by aigw's own encoder
+    /// (`span_export`).
+    calls: Option<SdkTracerProvider>,
     export: Option<ExportThread>,
     /// The log writer thread: dropping it writes out the lines still queued.
     logs: Option<crate::log_writer::LogWriterGuard>,
@@ -82,14 +85,14 @@ impl Telemetry {
 
     /// Exports every finished span now.
     pub fn flush(&self) {
-        if let Some(p) = &self.provider {
+        for p in self.provider.iter().chain(&self.calls) {
             let _ = p.force_flush();
         }
     }
 
     /// Flushes and stops the exporter.
     pub fn shutdown(&mut self) {
-        if let Some(p) = self.provider.take() {
+        for p in self.calls.take().into_iter().chain(self.provider.take()) {
             if let Err(e) = p.shutdown() {
                 eprintln!("trace export shutdown: {e}");
             }
@@ -275,15 +278,15 @@ pub fn init(cfg: &TelemetryConfig, service: &str, node_id: &str) -> Telemetry {
         LogFormat::Text => fmt::layer().with_writer(writer).with_target(true).boxed(),
     }
     .with_filter(filter);
-    let (provider, export) = match cfg.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
-        Some(endpoint) => match build_provider(endpoint, cfg.sample_ratio, service, node_id) {
-            Ok((p, t)) => (Some(p), Some(t)),
+    let (provider, calls, export) = match cfg.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
+        Some(endpoint) => match build_providers(endpoint, cfg.sample_ratio, service, node_id) {
+            Ok((p, c, t)) => (Some(p), Some(c), Some(t)),
             Err(e) => {
                 eprintln!("{service}: OTLP trace export disabled: {e}");
-                (None, None)
+                (None, None, None)
             }
         },
-        None => (None, None),
+        None => (None, None, None),
     };
     let otel_layer = provider.as_ref().map(|p| {
         tracing_opentelemetry::layer()
@@ -314,7 +317,7 @@ pub fn init(cfg: &TelemetryConfig, service: &str, node_id: &str) -> Telemetry {
         .try_init()
         .is_ok();
     if !installed {
-        if let Some(p) = provider {
+        for p in provider.into_iter().chain(calls) {
             let _ = p.shutdown();
         }
         return Telemetry::default();
@@ -325,10 +328,13 @@ pub fn init(cfg: &TelemetryConfig, service: &str, node_id: &str) -> Telemetry {
     if let Some(p) = &provider {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
         opentelemetry::global::set_tracer_provider(p.clone());
-        let _ = TRACER.set(p.tracer("aigw"));
+    }
+    if let Some(c) = &calls {
+        let _ = TRACER.set(c.tracer("aigw"));
     }
     Telemetry {
         provider,
+        calls,
         export,
         logs: Some(log_guard),
     }
@@ -344,12 +350,16 @@ pub fn init(cfg: &TelemetryConfig, service: &str, node_id: &str) -> Telemetry {
 const EXPORT_BATCH: usize = 2_048;
 const EXPORT_QUEUE: usize = 16_384;
 
-fn build_provider(
+/// Two providers with the same sampler and resource, so one exporter each:
+/// the call spans' (aigw's encoder, `span_export`: the hot path) and every
+/// other span's (opentelemetry-otlp's exporter). Both connect from the
+/// export thread's runtime.
+fn build_providers(
     endpoint: &str,
     ratio: f64,
     service: &str,
     node_id: &str,
-) -> Result<(SdkTracerProvider, ExportThread), String> {
+) -> Result<(SdkTracerProvider, SdkTracerProvider, ExportThread), String> {
     let thread = ExportThread::start().map_err(|e| format!("starting the export thread: {e}"))?;
     let exporter = {
         // The gRPC channel spawns its tasks on the runtime current here.
@@ -360,6 +370,31 @@ fn build_provider(
             .build()
             .map_err(|e| e.to_string())?
     };
+    let calls = crate::span_export::CallSpanExporter::new(
+        endpoint,
+        thread.handle.clone(),
+        crate::span_export::ExportOptions::from_env(),
+    )?;
+    let mut resource = Resource::builder().with_service_name(service.to_string());
+    if !node_id.is_empty() {
+        resource = resource.with_attribute(KeyValue::new("aigw.node.id", node_id.to_string()));
+        resource =
+            resource.with_attribute(KeyValue::new("service.instance.id", node_id.to_string()));
+    }
+    resource = resource.with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")));
+    let resource = resource.build();
+    Ok((
+        provider(exporter, resource.clone(), ratio),
+        provider(calls, resource, ratio),
+        thread,
+    ))
+}
+
+fn provider(
+    exporter: impl opentelemetry_sdk::trace::SpanExporter + 'static,
+    resource: Resource,
+    ratio: f64,
+) -> SdkTracerProvider {
     let processor = BatchSpanProcessor::builder(exporter)
         .with_batch_config(
             BatchConfigBuilder::default()
@@ -368,21 +403,13 @@ fn build_provider(
                 .build(),
         )
         .build();
-    let mut resource = Resource::builder().with_service_name(service.to_string());
-    if !node_id.is_empty() {
-        resource = resource.with_attribute(KeyValue::new("aigw.node.id", node_id.to_string()));
-        resource =
-            resource.with_attribute(KeyValue::new("service.instance.id", node_id.to_string()));
-    }
-    resource = resource.with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")));
-    let provider = SdkTracerProvider::builder()
+    SdkTracerProvider::builder()
         .with_span_processor(processor)
         .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
             ratio.clamp(0.0, 1.0),
         ))))
-        .with_resource(resource.build())
-        .build();
-    Ok((provider, thread))
+        .with_resource(resource)
+        .build()
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -28,6 +28,9 @@ pub struct Span {
     pub kind: i32,
     /// Status code (0 unset, 1 ok, 2 error).
     pub status: i32,
+    /// OTLP `SpanFlags`: W3C flags in the low byte, 0x100 when 0x200 (a
+    /// remote parent) is known.
+    pub flags: u32,
     pub start_ns: u64,
     pub end_ns: u64,
     pub attributes: HashMap<String, String>,
@@ -91,6 +94,7 @@ impl TraceService for Service {
                         name: s.name,
                         kind: s.kind,
                         status: s.status.map_or(0, |st| st.code),
+                        flags: s.flags,
                         start_ns: s.start_time_unix_nano,
                         end_ns: s.end_time_unix_nano,
                         attributes: attrs(&s.attributes),

@@ -184,6 +184,7 @@ async fn streamed_and_retried_calls_are_traced_with_genai_attributes() -> Result
         server.parent_span_id, parent_a,
         "the caller's span is the parent"
     );
+    assert_eq!(server.flags, 0x301, "sampled, with a remote parent");
     for (k, v) in [
         ("gen_ai.operation.name", "chat"),
         ("gen_ai.request.model", "streamy"),
@@ -218,6 +219,7 @@ async fn streamed_and_retried_calls_are_traced_with_genai_attributes() -> Result
     let attempt = attempts[0];
     assert_eq!(attempt.trace_id, trace_a);
     assert_eq!(attempt.kind, 3, "client span");
+    assert_eq!(attempt.flags, 0x101, "sampled, with a local parent");
     assert_eq!(attempt.attr("deployment"), Some("west"));
     assert_eq!(
         upstream_tp,

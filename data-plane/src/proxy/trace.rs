@@ -16,8 +16,9 @@
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::propagation::Extractor;
-use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer};
+use opentelemetry::trace::{Span as _, SpanContext, SpanKind, Status, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::trace::Span as SdkSpan;
 
 /// Longest caller `tracestate` taken (the W3C minimum a vendor must
 /// propagate); longer ones are dropped, not cut.
@@ -100,8 +101,13 @@ impl TraceIdHex {
 /// The server span of one call (`{operation} {alias}`), or nothing when
 /// traces are not exported. Ended once, by [`CallSpan::end`], when the call
 /// ends (`call::CallEnd`; a stream's with its last chunk).
+///
+/// The SDK's span itself, owned, rather than inside a `Context` (an `Arc`
+/// and a mutex taken by every call on it): the call is its only user. Boxed:
+/// the SDK's span is ~0.5 KB, and an untraced call should not carry (and
+/// move) that much.
 pub struct CallSpan {
-    cx: Option<Context>,
+    span: Option<Box<SdkSpan>>,
 }
 
 /// What the call's span learns before it ends, set on it in one batch.
@@ -128,7 +134,7 @@ pub struct CallAttributes<'a> {
 impl CallSpan {
     /// A span that records nothing (traces off, or a test).
     pub fn none() -> Self {
-        Self { cx: None }
+        Self { span: None }
     }
 
     /// Starts the call's server span, a child of the caller's `traceparent`
@@ -158,20 +164,19 @@ impl CallSpan {
             .with_attributes(attributes)
             .start_with_context(tracer, &parent);
         Self {
-            cx: Some(parent.with_span(span)),
+            span: Some(Box::new(span)),
         }
     }
 
     /// Whether the span records (traced and sampled).
     pub fn is_recording(&self) -> bool {
-        self.cx.as_ref().is_some_and(|cx| cx.span().is_recording())
+        self.span.as_ref().is_some_and(|s| s.is_recording())
     }
 
     /// The trace id for logs (hex, on the stack); empty when untraced.
     pub fn trace_id(&self) -> TraceIdHex {
         let mut id = TraceIdHex::default();
-        if let Some(cx) = &self.cx {
-            let span = cx.span();
+        if let Some(span) = &self.span {
             let sc = span.span_context();
             if sc.is_valid() && hex::encode_to_slice(sc.trace_id().to_bytes(), &mut id.0).is_ok() {
                 id.1 = true;
@@ -188,16 +193,20 @@ impl CallSpan {
         server_address: &str,
         probe: bool,
     ) -> AttemptSpan {
-        let (Some(cx), Some(tracer)) = (&self.cx, aigw_shared::telemetry::tracer()) else {
+        let (Some(call), Some(tracer)) = (&self.span, aigw_shared::telemetry::tracer()) else {
             return AttemptSpan::none();
         };
-        if !cx.span().is_recording() {
+        let sc = call.span_context().clone();
+        if !call.is_recording() {
             // Not sampled: the attempt inherits the decision; only the
             // context travels upstream.
             return AttemptSpan {
-                cx: Some(cx.clone()),
+                sc: Some(sc),
+                span: None,
             };
         }
+        // A local parent: the span context as it is (not remote).
+        let parent = Context::new().with_remote_span_context(sc);
         let span = tracer
             .span_builder("upstream_attempt")
             .with_kind(SpanKind::Client)
@@ -210,16 +219,18 @@ impl CallSpan {
                 .into_iter()
                 .chain(probe.then(|| KeyValue::new("probe", true))),
             )
-            .start_with_context(tracer, cx);
+            .start_with_context(tracer, &parent);
         AttemptSpan {
-            cx: Some(cx.with_span(span)),
+            sc: Some(span.span_context().clone()),
+            span: Some(Box::new(span)),
         }
     }
 
     /// Sets what the call learned and ends the span (once).
     pub fn end(&mut self, a: &CallAttributes<'_>) {
-        let Some(cx) = self.cx.take() else { return };
-        let span = cx.span();
+        let Some(mut span) = self.span.take() else {
+            return;
+        };
         if !span.is_recording() {
             return;
         }
@@ -230,10 +241,10 @@ impl CallSpan {
             name.push_str(a.alias);
             span.update_name(name);
         }
-        let mut kv = Vec::with_capacity(11);
+        // Set one by one on the span we own: no list to build and free.
         let mut str_attr = |k: &'static str, v: &str| {
             if !v.is_empty() {
-                kv.push(KeyValue::new(k, v.to_string()));
+                span.set_attribute(KeyValue::new(k, v.to_string()));
             }
         };
         // The request id is not here: the access log line has this trace's id.
@@ -246,23 +257,22 @@ impl CallSpan {
         str_attr("aigw.request.api_version", a.api_version);
         str_attr("aigw.fallback", a.fallback);
         if a.status != 0 {
-            kv.push(KeyValue::new(
+            span.set_attribute(KeyValue::new(
                 "http.response.status_code",
                 i64::from(a.status),
             ));
         }
         let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         if let Some(m) = a.max_tokens {
-            kv.push(KeyValue::new("gen_ai.request.max_tokens", int(m)));
+            span.set_attribute(KeyValue::new("gen_ai.request.max_tokens", int(m)));
         }
         if let Some((input, output)) = a.usage {
-            kv.push(KeyValue::new("gen_ai.usage.input_tokens", int(input)));
-            kv.push(KeyValue::new("gen_ai.usage.output_tokens", int(output)));
+            span.set_attribute(KeyValue::new("gen_ai.usage.input_tokens", int(input)));
+            span.set_attribute(KeyValue::new("gen_ai.usage.output_tokens", int(output)));
         }
         if a.stream {
-            kv.push(KeyValue::new("aigw.stream", true));
+            span.set_attribute(KeyValue::new("aigw.stream", true));
         }
-        span.set_attributes(kv);
         if a.status >= 500 || a.error_code == "upstream_stream_error" {
             span.set_status(Status::error(a.error_code.to_string()));
         }
@@ -270,32 +280,30 @@ impl CallSpan {
     }
 }
 
-impl Drop for CallSpan {
-    fn drop(&mut self) {
-        // A span nobody ended (a panic unwinding): still end it.
-        if let Some(cx) = self.cx.take() {
-            cx.span().end();
-        }
-    }
-}
-
 /// The client span of one upstream attempt (see [`CallSpan::attempt`]).
+/// A span nobody ended (a panic unwinding) ends when dropped (the SDK's
+/// `Drop`), as does a call's.
 pub struct AttemptSpan {
-    cx: Option<Context>,
+    /// What goes upstream as `traceparent`: the attempt's context, or the
+    /// call's when it is not sampled.
+    sc: Option<SpanContext>,
+    /// Boxed for the reason [`CallSpan`]'s is.
+    span: Option<Box<SdkSpan>>,
 }
 
 impl AttemptSpan {
     /// An attempt of an untraced call.
     pub fn none() -> Self {
-        Self { cx: None }
+        Self {
+            sc: None,
+            span: None,
+        }
     }
 
     /// Writes this attempt's `traceparent` (and `tracestate`, if any) into
     /// `headers`; `false` when there is no trace context (tracing off).
     pub fn inject(&self, headers: &mut HeaderMap) -> bool {
-        let Some(cx) = &self.cx else { return false };
-        let span = cx.span();
-        let sc = span.span_context();
+        let Some(sc) = &self.sc else { return false };
         if !sc.is_valid() {
             return false;
         }
@@ -320,8 +328,9 @@ impl AttemptSpan {
     /// Ends the attempt with its outcome: `error` (the error's code) and,
     /// when another attempt follows, `retry_reason`.
     pub fn end(mut self, outcome: &str, error: Option<&str>, retry_reason: Option<&str>) {
-        let Some(cx) = self.cx.take() else { return };
-        let span = cx.span();
+        let Some(mut span) = self.span.take() else {
+            return;
+        };
         if !span.is_recording() {
             return;
         }
@@ -338,14 +347,6 @@ impl AttemptSpan {
             span.set_status(Status::error(code.to_string()));
         }
         span.end();
-    }
-}
-
-impl Drop for AttemptSpan {
-    fn drop(&mut self) {
-        if let Some(cx) = self.cx.take() {
-            cx.span().end();
-        }
     }
 }
 
@@ -419,11 +420,15 @@ mod tests {
                 true,
                 state,
             );
-            let cx = Context::new().with_remote_span_context(sc);
+            let cx = Context::new().with_remote_span_context(sc.clone());
             let mut expected = HashMap::new();
             TraceContextPropagator::new().inject_context(&cx, &mut expected);
             let mut headers = HeaderMap::new();
-            assert!(AttemptSpan { cx: Some(cx) }.inject(&mut headers));
+            assert!(AttemptSpan {
+                sc: Some(sc),
+                span: None
+            }
+            .inject(&mut headers));
             let got: HashMap<String, String> = headers
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string()))
@@ -431,6 +436,6 @@ mod tests {
             expected.retain(|_, v| !v.is_empty());
             assert_eq!(got, expected);
         }
-        assert!(!AttemptSpan { cx: None }.inject(&mut HeaderMap::new()));
+        assert!(!AttemptSpan::none().inject(&mut HeaderMap::new()));
     }
 }
