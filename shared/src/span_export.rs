@@ -6,13 +6,13 @@
 //! tracing's whole cost: a deep copy of every batch kept for retries, a
 //! conversion into owned protobuf structs (a `String` per key and value), and
 //! prost's encoding, which recomputes each nested message's length at every
-//! level. Here each batch is written once into one buffer, in the field order
-//! prost uses, so the bytes are the same as that exporter's (the tests check
-//! byte for byte), and a retry resends the same bytes.
+//! level. Here each batch is written once, in the field order prost uses, so
+//! the bytes are the same as that exporter's (the tests check byte for
+//! byte); the pieces go out as they are, and a retry resends the same bytes.
 //!
 //! Only the call spans, the bulk of what a node exports, take this path;
 //! every other span (admin mutations, background work) goes through
-//! opentelemetry-otlp's exporter (`telemetry::build_provider`).
+//! opentelemetry-otlp's exporter (`telemetry::build_providers`).
 
 use bytes::Bytes;
 use opentelemetry::trace::{SpanKind, Status, TraceState};
@@ -40,7 +40,7 @@ pub struct CallSpanExporter {
     runtime: tokio::runtime::Handle,
     metadata: MetadataMap,
     timeout: Duration,
-    /// The `Resource` message, encoded once (`set_resource`).
+    /// The `Resource` message's body, encoded once (`set_resource`).
     resource: Vec<u8>,
     resource_schema: String,
 }
