@@ -117,37 +117,17 @@ fn parse_headers(spec: &str) -> MetadataMap {
         };
         let (Ok(key), Ok(value)) = (
             MetadataKey::from_bytes(k.trim().to_ascii_lowercase().as_bytes()),
-            MetadataValue::try_from(percent_decode(v.trim()).as_str()),
+            MetadataValue::try_from(
+                percent_encoding::percent_decode_str(v.trim())
+                    .decode_utf8_lossy()
+                    .as_ref(),
+            ),
         ) else {
             continue;
         };
         map.insert(key, value);
     }
     map
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = b.get(i + 1..i + 3).and_then(|h| {
-            std::str::from_utf8(h)
-                .ok()
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        });
-        match (b[i], hex) {
-            (b'%', Some(c)) => {
-                out.push(c);
-                i += 3;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 impl SpanExporter for CallSpanExporter {
@@ -195,8 +175,9 @@ impl SpanExporter for CallSpanExporter {
     }
 }
 
-/// The codes the OTLP spec says to retry (RESOURCE_EXHAUSTED only with a
-/// server's retry info, which a collector sends when it sheds load).
+/// The codes the OTLP spec says to retry. RESOURCE_EXHAUSTED is retried
+/// always: the spec wants a server's retry info for it, which we do not
+/// read, and a collector sends it when it sheds load.
 fn retryable(code: tonic::Code) -> bool {
     use tonic::Code::*;
     matches!(
@@ -257,16 +238,12 @@ async fn send(
     if parts.status != http::StatusCode::OK {
         return Err(http_status(parts.status));
     }
-    // A trailers-only answer: the status is in the headers.
-    if let Some(status) = tonic::Status::from_header_map(&parts.headers) {
-        if status.code() != tonic::Code::Ok {
-            return Err(status);
-        }
-    }
     // An answer is a few bytes; a collector that sends more is broken.
     let collected = http_body_util::BodyExt::collect(http_body_util::Limited::new(body, 64 << 10))
         .await
         .map_err(|e| tonic::Status::internal(format!("OTLP collector's answer: {e}")))?;
+    // The status is in the trailers, or in the headers of a trailers-only
+    // answer (what a failed call usually is).
     let status = collected
         .trailers()
         .and_then(tonic::Status::from_header_map)
@@ -480,7 +457,19 @@ fn attribute(o: &mut Vec<u8>, field: u32, kv: &KeyValue) {
 
 /// A `KeyValue` field, sized first (no moves: attributes are most of a span).
 fn key_value(o: &mut Vec<u8>, field: u32, key: &str, value: &Value) {
-    let value_len = any_value_len(value);
+    // The `AnyValue` body's size; for an array, its `ArrayValue`'s too.
+    let (value_len, array_len) = match value {
+        Value::Array(a) => {
+            let mut inner = 0;
+            array_items(a, |x| inner += delimited_len(x.len()));
+            (delimited_len(inner), inner)
+        }
+        other => {
+            let mut n = 0;
+            with_scalar(other, |x| n = x.len());
+            (n, 0)
+        }
+    };
     let body = if key.is_empty() {
         0
     } else {
@@ -494,10 +483,8 @@ fn key_value(o: &mut Vec<u8>, field: u32, key: &str, value: &Value) {
     varint(o, value_len as u64);
     match value {
         Value::Array(a) => {
-            let mut inner = 0;
-            array_items(a, |x| inner += delimited_len(x.len()));
             tag(o, 5, LEN);
-            varint(o, inner as u64);
+            varint(o, array_len as u64);
             array_items(a, |x| {
                 tag(o, 1, LEN);
                 varint(o, x.len() as u64);
@@ -523,22 +510,6 @@ fn varint_len(v: u64) -> usize {
         2
     } else {
         (64 - v.leading_zeros() as usize).div_ceil(7)
-    }
-}
-
-/// The size of an `AnyValue`'s body.
-fn any_value_len(v: &Value) -> usize {
-    match v {
-        Value::Array(a) => {
-            let mut inner = 0;
-            array_items(a, |x| inner += delimited_len(x.len()));
-            delimited_len(inner)
-        }
-        other => {
-            let mut n = 0;
-            with_scalar(other, |x| n = x.len());
-            n
-        }
     }
 }
 
@@ -927,8 +898,9 @@ mod tests {
         let d = ExportOptions::from_vars(vars(&[("OTEL_EXPORTER_OTLP_TIMEOUT", "-3")]));
         assert_eq!(d.timeout, DEFAULT_TIMEOUT);
         assert!(d.metadata.is_empty());
+        let bad = ExportOptions::from_vars(vars(&[("OTEL_EXPORTER_OTLP_HEADERS", "x-bad=%zz%4")]));
         assert_eq!(
-            percent_decode("%zz%4"),
+            bad.metadata.get("x-bad").unwrap(),
             "%zz%4",
             "bad escapes stay as they are"
         );

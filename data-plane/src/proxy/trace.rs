@@ -200,10 +200,7 @@ impl CallSpan {
         if !call.is_recording() {
             // Not sampled: the attempt inherits the decision; only the
             // context travels upstream.
-            return AttemptSpan {
-                sc: Some(sc),
-                span: None,
-            };
+            return AttemptSpan(Attempt::Unsampled(sc));
         }
         // A local parent: the span context as it is (not remote).
         let parent = Context::new().with_remote_span_context(sc);
@@ -220,10 +217,7 @@ impl CallSpan {
                 .chain(probe.then(|| KeyValue::new("probe", true))),
             )
             .start_with_context(tracer, &parent);
-        AttemptSpan {
-            sc: Some(span.span_context().clone()),
-            span: Some(Box::new(span)),
-        }
+        AttemptSpan(Attempt::Recording(Box::new(span)))
     }
 
     /// Sets what the call learned and ends the span (once).
@@ -283,27 +277,31 @@ impl CallSpan {
 /// The client span of one upstream attempt (see [`CallSpan::attempt`]).
 /// A span nobody ended (a panic unwinding) ends when dropped (the SDK's
 /// `Drop`), as does a call's.
-pub struct AttemptSpan {
-    /// What goes upstream as `traceparent`: the attempt's context, or the
-    /// call's when it is not sampled.
-    sc: Option<SpanContext>,
+pub struct AttemptSpan(Attempt);
+
+enum Attempt {
+    /// Traces are off.
+    Untraced,
+    /// The call is not sampled: its context still goes upstream.
+    Unsampled(SpanContext),
     /// Boxed for the reason [`CallSpan`]'s is.
-    span: Option<Box<SdkSpan>>,
+    Recording(Box<SdkSpan>),
 }
 
 impl AttemptSpan {
     /// An attempt of an untraced call.
     pub fn none() -> Self {
-        Self {
-            sc: None,
-            span: None,
-        }
+        Self(Attempt::Untraced)
     }
 
     /// Writes this attempt's `traceparent` (and `tracestate`, if any) into
     /// `headers`; `false` when there is no trace context (tracing off).
     pub fn inject(&self, headers: &mut HeaderMap) -> bool {
-        let Some(sc) = &self.sc else { return false };
+        let sc = match &self.0 {
+            Attempt::Untraced => return false,
+            Attempt::Unsampled(sc) => sc,
+            Attempt::Recording(span) => span.span_context(),
+        };
         if !sc.is_valid() {
             return false;
         }
@@ -327,13 +325,10 @@ impl AttemptSpan {
 
     /// Ends the attempt with its outcome: `error` (the error's code) and,
     /// when another attempt follows, `retry_reason`.
-    pub fn end(mut self, outcome: &str, error: Option<&str>, retry_reason: Option<&str>) {
-        let Some(mut span) = self.span.take() else {
+    pub fn end(self, outcome: &str, error: Option<&str>, retry_reason: Option<&str>) {
+        let Attempt::Recording(mut span) = self.0 else {
             return;
         };
-        if !span.is_recording() {
-            return;
-        }
         // A success is the span's unset status; only a failure says more.
         if let Some(code) = error {
             let mut kv = vec![
@@ -424,11 +419,7 @@ mod tests {
             let mut expected = HashMap::new();
             TraceContextPropagator::new().inject_context(&cx, &mut expected);
             let mut headers = HeaderMap::new();
-            assert!(AttemptSpan {
-                sc: Some(sc),
-                span: None
-            }
-            .inject(&mut headers));
+            assert!(AttemptSpan(Attempt::Unsampled(sc)).inject(&mut headers));
             let got: HashMap<String, String> = headers
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string()))
